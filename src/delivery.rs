@@ -1,0 +1,603 @@
+//! The outbox and retry scheduler: a pure state machine. The clock (`now_ms`, Unix milliseconds)
+//! and the randomness (for jitter) are passed in, so every decision is deterministic under test.
+//!
+//! Each webhook has its own lane, so a slow or dead endpoint only ever holds its own deliveries:
+//! at most `max_in_flight_per_webhook` attempts of a lane are out at once.
+
+use crate::config::Plan;
+use crate::event::{days_from_civil, Event};
+use std::collections::VecDeque;
+
+/// `Retry-After` is honoured up to this long.
+pub const MAX_RETRY_AFTER_MS: u64 = 3_600_000;
+
+/// The retry schedule as data: the delay before each retry; attempts = retries + 1.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    pub schedule_ms: Vec<u64>,
+}
+
+impl RetryPolicy {
+    pub fn new(schedule_ms: Vec<u64>) -> Self {
+        RetryPolicy { schedule_ms }
+    }
+
+    pub fn max_attempts(&self) -> u32 {
+        self.schedule_ms.len() as u32 + 1
+    }
+
+    /// The delay after `failed_attempts` failures, with ±20% jitter drawn from `random`;
+    /// None when the schedule is used up.
+    pub fn backoff_ms(&self, failed_attempts: u32, random: u32) -> Option<u64> {
+        let base = *self
+            .schedule_ms
+            .get(failed_attempts.checked_sub(1)? as usize)?;
+        // factor in [0.8, 1.2], in 1/1000 steps
+        let permille = 800 + u64::from(random % 401);
+        Some(base * permille / 1000)
+    }
+}
+
+/// One event on its way to one webhook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub event_id: String,
+    /// Index of the webhook in the plan's `webhooks`.
+    pub webhook: usize,
+    /// The envelope, exactly as signed and sent on every attempt.
+    pub body: Vec<u8>,
+    pub attempts: u32,
+    pub created_at_ms: u64,
+    pub next_attempt_at_ms: u64,
+    /// The last failure, for the final log line (`503`, `reset`, …).
+    pub last_failure: Option<String>,
+}
+
+impl Delivery {
+    pub fn new(event_id: &str, webhook: usize, body: Vec<u8>, now_ms: u64) -> Self {
+        Delivery {
+            event_id: event_id.to_string(),
+            webhook,
+            body,
+            attempts: 0,
+            created_at_ms: now_ms,
+            next_attempt_at_ms: now_ms,
+            last_failure: None,
+        }
+    }
+}
+
+/// What an attempt came back with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// An HTTP status; Envoy answers 503 or 504 itself for a refused connection or a timeout.
+    Status {
+        code: u16,
+        retry_after: Option<String>,
+    },
+    /// No response at all: a reset, or Envoy refused to dispatch.
+    NoResponse { reason: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Delivered {
+        latency_ms: u64,
+    },
+    Retry {
+        at_ms: u64,
+    },
+    Exhausted,
+    /// 410 Gone: the webhook is off for the life of this configuration; its queued deliveries
+    /// are handed back so that each is logged and counted.
+    Gone {
+        dropped: Vec<Delivery>,
+    },
+}
+
+#[derive(Debug, Default)]
+struct Lane {
+    ready: VecDeque<Delivery>,
+    /// Deliveries waiting for their retry time.
+    waiting: Vec<Delivery>,
+    in_flight: usize,
+    gone: bool,
+}
+
+/// Why a new delivery was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    QueueFull(Delivery),
+    WebhookGone(Delivery),
+}
+
+#[derive(Debug)]
+pub struct Outbox {
+    lanes: Vec<Lane>,
+    policy: RetryPolicy,
+    max_queued: usize,
+    max_in_flight_per_webhook: usize,
+    /// Deliveries held: waiting or in flight.
+    held: usize,
+}
+
+impl Outbox {
+    pub fn new(
+        webhooks: usize,
+        policy: RetryPolicy,
+        max_queued: usize,
+        max_in_flight_per_webhook: usize,
+    ) -> Self {
+        Outbox {
+            lanes: (0..webhooks).map(|_| Lane::default()).collect(),
+            policy,
+            max_queued,
+            max_in_flight_per_webhook: max_in_flight_per_webhook.max(1),
+            held: 0,
+        }
+    }
+
+    /// Deliveries held, waiting or in flight.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.lanes.iter().map(|l| l.in_flight).sum()
+    }
+
+    /// Accepts a new delivery, unless the outbox is full or the webhook answered 410.
+    pub fn enqueue(&mut self, delivery: Delivery) -> Result<(), Refused> {
+        let Some(lane) = self.lanes.get_mut(delivery.webhook) else {
+            return Err(Refused::WebhookGone(delivery));
+        };
+        if lane.gone {
+            return Err(Refused::WebhookGone(delivery));
+        }
+        if self.held >= self.max_queued {
+            return Err(Refused::QueueFull(delivery));
+        }
+        lane.ready.push_back(delivery);
+        self.held += 1;
+        Ok(())
+    }
+
+    /// Hands one event to every enabled webhook of its organisation subscribed to its type.
+    /// Returns how many deliveries were accepted, and those refused (each must be logged).
+    pub fn fan_out(&mut self, plan: &Plan, event: &Event, now_ms: u64) -> (usize, Vec<Refused>) {
+        let mut accepted = 0;
+        let mut refused = Vec::new();
+        for &w in plan.subscribers(&event.event_type, &event.organisation_id) {
+            let Some(webhook) = plan.webhooks.get(w) else {
+                continue;
+            };
+            let delivery = Delivery::new(&event.id_hex, w, event.envelope_for(&webhook.id), now_ms);
+            match self.enqueue(delivery) {
+                Ok(()) => accepted += 1,
+                Err(r) => refused.push(r),
+            }
+        }
+        (accepted, refused)
+    }
+
+    /// Takes the deliveries to attempt now, and counts them as in flight.
+    pub fn take_due(&mut self, now_ms: u64) -> Vec<Delivery> {
+        let mut due = Vec::new();
+        for lane in &mut self.lanes {
+            if !lane.waiting.is_empty() {
+                let (ready, waiting): (Vec<_>, Vec<_>) = lane
+                    .waiting
+                    .drain(..)
+                    .partition(|d| d.next_attempt_at_ms <= now_ms);
+                lane.waiting = waiting;
+                // Retries go first: they are older than anything behind them.
+                for d in ready.into_iter().rev() {
+                    lane.ready.push_front(d);
+                }
+            }
+            while lane.in_flight < self.max_in_flight_per_webhook {
+                let Some(mut d) = lane.ready.pop_front() else {
+                    break;
+                };
+                d.attempts += 1;
+                lane.in_flight += 1;
+                due.push(d);
+            }
+        }
+        due
+    }
+
+    /// The earliest time a waiting retry becomes due.
+    pub fn next_retry_at(&self) -> Option<u64> {
+        self.lanes
+            .iter()
+            .flat_map(|l| &l.waiting)
+            .map(|d| d.next_attempt_at_ms)
+            .min()
+    }
+
+    /// Records the outcome of an attempt taken with [`Outbox::take_due`].
+    pub fn finish(
+        &mut self,
+        mut delivery: Delivery,
+        outcome: &AttemptOutcome,
+        now_ms: u64,
+        random: u32,
+    ) -> Verdict {
+        let policy = &self.policy;
+        let Some(lane) = self.lanes.get_mut(delivery.webhook) else {
+            self.held = self.held.saturating_sub(1);
+            return Verdict::Exhausted;
+        };
+        lane.in_flight = lane.in_flight.saturating_sub(1);
+        let (failure, retry_after_ms) = match outcome {
+            AttemptOutcome::Status { code, .. } if (200..300).contains(code) => {
+                self.held = self.held.saturating_sub(1);
+                return Verdict::Delivered {
+                    latency_ms: now_ms.saturating_sub(delivery.created_at_ms),
+                };
+            }
+            AttemptOutcome::Status { code: 410, .. } => {
+                lane.gone = true;
+                let mut dropped: Vec<Delivery> =
+                    lane.ready.drain(..).chain(lane.waiting.drain(..)).collect();
+                self.held = self.held.saturating_sub(1 + dropped.len());
+                delivery.last_failure = Some("410".into());
+                dropped.insert(0, delivery);
+                return Verdict::Gone { dropped };
+            }
+            AttemptOutcome::Status { code, retry_after } => {
+                let honoured = matches!(code, 429 | 503)
+                    .then(|| {
+                        retry_after
+                            .as_deref()
+                            .and_then(|v| parse_retry_after(v, now_ms))
+                    })
+                    .flatten();
+                (code.to_string(), honoured)
+            }
+            AttemptOutcome::NoResponse { reason } => (reason.clone(), None),
+        };
+        delivery.last_failure = Some(failure);
+        match policy.backoff_ms(delivery.attempts, random) {
+            Some(backoff) if !lane.gone => {
+                let wait = backoff.max(retry_after_ms.unwrap_or(0).min(MAX_RETRY_AFTER_MS));
+                delivery.next_attempt_at_ms = now_ms + wait;
+                let at_ms = delivery.next_attempt_at_ms;
+                lane.waiting.push(delivery);
+                Verdict::Retry { at_ms }
+            }
+            _ => {
+                self.held = self.held.saturating_sub(1);
+                Verdict::Exhausted
+            }
+        }
+    }
+
+    /// Forgets an in-flight delivery whose webhook a new configuration removed.
+    pub fn release_orphan(&mut self) {
+        self.held = self.held.saturating_sub(1);
+    }
+
+    /// Moves the outbox onto a new configuration. `new_index` maps an old webhook index to the
+    /// new one, or None when the webhook was removed or disabled. Returns the dropped deliveries.
+    pub fn reconfigure(
+        &mut self,
+        webhooks: usize,
+        new_index: impl Fn(usize) -> Option<usize>,
+        policy: RetryPolicy,
+        max_queued: usize,
+        max_in_flight_per_webhook: usize,
+    ) -> Vec<Delivery> {
+        let old = std::mem::take(&mut self.lanes);
+        self.lanes = (0..webhooks).map(|_| Lane::default()).collect();
+        self.policy = policy;
+        self.max_queued = max_queued;
+        self.max_in_flight_per_webhook = max_in_flight_per_webhook.max(1);
+        let mut dropped = Vec::new();
+        for (i, lane) in old.into_iter().enumerate() {
+            let target = new_index(i).filter(|_| !lane.gone);
+            if let Some(new_lane) = target.and_then(|t| self.lanes.get_mut(t)) {
+                new_lane.in_flight += lane.in_flight;
+            }
+            for mut d in lane.ready.into_iter().chain(lane.waiting) {
+                match target.and_then(|t| self.lanes.get_mut(t)) {
+                    Some(new_lane) => {
+                        d.webhook = target.unwrap_or(d.webhook);
+                        new_lane.waiting.push(d);
+                    }
+                    None => dropped.push(d),
+                }
+            }
+        }
+        self.held = self.held.saturating_sub(dropped.len());
+        dropped
+    }
+}
+
+/// `Retry-After` as a delay from `now_ms`: delta-seconds, or an IMF-fixdate
+/// (`Sun, 06 Nov 1994 08:49:37 GMT`).
+pub fn parse_retry_after(value: &str, now_ms: u64) -> Option<u64> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(value.parse::<u64>().ok()?.saturating_mul(1000));
+    }
+    let at_ms = parse_http_date_ms(value)?;
+    Some(at_ms.saturating_sub(now_ms))
+}
+
+fn parse_http_date_ms(value: &str) -> Option<u64> {
+    let (_, rest) = value.split_once(", ")?;
+    let parts: Vec<&str> = rest.split(' ').collect();
+    let [day, month, year, time, "GMT"] = parts.as_slice() else {
+        return None;
+    };
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    let month = MONTHS.iter().position(|m| m == month)? as u32 + 1;
+    let day: u32 = day.parse().ok()?;
+    let year: i64 = year.parse().ok()?;
+    let hms: Vec<u64> = time
+        .split(':')
+        .map(|p| p.parse().ok())
+        .collect::<Option<_>>()?;
+    let [h, m, s] = hms.as_slice() else {
+        return None;
+    };
+    if !(1..=31).contains(&day) || *h > 23 || *m > 59 || *s > 60 {
+        return None;
+    }
+    let days = days_from_civil(year, month, day);
+    let secs = u64::try_from(days).ok()? * 86_400 + h * 3600 + m * 60 + s;
+    Some(secs * 1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy::new(vec![200, 500, 1000])
+    }
+
+    fn status(code: u16) -> AttemptOutcome {
+        AttemptOutcome::Status {
+            code,
+            retry_after: None,
+        }
+    }
+
+    fn outbox(webhooks: usize) -> Outbox {
+        Outbox::new(webhooks, policy(), 100, 2)
+    }
+
+    #[test]
+    fn jitter_stays_within_twenty_percent() {
+        let p = policy();
+        assert_eq!(p.backoff_ms(1, 0), Some(160));
+        assert_eq!(p.backoff_ms(1, 400), Some(240));
+        assert_eq!(p.backoff_ms(1, 200), Some(200));
+        assert_eq!(p.backoff_ms(3, 200), Some(1000));
+        assert_eq!(p.backoff_ms(4, 200), None);
+        assert_eq!(p.backoff_ms(0, 200), None);
+        for r in [0, 1, 7, u32::MAX] {
+            let d = p.backoff_ms(2, r).unwrap();
+            assert!((400..=600).contains(&d), "{d}");
+        }
+    }
+
+    #[test]
+    fn success_after_two_retries() {
+        let mut o = outbox(1);
+        o.enqueue(Delivery::new("e1", 0, b"{}".to_vec(), 1_000))
+            .unwrap();
+        let d = o.take_due(1_000).pop().unwrap();
+        assert_eq!(d.attempts, 1);
+        assert_eq!(
+            o.finish(d, &status(503), 1_010, 200),
+            Verdict::Retry { at_ms: 1_210 }
+        );
+        assert!(o.take_due(1_209).is_empty());
+        assert_eq!(o.next_retry_at(), Some(1_210));
+        let d = o.take_due(1_210).pop().unwrap();
+        assert_eq!(d.attempts, 2);
+        assert_eq!(
+            o.finish(
+                d,
+                &AttemptOutcome::NoResponse {
+                    reason: "reset".into()
+                },
+                1_300,
+                200
+            ),
+            Verdict::Retry { at_ms: 1_800 }
+        );
+        let d = o.take_due(2_000).pop().unwrap();
+        assert_eq!(
+            o.finish(d, &status(204), 2_050, 0),
+            Verdict::Delivered { latency_ms: 1_050 }
+        );
+        assert_eq!((o.held(), o.in_flight()), (0, 0));
+    }
+
+    #[test]
+    fn exhausted_after_the_schedule() {
+        let mut o = outbox(1);
+        o.enqueue(Delivery::new("e1", 0, vec![], 0)).unwrap();
+        let mut now = 0;
+        let mut verdicts = Vec::new();
+        for _ in 0..4 {
+            let d = o.take_due(now).pop().expect("an attempt is due");
+            let v = o.finish(d, &status(500), now, 200);
+            if let Verdict::Retry { at_ms } = v {
+                now = at_ms;
+            }
+            verdicts.push(v);
+        }
+        assert_eq!(verdicts.last(), Some(&Verdict::Exhausted));
+        assert_eq!(verdicts.len() as u32, policy().max_attempts());
+        assert_eq!(o.held(), 0);
+    }
+
+    #[test]
+    fn redirects_and_client_errors_are_failures() {
+        for code in [301, 302, 400, 401, 404, 499] {
+            let mut o = outbox(1);
+            o.enqueue(Delivery::new("e", 0, vec![], 0)).unwrap();
+            let d = o.take_due(0).pop().unwrap();
+            assert!(
+                matches!(o.finish(d, &status(code), 0, 0), Verdict::Retry { .. }),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn gone_drops_the_lane_and_refuses_new_deliveries() {
+        let mut o = outbox(2);
+        for i in 0..3 {
+            o.enqueue(Delivery::new(&format!("e{i}"), 0, vec![], 0))
+                .unwrap();
+        }
+        o.enqueue(Delivery::new("other", 1, vec![], 0)).unwrap();
+        let mut due = o.take_due(0);
+        assert_eq!(
+            due.len(),
+            3,
+            "two for lane 0 (max in flight), one for lane 1"
+        );
+        let first = due.remove(0);
+        let Verdict::Gone { dropped } = o.finish(first, &status(410), 0, 0) else {
+            panic!()
+        };
+        assert_eq!(
+            dropped
+                .iter()
+                .map(|d| d.event_id.as_str())
+                .collect::<Vec<_>>(),
+            ["e0", "e2"]
+        );
+        assert!(matches!(
+            o.enqueue(Delivery::new("e3", 0, vec![], 0)),
+            Err(Refused::WebhookGone(_))
+        ));
+        // The attempt still in flight is not retried once the webhook is gone.
+        let second = due.remove(0);
+        assert_eq!(o.finish(second, &status(500), 0, 0), Verdict::Exhausted);
+        let other = due.remove(0);
+        assert!(matches!(
+            o.finish(other, &status(200), 5, 0),
+            Verdict::Delivered { .. }
+        ));
+        assert_eq!(o.held(), 0);
+    }
+
+    #[test]
+    fn retry_after_on_429_and_503_only_and_capped() {
+        let mut o = outbox(1);
+        let ra = |code, v: &str| AttemptOutcome::Status {
+            code,
+            retry_after: Some(v.into()),
+        };
+        o.enqueue(Delivery::new("e", 0, vec![], 0)).unwrap();
+        let d = o.take_due(0).pop().unwrap();
+        assert_eq!(
+            o.finish(d, &ra(429, "2"), 100, 200),
+            Verdict::Retry { at_ms: 2_100 }
+        );
+        let d = o.take_due(2_100).pop().unwrap();
+        assert_eq!(
+            o.finish(d, &ra(500, "20"), 2_100, 200),
+            Verdict::Retry { at_ms: 2_600 }
+        );
+        let d = o.take_due(2_600).pop().unwrap();
+        assert_eq!(
+            o.finish(d, &ra(503, "999999"), 2_600, 200),
+            Verdict::Retry {
+                at_ms: 2_600 + MAX_RETRY_AFTER_MS
+            }
+        );
+    }
+
+    #[test]
+    fn backoff_wins_over_a_shorter_retry_after() {
+        let mut o = outbox(1);
+        o.enqueue(Delivery::new("e", 0, vec![], 0)).unwrap();
+        let d = o.take_due(0).pop().unwrap();
+        let outcome = AttemptOutcome::Status {
+            code: 503,
+            retry_after: Some("0".into()),
+        };
+        assert_eq!(o.finish(d, &outcome, 0, 200), Verdict::Retry { at_ms: 200 });
+    }
+
+    #[test]
+    fn retry_after_formats() {
+        assert_eq!(parse_retry_after("120", 0), Some(120_000));
+        assert_eq!(parse_retry_after(" 3 ", 0), Some(3_000));
+        let date = "Sun, 06 Nov 1994 08:49:37 GMT";
+        let at = 784_111_777_000;
+        assert_eq!(parse_retry_after(date, at - 5_000), Some(5_000));
+        assert_eq!(parse_retry_after(date, at + 5_000), Some(0));
+        for bad in [
+            "",
+            "-1",
+            "soon",
+            "Sun, 06 Nov 1994 08:49:37 PST",
+            "Sun, 32 Nov 1994 08:49:37 GMT",
+        ] {
+            assert_eq!(parse_retry_after(bad, 0), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn bounded_and_fair() {
+        let mut o = Outbox::new(2, policy(), 5, 2);
+        for i in 0..5 {
+            o.enqueue(Delivery::new(&format!("a{i}"), 0, vec![], 0))
+                .unwrap();
+        }
+        assert!(matches!(
+            o.enqueue(Delivery::new("b0", 1, vec![], 0)),
+            Err(Refused::QueueFull(_))
+        ));
+        let due = o.take_due(0);
+        assert_eq!(due.len(), 2, "lane 0 is capped at 2 in flight");
+        assert_eq!(o.held(), 5);
+        for d in due {
+            o.finish(d, &status(200), 1, 0);
+        }
+        o.enqueue(Delivery::new("b1", 1, vec![], 0)).unwrap();
+        let due = o.take_due(1);
+        assert!(
+            due.iter().any(|d| d.event_id == "b1"),
+            "lane 1 is not stuck behind lane 0"
+        );
+    }
+
+    #[test]
+    fn reconfigure_keeps_surviving_webhooks() {
+        let mut o = outbox(3);
+        o.enqueue(Delivery::new("keep", 0, vec![], 0)).unwrap();
+        o.enqueue(Delivery::new("drop", 1, vec![], 0)).unwrap();
+        o.enqueue(Delivery::new("moved", 2, vec![], 0)).unwrap();
+        // New plan: old 0 stays 0, old 1 is removed, old 2 becomes 1.
+        let dropped = o.reconfigure(2, |i| [Some(0), None, Some(1)][i], policy(), 100, 2);
+        assert_eq!(
+            dropped
+                .iter()
+                .map(|d| d.event_id.as_str())
+                .collect::<Vec<_>>(),
+            ["drop"]
+        );
+        assert_eq!(o.held(), 2);
+        let due = o.take_due(0);
+        let mut got: Vec<_> = due
+            .iter()
+            .map(|d| (d.event_id.as_str(), d.webhook))
+            .collect();
+        got.sort();
+        assert_eq!(got, [("keep", 0), ("moved", 1)]);
+    }
+}

@@ -1,0 +1,215 @@
+//! The event envelope of the seed, event ids and RFC 3339 timestamps.
+//!
+//! Envelope, byte for byte what is signed and sent:
+//! `{"id","webhookId","organisationId","eventType","dateTime","data":{"object":{…}},"version":1}`.
+
+use serde_json::{Map, Value};
+use std::fmt::Write as _;
+
+pub const ENVELOPE_VERSION: u32 = 1;
+
+/// 24 lowercase hex digits: 4 bytes of big-endian Unix seconds, then 8 random bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EventId([u8; 12]);
+
+impl EventId {
+    pub fn new(unix_seconds: u64, random: [u8; 8]) -> Self {
+        let mut bytes = [0u8; 12];
+        // The id holds 32 bits of seconds, as the seed's ids do; it wraps in 2106.
+        bytes[..4].copy_from_slice(&(unix_seconds as u32).to_be_bytes());
+        bytes[4..].copy_from_slice(&random);
+        EventId(bytes)
+    }
+
+    pub fn to_hex(&self) -> String {
+        let mut out = String::with_capacity(24);
+        for byte in self.0 {
+            let _ = write!(out, "{byte:02x}");
+        }
+        out
+    }
+}
+
+/// Formats Unix milliseconds as RFC 3339 UTC with a `Z`, to whole seconds like the seed's sample.
+pub fn rfc3339_utc(unix_millis: u64) -> String {
+    let secs = unix_millis / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (year, month, day) = civil_from_days(days as i64);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
+pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// (year, month, day) to days since 1970-01-01; the inverse of [`civil_from_days`].
+pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let year = year - i64::from(month <= 2);
+    let era = year.div_euclid(400);
+    let yoe = year.rem_euclid(400);
+    let mp = i64::from((month + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// One event, before fan-out. The part of the envelope that is the same for every webhook is
+/// serialised once; each webhook's body only adds its own `webhookId`.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub id: EventId,
+    pub id_hex: String,
+    pub event_type: String,
+    pub organisation_id: String,
+    pub created_at_ms: u64,
+    /// `"dateTime":…,"data":{"object":…},"version":1}`: the envelope's tail after `eventType`.
+    tail: String,
+}
+
+impl Event {
+    /// Builds an event from the extracted object. `objectType` is written into the object,
+    /// replacing any value the upstream gave it.
+    pub fn new(
+        id: EventId,
+        event_type: &str,
+        object_type: &str,
+        organisation_id: &str,
+        mut object: Map<String, Value>,
+        now_ms: u64,
+    ) -> Self {
+        object.insert("objectType".into(), Value::String(object_type.into()));
+        let mut data = Map::new();
+        data.insert("object".into(), Value::Object(object));
+        let tail = format!(
+            ",\"dateTime\":{},\"data\":{},\"version\":{ENVELOPE_VERSION}}}",
+            json_string(&rfc3339_utc(now_ms)),
+            Value::Object(data)
+        );
+        Event {
+            id,
+            id_hex: id.to_hex(),
+            event_type: event_type.into(),
+            organisation_id: organisation_id.into(),
+            created_at_ms: now_ms,
+            tail,
+        }
+    }
+
+    /// The exact body sent to (and signed for) one webhook.
+    pub fn envelope_for(&self, webhook_id: &str) -> Vec<u8> {
+        format!(
+            "{{\"id\":{},\"webhookId\":{},\"organisationId\":{},\"eventType\":{}{}",
+            json_string(&self.id_hex),
+            json_string(webhook_id),
+            json_string(&self.organisation_id),
+            json_string(&self.event_type),
+            self.tail
+        )
+        .into_bytes()
+    }
+}
+
+fn json_string(s: &str) -> String {
+    Value::String(s.into()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_id_is_seconds_then_random() {
+        let id = EventId::new(
+            0x6307_0be0,
+            [0x37, 0x2f, 0x1e, 0x7b, 0xc7, 0x79, 0x62, 0xa6],
+        );
+        assert_eq!(id.to_hex(), "63070be0372f1e7bc77962a6");
+    }
+
+    #[test]
+    fn rfc3339_matches_known_instants() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(1_728_086_400_000), "2024-10-05T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_782_400_999), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_utc(4_102_444_799_000), "2099-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn civil_days_round_trip() {
+        for days in (-800_000..800_000).step_by(97) {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days);
+        }
+    }
+
+    #[test]
+    fn envelope_has_exactly_the_seed_fields() {
+        let object: Map<String, Value> =
+            serde_json::from_str(r#"{"id":"j1","status":"completed","objectType":"spoofed"}"#)
+                .unwrap();
+        let event = Event::new(
+            EventId::new(1_728_086_400, [1; 8]),
+            "job.completed",
+            "job",
+            "657bf08c202997ba9d127922",
+            object,
+            1_728_086_400_000,
+        );
+        let body = event.envelope_for("66b2e3ddb97f60b5270d5ce9");
+        let parsed: Value = serde_json::from_slice(&body).unwrap();
+        let expected = serde_json::json!({
+            "id": "670081800101010101010101",
+            "webhookId": "66b2e3ddb97f60b5270d5ce9",
+            "organisationId": "657bf08c202997ba9d127922",
+            "eventType": "job.completed",
+            "dateTime": "2024-10-05T00:00:00Z",
+            "data": {"object": {"id": "j1", "status": "completed", "objectType": "job"}},
+            "version": 1
+        });
+        assert_eq!(parsed, expected);
+        // Field order is the seed's.
+        let text = String::from_utf8(body).unwrap();
+        let order: Vec<usize> = [
+            "\"id\"",
+            "\"webhookId\"",
+            "\"organisationId\"",
+            "\"eventType\"",
+            "\"dateTime\"",
+            "\"data\"",
+            "\"version\"",
+        ]
+        .iter()
+        .map(|k| text.find(k).unwrap())
+        .collect();
+        assert!(order.windows(2).all(|w| w[0] < w[1]), "{text}");
+    }
+
+    #[test]
+    fn strings_are_escaped() {
+        let event = Event::new(
+            EventId::new(1, [0; 8]),
+            "job.completed",
+            "job",
+            "org\"\\\n",
+            Map::new(),
+            0,
+        );
+        let parsed: Value = serde_json::from_slice(&event.envelope_for("w")).unwrap();
+        assert_eq!(parsed["organisationId"], "org\"\\\n");
+    }
+}

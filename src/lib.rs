@@ -1,0 +1,15 @@
+//! webhook-emitter: an Envoy proxy-wasm filter that turns upstream "job completed" responses
+//! into signed Standard Webhooks deliveries.
+//!
+//! Everything but `filter` is the pure core: no host calls, clock and randomness passed in.
+
+pub mod body;
+pub mod config;
+pub mod delivery;
+pub mod event;
+pub mod rules;
+pub mod signature;
+pub mod url;
+
+#[cfg(target_arch = "wasm32")]
+mod filter;

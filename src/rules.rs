@@ -1,0 +1,415 @@
+//! Event rules: which responses become events, and what goes into them.
+//!
+//! Matching is split the way the data path needs it: the request line decides whether a stream
+//! can be a candidate at all ([`EventRule::matches_request`]), the status narrows it
+//! ([`EventRule::matches_status`]), and only then is the body parsed ([`EventRule::evaluate`]).
+
+use serde_json::{Map, Value};
+
+/// `match.path`: literal segments and `{name}` captures of exactly one non-empty segment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PathTemplate {
+    segments: Vec<Segment>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Segment {
+    Literal(String),
+    Capture(String),
+}
+
+impl PathTemplate {
+    pub fn parse(template: &str) -> Result<Self, String> {
+        let rest = template
+            .strip_prefix('/')
+            .ok_or_else(|| "must start with '/'".to_string())?;
+        if template.contains(['?', '#']) {
+            return Err(
+                "must not contain a query or fragment (the query string is ignored when matching)"
+                    .into(),
+            );
+        }
+        let mut segments = Vec::new();
+        let mut names: Vec<&str> = Vec::new();
+        for part in rest.split('/') {
+            if let Some(inner) = part.strip_prefix('{') {
+                let name = inner
+                    .strip_suffix('}')
+                    .ok_or_else(|| format!("segment {part:?} opens '{{' without closing it"))?;
+                if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(format!(
+                        "capture {part:?} must be a name of letters, digits or '_'"
+                    ));
+                }
+                if names.contains(&name) {
+                    return Err(format!("capture {{{name}}} appears twice"));
+                }
+                names.push(name);
+                segments.push(Segment::Capture(name.to_string()));
+            } else if part.contains(['{', '}']) {
+                return Err(format!(
+                    "segment {part:?} must be a literal or a whole {{name}}"
+                ));
+            } else {
+                segments.push(Segment::Literal(part.to_string()));
+            }
+        }
+        Ok(PathTemplate { segments })
+    }
+
+    pub fn has_capture(&self, name: &str) -> bool {
+        self.segments
+            .iter()
+            .any(|s| matches!(s, Segment::Capture(n) if n == name))
+    }
+
+    /// Matches a request `:path` (the query string is ignored).
+    pub fn matches(&self, path: &str) -> bool {
+        self.capture(path, "").is_some()
+    }
+
+    /// Matches and returns the value of capture `name` (or `Some("")` when `name` is not a capture).
+    pub fn capture<'p>(&self, path: &'p str, name: &str) -> Option<&'p str> {
+        let path = path.split(['?', '#']).next().unwrap_or_default();
+        let mut parts = path.strip_prefix('/')?.split('/');
+        let mut found = "";
+        for segment in &self.segments {
+            let part = parts.next()?;
+            match segment {
+                Segment::Literal(lit) if lit == part => {}
+                Segment::Literal(_) => return None,
+                Segment::Capture(_) if part.is_empty() => return None,
+                Segment::Capture(n) => {
+                    if n == name {
+                        found = part;
+                    }
+                }
+            }
+        }
+        parts.next().is_none().then_some(found)
+    }
+}
+
+/// Checks RFC 6901 syntax: empty, or `/`-separated tokens where `~` is only `~0` or `~1`.
+pub fn validate_json_pointer(pointer: &str) -> Result<(), String> {
+    if !pointer.is_empty() && !pointer.starts_with('/') {
+        return Err("must be empty or start with '/' (an RFC 6901 JSON pointer)".into());
+    }
+    let mut chars = pointer.chars();
+    while let Some(c) = chars.next() {
+        if c == '~' && !matches!(chars.next(), Some('0' | '1')) {
+            return Err("'~' must be followed by 0 or 1 (an RFC 6901 JSON pointer)".into());
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Check {
+    Equals(Value),
+    Exists(bool),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Condition {
+    pub pointer: String,
+    pub check: Check,
+}
+
+impl Condition {
+    pub fn holds(&self, body: &Value) -> bool {
+        let found = body.pointer(&self.pointer);
+        match &self.check {
+            Check::Equals(expected) => found == Some(expected),
+            Check::Exists(expected) => found.is_some() == *expected,
+        }
+    }
+}
+
+/// Where an event's organisation comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OrganisationSource {
+    /// A request header (lowercase name).
+    Header(String),
+    /// A JSON pointer into the response body; the value must be a string.
+    Pointer(String),
+    /// A `{name}` capture of the path template.
+    PathParam(String),
+}
+
+/// HTTP methods as a bit set, so the request-time check is one AND.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MethodSet(u16);
+
+pub const KNOWN_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE",
+];
+
+impl MethodSet {
+    pub fn bit(method: &str) -> Option<u16> {
+        KNOWN_METHODS
+            .iter()
+            .position(|m| *m == method)
+            .map(|i| 1 << i)
+    }
+    pub fn insert(&mut self, bit: u16) {
+        self.0 |= bit;
+    }
+    pub fn contains(&self, method: &str) -> bool {
+        Self::bit(method).is_some_and(|b| self.0 & b != 0)
+    }
+}
+
+/// One compiled rule of `events[]`.
+#[derive(Debug, Clone)]
+pub struct EventRule {
+    pub event_type: String,
+    pub object_type: String,
+    pub methods: MethodSet,
+    pub path: PathTemplate,
+    pub statuses: Vec<u16>,
+    pub when: Vec<Condition>,
+    pub object_pointer: String,
+    pub organisation: OrganisationSource,
+}
+
+/// What the request told us, kept only for candidate streams.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RequestFacts {
+    /// The organisation from the request header or path capture, when the rule takes it from there.
+    pub organisation: Option<String>,
+}
+
+/// The result of a rule applied to a parsed response body.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Evaluation {
+    Matched {
+        organisation_id: String,
+        object: Map<String, Value>,
+    },
+    ConditionsNotMet,
+    NoOrganisation,
+    ObjectNotFound,
+    ObjectNotAnObject,
+}
+
+impl EventRule {
+    pub fn matches_request(&self, method: &str, path: &str) -> bool {
+        self.methods.contains(method) && self.path.matches(path)
+    }
+
+    pub fn matches_status(&self, status: u16) -> bool {
+        self.statuses.contains(&status)
+    }
+
+    /// The request facts this rule needs, read through `header` (a host call on the data path).
+    pub fn request_facts(
+        &self,
+        path: &str,
+        header: impl FnOnce(&str) -> Option<String>,
+    ) -> RequestFacts {
+        let organisation = match &self.organisation {
+            OrganisationSource::Header(name) => header(name),
+            OrganisationSource::PathParam(name) => {
+                self.path.capture(path, name).map(str::to_string)
+            }
+            OrganisationSource::Pointer(_) => None,
+        };
+        RequestFacts { organisation }
+    }
+
+    pub fn evaluate(&self, facts: &RequestFacts, body: &Value) -> Evaluation {
+        if !self.when.iter().all(|c| c.holds(body)) {
+            return Evaluation::ConditionsNotMet;
+        }
+        let organisation_id = match &self.organisation {
+            OrganisationSource::Pointer(p) => {
+                body.pointer(p).and_then(Value::as_str).map(str::to_string)
+            }
+            _ => facts.organisation.clone(),
+        };
+        let Some(organisation_id) = organisation_id.filter(|o| !o.is_empty()) else {
+            return Evaluation::NoOrganisation;
+        };
+        match body.pointer(&self.object_pointer) {
+            None => Evaluation::ObjectNotFound,
+            Some(Value::Object(object)) => Evaluation::Matched {
+                organisation_id,
+                object: object.clone(),
+            },
+            Some(_) => Evaluation::ObjectNotAnObject,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn rule(org: OrganisationSource) -> EventRule {
+        let mut methods = MethodSet::default();
+        for m in ["POST", "PUT"] {
+            methods.insert(MethodSet::bit(m).unwrap());
+        }
+        EventRule {
+            event_type: "job.completed".into(),
+            object_type: "job".into(),
+            methods,
+            path: PathTemplate::parse("/jobs/{jobId}/complete").unwrap(),
+            statuses: vec![200],
+            when: vec![Condition {
+                pointer: "/status".into(),
+                check: Check::Equals(json!("completed")),
+            }],
+            object_pointer: String::new(),
+            organisation: org,
+        }
+    }
+
+    #[test]
+    fn path_templates_match_one_segment_per_capture() {
+        let t = PathTemplate::parse("/jobs/{jobId}/complete").unwrap();
+        assert!(t.matches("/jobs/42/complete"));
+        assert!(t.matches("/jobs/42/complete?x=1&y=/2"));
+        assert!(!t.matches("/jobs//complete"));
+        assert!(!t.matches("/jobs/4/2/complete"));
+        assert!(!t.matches("/jobs/42/complete/"));
+        assert!(!t.matches("/jobs/42"));
+        assert!(!t.matches("/jobs/42/completed"));
+        assert!(!t.matches("jobs/42/complete"));
+        assert_eq!(t.capture("/jobs/42/complete?a", "jobId"), Some("42"));
+        assert!(PathTemplate::parse("/").unwrap().matches("/"));
+    }
+
+    #[test]
+    fn path_templates_reject_bad_syntax() {
+        for bad in [
+            "jobs",
+            "/jobs/{id",
+            "/jobs/{}",
+            "/jobs/x{id}",
+            "/a/{id}/{id}",
+            "/a?b",
+            "/a/{i-d}",
+        ] {
+            assert!(PathTemplate::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn json_pointer_syntax() {
+        for ok in ["", "/", "/status", "/a~0b/c~1d", "/0"] {
+            assert!(validate_json_pointer(ok).is_ok(), "{ok}");
+        }
+        for bad in ["status", "/a~2", "/a~", "#/a"] {
+            assert!(validate_json_pointer(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn methods_and_status() {
+        let r = rule(OrganisationSource::Header("x-organisation-id".into()));
+        assert!(r.matches_request("POST", "/jobs/1/complete"));
+        assert!(!r.matches_request("GET", "/jobs/1/complete"));
+        assert!(!r.matches_request("post", "/jobs/1/complete"));
+        assert!(!r.matches_request("BREW", "/jobs/1/complete"));
+        assert!(r.matches_status(200));
+        assert!(!r.matches_status(404));
+    }
+
+    #[test]
+    fn evaluation_outcomes() {
+        let r = rule(OrganisationSource::Header("x-organisation-id".into()));
+        let facts = r.request_facts("/jobs/1/complete", |h| {
+            assert_eq!(h, "x-organisation-id");
+            Some("org1".into())
+        });
+        let body = json!({"id": "1", "status": "completed"});
+        assert_eq!(
+            r.evaluate(&facts, &body),
+            Evaluation::Matched {
+                organisation_id: "org1".into(),
+                object: body.as_object().unwrap().clone()
+            }
+        );
+        assert_eq!(
+            r.evaluate(&facts, &json!({"status": "failed"})),
+            Evaluation::ConditionsNotMet
+        );
+        assert_eq!(
+            r.evaluate(&facts, &json!(["completed"])),
+            Evaluation::ConditionsNotMet
+        );
+        assert_eq!(
+            r.evaluate(&RequestFacts::default(), &body),
+            Evaluation::NoOrganisation
+        );
+        let empty = RequestFacts {
+            organisation: Some(String::new()),
+        };
+        assert_eq!(r.evaluate(&empty, &body), Evaluation::NoOrganisation);
+    }
+
+    #[test]
+    fn organisation_from_pointer_and_path() {
+        let by_pointer = rule(OrganisationSource::Pointer("/org".into()));
+        let facts = by_pointer.request_facts("/jobs/1/complete", |_| panic!("no header needed"));
+        let body = json!({"status": "completed", "org": "o9"});
+        assert!(
+            matches!(by_pointer.evaluate(&facts, &body), Evaluation::Matched { organisation_id, .. } if organisation_id == "o9")
+        );
+        let numeric = json!({"status": "completed", "org": 9});
+        assert_eq!(
+            by_pointer.evaluate(&facts, &numeric),
+            Evaluation::NoOrganisation
+        );
+
+        let by_path = rule(OrganisationSource::PathParam("jobId".into()));
+        let facts = by_path.request_facts("/jobs/o7/complete", |_| None);
+        assert!(
+            matches!(by_path.evaluate(&facts, &body), Evaluation::Matched { organisation_id, .. } if organisation_id == "o7")
+        );
+    }
+
+    #[test]
+    fn conditions_equals_and_exists() {
+        let eq = Condition {
+            pointer: "/a/b".into(),
+            check: Check::Equals(json!(null)),
+        };
+        assert!(eq.holds(&json!({"a": {"b": null}})));
+        assert!(!eq.holds(&json!({"a": {}})));
+        let exists = Condition {
+            pointer: "/a".into(),
+            check: Check::Exists(true),
+        };
+        let absent = Condition {
+            pointer: "/a".into(),
+            check: Check::Exists(false),
+        };
+        assert!(exists.holds(&json!({"a": 0})) && !absent.holds(&json!({"a": 0})));
+        assert!(!exists.holds(&json!({})) && absent.holds(&json!({})));
+    }
+
+    #[test]
+    fn object_pointer() {
+        let mut r = rule(OrganisationSource::Header("h".into()));
+        r.object_pointer = "/job".into();
+        let facts = RequestFacts {
+            organisation: Some("o".into()),
+        };
+        assert_eq!(
+            r.evaluate(&facts, &json!({"status": "completed"})),
+            Evaluation::ObjectNotFound
+        );
+        assert_eq!(
+            r.evaluate(&facts, &json!({"status": "completed", "job": 3})),
+            Evaluation::ObjectNotAnObject
+        );
+        assert!(matches!(
+            r.evaluate(&facts, &json!({"status": "completed", "job": {"id": 1}})),
+            Evaluation::Matched { .. }
+        ));
+    }
+}
