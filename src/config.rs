@@ -1,7 +1,7 @@
 //! The plugin configuration: a serde model of the JSON, validated as a whole into an immutable
 //! [`Plan`]. Every error names the JSON path of the bad field; unknown fields are errors.
 
-use crate::delivery::RetryPolicy;
+use crate::delivery::{OutboxSettings, RetryPolicy};
 use crate::rules::{
     validate_json_pointer, Check, Condition, EventRule, MethodSet, OrganisationSource, PathTemplate,
 };
@@ -146,6 +146,24 @@ struct RawDelivery {
     max_in_flight_per_webhook: usize,
     allow_insecure_http: bool,
     allow_private_networks: bool,
+    circuit_breaker: RawCircuitBreaker,
+    dead_letter: Option<RawDeadLetter>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawCircuitBreaker {
+    failures: u32,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawDeadLetter {
+    url: String,
+    #[serde(default)]
+    cluster: Option<String>,
+    #[serde(default)]
+    api_key: Option<Value>,
 }
 
 impl Default for RawDelivery {
@@ -161,6 +179,8 @@ impl Default for RawDelivery {
             max_in_flight_per_webhook: 16,
             allow_insecure_http: false,
             allow_private_networks: false,
+            circuit_breaker: RawCircuitBreaker { failures: 10 },
+            dead_letter: None,
         }
     }
 }
@@ -182,13 +202,21 @@ pub struct Webhook {
     pub cluster: String,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+/// Where deliveries that finally failed are POSTed, so that a durable store can keep them.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub url: WebhookUrl,
+    pub cluster: String,
+    /// Signs dead letters like deliveries when set.
+    pub key: Option<SigningKey>,
+}
+
+#[derive(Debug, Clone)]
 pub struct DeliverySettings {
     pub timeout_ms: u64,
-    pub retry: RetryPolicy,
-    pub max_queued: usize,
     pub max_body_bytes: usize,
-    pub max_in_flight_per_webhook: usize,
+    pub outbox: OutboxSettings,
+    pub dead_letter: Option<DeadLetter>,
 }
 
 /// The validated, immutable configuration, shared by the root and HTTP contexts of a worker.
@@ -288,7 +316,7 @@ fn backticked<'m>(message: &'m str, prefix: &str) -> Option<&'m str> {
 
 fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Plan, Vec<ConfigError>> {
     let mut errors = Vec::new();
-    let delivery = compile_delivery(&raw.delivery, &mut errors);
+    let delivery = compile_delivery(&raw.delivery, env, &mut errors);
 
     if raw.events.is_empty() {
         errors.push(ConfigError::new("events", "must list at least one rule"));
@@ -338,7 +366,11 @@ fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Plan,
     })
 }
 
-fn compile_delivery(raw: &RawDelivery, errors: &mut Vec<ConfigError>) -> DeliverySettings {
+fn compile_delivery(
+    raw: &RawDelivery,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<ConfigError>,
+) -> DeliverySettings {
     let mut schedule = Vec::new();
     for (i, s) in raw.retry_schedule.iter().enumerate() {
         match parse_duration_ms(s) {
@@ -367,13 +399,100 @@ fn compile_delivery(raw: &RawDelivery, errors: &mut Vec<ConfigError>) -> Deliver
             errors.push(ConfigError::new("delivery.cluster", "must not be empty"));
         }
     }
+    let dead_letter = raw.dead_letter.as_ref().and_then(|dl| {
+        let url = compile_url(&dl.url, "delivery.deadLetter.url", raw, errors);
+        let cluster = dl.cluster.clone().or_else(|| raw.cluster.clone());
+        if cluster.is_none() {
+            errors.push(ConfigError::new(
+                "delivery.deadLetter.cluster",
+                "required when delivery.cluster is not set",
+            ));
+        }
+        let key = match &dl.api_key {
+            None => None,
+            Some(value) => Some(compile_key(
+                value,
+                "delivery.deadLetter.apiKey",
+                env,
+                errors,
+            )?),
+        };
+        Some(DeadLetter {
+            url: url?,
+            cluster: cluster?,
+            key,
+        })
+    });
     DeliverySettings {
         timeout_ms: raw.timeout_ms,
-        retry: RetryPolicy::new(schedule),
-        max_queued: raw.max_queued,
         max_body_bytes: raw.max_body_bytes,
-        max_in_flight_per_webhook: raw.max_in_flight_per_webhook,
+        outbox: OutboxSettings {
+            retry: RetryPolicy::new(schedule),
+            max_queued: raw.max_queued,
+            max_in_flight_per_webhook: raw.max_in_flight_per_webhook,
+            circuit_failures: (raw.circuit_breaker.failures > 0)
+                .then_some(raw.circuit_breaker.failures),
+        },
+        dead_letter,
     }
+}
+
+/// Parses a delivery URL and applies the https and private-network rules of `delivery`.
+fn compile_url(
+    text: &str,
+    at: &str,
+    delivery: &RawDelivery,
+    errors: &mut Vec<ConfigError>,
+) -> Option<WebhookUrl> {
+    match WebhookUrl::parse(text) {
+        Ok(url) => {
+            let before = errors.len();
+            if !url.https && !delivery.allow_insecure_http {
+                errors.push(ConfigError::new(
+                    at,
+                    "must be an https URL (set delivery.allowInsecureHttp to allow http)",
+                ));
+            }
+            if let Some(class) = url
+                .private_host_reason()
+                .filter(|_| !delivery.allow_private_networks)
+            {
+                errors.push(ConfigError::new(
+                    at,
+                    format!("private or loopback address ({class}) is not allowed (set delivery.allowPrivateNetworks to allow it)"),
+                ));
+            }
+            (errors.len() == before).then_some(url)
+        }
+        Err(e) => {
+            errors.push(ConfigError::new(at, e));
+            None
+        }
+    }
+}
+
+/// A `whsec_` key given inline or as `{"env": "VARIABLE"}`.
+fn compile_key(
+    value: &Value,
+    at: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<SigningKey> {
+    let result = match value {
+        Value::String(inline) => SigningKey::parse(inline).map_err(|e| e.to_string()),
+        Value::Object(map) => match (map.get("env"), map.len()) {
+            (Some(Value::String(var)), 1) => match env(var) {
+                Some(value) => SigningKey::parse(value.trim())
+                    .map_err(|e| format!("environment variable {var}: {e}")),
+                None => Err(format!("environment variable {var} is not set")),
+            },
+            _ => Err("must be a whsec_ key or {\"env\": \"VARIABLE\"}".into()),
+        },
+        _ => Err("must be a whsec_ key or {\"env\": \"VARIABLE\"}".into()),
+    };
+    result
+        .map_err(|e| errors.push(ConfigError::new(at, e)))
+        .ok()
 }
 
 /// `"500ms"`, `"5s"`, `"2m"`, `"1h"`: a whole number and a unit, at most 24 hours.
@@ -563,29 +682,9 @@ fn compile_webhook(
     if raw.name.trim().is_empty() {
         err("name", "must not be empty".into());
     }
-    let url = match WebhookUrl::parse(&raw.url) {
-        Ok(url) => {
-            if !url.https && !delivery.allow_insecure_http {
-                err(
-                    "url",
-                    "must be an https URL (set delivery.allowInsecureHttp to allow http)".into(),
-                );
-            }
-            if let Some(class) = url
-                .private_host_reason()
-                .filter(|_| !delivery.allow_private_networks)
-            {
-                err(
-                    "url",
-                    format!("private or loopback address ({class}) is not allowed (set delivery.allowPrivateNetworks to allow it)"),
-                );
-            }
-            Some(url)
-        }
-        Err(e) => {
-            err("url", e);
-            None
-        }
+    let url = compile_url(&raw.url, &format!("{at}.url"), delivery, errors);
+    let mut err = |field: &str, message: String| {
+        errors.push(ConfigError::new(format!("{at}.{field}"), message))
     };
     let enabled = match raw.status.as_str() {
         "enabled" => true,
@@ -611,35 +710,9 @@ fn compile_webhook(
             err(&format!("events[{i}]"), format!("{e:?} is listed twice"));
         }
     }
-    let key = match &raw.api_key {
-        Value::String(inline) => SigningKey::parse(inline)
-            .map_err(|e| err("apiKey", e.to_string()))
-            .ok(),
-        Value::Object(map) => match (map.get("env"), map.len()) {
-            (Some(Value::String(var)), 1) => match env(var) {
-                Some(value) => SigningKey::parse(value.trim())
-                    .map_err(|e| err("apiKey", format!("environment variable {var}: {e}")))
-                    .ok(),
-                None => {
-                    err("apiKey", format!("environment variable {var} is not set"));
-                    None
-                }
-            },
-            _ => {
-                err(
-                    "apiKey",
-                    "must be a whsec_ key or {\"env\": \"VARIABLE\"}".into(),
-                );
-                None
-            }
-        },
-        _ => {
-            err(
-                "apiKey",
-                "must be a whsec_ key or {\"env\": \"VARIABLE\"}".into(),
-            );
-            None
-        }
+    let key = compile_key(&raw.api_key, &format!("{at}.apiKey"), env, errors);
+    let mut err = |field: &str, message: String| {
+        errors.push(ConfigError::new(format!("{at}.{field}"), message))
     };
     let cluster = raw.cluster.clone().or_else(|| delivery.cluster.clone());
     match &cluster {
@@ -733,7 +806,7 @@ mod tests {
         assert_eq!(plan.webhooks[0].cluster, "billing_webhook");
         assert_eq!(plan.webhooks[0].url.authority, "billing.example.com");
         assert_eq!(
-            plan.delivery.retry.schedule_ms,
+            plan.delivery.outbox.retry.schedule_ms,
             [5_000, 30_000, 120_000, 600_000, 1_800_000, 3_600_000]
         );
         assert_eq!(
@@ -753,9 +826,11 @@ mod tests {
         config["delivery"] = json!({"cluster": "egress"});
         let plan = Plan::from_json(config.to_string().as_bytes(), &no_env).unwrap();
         assert_eq!(plan.delivery.timeout_ms, 10_000);
-        assert_eq!(plan.delivery.max_queued, 10_000);
-        assert_eq!(plan.delivery.max_in_flight_per_webhook, 16);
-        assert_eq!(plan.delivery.retry.max_attempts(), 7);
+        assert_eq!(plan.delivery.outbox.max_queued, 10_000);
+        assert_eq!(plan.delivery.outbox.max_in_flight_per_webhook, 16);
+        assert_eq!(plan.delivery.outbox.retry.max_attempts(), 7);
+        assert_eq!(plan.delivery.outbox.circuit_failures, Some(10));
+        assert!(plan.delivery.dead_letter.is_none());
     }
 
     #[test]
@@ -898,6 +973,39 @@ mod tests {
                 c["webhooks"].as_array_mut().unwrap().push(copy);
             },
             "webhooks[1].id: duplicate webhook id 66b2e3ddb97f60b5270d5ce9",
+        );
+    }
+
+    #[test]
+    fn dead_letter_and_circuit_breaker() {
+        let config = valid_with(|c| {
+            c["delivery"]["deadLetter"] =
+                json!({"url": "https://store.example.com/dead?x=1", "apiKey": KEY_A});
+            c["delivery"]["circuitBreaker"] = json!({"failures": 0});
+        });
+        let plan = Plan::from_json(config.to_string().as_bytes(), &no_env).unwrap();
+        let dl = plan.delivery.dead_letter.as_ref().unwrap();
+        assert_eq!(
+            (dl.cluster.as_str(), dl.url.path_and_query.as_str()),
+            ("webhooks_egress", "/dead?x=1")
+        );
+        assert!(dl.key.is_some());
+        assert_eq!(plan.delivery.outbox.circuit_failures, None);
+        rejects(
+            |c| c["delivery"]["deadLetter"] = json!({"url": "http://store.example.com/"}),
+            "delivery.deadLetter.url: must be an https URL",
+        );
+        rejects(
+            |c| c["delivery"]["deadLetter"] = json!({"url": "https://s.example/", "apiKey": "x"}),
+            "delivery.deadLetter.apiKey: must be whsec_",
+        );
+        rejects(
+            |c| c["delivery"]["deadLetter"] = json!({"uri": "https://s.example/"}),
+            "delivery.deadLetter.uri: unknown field",
+        );
+        rejects(
+            |c| c["delivery"]["circuitBreaker"] = json!({"failures": -1}),
+            "delivery.circuitBreaker.failures: invalid value",
         );
     }
 

@@ -51,6 +51,8 @@ pub struct Delivery {
     pub next_attempt_at_ms: u64,
     /// The last failure, for the final log line (`503`, `reset`, …).
     pub last_failure: Option<String>,
+    /// This attempt is the one probe of an open circuit.
+    pub is_probe: bool,
 }
 
 impl Delivery {
@@ -63,6 +65,7 @@ impl Delivery {
             created_at_ms: now_ms,
             next_attempt_at_ms: now_ms,
             last_failure: None,
+            is_probe: false,
         }
     }
 }
@@ -87,7 +90,8 @@ pub enum Verdict {
     Retry {
         at_ms: u64,
     },
-    Exhausted,
+    /// The schedule is used up; the delivery comes back for the log and the dead letter.
+    Exhausted(Delivery),
     /// 410 Gone: the webhook is off for the life of this configuration; its queued deliveries
     /// are handed back so that each is logged and counted.
     Gone {
@@ -102,6 +106,10 @@ struct Lane {
     waiting: Vec<Delivery>,
     in_flight: usize,
     gone: bool,
+    consecutive_failures: u32,
+    /// Set while the circuit is open: the lane holds its queue and sends one probe at this time.
+    probe_at_ms: Option<u64>,
+    failed_probes: u32,
 }
 
 /// Why a new delivery was not accepted.
@@ -111,30 +119,48 @@ pub enum Refused {
     WebhookGone(Delivery),
 }
 
+/// The outbox's limits, from `delivery` in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxSettings {
+    pub retry: RetryPolicy,
+    /// Deliveries held at most, waiting or in flight (`maxQueued`).
+    pub max_queued: usize,
+    pub max_in_flight_per_webhook: usize,
+    /// Consecutive failures that open a lane's circuit (`circuitBreaker.failures`); None is off.
+    pub circuit_failures: Option<u32>,
+}
+
+/// A circuit opened or closed on this finish; the caller logs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitChange {
+    Opened,
+    Closed,
+}
+
 #[derive(Debug)]
 pub struct Outbox {
+    /// One lane per webhook of the plan, then one for the dead-letter endpoint.
     lanes: Vec<Lane>,
-    policy: RetryPolicy,
-    max_queued: usize,
-    max_in_flight_per_webhook: usize,
+    settings: OutboxSettings,
     /// Deliveries held: waiting or in flight.
     held: usize,
+    circuit_change: Option<CircuitChange>,
 }
 
 impl Outbox {
-    pub fn new(
-        webhooks: usize,
-        policy: RetryPolicy,
-        max_queued: usize,
-        max_in_flight_per_webhook: usize,
-    ) -> Self {
+    /// An outbox for `webhooks` webhooks; lane `webhooks` is the dead-letter lane.
+    pub fn new(webhooks: usize, settings: OutboxSettings) -> Self {
         Outbox {
-            lanes: (0..webhooks).map(|_| Lane::default()).collect(),
-            policy,
-            max_queued,
-            max_in_flight_per_webhook: max_in_flight_per_webhook.max(1),
+            lanes: (0..=webhooks).map(|_| Lane::default()).collect(),
+            settings,
             held: 0,
+            circuit_change: None,
         }
+    }
+
+    /// The lane index of dead letters.
+    pub fn dead_letter_lane(&self) -> usize {
+        self.lanes.len() - 1
     }
 
     /// Deliveries held, waiting or in flight.
@@ -146,6 +172,18 @@ impl Outbox {
         self.lanes.iter().map(|l| l.in_flight).sum()
     }
 
+    /// Whether the lane's circuit is open.
+    pub fn circuit_open(&self, lane: usize) -> bool {
+        self.lanes
+            .get(lane)
+            .is_some_and(|l| l.probe_at_ms.is_some())
+    }
+
+    /// The circuit change caused by the last [`Outbox::finish`], if any.
+    pub fn take_circuit_change(&mut self) -> Option<CircuitChange> {
+        self.circuit_change.take()
+    }
+
     /// Accepts a new delivery, unless the outbox is full or the webhook answered 410.
     pub fn enqueue(&mut self, delivery: Delivery) -> Result<(), Refused> {
         let Some(lane) = self.lanes.get_mut(delivery.webhook) else {
@@ -154,7 +192,7 @@ impl Outbox {
         if lane.gone {
             return Err(Refused::WebhookGone(delivery));
         }
-        if self.held >= self.max_queued {
+        if self.held >= self.settings.max_queued {
             return Err(Refused::QueueFull(delivery));
         }
         lane.ready.push_back(delivery);
@@ -195,11 +233,18 @@ impl Outbox {
                     lane.ready.push_front(d);
                 }
             }
-            while lane.in_flight < self.max_in_flight_per_webhook {
+            let cap = match lane.probe_at_ms {
+                None => self.settings.max_in_flight_per_webhook.max(1),
+                // An open circuit sends one probe per period, and nothing else.
+                Some(at) if at <= now_ms && lane.in_flight == 0 => 1,
+                Some(_) => 0,
+            };
+            while lane.in_flight < cap {
                 let Some(mut d) = lane.ready.pop_front() else {
                     break;
                 };
                 d.attempts += 1;
+                d.is_probe = lane.probe_at_ms.is_some();
                 lane.in_flight += 1;
                 due.push(d);
             }
@@ -207,13 +252,26 @@ impl Outbox {
         due
     }
 
-    /// The earliest time a waiting retry becomes due.
-    pub fn next_retry_at(&self) -> Option<u64> {
-        self.lanes
+    /// The earliest time a waiting retry or a probe becomes due.
+    pub fn next_due_at(&self) -> Option<u64> {
+        let retries = self
+            .lanes
             .iter()
             .flat_map(|l| &l.waiting)
-            .map(|d| d.next_attempt_at_ms)
-            .min()
+            .map(|d| d.next_attempt_at_ms);
+        let probes = self
+            .lanes
+            .iter()
+            .filter(|l| !l.ready.is_empty() || !l.waiting.is_empty())
+            .filter_map(|l| l.probe_at_ms);
+        retries.chain(probes).min()
+    }
+
+    fn probe_period_ms(&self, failed_probes: u32, random: u32) -> u64 {
+        let schedule = &self.settings.retry.schedule_ms;
+        let step = (failed_probes as usize).min(schedule.len().saturating_sub(1));
+        let base = schedule.get(step).copied().unwrap_or(1_000);
+        base * (800 + u64::from(random % 401)) / 1000
     }
 
     /// Records the outcome of an attempt taken with [`Outbox::take_due`].
@@ -224,25 +282,39 @@ impl Outbox {
         now_ms: u64,
         random: u32,
     ) -> Verdict {
-        let policy = &self.policy;
-        let Some(lane) = self.lanes.get_mut(delivery.webhook) else {
+        let probe_period =
+            |lane: &Lane, step: u32| self.probe_period_ms(lane.failed_probes + step, random);
+        let Some(lane) = self.lanes.get(delivery.webhook) else {
             self.held = self.held.saturating_sub(1);
-            return Verdict::Exhausted;
+            return Verdict::Exhausted(delivery);
+        };
+        // The first probe waits one period; each failed probe moves one step along the schedule.
+        let (open_period, next_period) = (probe_period(lane, 0), probe_period(lane, 1));
+        let threshold = self.settings.circuit_failures;
+        let backoff = self.settings.retry.backoff_ms(delivery.attempts, random);
+        let Some(lane) = self.lanes.get_mut(delivery.webhook) else {
+            return Verdict::Exhausted(delivery);
         };
         lane.in_flight = lane.in_flight.saturating_sub(1);
         let (failure, retry_after_ms) = match outcome {
             AttemptOutcome::Status { code, .. } if (200..300).contains(code) => {
                 self.held = self.held.saturating_sub(1);
+                lane.consecutive_failures = 0;
+                lane.failed_probes = 0;
+                if lane.probe_at_ms.take().is_some() {
+                    self.circuit_change = Some(CircuitChange::Closed);
+                }
                 return Verdict::Delivered {
                     latency_ms: now_ms.saturating_sub(delivery.created_at_ms),
                 };
             }
             AttemptOutcome::Status { code: 410, .. } => {
                 lane.gone = true;
+                lane.probe_at_ms = None;
                 let mut dropped: Vec<Delivery> =
                     lane.ready.drain(..).chain(lane.waiting.drain(..)).collect();
                 self.held = self.held.saturating_sub(1 + dropped.len());
-                delivery.last_failure = Some("410".into());
+                delivery.last_failure = Some("status 410".into());
                 dropped.insert(0, delivery);
                 return Verdict::Gone { dropped };
             }
@@ -254,12 +326,22 @@ impl Outbox {
                             .and_then(|v| parse_retry_after(v, now_ms))
                     })
                     .flatten();
-                (code.to_string(), honoured)
+                (format!("status {code}"), honoured)
             }
             AttemptOutcome::NoResponse { reason } => (reason.clone(), None),
         };
         delivery.last_failure = Some(failure);
-        match policy.backoff_ms(delivery.attempts, random) {
+        lane.consecutive_failures += 1;
+        if delivery.is_probe && lane.probe_at_ms.is_some() {
+            lane.failed_probes += 1;
+            lane.probe_at_ms = Some(now_ms + next_period);
+        } else if lane.probe_at_ms.is_none()
+            && threshold.is_some_and(|n| lane.consecutive_failures >= n)
+        {
+            lane.probe_at_ms = Some(now_ms + open_period);
+            self.circuit_change = Some(CircuitChange::Opened);
+        }
+        match backoff {
             Some(backoff) if !lane.gone => {
                 let wait = backoff.max(retry_after_ms.unwrap_or(0).min(MAX_RETRY_AFTER_MS));
                 delivery.next_attempt_at_ms = now_ms + wait;
@@ -269,7 +351,7 @@ impl Outbox {
             }
             _ => {
                 self.held = self.held.saturating_sub(1);
-                Verdict::Exhausted
+                Verdict::Exhausted(delivery)
             }
         }
     }
@@ -279,31 +361,33 @@ impl Outbox {
         self.held = self.held.saturating_sub(1);
     }
 
-    /// Moves the outbox onto a new configuration. `new_index` maps an old webhook index to the
-    /// new one, or None when the webhook was removed or disabled. Returns the dropped deliveries.
+    /// Moves the outbox onto a new configuration of `webhooks` webhooks. `new_index` maps an old
+    /// webhook index to the new one, or None when the webhook was removed or disabled. The
+    /// dead-letter lane carries over. Returns the dropped deliveries.
     pub fn reconfigure(
         &mut self,
         webhooks: usize,
         new_index: impl Fn(usize) -> Option<usize>,
-        policy: RetryPolicy,
-        max_queued: usize,
-        max_in_flight_per_webhook: usize,
+        settings: OutboxSettings,
     ) -> Vec<Delivery> {
         let old = std::mem::take(&mut self.lanes);
-        self.lanes = (0..webhooks).map(|_| Lane::default()).collect();
-        self.policy = policy;
-        self.max_queued = max_queued;
-        self.max_in_flight_per_webhook = max_in_flight_per_webhook.max(1);
+        let old_dead_letter = old.len().saturating_sub(1);
+        self.lanes = (0..=webhooks).map(|_| Lane::default()).collect();
+        self.settings = settings;
         let mut dropped = Vec::new();
         for (i, lane) in old.into_iter().enumerate() {
-            let target = new_index(i).filter(|_| !lane.gone);
+            let target = if i == old_dead_letter {
+                Some(webhooks)
+            } else {
+                new_index(i).filter(|_| !lane.gone)
+            };
             if let Some(new_lane) = target.and_then(|t| self.lanes.get_mut(t)) {
                 new_lane.in_flight += lane.in_flight;
             }
             for mut d in lane.ready.into_iter().chain(lane.waiting) {
-                match target.and_then(|t| self.lanes.get_mut(t)) {
-                    Some(new_lane) => {
-                        d.webhook = target.unwrap_or(d.webhook);
+                match target.and_then(|t| self.lanes.get_mut(t).map(|l| (t, l))) {
+                    Some((t, new_lane)) => {
+                        d.webhook = t;
                         new_lane.waiting.push(d);
                     }
                     None => dropped.push(d),
@@ -313,6 +397,50 @@ impl Outbox {
         self.held = self.held.saturating_sub(dropped.len());
         dropped
     }
+}
+
+/// Why a delivery ended up in the dead-letter store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    Exhausted,
+    WebhookGone,
+}
+
+/// The body POSTed to `delivery.deadLetter`: the failure facts and the envelope as it was sent.
+pub fn dead_letter_body(
+    delivery: &Delivery,
+    webhook_id: &str,
+    reason: DeadLetterReason,
+    now_ms: u64,
+) -> Vec<u8> {
+    let reason = match reason {
+        DeadLetterReason::Exhausted => "exhausted",
+        DeadLetterReason::WebhookGone => "webhook_gone",
+    };
+    let facts = serde_json::json!({
+        "reason": reason,
+        "eventId": delivery.event_id,
+        "webhookId": webhook_id,
+        "attempts": delivery.attempts,
+        "lastFailure": delivery.last_failure,
+        "createdAt": crate::event::rfc3339_utc(delivery.created_at_ms),
+        "failedAt": crate::event::rfc3339_utc(now_ms),
+    });
+    // The envelope is embedded byte for byte, so the store keeps exactly what was signed.
+    let mut body = facts.to_string().into_bytes();
+    body.pop();
+    body.extend_from_slice(b",\"envelope\":");
+    if serde_json::from_slice::<serde::de::IgnoredAny>(&delivery.body).is_ok() {
+        body.extend_from_slice(&delivery.body);
+    } else {
+        body.extend_from_slice(
+            serde_json::Value::String(String::from_utf8_lossy(&delivery.body).into_owned())
+                .to_string()
+                .as_bytes(),
+        );
+    }
+    body.push(b'}');
+    body
 }
 
 /// `Retry-After` as a delay from `now_ms`: delta-seconds, or an IMF-fixdate
@@ -368,8 +496,17 @@ mod tests {
         }
     }
 
+    fn settings(max_queued: usize, max_in_flight: usize, circuit: Option<u32>) -> OutboxSettings {
+        OutboxSettings {
+            retry: policy(),
+            max_queued,
+            max_in_flight_per_webhook: max_in_flight,
+            circuit_failures: circuit,
+        }
+    }
+
     fn outbox(webhooks: usize) -> Outbox {
-        Outbox::new(webhooks, policy(), 100, 2)
+        Outbox::new(webhooks, settings(100, 2, None))
     }
 
     #[test]
@@ -399,7 +536,7 @@ mod tests {
             Verdict::Retry { at_ms: 1_210 }
         );
         assert!(o.take_due(1_209).is_empty());
-        assert_eq!(o.next_retry_at(), Some(1_210));
+        assert_eq!(o.next_due_at(), Some(1_210));
         let d = o.take_due(1_210).pop().unwrap();
         assert_eq!(d.attempts, 2);
         assert_eq!(
@@ -435,7 +572,9 @@ mod tests {
             }
             verdicts.push(v);
         }
-        assert_eq!(verdicts.last(), Some(&Verdict::Exhausted));
+        assert!(
+            matches!(verdicts.last(), Some(Verdict::Exhausted(d)) if d.last_failure.as_deref() == Some("status 500"))
+        );
         assert_eq!(verdicts.len() as u32, policy().max_attempts());
         assert_eq!(o.held(), 0);
     }
@@ -484,7 +623,10 @@ mod tests {
         ));
         // The attempt still in flight is not retried once the webhook is gone.
         let second = due.remove(0);
-        assert_eq!(o.finish(second, &status(500), 0, 0), Verdict::Exhausted);
+        assert!(matches!(
+            o.finish(second, &status(500), 0, 0),
+            Verdict::Exhausted(_)
+        ));
         let other = due.remove(0);
         assert!(matches!(
             o.finish(other, &status(200), 5, 0),
@@ -553,7 +695,7 @@ mod tests {
 
     #[test]
     fn bounded_and_fair() {
-        let mut o = Outbox::new(2, policy(), 5, 2);
+        let mut o = Outbox::new(2, settings(5, 2, None));
         for i in 0..5 {
             o.enqueue(Delivery::new(&format!("a{i}"), 0, vec![], 0))
                 .unwrap();
@@ -583,7 +725,7 @@ mod tests {
         o.enqueue(Delivery::new("drop", 1, vec![], 0)).unwrap();
         o.enqueue(Delivery::new("moved", 2, vec![], 0)).unwrap();
         // New plan: old 0 stays 0, old 1 is removed, old 2 becomes 1.
-        let dropped = o.reconfigure(2, |i| [Some(0), None, Some(1)][i], policy(), 100, 2);
+        let dropped = o.reconfigure(2, |i| [Some(0), None, Some(1)][i], settings(100, 2, None));
         assert_eq!(
             dropped
                 .iter()
@@ -599,5 +741,114 @@ mod tests {
             .collect();
         got.sort();
         assert_eq!(got, [("keep", 0), ("moved", 1)]);
+    }
+
+    #[test]
+    fn an_open_circuit_holds_the_queue_and_probes_once_per_period() {
+        let mut o = Outbox::new(2, settings(100, 4, Some(2)));
+        for i in 0..6 {
+            o.enqueue(Delivery::new(&format!("e{i}"), 0, vec![], 0))
+                .unwrap();
+        }
+        let due = o.take_due(0);
+        assert_eq!(due.len(), 4);
+        let mut due = due.into_iter();
+        o.finish(due.next().unwrap(), &status(503), 10, 200);
+        assert!(!o.circuit_open(0));
+        o.finish(due.next().unwrap(), &status(503), 10, 200);
+        assert!(o.circuit_open(0));
+        assert_eq!(o.take_circuit_change(), Some(CircuitChange::Opened));
+        // Attempts already out finish normally; nothing new goes out while the circuit is open.
+        o.finish(due.next().unwrap(), &status(503), 10, 200);
+        o.finish(due.next().unwrap(), &status(503), 10, 200);
+        assert!(o.take_due(100).is_empty());
+        // Other lanes are unaffected.
+        o.enqueue(Delivery::new("other", 1, vec![], 0)).unwrap();
+        assert_eq!(o.take_due(100).len(), 1);
+        // The probe: exactly one attempt per period (first period 200 ms after the opening failure).
+        let probe = o.take_due(210);
+        assert_eq!(probe.len(), 1);
+        assert!(o.take_due(10_000).is_empty(), "one probe at a time");
+        let probe = probe.into_iter().next().unwrap();
+        o.finish(probe, &status(503), 300, 200);
+        assert!(o.circuit_open(0));
+        assert!(o.take_due(700).is_empty(), "the second period is 500 ms");
+        let probe = o.take_due(800).pop().unwrap();
+        o.finish(probe, &status(200), 810, 200);
+        assert_eq!(o.take_circuit_change(), Some(CircuitChange::Closed));
+        assert_eq!(
+            o.take_due(810).len(),
+            4,
+            "closed again: up to max in flight"
+        );
+    }
+
+    #[test]
+    fn a_circuit_does_not_consume_attempts_of_queued_deliveries() {
+        let mut o = Outbox::new(1, settings(100, 1, Some(1)));
+        for id in ["a", "b", "c"] {
+            o.enqueue(Delivery::new(id, 0, vec![], 0)).unwrap();
+        }
+        let a = o.take_due(0).pop().unwrap();
+        o.finish(a, &status(500), 0, 200);
+        let mut now = 0;
+        let mut probes = Vec::new();
+        for _ in 0..3 {
+            now += 10_000;
+            let due = o.take_due(now);
+            assert_eq!(due.len(), 1, "one probe per period");
+            for d in due {
+                probes.push(d.event_id.clone());
+                o.finish(d, &status(500), now, 200);
+            }
+        }
+        assert_eq!(
+            probes,
+            ["a", "a", "a"],
+            "the oldest delivery probes; b and c keep their attempts"
+        );
+        assert_eq!(o.held(), 2, "a is exhausted after 4 attempts");
+        now += 10_000;
+        let b = o.take_due(now).pop().unwrap();
+        assert_eq!((b.event_id.as_str(), b.attempts), ("b", 1));
+    }
+
+    #[test]
+    fn dead_letter_lane_and_body() {
+        let o = Outbox::new(2, settings(10, 1, None));
+        assert_eq!(o.dead_letter_lane(), 2);
+        let mut d = Delivery::new(
+            "e1",
+            0,
+            br#"{"id":"e1","version":1}"#.to_vec(),
+            1_728_086_400_000,
+        );
+        d.attempts = 4;
+        d.last_failure = Some("status 500".into());
+        let body = dead_letter_body(&d, "w1", DeadLetterReason::Exhausted, 1_728_086_460_000);
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["reason"], "exhausted");
+        assert_eq!(v["eventId"], "e1");
+        assert_eq!(v["webhookId"], "w1");
+        assert_eq!(v["attempts"], 4);
+        assert_eq!(v["lastFailure"], "status 500");
+        assert_eq!(v["createdAt"], "2024-10-05T00:00:00Z");
+        assert_eq!(v["failedAt"], "2024-10-05T00:01:00Z");
+        assert_eq!(v["envelope"], serde_json::json!({"id": "e1", "version": 1}));
+        let text = String::from_utf8(body).unwrap();
+        assert!(
+            text.ends_with(r#""envelope":{"id":"e1","version":1}}"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn reconfigure_keeps_the_dead_letter_lane() {
+        let mut o = outbox(2);
+        o.enqueue(Delivery::new("dl", 2, vec![], 0)).unwrap();
+        let dropped = o.reconfigure(1, |_| None, settings(100, 2, None));
+        assert!(dropped.is_empty());
+        let due = o.take_due(0);
+        assert_eq!((due[0].event_id.as_str(), due[0].webhook), ("dl", 1));
     }
 }
