@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WASM := target/wasm32-wasip1/release/webhook_emitter.wasm
 TARGET_STAMP := target/.wasm32-wasip1-installed
 
-.PHONY: all wasm demo test lint unit wasm-unit e2e venv toolchain clean
+.PHONY: all wasm demo test lint unit wasm-unit e2e venv toolchain clean oci
 
 all: wasm
 
@@ -43,9 +43,13 @@ wasm-unit: $(TARGET_STAMP)
 	cargo test --target wasm32-wasip1 --lib
 
 e2e: wasm venv
-	$(PY) -m pytest tests/e2e -q
+	$(PY) -m pytest tests/e2e -q --wasm $(WASM)
 
 test: lint unit wasm-unit e2e
+
+# The .wasm as an OCI image for Istio's WasmPlugin (oci://…), as an OCI layout and archive, no Docker.
+oci: wasm venv
+	$(PY) envoy/oci/build_oci.py --wasm $(WASM) --out target/oci
 
 clean:
 	cargo clean

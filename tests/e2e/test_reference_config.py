@@ -1,0 +1,54 @@
+"""envoy/envoy.yaml, the config users copy, is accepted by `envoy --mode validate`. Validate mode loads the wasm
+module and runs the plugin's on_configure, so the file must exist (the test points the config at the built
+module) and the plugin configuration inside it is checked too, including its {"env": ...} key."""
+
+import os
+import subprocess
+
+import harness
+from harness import registry
+
+REFERENCE = harness.REPO / "envoy" / "envoy.yaml"
+WASM_IN_FILE = "target/wasm32-wasip1/release/webhook_emitter.wasm"
+
+
+def validate(wasm, extra_env: dict, name: str):
+    text = REFERENCE.read_text()
+    assert WASM_IN_FILE in text
+    work = harness.session_dir() / f"reference-{name}"
+    work.mkdir(exist_ok=True)
+    config = work / "envoy.yaml"
+    config.write_text(text.replace(WASM_IN_FILE, str(wasm)))
+    env = {k: v for k, v in os.environ.items() if k != "BILLING_WEBHOOK_KEY"}
+    env.update(extra_env)
+    log = work / "envoy.log"
+    registry.register_log(log)
+    with open(log, "wb") as out:
+        proc = subprocess.run(
+            [str(harness.ENVOY_BIN), "--mode", "validate", "-c", str(config), "-l", "info", "--disable-hot-restart"],
+            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(work),
+            timeout=harness.scaled(60),
+        )
+    return proc.returncode, log.read_text(errors="replace")
+
+
+def test_reference_config_shape():
+    text = REFERENCE.read_text()
+    for needle in ("port_value: 10000", "port_value: 9901", "envoy.filters.http.wasm", "envoy.wasm.runtime.v8",
+                   "failure_policy: FAIL_RELOAD", '"apiKey": { "env": "BILLING_WEBHOOK_KEY" }',
+                   "host_env_keys: [BILLING_WEBHOOK_KEY]", "max_pending_requests", "name: job_service"):
+        assert needle in text, f"envoy/envoy.yaml lacks {needle!r}"
+    assert "whsec_" not in text.replace("whsec_...", ""), "a key is written into the reference config"
+
+
+def test_reference_config_is_accepted_by_envoy_validate(wasm):
+    rc, out = validate(wasm, {"BILLING_WEBHOOK_KEY": harness.new_key()}, "with-key")
+    assert rc == 0 and "OK" in out, out[-3000:]
+    assert "configuration rejected" not in out
+
+
+def test_reference_config_without_its_key_is_refused(wasm):
+    rc, out = validate(wasm, {}, "without-key")
+    assert rc != 0, out[-3000:]
+    assert "configuration rejected: webhooks[0].apiKey: environment variable BILLING_WEBHOOK_KEY is not set" in out, \
+        out[-3000:]

@@ -1,0 +1,34 @@
+"""End-to-end test harness for webhook-emitter: a real Envoy, a real job service and a real webhook receiver,
+all on loopback with OS-assigned ports. Standard library only (plus standardwebhooks in the tests)."""
+
+from . import registry
+from .config import (DEFAULT_MAX_BODY_BYTES, Hook, PluginConfig, delivery_section, job_completed_rule,
+                     job_started_rule, make_hook, new_id, new_key, simple_config)
+from .envoy import (DEFAULT_WASM, ENVOY_BIN, REPO, Envoy, EnvoyError, build_bootstrap, session_dir, static_cluster,
+                    wasm_http_filter)
+from .servers import Delivery, JobService, Receiver, completed_job, started_job
+from .util import Response, WaitTimeout, http_request, scaled, wait_until
+
+__all__ = [
+    "registry", "DEFAULT_MAX_BODY_BYTES", "Hook", "PluginConfig", "delivery_section", "job_completed_rule",
+    "job_started_rule", "make_hook", "new_id", "new_key", "simple_config", "DEFAULT_WASM", "ENVOY_BIN", "REPO",
+    "Envoy", "EnvoyError", "build_bootstrap", "session_dir", "static_cluster", "wasm_http_filter", "Delivery",
+    "JobService", "Receiver", "completed_job", "started_job", "Response", "WaitTimeout", "http_request", "scaled",
+    "wait_until", "envoy_with_filter",
+]
+
+
+def envoy_with_filter(job_service, receiver, plugin_config, wasm=DEFAULT_WASM, name="envoy", env_vars=None,
+                      host_env_keys=(), extra_clusters=(), start=True, **kwargs):
+    """An Envoy whose filter chain holds the webhook-emitter filter with this plugin configuration
+    (a PluginConfig, a dict, or a raw string). Started and ready unless start=False."""
+    if isinstance(plugin_config, PluginConfig):
+        env = dict(plugin_config.env_vars())
+        env.update(env_vars or {})
+        cfg = plugin_config.to_dict()
+    else:
+        env, cfg = dict(env_vars or {}), plugin_config
+    wasm_filter = wasm_http_filter(wasm, cfg, env_vars=env or None, host_env_keys=host_env_keys)
+    bootstrap = build_bootstrap(job_service.port, receiver.port if receiver else None, wasm_filter, extra_clusters)
+    envoy = Envoy(bootstrap, name=name, **kwargs)
+    return envoy.start() if start else envoy
