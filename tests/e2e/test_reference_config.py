@@ -36,7 +36,9 @@ def test_reference_config_shape():
     text = REFERENCE.read_text()
     for needle in ("port_value: 10000", "port_value: 9901", "envoy.filters.http.wasm", "envoy.wasm.runtime.v8",
                    "failure_policy: FAIL_RELOAD", '"apiKey": { "env": "BILLING_WEBHOOK_KEY" }',
-                   "host_env_keys: [BILLING_WEBHOOK_KEY]", "max_pending_requests", "name: job_service"):
+                   "host_env_keys: [BILLING_WEBHOOK_KEY]", "max_pending_requests", "name: job_service",
+                   '"cluster": "webhooks_egress"', "envoy.clusters.dynamic_forward_proxy", "auto_san_validation: true",
+                   "remove: x-envoy-internal"):
         assert needle in text, f"envoy/envoy.yaml lacks {needle!r}"
     assert "whsec_" not in text.replace("whsec_...", ""), "a key is written into the reference config"
 
