@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WASM := target/wasm32-wasip1/release/webhook_emitter.wasm
 TARGET_STAMP := target/.wasm32-wasip1-installed
 
-.PHONY: all wasm demo test lint unit wasm-unit e2e venv toolchain clean oci
+.PHONY: all wasm demo test lint unit wasm-unit e2e venv toolchain tools clean oci
 
 all: wasm
 
@@ -22,6 +22,13 @@ $(VENV)/.installed: tests/requirements.txt
 	touch $@
 
 venv: $(VENV)/.installed
+
+# Debian tools some tests use: skopeo (inspects the OCI image) and docker-compose (validates the compose file).
+tools:
+	@command -v skopeo >/dev/null && command -v docker-compose >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq skopeo docker-compose >/dev/null); \
+	  else echo "note: skopeo/docker-compose missing and not root; the tests that use them will say so"; fi; }
 
 wasm: $(TARGET_STAMP)
 	cargo build --release --target wasm32-wasip1 --lib
@@ -42,7 +49,7 @@ unit:
 wasm-unit: $(TARGET_STAMP)
 	cargo test --target wasm32-wasip1 --lib
 
-e2e: wasm venv
+e2e: wasm venv tools
 	$(PY) -m pytest tests/e2e -q --wasm $(WASM)
 
 test: lint unit wasm-unit e2e
