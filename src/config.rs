@@ -7,8 +7,7 @@ use crate::rules::{
 };
 use crate::signature::SigningKey;
 use crate::url::WebhookUrl;
-use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 
@@ -55,88 +54,53 @@ fn redact_keys(message: &str) -> String {
     out
 }
 
-// ---- the JSON model -------------------------------------------------------------------------
+// ---- the JSON model, read by hand so that every error carries its path -------------------------
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawConfig {
     events: Vec<RawRule>,
     webhooks: Vec<RawWebhook>,
-    #[serde(default)]
     delivery: RawDelivery,
+    /// Every `events[].type` that was given, even in a rule that has other errors, so that webhooks
+    /// are not also blamed for subscribing to it.
+    event_types: HashSet<String>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawRule {
-    #[serde(rename = "type")]
     event_type: String,
     object_type: String,
-    #[serde(rename = "match")]
-    matcher: RawMatch,
-    #[serde(default)]
+    methods: Vec<String>,
+    path: String,
+    status: Option<Vec<u16>>,
     when: Vec<RawCondition>,
-    #[serde(default)]
     object: String,
     organisation_id: RawOrganisation,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawMatch {
-    #[serde(default = "default_methods")]
-    methods: Vec<String>,
-    path: String,
-    #[serde(default)]
-    status: Option<Vec<u16>>,
-}
-
-fn default_methods() -> Vec<String> {
-    vec!["POST".into(), "PUT".into(), "PATCH".into()]
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawCondition {
     pointer: String,
-    #[serde(default, deserialize_with = "present")]
+    /// `Some(Value::Null)` is `"equals": null`; None is a missing `equals`.
     equals: Option<Value>,
-    #[serde(default)]
     exists: Option<bool>,
 }
 
-/// Tells `"equals": null` (compare with null) from a missing `equals`.
-fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
-    Value::deserialize(d).map(Some)
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
 enum RawOrganisation {
     Header(String),
     Pointer(String),
     PathParam(String),
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawWebhook {
     id: String,
     organisation_id: String,
     name: String,
     url: String,
-    #[serde(default)]
     description: Option<String>,
     status: String,
     events: Vec<String>,
     api_key: Value,
-    #[serde(default)]
     cluster: Option<String>,
 }
 
-// `default` on the struct fills each missing field from `Default`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase", default)]
 struct RawDelivery {
     cluster: Option<String>,
     timeout_ms: u64,
@@ -146,24 +110,427 @@ struct RawDelivery {
     max_in_flight_per_webhook: usize,
     allow_insecure_http: bool,
     allow_private_networks: bool,
-    circuit_breaker: RawCircuitBreaker,
+    circuit_failures: u32,
     dead_letter: Option<RawDeadLetter>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-struct RawCircuitBreaker {
-    failures: u32,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct RawDeadLetter {
     url: String,
-    #[serde(default)]
     cluster: Option<String>,
-    #[serde(default)]
     api_key: Option<Value>,
+}
+
+/// One JSON object being read: its fields by name, its path, and where errors go.
+struct Fields<'v, 'e> {
+    map: &'v Map<String, Value>,
+    at: String,
+    errors: &'e mut Vec<ConfigError>,
+}
+
+fn join(at: &str, key: &str) -> String {
+    if at.is_empty() {
+        key.to_string()
+    } else {
+        format!("{at}.{key}")
+    }
+}
+
+/// Starts reading `value` as an object with exactly the `known` fields; unknown fields are errors.
+fn fields<'v, 'e>(
+    value: &'v Value,
+    at: &str,
+    known: &[&str],
+    errors: &'e mut Vec<ConfigError>,
+) -> Option<Fields<'v, 'e>> {
+    let Value::Object(map) = value else {
+        errors.push(ConfigError::new(at_or_root(at), "must be a JSON object"));
+        return None;
+    };
+    for key in map.keys().filter(|k| !known.contains(&k.as_str())) {
+        let expected = known
+            .iter()
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        errors.push(ConfigError::new(
+            join(at, key),
+            format!("unknown field (expected one of {expected})"),
+        ));
+    }
+    Some(Fields {
+        map,
+        at: at.to_string(),
+        errors,
+    })
+}
+
+fn at_or_root(at: &str) -> &str {
+    if at.is_empty() {
+        "configuration"
+    } else {
+        at
+    }
+}
+
+/// What a value is, for error messages: numbers and booleans as themselves, the rest by kind (a
+/// string may hold a key, so it is never echoed).
+fn kind(value: &Value) -> String {
+    match value {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(_) => "a string".into(),
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
+    }
+}
+
+impl<'v> Fields<'v, '_> {
+    fn path(&self, key: &str) -> String {
+        join(&self.at, key)
+    }
+
+    fn fail(&mut self, key: &str, message: impl Into<String>) {
+        let path = self.path(key);
+        self.errors.push(ConfigError::new(path, message));
+    }
+
+    /// A field's value; `null` counts as absent.
+    fn get(&self, key: &str) -> Option<&'v Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn required(&mut self, key: &str) -> Option<&'v Value> {
+        let value = self.get(key);
+        if value.is_none() {
+            self.fail(key, "missing required field");
+        }
+        value
+    }
+
+    fn typed<T>(
+        &mut self,
+        key: &str,
+        value: Option<&'v Value>,
+        want: &str,
+        read: impl Fn(&'v Value) -> Option<T>,
+    ) -> Option<T> {
+        let value = value?;
+        let got = read(value);
+        if got.is_none() {
+            self.fail(key, format!("must be {want}, not {}", kind(value)));
+        }
+        got
+    }
+
+    fn string(&mut self, key: &str) -> Option<String> {
+        let value = self.required(key);
+        self.typed(key, value, "a string", |v| v.as_str().map(str::to_string))
+    }
+
+    fn opt_string(&mut self, key: &str) -> Option<String> {
+        let value = self.get(key);
+        self.typed(key, value, "a string", |v| v.as_str().map(str::to_string))
+    }
+
+    fn opt_bool(&mut self, key: &str, default: bool) -> bool {
+        let value = self.get(key);
+        self.typed(key, value, "true or false", Value::as_bool)
+            .unwrap_or(default)
+    }
+
+    fn opt_u64(&mut self, key: &str, default: u64) -> u64 {
+        let value = self.get(key);
+        self.typed(key, value, "a whole number", Value::as_u64)
+            .unwrap_or(default)
+    }
+
+    fn array(&mut self, key: &str, value: Option<&'v Value>) -> Option<&'v Vec<Value>> {
+        self.typed(key, value, "an array", Value::as_array)
+    }
+
+    /// An array of strings; each bad element is named by its index.
+    fn strings(&mut self, key: &str, value: Option<&'v Value>) -> Option<Vec<String>> {
+        let items = self.array(key, value)?;
+        let mut out = Vec::with_capacity(items.len());
+        for (i, item) in items.iter().enumerate() {
+            match item.as_str() {
+                Some(s) => out.push(s.to_string()),
+                None => self.fail(
+                    &format!("{key}[{i}]"),
+                    format!("must be a string, not {}", kind(item)),
+                ),
+            }
+        }
+        (out.len() == items.len()).then_some(out)
+    }
+}
+
+fn read_config(value: &Value, errors: &mut Vec<ConfigError>) -> Option<RawConfig> {
+    let mut f = fields(value, "", &["events", "webhooks", "delivery"], errors)?;
+    let events_value = f.required("events");
+    let events = f.array("events", events_value);
+    let webhooks_value = f.required("webhooks");
+    let webhooks = f.array("webhooks", webhooks_value);
+    let delivery = match f.get("delivery") {
+        Some(d) => read_delivery(d, f.errors),
+        None => Some(RawDelivery::default()),
+    };
+    let errors = f.errors;
+    let event_types = events
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r.get("type").and_then(Value::as_str).map(str::to_string))
+        .collect();
+    let rules = events
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, r)| read_rule(r, &format!("events[{i}]"), errors))
+        .collect();
+    let hooks = webhooks
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .filter_map(|(i, w)| read_webhook(w, &format!("webhooks[{i}]"), errors))
+        .collect();
+    Some(RawConfig {
+        events: rules,
+        webhooks: hooks,
+        delivery: delivery?,
+        event_types,
+    })
+    .filter(|_| events.is_some() && webhooks.is_some())
+}
+
+fn read_rule(value: &Value, at: &str, errors: &mut Vec<ConfigError>) -> Option<RawRule> {
+    let before = errors.len();
+    let mut f = fields(
+        value,
+        at,
+        &[
+            "type",
+            "objectType",
+            "match",
+            "when",
+            "object",
+            "organisationId",
+        ],
+        errors,
+    )?;
+    let event_type = f.string("type");
+    let object_type = f.string("objectType");
+    let object = f.opt_string("object").unwrap_or_default();
+    let matcher = f.required("match");
+    let when_value = f.get("when");
+    let when_items = f.array("when", when_value);
+    let organisation_value = f.required("organisationId");
+    let errors = f.errors;
+
+    let mut methods = None;
+    let mut path = None;
+    let mut status = None;
+    if let Some(m) = matcher.and_then(|m| {
+        fields(
+            m,
+            &join(at, "match"),
+            &["methods", "path", "status"],
+            errors,
+        )
+    }) {
+        let mut m = m;
+        let methods_value = m.get("methods");
+        methods = match methods_value {
+            Some(v) => m.strings("methods", Some(v)),
+            None => Some(vec!["POST".into(), "PUT".into(), "PATCH".into()]),
+        };
+        path = m.string("path");
+        if let Some(list) = m.get("status").and_then(|v| m.array("status", Some(v))) {
+            let mut codes = Vec::new();
+            for (i, code) in list.iter().enumerate() {
+                match code.as_u64().and_then(|c| u16::try_from(c).ok()) {
+                    Some(c) => codes.push(c),
+                    None => m.fail(
+                        &format!("status[{i}]"),
+                        "must be an HTTP status from 100 to 599",
+                    ),
+                }
+            }
+            status = Some(codes);
+        }
+    }
+    let mut when = Vec::new();
+    for (i, c) in when_items.into_iter().flatten().enumerate() {
+        let Some(mut c) = fields(
+            c,
+            &format!("{at}.when[{i}]"),
+            &["pointer", "equals", "exists"],
+            errors,
+        ) else {
+            continue;
+        };
+        let pointer = c.string("pointer");
+        let equals = c.map.get("equals").cloned();
+        let exists_value = c.get("exists");
+        let exists = c.typed("exists", exists_value, "true or false", Value::as_bool);
+        if let Some(pointer) = pointer {
+            when.push(RawCondition {
+                pointer,
+                equals,
+                exists,
+            });
+        }
+    }
+    let organisation_id =
+        organisation_value.and_then(|o| read_organisation(o, &join(at, "organisationId"), errors));
+    if errors.len() > before {
+        return None;
+    }
+    Some(RawRule {
+        event_type: event_type?,
+        object_type: object_type?,
+        methods: methods?,
+        path: path?,
+        status,
+        when,
+        object,
+        organisation_id: organisation_id?,
+    })
+}
+
+fn read_organisation(
+    value: &Value,
+    at: &str,
+    errors: &mut Vec<ConfigError>,
+) -> Option<RawOrganisation> {
+    let mut f = fields(value, at, &["header", "pointer", "pathParam"], errors)?;
+    let given: Vec<&str> = ["header", "pointer", "pathParam"]
+        .into_iter()
+        .filter(|k| f.map.contains_key(*k))
+        .collect();
+    let [source] = given.as_slice() else {
+        let path = f.at.clone();
+        f.errors.push(ConfigError::new(
+            path,
+            "must have exactly one of header, pointer or pathParam",
+        ));
+        return None;
+    };
+    let name = f.string(source)?;
+    Some(match *source {
+        "header" => RawOrganisation::Header(name),
+        "pointer" => RawOrganisation::Pointer(name),
+        _ => RawOrganisation::PathParam(name),
+    })
+}
+
+fn read_webhook(value: &Value, at: &str, errors: &mut Vec<ConfigError>) -> Option<RawWebhook> {
+    let known = [
+        "id",
+        "organisationId",
+        "name",
+        "url",
+        "description",
+        "status",
+        "events",
+        "apiKey",
+        "cluster",
+    ];
+    let before = errors.len();
+    let mut f = fields(value, at, &known, errors)?;
+    let id = f.string("id");
+    let organisation_id = f.string("organisationId");
+    let name = f.string("name");
+    let url = f.string("url");
+    let description = f.opt_string("description");
+    let status = f.string("status");
+    let events_value = f.required("events");
+    let events = f.strings("events", events_value);
+    let api_key = f.required("apiKey").cloned();
+    let cluster = f.opt_string("cluster");
+    if f.errors.len() > before {
+        return None;
+    }
+    Some(RawWebhook {
+        id: id?,
+        organisation_id: organisation_id?,
+        name: name?,
+        url: url?,
+        description,
+        status: status?,
+        events: events?,
+        api_key: api_key?,
+        cluster,
+    })
+}
+
+fn read_delivery(value: &Value, errors: &mut Vec<ConfigError>) -> Option<RawDelivery> {
+    let known = [
+        "cluster",
+        "timeoutMs",
+        "retrySchedule",
+        "maxQueued",
+        "maxBodyBytes",
+        "maxInFlightPerWebhook",
+        "allowInsecureHttp",
+        "allowPrivateNetworks",
+        "circuitBreaker",
+        "deadLetter",
+    ];
+    let before = errors.len();
+    let mut f = fields(value, "delivery", &known, errors)?;
+    let d = RawDelivery::default();
+    let schedule_value = f.get("retrySchedule");
+    let mut delivery = RawDelivery {
+        cluster: f.opt_string("cluster"),
+        timeout_ms: f.opt_u64("timeoutMs", d.timeout_ms),
+        retry_schedule: match schedule_value {
+            Some(v) => f.strings("retrySchedule", Some(v)).unwrap_or_default(),
+            None => d.retry_schedule,
+        },
+        max_queued: f.opt_u64("maxQueued", d.max_queued as u64) as usize,
+        max_body_bytes: f.opt_u64("maxBodyBytes", d.max_body_bytes as u64) as usize,
+        max_in_flight_per_webhook: f
+            .opt_u64("maxInFlightPerWebhook", d.max_in_flight_per_webhook as u64)
+            as usize,
+        allow_insecure_http: f.opt_bool("allowInsecureHttp", false),
+        allow_private_networks: f.opt_bool("allowPrivateNetworks", false),
+        circuit_failures: d.circuit_failures,
+        dead_letter: None,
+    };
+    let breaker = f.get("circuitBreaker");
+    let dead_letter = f.get("deadLetter");
+    let errors = f.errors;
+    if let Some(mut cb) =
+        breaker.and_then(|v| fields(v, "delivery.circuitBreaker", &["failures"], errors))
+    {
+        let failures = cb.required("failures");
+        let failures = cb.typed(
+            "failures",
+            failures,
+            "a whole number (0 turns the breaker off)",
+            |v| v.as_u64().and_then(|n| u32::try_from(n).ok()),
+        );
+        delivery.circuit_failures = failures.unwrap_or(d.circuit_failures);
+    }
+    if let Some(mut dl) = dead_letter.and_then(|v| {
+        fields(
+            v,
+            "delivery.deadLetter",
+            &["url", "cluster", "apiKey"],
+            errors,
+        )
+    }) {
+        let url = dl.string("url");
+        let cluster = dl.opt_string("cluster");
+        let api_key = dl.get("apiKey").cloned();
+        delivery.dead_letter = url.map(|url| RawDeadLetter {
+            url,
+            cluster,
+            api_key,
+        });
+    }
+    (errors.len() == before).then_some(delivery)
 }
 
 impl Default for RawDelivery {
@@ -179,7 +546,7 @@ impl Default for RawDelivery {
             max_in_flight_per_webhook: 16,
             allow_insecure_http: false,
             allow_private_networks: false,
-            circuit_breaker: RawCircuitBreaker { failures: 10 },
+            circuit_failures: 10,
             dead_letter: None,
         }
     }
@@ -235,18 +602,18 @@ impl Plan {
         json: &[u8],
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Plan, Vec<ConfigError>> {
-        let mut de = serde_json::Deserializer::from_slice(json);
-        let raw: RawConfig = match serde_path_to_error::deserialize(&mut de) {
-            Ok(raw) => raw,
-            Err(err) => return Err(vec![structural_error(&err)]),
-        };
-        if let Err(e) = de.end() {
-            return Err(vec![ConfigError::new(
+        let value: Value = serde_json::from_slice(json).map_err(|e| {
+            vec![ConfigError::new(
                 "configuration",
                 format!("invalid JSON ({e})"),
-            )]);
+            )]
+        })?;
+        let mut errors = Vec::new();
+        let raw = read_config(&value, &mut errors);
+        match raw {
+            Some(raw) if errors.is_empty() => compile(raw, env),
+            _ => Err(errors),
         }
-        compile(raw, env)
     }
 
     /// The enabled webhooks of `organisation` subscribed to `event_type`.
@@ -262,58 +629,6 @@ impl Plan {
     }
 }
 
-/// Turns serde's first error into a path-named error, completing the path for field errors.
-fn structural_error(err: &serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
-    let inner = err.inner();
-    let path = err.path().to_string();
-    let base = if path == "." { String::new() } else { path };
-    let message = inner.to_string();
-    let message = message
-        .split(" at line ")
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    let join = |field: &str| {
-        if base.is_empty() {
-            field.to_string()
-        } else {
-            format!("{base}.{field}")
-        }
-    };
-    if inner.is_syntax() || inner.is_eof() {
-        return ConfigError::new("configuration", format!("invalid JSON ({inner})"));
-    }
-    if let Some(field) = backticked(&message, "missing field `") {
-        return ConfigError::new(join(field), "missing required field");
-    }
-    if let Some(field) = backticked(&message, "unknown field `") {
-        let expected = message.split_once(", ").map(|(_, e)| e).unwrap_or("");
-        // serde_path_to_error already put the unknown key on the path.
-        let at = if base.ends_with(field) {
-            base.clone()
-        } else {
-            join(field)
-        };
-        return ConfigError::new(at, format!("unknown field ({expected})"));
-    }
-    if let Some(variant) = backticked(&message, "unknown variant `") {
-        let expected = message.split_once(", ").map(|(_, e)| e).unwrap_or("");
-        return ConfigError::new(join(variant), format!("unknown field ({expected})"));
-    }
-    ConfigError::new(
-        if base.is_empty() {
-            "configuration".into()
-        } else {
-            base
-        },
-        message,
-    )
-}
-
-fn backticked<'m>(message: &'m str, prefix: &str) -> Option<&'m str> {
-    message.strip_prefix(prefix)?.split('`').next()
-}
-
 fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Plan, Vec<ConfigError>> {
     let mut errors = Vec::new();
     let delivery = compile_delivery(&raw.delivery, env, &mut errors);
@@ -327,7 +642,7 @@ fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Plan,
         .enumerate()
         .filter_map(|(i, r)| compile_rule(r, &format!("events[{i}]"), &mut errors))
         .collect();
-    let emitted: HashSet<&str> = raw.events.iter().map(|r| r.event_type.as_str()).collect();
+    let emitted = &raw.event_types;
 
     let mut seen_ids = HashSet::new();
     let mut webhooks = Vec::new();
@@ -339,7 +654,7 @@ fn compile(raw: RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Result<Plan,
                 format!("duplicate webhook id {}", w.id),
             ));
         }
-        if let Some(webhook) = compile_webhook(w, &at, &raw.delivery, &emitted, env, &mut errors) {
+        if let Some(webhook) = compile_webhook(w, &at, &raw.delivery, emitted, env, &mut errors) {
             webhooks.push(webhook);
         }
     }
@@ -430,8 +745,7 @@ fn compile_delivery(
             retry: RetryPolicy::new(schedule),
             max_queued: raw.max_queued,
             max_in_flight_per_webhook: raw.max_in_flight_per_webhook,
-            circuit_failures: (raw.circuit_breaker.failures > 0)
-                .then_some(raw.circuit_breaker.failures),
+            circuit_failures: (raw.circuit_failures > 0).then_some(raw.circuit_failures),
         },
         dead_letter,
     }
@@ -548,13 +862,13 @@ fn compile_rule(raw: &RawRule, at: &str, errors: &mut Vec<ConfigError>) -> Optio
         ));
     }
     let mut methods = MethodSet::default();
-    if raw.matcher.methods.is_empty() {
+    if raw.methods.is_empty() {
         errors.push(ConfigError::new(
             format!("{at}.match.methods"),
             "must not be empty",
         ));
     }
-    for (i, m) in raw.matcher.methods.iter().enumerate() {
+    for (i, m) in raw.methods.iter().enumerate() {
         match MethodSet::bit(m) {
             Some(bit) => methods.insert(bit),
             None => errors.push(ConfigError::new(
@@ -563,10 +877,10 @@ fn compile_rule(raw: &RawRule, at: &str, errors: &mut Vec<ConfigError>) -> Optio
             )),
         }
     }
-    let path = PathTemplate::parse(&raw.matcher.path)
+    let path = PathTemplate::parse(&raw.path)
         .map_err(|e| errors.push(ConfigError::new(format!("{at}.match.path"), e)))
         .ok();
-    let statuses = match &raw.matcher.status {
+    let statuses = match &raw.status {
         None => (200..300).collect(),
         Some(list) => {
             if list.is_empty() {
@@ -660,7 +974,7 @@ fn compile_webhook(
     raw: &RawWebhook,
     at: &str,
     delivery: &RawDelivery,
-    emitted: &HashSet<&str>,
+    emitted: &HashSet<String>,
     env: &dyn Fn(&str) -> Option<String>,
     errors: &mut Vec<ConfigError>,
 ) -> Option<Webhook> {
@@ -849,13 +1163,52 @@ mod tests {
         );
         rejects(
             |c| c["events"][0]["match"]["status"] = json!(["200"]),
-            "events[0].match.status[0]: invalid type",
+            "events[0].match.status[0]: must be an HTTP status from 100 to 599",
         );
         rejects(
             |c| c["events"][0]["organisationId"] = json!({"cookie": "x"}),
             "events[0].organisationId.cookie: unknown field",
         );
         rejects(|c| c["extra"] = json!(true), "extra: unknown field");
+        rejects(
+            |c| c["webhooks"][0]["name"] = json!(7),
+            "webhooks[0].name: must be a string, not 7",
+        );
+        rejects(
+            |c| c["webhooks"][0]["events"] = json!(["job.completed", 3]),
+            "webhooks[0].events[1]: must be a string, not 3",
+        );
+        rejects(
+            |c| c["events"][0]["when"] = json!({}),
+            "events[0].when: must be an array, not an object",
+        );
+        rejects(
+            |c| c["events"][0]["match"] = json!([]),
+            "events[0].match: must be a JSON object",
+        );
+        rejects(
+            |c| c["delivery"]["allowInsecureHttp"] = json!("yes"),
+            "delivery.allowInsecureHttp: must be true or false, not a string",
+        );
+        rejects(
+            |c| c["events"][0]["organisationId"] = json!({"header": "a", "pointer": "/b"}),
+            "events[0].organisationId: must have exactly one of header, pointer or pathParam",
+        );
+        rejects(
+            |c| {
+                drop(
+                    c["events"][0]
+                        .as_object_mut()
+                        .unwrap()
+                        .remove("organisationId"),
+                )
+            },
+            "events[0].organisationId: missing required field",
+        );
+        assert_eq!(
+            errors_of(&json!([])),
+            ["configuration: must be a JSON object"]
+        );
         let errors = match Plan::from_json(b"{\"events\": [", &no_env) {
             Err(e) => e,
             Ok(_) => panic!("accepted broken JSON"),
@@ -1005,7 +1358,7 @@ mod tests {
         );
         rejects(
             |c| c["delivery"]["circuitBreaker"] = json!({"failures": -1}),
-            "delivery.circuitBreaker.failures: invalid value",
+            "delivery.circuitBreaker.failures: must be a whole number (0 turns the breaker off), not -1",
         );
     }
 

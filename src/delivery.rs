@@ -426,19 +426,12 @@ pub fn dead_letter_body(
         "createdAt": crate::event::rfc3339_utc(delivery.created_at_ms),
         "failedAt": crate::event::rfc3339_utc(now_ms),
     });
-    // The envelope is embedded byte for byte, so the store keeps exactly what was signed.
+    // The envelope is embedded byte for byte (it is always our own JSON), so the store keeps
+    // exactly what was signed.
     let mut body = facts.to_string().into_bytes();
     body.pop();
     body.extend_from_slice(b",\"envelope\":");
-    if serde_json::from_slice::<serde::de::IgnoredAny>(&delivery.body).is_ok() {
-        body.extend_from_slice(&delivery.body);
-    } else {
-        body.extend_from_slice(
-            serde_json::Value::String(String::from_utf8_lossy(&delivery.body).into_owned())
-                .to_string()
-                .as_bytes(),
-        );
-    }
+    body.extend_from_slice(&delivery.body);
     body.push(b'}');
     body
 }

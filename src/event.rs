@@ -201,11 +201,21 @@ mod tests {
 
     #[test]
     fn the_object_keeps_the_upstream_key_order() {
-        let object: Map<String, Value> = serde_json::from_str(r#"{"zeta":1,"alpha":{"y":2,"b":3},"mid":[]}"#).unwrap();
-        let event = Event::new(EventId::new(1, [0; 8]), "job.completed", "job", "o", object, 0);
+        let object: Map<String, Value> =
+            serde_json::from_str(r#"{"zeta":1,"alpha":{"y":2,"b":3},"mid":[]}"#).unwrap();
+        let event = Event::new(
+            EventId::new(1, [0; 8]),
+            "job.completed",
+            "job",
+            "o",
+            object,
+            0,
+        );
         let body = String::from_utf8(event.envelope_for("w")).unwrap();
         assert!(
-            body.contains(r#""object":{"zeta":1,"alpha":{"y":2,"b":3},"mid":[],"objectType":"job"}"#),
+            body.contains(
+                r#""object":{"zeta":1,"alpha":{"y":2,"b":3},"mid":[],"objectType":"job"}"#
+            ),
             "{body}"
         );
     }
