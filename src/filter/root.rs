@@ -304,9 +304,10 @@ impl EmitterRoot {
         self.set_tick_period(TICK);
     }
 
-    /// Dispatches every delivery that is due.
+    /// Dispatches every delivery that is due. A draining root only collects its answers: the
+    /// root that adopted the worker (if any) sends what is still queued.
     fn pump(&mut self) {
-        let Some(worker) = self.worker.clone() else {
+        let Some(worker) = self.worker.clone().filter(|_| !self.draining) else {
             return;
         };
         let now = now_ms();
