@@ -243,6 +243,44 @@ impl Worker {
     }
 }
 
+impl Worker {
+    /// The answer to an attempt whose webhook a new configuration removed or disabled while it was
+    /// out: a success still counts; a failure is not retried, and is dropped with a trace.
+    fn settle_orphan(
+        &mut self,
+        delivery: Delivery,
+        webhook_id: &str,
+        outcome: &AttemptOutcome,
+        now: u64,
+    ) {
+        self.outbox.release_orphan();
+        let (event_id, attempts) = (&delivery.event_id, delivery.attempts);
+        match outcome {
+            AttemptOutcome::Status { code, .. } if (200..300).contains(code) => {
+                let latency_ms = now.saturating_sub(delivery.created_at_ms);
+                self.metrics.deliveries_succeeded.inc();
+                self.metrics.delivery_latency_ms.record(latency_ms);
+                log(
+                    LogLevel::Info,
+                    &format!("delivered: event={event_id} webhook={webhook_id} attempts={attempts} latency_ms={latency_ms}"),
+                );
+            }
+            _ => {
+                self.metrics.deliveries_failed.inc();
+                self.metrics.deliveries_dropped_webhook_removed.inc();
+                log(
+                    LogLevel::Warn,
+                    &format!(
+                        "delivery dropped: event={event_id} webhook={webhook_id} reason=the webhook was removed or disabled by a new configuration last={}",
+                        describe(outcome)
+                    ),
+                );
+            }
+        }
+        self.report_gauges();
+    }
+}
+
 pub type SharedWorker = Rc<RefCell<Worker>>;
 
 #[derive(Default)]
@@ -446,7 +484,10 @@ impl Context for EmitterRoot {
                     .as_ref()
                     .map(|_| w.outbox.dead_letter_lane())
             } else {
-                w.plan.webhook_index(&lane_name)
+                // Only an enabled webhook takes the attempt back; a disabled one gets nothing more.
+                w.plan
+                    .webhook_index(&lane_name)
+                    .filter(|&i| w.plan.webhooks.get(i).is_some_and(|h| h.enabled))
             }
         };
         match current {
@@ -454,7 +495,9 @@ impl Context for EmitterRoot {
                 delivery.webhook = index;
                 worker.borrow_mut().settle(delivery, &outcome, now);
             }
-            None => worker.borrow_mut().outbox.release_orphan(),
+            None => worker
+                .borrow_mut()
+                .settle_orphan(delivery, &lane_name, &outcome, now),
         }
         if self.draining && self.in_flight.is_empty() {
             self.done();

@@ -77,3 +77,29 @@ def envoys():
     started: list = []
     yield started
     stop_and_check(started)
+
+
+@pytest.fixture(scope="module")
+def rc():
+    """A receiver whose answers each test scripts per path (harness.faults.ScriptedReceiver)."""
+    from harness.faults import ScriptedReceiver
+
+    with ScriptedReceiver() as r:
+        yield r
+
+
+@pytest.fixture
+def start_envoy(job_service, rc, envoys, wasm, request):
+    """Starts an Envoy with the filter for this test, delivering to `rc`; stopped when the test ends (the
+    module's `envoys` fixture checks its log for keys)."""
+    mine = []
+
+    def start(config, **kwargs):
+        envoy = harness.envoy_with_filter(job_service, rc, config, wasm=wasm, name=request.node.name[:40], **kwargs)
+        envoys.append(envoy)
+        mine.append(envoy)
+        return envoy
+
+    yield start
+    for envoy in mine:
+        envoy.stop()

@@ -32,3 +32,33 @@ def envoy_with_filter(job_service, receiver, plugin_config, wasm=DEFAULT_WASM, n
     bootstrap = build_bootstrap(job_service.port, receiver.port if receiver else None, wasm_filter, extra_clusters)
     envoy = Envoy(bootstrap, name=name, **kwargs)
     return envoy.start() if start else envoy
+
+
+def plugin_listeners(job_service, receiver, plugin_config, wasm=DEFAULT_WASM, env_vars=None, host_env_keys=(),
+                     **kwargs):
+    """The listeners (as envoy_with_filter builds them) for a filter with this plugin configuration: hand them
+    to Envoy.set_listeners() of an Envoy started with envoy_with_filter(..., lds=True).
+
+    Keep env_vars and host_env_keys as they were at start: they are part of vm_config, and a changed
+    vm_config makes Envoy start a new VM instead of giving the running one a new root context (which is what
+    lets the filter carry its queued deliveries over to the new configuration)."""
+    if isinstance(plugin_config, PluginConfig):
+        env = dict(plugin_config.env_vars())
+        env.update(env_vars or {})
+        cfg = plugin_config.to_dict()
+    else:
+        env, cfg = dict(env_vars or {}), plugin_config
+    wasm_filter = wasm_http_filter(wasm, cfg, env_vars=env or None, host_env_keys=host_env_keys)
+    bootstrap = build_bootstrap(job_service.port, receiver.port if receiver else None, wasm_filter, **kwargs)
+    return bootstrap["static_resources"]["listeners"]
+
+
+def update_plugin_config(envoy, job_service, receiver, plugin_config, wasm=DEFAULT_WASM, env_vars=None,
+                         host_env_keys=(), timeout: float = 30.0, **kwargs) -> None:
+    """Give a running Envoy (started with envoy_with_filter(..., lds=True)) a new plugin configuration, by an
+    LDS update of its listener; returns once Envoy has applied it."""
+    envoy.set_listeners(plugin_listeners(job_service, receiver, plugin_config, wasm=wasm, env_vars=env_vars,
+                                         host_env_keys=host_env_keys, **kwargs), timeout=timeout)
+
+
+__all__ += ["plugin_listeners", "update_plugin_config"]

@@ -9,6 +9,7 @@ Envoys need no shared-memory base id of their own.
 from __future__ import annotations
 
 import atexit
+import copy
 import json
 import os
 import signal
@@ -183,8 +184,13 @@ class Envoy:
     """One Envoy process. `with Envoy(bootstrap) as e:` starts it, waits until it serves, and always stops it."""
 
     def __init__(self, bootstrap: dict, name: str = "envoy", log_level: str = "info", extra_args: Iterable = (),
-                 env: Optional[dict] = None):
+                 env: Optional[dict] = None, lds: bool = False):
         self.bootstrap = bootstrap
+        # lds=True: the bootstrap's static listeners are served to Envoy through LDS from a file instead
+        # (dynamic_resources.lds_config: path_config_source + watched_directory), so set_listeners() can
+        # swap them in the running Envoy (for example to give the filter a new plugin configuration).
+        self.lds = lds
+        self.lds_dir = None
         self.name = name
         self.log_level = log_level
         self.extra_args = list(extra_args)
@@ -200,7 +206,7 @@ class Envoy:
 
     # -- lifecycle --------------------------------------------------------------------------------------------
     def start(self, wait: bool = True, timeout: float = 30.0) -> "Envoy":
-        self.config_path.write_text(json.dumps(self.bootstrap, indent=1))
+        self.config_path.write_text(json.dumps(self._rendered_bootstrap(), indent=1))
         cmd = [
             str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", "1", "-l", self.log_level,
             "--disable-hot-restart", "--admin-address-path", str(self.admin_path), *self.extra_args,
@@ -222,6 +228,70 @@ class Envoy:
                 self.stop()
                 raise
         return self
+
+    def _rendered_bootstrap(self) -> dict:
+        """The bootstrap as Envoy gets it: as given, or (lds=True) with its listeners moved to the LDS file."""
+        if not self.lds:
+            return self.bootstrap
+        bootstrap = copy.deepcopy(self.bootstrap)
+        listeners = bootstrap.get("static_resources", {}).pop("listeners", [])
+        self.lds_dir = self.workdir / "lds"
+        self.lds_dir.mkdir(exist_ok=True)
+        self._lds_version = 0
+        self._write_lds(listeners)
+        bootstrap["dynamic_resources"] = {
+            "lds_config": {
+                "resource_api_version": "V3",
+                "path_config_source": {"path": str(self.lds_path), "watched_directory": {"path": str(self.lds_dir)}},
+            }
+        }
+        return bootstrap
+
+    @property
+    def lds_path(self) -> Path:
+        return self.workdir / "lds" / "listeners.json"
+
+    def _write_lds(self, listeners: list) -> None:
+        """Atomically (write a temporary file, then rename over the watched one), as Envoy's watch requires."""
+        self._lds_version += 1
+        resources = []
+        for listener in listeners:
+            resource = dict(listener)
+            resource["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
+            resources.append(resource)
+        doc = {"version_info": str(self._lds_version), "resources": resources}
+        tmp = self.lds_dir / f".listeners.{self._lds_version}.tmp"
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.rename(tmp, self.lds_path)
+
+    def set_listeners(self, listeners: list, timeout: float = 30.0) -> None:
+        """Replace the listeners of a running lds=True Envoy and wait until Envoy accepted the update and no
+        listener is warming any more. Raises EnvoyError if Envoy rejected it. The listener port is read again
+        (an in-place filter chain update keeps the socket, so it normally stays the same)."""
+        assert self.lds and self.lds_dir is not None, "set_listeners needs an Envoy started with lds=True"
+        assert self.running, f"{self.name} is not running"
+        stats = self.stats(r"^listener_manager\.")
+        ok0 = stats.get("listener_manager.lds.update_success", 0)
+        bad0 = stats.get("listener_manager.lds.update_rejected", 0)
+        self._write_lds(listeners)
+        deadline = time.monotonic() + scaled(timeout)
+        while True:
+            stats = self.stats(r"^listener_manager\.")
+            if stats.get("listener_manager.lds.update_rejected", 0) > bad0:
+                raise EnvoyError(f"{self.name} rejected the LDS update; log tail:\n{self.log_tail()}")
+            if (stats.get("listener_manager.lds.update_success", 0) > ok0
+                    and stats.get("listener_manager.total_listeners_warming", 0) == 0):
+                break
+            if time.monotonic() >= deadline:
+                raise EnvoyError(f"{self.name} did not apply the LDS update within {scaled(timeout):.0f}s; "
+                                 f"listener_manager stats {stats}; log tail:\n{self.log_tail()}")
+            time.sleep(0.02)
+        self.listener_port = None
+        deadline = time.monotonic() + scaled(timeout)
+        while not self._probe():
+            if time.monotonic() >= deadline:
+                raise EnvoyError(f"{self.name}: listener not ready after the LDS update; log tail:\n{self.log_tail()}")
+            time.sleep(0.02)
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Until the listener has its real port and /ready says LIVE. Fails at once if Envoy exits."""

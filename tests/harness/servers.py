@@ -260,6 +260,8 @@ class Delivery:
 
 class _ReceiverHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as two writes; with Nagle on, the second waits for a delayed ACK (~40 ms).
+    disable_nagle_algorithm = True
     server_version = "receiver/1"
 
     def log_message(self, *args):
