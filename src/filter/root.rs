@@ -61,7 +61,7 @@ impl Worker {
             self.metrics.events_without_subscribers.inc();
         }
         for r in refused {
-            self.report_refused(r);
+            self.report_refused(r, now);
         }
         if accepted > 0 {
             self.ring();
@@ -104,7 +104,9 @@ impl Worker {
         self.target(lane).map_or("?", |t| t.id)
     }
 
-    fn report_refused(&self, refused: Refused) {
+    /// Logs and counts a delivery the outbox refused. One refused because its webhook answered 410
+    /// is also dead-lettered, like the deliveries that were queued at the 410.
+    fn report_refused(&mut self, refused: Refused, now: u64) {
         let (d, metric, why) = match &refused {
             Refused::QueueFull(d) => (
                 d,
@@ -126,6 +128,12 @@ impl Worker {
                 self.lane_name(d.webhook)
             ),
         );
+        // A dead letter itself is never dead-lettered again.
+        if let Refused::WebhookGone(d) = &refused {
+            if d.webhook != self.outbox.dead_letter_lane() {
+                self.dead_letter(d, DeadLetterReason::WebhookGone, now);
+            }
+        }
     }
 
     /// Hands a delivery that finally failed to the dead-letter endpoint, when one is configured.
@@ -142,7 +150,7 @@ impl Worker {
         );
         match self.outbox.enqueue(letter) {
             Ok(()) => {}
-            Err(refused) => self.report_refused(refused),
+            Err(refused) => self.report_refused(refused, now),
         }
     }
 

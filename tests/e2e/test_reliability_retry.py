@@ -183,14 +183,19 @@ def test_410_disables_the_webhook_and_drops_its_queue_other_webhooks_unaffected(
     assert letters[before_410[0]].json()["attempts"] == 1
     assert letters[before_410[0]].json()["lastFailure"] == "status 410"
 
-    # After the 410: more events. `kept` gets them (the positive control); `gone` gets nothing, and since
-    # deliveries_attempted counts every dispatch, no attempt to `gone` was even made.
+    # After the 410: more events. `kept` gets them (the positive control); `gone` gets nothing: each is
+    # dropped with its log line and dead-lettered like the ones queued at the 410. deliveries_attempted
+    # counts every dispatch, so 2 to `kept` + 2 dead letters means no attempt to `gone` was even made.
     attempted = counters.delta("deliveries_attempted")
     later = [complete_job(envoy, org) for _ in range(2)]
     got = rc.wait_for(lambda d: d.path == kept.path and d.object_id() in later, count=2, timeout=15)
     after_410 = [d.event_id for d in got]
+    later_letters = rc.wait_for(lambda d: d.path == dead_path and d.json()["eventId"] in after_410, count=2,
+                                timeout=15)
+    assert all(d.json()["reason"] == "webhook_gone" for d in later_letters)
     counters.wait_delta("deliveries_succeeded", 5)
-    assert counters.delta("deliveries_attempted") - attempted == 2, "an attempt went to the webhook that is gone"
+    counters.wait_delta("dead_letters_delivered", 5)
+    assert counters.delta("deliveries_attempted") - attempted == 4, "an attempt went to the webhook that is gone"
     assert counters.wait_delta("deliveries_dropped.webhook_gone", 5) == 5
     for event_id in after_410:
         wait_for_log(envoy, rf"delivery dropped: event={event_id} webhook={gone.id} reason=the webhook answered 410")
