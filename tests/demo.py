@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""webhook-emitter demo: one job completes behind Envoy, and a webhook receives the signed event.
+"""webhook-emitter demo: one job completes behind Envoy, and a webhook receives the signed event over HTTPS.
 
-Starts, all on 127.0.0.1 with ports chosen by the OS: a job service, a webhook receiver, and Envoy with the
-webhook-emitter filter. Completes one job through Envoy, waits for the delivery, prints it and checks its
-signature with the standardwebhooks package. Stops everything. Exit code 0 when the signature is valid.
+Starts, all on 127.0.0.1 with ports chosen by the OS: a job service, an HTTPS webhook receiver (its certificate
+for `localhost` is signed by a CA made for this run), and Envoy with the webhook-emitter filter, delivering
+through one dynamic_forward_proxy egress cluster that validates the receiver against that CA. Completes one job
+through Envoy, waits for the delivery, prints it and checks its signature with the standardwebhooks package.
+Stops everything. Exit code 0 when the signature is valid.
 
     make demo                     # builds the filter and the .venv first
     .venv/bin/python tests/demo.py --wasm target/wasm32-wasip1/release/webhook_emitter.wasm
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -21,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 from harness.checks import signature_valid  # noqa: E402
 from harness.config import PluginConfig, delivery_section, make_hook, new_id  # noqa: E402
+from harness.tls import Pki, TlsReceiver, dynamic_egress_cluster, without_envoy_headers  # noqa: E402
 
 KEY_VAR = "DEMO_WEBHOOK_KEY"
 
@@ -35,11 +39,19 @@ def main() -> int:
         print(f"{wasm} not found: run `make wasm` first", file=sys.stderr)
         return 2
 
-    with harness.JobService() as jobs, harness.Receiver() as receiver:
+    with tempfile.TemporaryDirectory(prefix="webhook-emitter-demo-") as pki_dir:
+        return run(wasm, Pki(Path(pki_dir), "demo"), args.timeout)
+
+
+def run(wasm: Path, pki: Pki, timeout: float) -> int:
+    with harness.JobService() as jobs, TlsReceiver(pki) as receiver:
         org = new_id()
         hook = make_hook(receiver.port, org, ["job.completed"], env_var=KEY_VAR, name="Billing")
-        config = PluginConfig(hooks=[hook], delivery=delivery_section())
-        envoy = harness.envoy_with_filter(jobs, receiver, config, wasm=wasm, name="demo", start=False)
+        hook.url = receiver.url(hook.path)  # https://localhost:<port>/hooks/<id>
+        config = PluginConfig(hooks=[hook], delivery=delivery_section(cluster="webhooks_egress"))
+        egress = without_envoy_headers(dynamic_egress_cluster("webhooks_egress", pki.ca))
+        envoy = harness.envoy_with_filter(jobs, None, config, wasm=wasm, name="demo", start=False,
+                                          extra_clusters=[egress])
         try:
             try:
                 envoy.start()
@@ -50,6 +62,7 @@ def main() -> int:
             print(f"  job service  :{jobs.port}")
             print(f"  envoy        :{envoy.listener_port}  (admin :{envoy.admin_port}, log {envoy.log_path})")
             print(f"  webhook      {hook.url}  (organisation {org}, key passed to the VM as {KEY_VAR})")
+            print(f"  TLS          the receiver's certificate is checked against a CA made for this run ({pki.ca})")
             print()
 
             job_id = new_id()
@@ -60,12 +73,12 @@ def main() -> int:
             print()
 
             try:
-                (delivery,) = receiver.wait_for(lambda d: d.object_id() == job_id, count=1, timeout=args.timeout)
+                (delivery,) = receiver.wait_for(lambda d: d.object_id() == job_id, count=1, timeout=timeout)
             except harness.WaitTimeout as e:
                 print(f"no delivery: {e}\nEnvoy log tail:\n{envoy.log_tail(20)}", file=sys.stderr)
                 return 1
 
-            print(f"webhook <- {delivery.method} {delivery.path}")
+            print(f"webhook <- {delivery.method} {delivery.path}  (over HTTPS)")
             for name, value in delivery.headers.items():
                 print(f"  {name}: {value}")
             try:
