@@ -54,3 +54,28 @@ def test_reference_config_without_its_key_is_refused(wasm):
     assert rc != 0, out[-3000:]
     assert "configuration rejected: webhooks[0].apiKey: environment variable BILLING_WEBHOOK_KEY is not set" in out, \
         out[-3000:]
+
+
+def test_the_example_plugin_config_is_the_one_in_envoy_yaml_and_passes_check(tmp_path):
+    """envoy/plugin.example.json (what the README's walk-through copies) is the configuration embedded in
+    envoy/envoy.yaml, and `webhook-emitter check` accepts it when its key is in the environment."""
+    import json
+
+    import yaml
+
+    doc = yaml.safe_load(REFERENCE.read_text())
+    hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    [wasm_filter] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm"]
+    embedded = json.loads(wasm_filter["typed_config"]["config"]["configuration"]["value"])
+    example = harness.REPO / "envoy" / "plugin.example.json"
+    assert json.loads(example.read_text()) == embedded
+
+    subprocess.run(["cargo", "build", "--quiet", "--bin", "webhook-emitter"], cwd=harness.REPO, check=True)
+    cli = harness.REPO / "target" / "debug" / "webhook-emitter"
+    env = dict(os.environ, BILLING_WEBHOOK_KEY=harness.new_key())
+    ok = subprocess.run([str(cli), "check", str(example)], env=env, capture_output=True, text=True)
+    assert ok.returncode == 0 and "valid (1 event rules, 1 webhooks)" in ok.stdout, ok.stdout + ok.stderr
+    env.pop("BILLING_WEBHOOK_KEY")
+    missing = subprocess.run([str(cli), "check", str(example)], env=env, capture_output=True, text=True)
+    assert missing.returncode != 0
+    assert "webhooks[0].apiKey: environment variable BILLING_WEBHOOK_KEY is not set" in missing.stderr
