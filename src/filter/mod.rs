@@ -14,6 +14,11 @@ pub(crate) fn log(level: LogLevel, message: &str) {
     let _ = hostcalls::log(level, &format!("{LOG_PREFIX}: {message}"));
 }
 
+/// Whether Envoy would print a debug line, so that one is not formatted for nothing.
+pub(crate) fn debug_enabled() -> bool {
+    hostcalls::get_log_level().is_ok_and(|l| l as u32 <= LogLevel::Debug as u32)
+}
+
 pub(crate) fn now_ms() -> u64 {
     hostcalls::get_current_time()
         .ok()

@@ -155,12 +155,17 @@ impl Worker {
     }
 
     fn report_gauges(&mut self) {
+        // Host calls only when a gauge moved.
         let depth = self.outbox.held() as i64;
         let in_flight = self.outbox.in_flight() as i64;
-        self.metrics.outbox_depth.add(depth - self.reported_depth);
-        self.metrics
-            .callouts_in_flight
-            .add(in_flight - self.reported_in_flight);
+        if depth != self.reported_depth {
+            self.metrics.outbox_depth.add(depth - self.reported_depth);
+        }
+        if in_flight != self.reported_in_flight {
+            self.metrics
+                .callouts_in_flight
+                .add(in_flight - self.reported_in_flight);
+        }
         self.reported_depth = depth;
         self.reported_in_flight = in_flight;
     }
@@ -172,9 +177,16 @@ impl Worker {
         let is_dead_letter = lane == self.outbox.dead_letter_lane();
         let name = self.lane_name(lane).to_string();
         let (event_id, attempts) = (delivery.event_id.clone(), delivery.attempts);
-        let random = u32::from_le_bytes(random_bytes::<4>());
+        // Jitter is only drawn for a failure (a host call saved on every success).
+        let succeeded =
+            matches!(outcome, AttemptOutcome::Status { code, .. } if (200..300).contains(code));
+        let random = if succeeded {
+            0
+        } else {
+            u32::from_le_bytes(random_bytes::<4>())
+        };
         let verdict = self.outbox.finish(delivery, outcome, now, random);
-        let last = describe(outcome);
+        let last = if succeeded { String::new() } else { describe(outcome) };
         match verdict {
             Verdict::Delivered { .. } if is_dead_letter => {
                 metrics.dead_letters_delivered.inc();
@@ -186,10 +198,20 @@ impl Worker {
             Verdict::Delivered { latency_ms } => {
                 metrics.deliveries_succeeded.inc();
                 metrics.delivery_latency_ms.record(latency_ms);
-                log(
-                    LogLevel::Info,
-                    &format!("delivered: event={event_id} webhook={name} attempts={attempts} latency_ms={latency_ms}"),
-                );
+                // The common case, a first-attempt success, is a debug line: at info level, one line
+                // per delivery cost about a fifth of the filter's CPU per event (bench/results/profile.md).
+                // A delivery that needed retries is worth an info line.
+                let level = if attempts > 1 {
+                    LogLevel::Info
+                } else {
+                    LogLevel::Debug
+                };
+                if level == LogLevel::Info || super::debug_enabled() {
+                    log(
+                        level,
+                        &format!("delivered: event={event_id} webhook={name} attempts={attempts} latency_ms={latency_ms}"),
+                    );
+                }
             }
             Verdict::Retry { at_ms } => {
                 metrics.deliveries_failed.inc();
