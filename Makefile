@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WASM := target/wasm32-wasip1/release/webhook_emitter.wasm
 TARGET_STAMP := target/.wasm32-wasip1-installed
 
-.PHONY: all wasm demo test lint unit wasm-unit e2e venv toolchain tools clean oci
+.PHONY: all wasm demo test lint unit wasm-unit e2e venv toolchain tools clean oci bench
 
 all: wasm
 
@@ -57,6 +57,16 @@ test: lint unit wasm-unit e2e
 # The .wasm as an OCI image for Istio's WasmPlugin (oci://…), as an OCI layout and archive, no Docker.
 oci: wasm venv
 	$(PY) envoy/oci/build_oci.py --wasm $(WASM) --out target/oci
+
+# Benchmark (issue #4): data-path cost and delivery speed of the filter, against no filter and a Lua peer, in one
+# run (bench/README.md). Knobs from the environment: BENCH_WASM (another build; then nothing is built),
+# BENCH_DURATION (seconds per step), BENCH_ROUNDS, BENCH_OUT (default bench/results). Installs h2load and matplotlib.
+bench: venv
+	@if [ -z "$$BENCH_WASM" ]; then $(MAKE) --no-print-directory wasm; fi
+	@[ $(VENV)/.bench-installed -nt bench/requirements.txt ] || { \
+	  $(VENV)/bin/pip install --quiet --disable-pip-version-check -r bench/requirements.txt && touch $(VENV)/.bench-installed; }
+	bash bench/ensure-h2load.sh
+	$(PY) bench/bench.py
 
 clean:
 	cargo clean

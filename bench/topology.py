@@ -1,0 +1,143 @@
+"""The bench's Envoy bootstraps and plugin configurations.
+
+backend Envoy (the load core): listener `jobs` answers every request with the job service's completed-job JSON
+(direct_response, 200) and listener `hooks` is the webhook receiver (direct_response, 200, empty); deliveries are
+counted with `http.hooks.downstream_rq_2xx`.
+
+Envoy under test (its own core), one per configuration, all running for the whole run so they can be interleaved:
+listener `ingress` -> [filter] -> router. Requests carrying `x-bench-probe` go to the Python probe job service
+(cluster `probe_jobs`), everything else to the backend's `jobs` listener (cluster `job_service`). Webhooks of the
+load organisation use cluster `webhooks` (the backend's `hooks` listener); the probe organisation's single webhook
+uses cluster `probe_receiver` (the Python probe receiver).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from harness.config import delivery_section, job_completed_rule, make_hook, new_id
+from harness.envoy import static_cluster, wasm_http_filter
+from harness.servers import completed_job
+
+BENCH = Path(__file__).resolve().parent
+LOAD_JOB_ID = "bench-load-000000000001"
+# The same request for every configuration, except configuration 1, whose path matches no rule (same length,
+# same method, so the path-template walk runs to the last segment before it fails).
+MATCHING_PATH = f"/jobs/{LOAD_JOB_ID}/complete"
+NON_MATCHING_PATH = f"/jobs/{LOAD_JOB_ID}/progress"
+JOB_RESPONSE = json.dumps(completed_job(LOAD_JOB_ID), separators=(",", ":"))
+REQUEST_BODY = b'{"result":"ok"}'
+
+ROUTER = {"name": "envoy.filters.http.router",
+          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+
+
+def _addr(port: int) -> dict:
+    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+
+
+def _listener(name: str, stat_prefix: str, routes: list, http_filters: list) -> dict:
+    hcm = {
+        "@type": HCM_TYPE,
+        "stat_prefix": stat_prefix,
+        "codec_type": "AUTO",
+        "route_config": {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]},
+        "http_filters": [*http_filters, ROUTER],
+    }
+    return {"name": name, "address": _addr(0),
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                            "typed_config": hcm}]}]}
+
+
+def _bootstrap(node: str, listeners: list, clusters: list) -> dict:
+    return {
+        "node": {"id": node, "cluster": node},
+        "admin": {"address": _addr(0)},
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+
+
+# A direct_response is sent as soon as the request headers are routed; when the request still has a body to come,
+# Envoy then closes the HTTP/1.1 connection ("connection: close"), so every delivery (a POST with a body) would pay
+# a new TCP connection. The buffer filter first reads the whole request, as a real receiver does, and the
+# connections stay alive.
+BUFFER = {"name": "envoy.filters.http.buffer",
+          "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.buffer.v3.Buffer",
+                           "max_request_bytes": 1048576}}
+
+
+def backend_bootstrap() -> dict:
+    jobs = [{"match": {"prefix": "/"},
+             "direct_response": {"status": 200, "body": {"inline_string": JOB_RESPONSE}},
+             "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}]}]
+    hooks = [{"match": {"prefix": "/"}, "direct_response": {"status": 200}}]
+    return _bootstrap("bench-backend", [_listener("jobs", "jobs", jobs, [BUFFER]),
+                                        _listener("hooks", "hooks", hooks, [BUFFER])], [])
+
+
+class Webhooks:
+    """The run's organisations and webhooks: `load_hooks` webhooks for the load organisation on the backend
+    receiver, and one webhook for the probe organisation on the Python probe receiver."""
+
+    def __init__(self, load_hooks: int, backend_hooks_port: int, probe_receiver_port: int):
+        self.load_org = new_id()
+        self.probe_org = new_id()
+        self.load = [make_hook(backend_hooks_port, self.load_org, name=f"bench-{i}") for i in range(load_hooks)]
+        self.probe = make_hook(probe_receiver_port, self.probe_org, name="bench-probe")
+
+    def plugin_config(self) -> dict:
+        hooks = []
+        for h in self.load:
+            hooks.append(h.to_config())  # cluster: delivery.cluster = "webhooks"
+        probe = self.probe.to_config()
+        probe["cluster"] = "probe_receiver"
+        hooks.append(probe)
+        return {"events": [job_completed_rule()], "webhooks": hooks, "delivery": delivery_section()}
+
+    def lua_table(self) -> str:
+        def entry(h, cluster):
+            host = h.url.split("//", 1)[1].split("/", 1)[0]
+            return '{id = "%s", cluster = "%s", authority = "%s", path = "%s"}' % (h.id, cluster, host, h.path)
+
+        load = ", ".join(entry(h, "webhooks") for h in self.load)
+        return ('{ ["%s"] = { %s }, ["%s"] = { %s } }'
+                % (self.load_org, load, self.probe_org, entry(self.probe, "probe_receiver")))
+
+
+def lua_filter(webhooks: Webhooks) -> dict:
+    source = (BENCH / "peer.lua").read_text()
+    marker = "local WEBHOOKS = {} -- @@WEBHOOKS@@"
+    assert marker in source, "bench/peer.lua lost its WEBHOOKS marker line"
+    code = source.replace(marker, "local WEBHOOKS = " + webhooks.lua_table())
+    return {"name": "envoy.filters.http.lua",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                             "default_source_code": {"inline_string": code}}}
+
+
+def under_test_bootstrap(name: str, http_filters: list, backend_jobs_port: int, backend_hooks_port: int,
+                         probe_jobs_port: int, probe_receiver_port: int) -> dict:
+    routes = [
+        {"match": {"prefix": "/", "headers": [{"name": "x-bench-probe", "present_match": True}]},
+         "route": {"cluster": "probe_jobs", "timeout": "30s"}},
+        {"match": {"prefix": "/"}, "route": {"cluster": "job_service", "timeout": "30s"}},
+    ]
+    clusters = [
+        static_cluster("job_service", backend_jobs_port, large_circuit_breakers=True),
+        static_cluster("probe_jobs", probe_jobs_port),
+        static_cluster("webhooks", backend_hooks_port, large_circuit_breakers=True),
+        static_cluster("probe_receiver", probe_receiver_port, large_circuit_breakers=True),
+    ]
+    return _bootstrap(f"bench-{name}", [_listener("ingress", "ingress", routes, http_filters)], clusters)
+
+
+def filters_for(config: int, wasm: Path, webhooks_by_config: dict) -> list:
+    """The HTTP filters of configuration 0..4 (see bench.py CONFIGS)."""
+    if config == 0:
+        return []
+    if config in (1, 2, 3):
+        return [wasm_http_filter(wasm, webhooks_by_config[config].plugin_config())]
+    if config == 4:
+        return [lua_filter(webhooks_by_config[config])]
+    raise ValueError(config)
