@@ -186,7 +186,11 @@ impl Worker {
             u32::from_le_bytes(random_bytes::<4>())
         };
         let verdict = self.outbox.finish(delivery, outcome, now, random);
-        let last = if succeeded { String::new() } else { describe(outcome) };
+        let last = if succeeded {
+            String::new()
+        } else {
+            describe(outcome)
+        };
         match verdict {
             Verdict::Delivered { .. } if is_dead_letter => {
                 metrics.dead_letters_delivered.inc();
