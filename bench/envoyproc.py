@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Optional
 from urllib.parse import quote
 
 from harness.envoy import ENVOY_BIN
+from harness.util import terminate
 from harness.util import http_request
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -81,15 +81,7 @@ class EnvoyProcess:
             time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                self.proc.send_signal(signal.SIGTERM)
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-            except ProcessLookupError:
-                pass
+        terminate(self.proc)
         if self._log is not None:
             self._log.close()
             self._log = None

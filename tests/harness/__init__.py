@@ -18,10 +18,9 @@ __all__ = [
 ]
 
 
-def envoy_with_filter(job_service, receiver, plugin_config, wasm=DEFAULT_WASM, name="envoy", env_vars=None,
-                      host_env_keys=(), extra_clusters=(), start=True, **kwargs):
-    """An Envoy whose filter chain holds the webhook-emitter filter with this plugin configuration
-    (a PluginConfig, a dict, or a raw string). Started and ready unless start=False."""
+def _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars, host_env_keys, extra_clusters=()):
+    """The bootstrap of an Envoy whose filter chain holds the webhook-emitter filter with this plugin
+    configuration (a PluginConfig, a dict, or a raw string)."""
     if isinstance(plugin_config, PluginConfig):
         env = dict(plugin_config.env_vars())
         env.update(env_vars or {})
@@ -29,7 +28,14 @@ def envoy_with_filter(job_service, receiver, plugin_config, wasm=DEFAULT_WASM, n
     else:
         env, cfg = dict(env_vars or {}), plugin_config
     wasm_filter = wasm_http_filter(wasm, cfg, env_vars=env or None, host_env_keys=host_env_keys)
-    bootstrap = build_bootstrap(job_service.port, receiver.port if receiver else None, wasm_filter, extra_clusters)
+    return build_bootstrap(job_service.port, receiver.port if receiver else None, wasm_filter, extra_clusters)
+
+
+def envoy_with_filter(job_service, receiver, plugin_config, wasm=DEFAULT_WASM, name="envoy", env_vars=None,
+                      host_env_keys=(), extra_clusters=(), start=True, **kwargs):
+    """An Envoy whose filter chain holds the webhook-emitter filter with this plugin configuration
+    (a PluginConfig, a dict, or a raw string). Started and ready unless start=False."""
+    bootstrap = _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars, host_env_keys, extra_clusters)
     envoy = Envoy(bootstrap, name=name, **kwargs)
     return envoy.start() if start else envoy
 
@@ -42,14 +48,7 @@ def plugin_listeners(job_service, receiver, plugin_config, wasm=DEFAULT_WASM, en
     Keep env_vars and host_env_keys as they were at start: they are part of vm_config, and a changed
     vm_config makes Envoy start a new VM instead of giving the running one a new root context (which is what
     lets the filter carry its queued deliveries over to the new configuration)."""
-    if isinstance(plugin_config, PluginConfig):
-        env = dict(plugin_config.env_vars())
-        env.update(env_vars or {})
-        cfg = plugin_config.to_dict()
-    else:
-        env, cfg = dict(env_vars or {}), plugin_config
-    wasm_filter = wasm_http_filter(wasm, cfg, env_vars=env or None, host_env_keys=host_env_keys)
-    bootstrap = build_bootstrap(job_service.port, receiver.port if receiver else None, wasm_filter, **kwargs)
+    bootstrap = _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars, host_env_keys, **kwargs)
     return bootstrap["static_resources"]["listeners"]
 
 

@@ -12,7 +12,6 @@ import atexit
 import copy
 import json
 import os
-import signal
 import subprocess
 import tempfile
 import threading
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from . import registry
-from .util import Response, WaitTimeout, http_request, scaled
+from .util import Response, WaitTimeout, http_request, scaled, terminate
 
 REPO = Path(__file__).resolve().parents[2]
 ENVOY_BIN = Path(os.environ.get("ENVOY_BIN", REPO / ".venv" / "bin" / "envoy"))
@@ -357,15 +356,7 @@ class Envoy:
         """SIGTERM, then SIGKILL after a grace period. Safe to call more than once."""
         rc = None
         if self.proc is not None:
-            if self.proc.poll() is None:
-                try:
-                    self.proc.send_signal(signal.SIGTERM)
-                    self.proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    self.proc.kill()
-                    self.proc.wait(10)
-                except ProcessLookupError:
-                    pass
+            terminate(self.proc)
             rc = self.proc.poll()
         if self._log_file is not None:
             self._log_file.close()

@@ -15,6 +15,23 @@ T = TypeVar("T")
 TIMEOUT_SCALE = float(os.environ.get("E2E_TIMEOUT_SCALE", "1") or "1")
 
 
+def terminate(proc, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds. Safe on a process that already exited."""
+    import signal
+    import subprocess
+
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(grace)
+    except ProcessLookupError:
+        pass
+
+
 def scaled(seconds: float) -> float:
     return seconds * TIMEOUT_SCALE
 
