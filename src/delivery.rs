@@ -144,6 +144,8 @@ pub struct Outbox {
     settings: OutboxSettings,
     /// Deliveries held: waiting or in flight.
     held: usize,
+    /// Attempts out, over all lanes (orphans of a reconfiguration included until they are answered).
+    in_flight: usize,
     circuit_change: Option<CircuitChange>,
 }
 
@@ -154,6 +156,7 @@ impl Outbox {
             lanes: (0..=webhooks).map(|_| Lane::default()).collect(),
             settings,
             held: 0,
+            in_flight: 0,
             circuit_change: None,
         }
     }
@@ -169,7 +172,7 @@ impl Outbox {
     }
 
     pub fn in_flight(&self) -> usize {
-        self.lanes.iter().map(|l| l.in_flight).sum()
+        self.in_flight
     }
 
     /// Whether the lane's circuit is open.
@@ -246,6 +249,7 @@ impl Outbox {
                 d.attempts += 1;
                 d.is_probe = lane.probe_at_ms.is_some();
                 lane.in_flight += 1;
+                self.in_flight += 1;
                 due.push(d);
             }
         }
@@ -286,6 +290,7 @@ impl Outbox {
             |lane: &Lane, step: u32| self.probe_period_ms(lane.failed_probes + step, random);
         let Some(lane) = self.lanes.get(delivery.webhook) else {
             self.held = self.held.saturating_sub(1);
+            self.in_flight = self.in_flight.saturating_sub(1);
             return Verdict::Exhausted(delivery);
         };
         // The first probe waits one period; each failed probe moves one step along the schedule.
@@ -296,6 +301,7 @@ impl Outbox {
             return Verdict::Exhausted(delivery);
         };
         lane.in_flight = lane.in_flight.saturating_sub(1);
+        self.in_flight = self.in_flight.saturating_sub(1);
         let (failure, retry_after_ms) = match outcome {
             AttemptOutcome::Status { code, .. } if (200..300).contains(code) => {
                 self.held = self.held.saturating_sub(1);
@@ -359,6 +365,7 @@ impl Outbox {
     /// Forgets an in-flight delivery whose webhook a new configuration removed.
     pub fn release_orphan(&mut self) {
         self.held = self.held.saturating_sub(1);
+        self.in_flight = self.in_flight.saturating_sub(1);
     }
 
     /// Moves the outbox onto a new configuration of `webhooks` webhooks. `new_index` maps an old
@@ -843,5 +850,23 @@ mod tests {
         assert!(dropped.is_empty());
         let due = o.take_due(0);
         assert_eq!((due[0].event_id.as_str(), due[0].webhook), ("dl", 1));
+    }
+
+    #[test]
+    fn in_flight_is_counted_across_lanes_reconfiguration_and_orphans() {
+        let mut o = outbox(2);
+        o.enqueue(Delivery::new("a", 0, vec![], 0)).unwrap();
+        o.enqueue(Delivery::new("b", 1, vec![], 0)).unwrap();
+        let mut due = o.take_due(0);
+        assert_eq!(o.in_flight(), 2);
+        // Webhook 1 is removed while its attempt is out: the attempt stays counted until answered.
+        o.reconfigure(1, |i| (i == 0).then_some(0), settings(100, 2, None));
+        assert_eq!(o.in_flight(), 2);
+        let b = due.pop().unwrap();
+        assert_eq!(b.event_id, "b");
+        o.release_orphan();
+        assert_eq!(o.in_flight(), 1);
+        o.finish(due.pop().unwrap(), &status(200), 1, 0);
+        assert_eq!((o.in_flight(), o.held()), (0, 0));
     }
 }
