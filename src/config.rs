@@ -744,6 +744,8 @@ fn compile_delivery(
         outbox: OutboxSettings {
             retry: RetryPolicy::new(schedule),
             max_queued: raw.max_queued,
+            // Stand-in until the configuration reads `maxQueuedBytes`.
+            max_queued_bytes: 64 << 20,
             max_in_flight_per_webhook: raw.max_in_flight_per_webhook,
             circuit_failures: (raw.circuit_failures > 0).then_some(raw.circuit_failures),
         },

@@ -68,17 +68,43 @@ pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     era * 146_097 + doe - 719_468
 }
 
-/// One event, before fan-out. The part of the envelope that is the same for every webhook is
-/// serialised once; each webhook's body only adds its own `webhookId`.
-#[derive(Debug, Clone)]
+/// One event, before fan-out.
+#[derive(Debug)]
 pub struct Event {
     pub id: EventId,
     pub id_hex: String,
     pub event_type: String,
     pub organisation_id: String,
     pub created_at_ms: u64,
-    /// `"dateTime":…,"data":{"object":…},"version":1}`: the envelope's tail after `eventType`.
+    pub envelope: Envelope,
+}
+
+/// An event's envelope, held once for all its webhooks: a webhook's body is `head`, its own
+/// `webhookId` as a JSON string, then `tail`. Only the id differs between webhooks, so queued
+/// deliveries of one event share one copy of the (possibly large) object.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Envelope {
+    /// `{"id":"…","webhookId":`
+    head: String,
+    /// `,"organisationId":…,"eventType":…,"dateTime":…,"data":{"object":…},"version":1}`
     tail: String,
+}
+
+impl Envelope {
+    /// The exact body sent to (and signed for) one webhook.
+    pub fn for_webhook(&self, webhook_id: &str) -> Vec<u8> {
+        let id = json_string(webhook_id);
+        let mut body = Vec::with_capacity(self.head.len() + id.len() + self.tail.len());
+        body.extend_from_slice(self.head.as_bytes());
+        body.extend_from_slice(id.as_bytes());
+        body.extend_from_slice(self.tail.as_bytes());
+        body
+    }
+
+    /// Bytes held for this envelope.
+    pub fn held_bytes(&self) -> usize {
+        self.head.len() + self.tail.len()
+    }
 }
 
 impl Event {
@@ -95,32 +121,28 @@ impl Event {
         object.insert("objectType".into(), Value::String(object_type.into()));
         let mut data = Map::new();
         data.insert("object".into(), Value::Object(object));
+        let id_hex = id.to_hex();
+        let head = format!("{{\"id\":{},\"webhookId\":", json_string(&id_hex));
         let tail = format!(
-            ",\"dateTime\":{},\"data\":{},\"version\":{ENVELOPE_VERSION}}}",
+            ",\"organisationId\":{},\"eventType\":{},\"dateTime\":{},\"data\":{},\"version\":{ENVELOPE_VERSION}}}",
+            json_string(organisation_id),
+            json_string(event_type),
             json_string(&rfc3339_utc(now_ms)),
             Value::Object(data)
         );
         Event {
             id,
-            id_hex: id.to_hex(),
+            id_hex,
             event_type: event_type.into(),
             organisation_id: organisation_id.into(),
             created_at_ms: now_ms,
-            tail,
+            envelope: Envelope { head, tail },
         }
     }
 
     /// The exact body sent to (and signed for) one webhook.
     pub fn envelope_for(&self, webhook_id: &str) -> Vec<u8> {
-        format!(
-            "{{\"id\":{},\"webhookId\":{},\"organisationId\":{},\"eventType\":{}{}",
-            json_string(&self.id_hex),
-            json_string(webhook_id),
-            json_string(&self.organisation_id),
-            json_string(&self.event_type),
-            self.tail
-        )
-        .into_bytes()
+        self.envelope.for_webhook(webhook_id)
     }
 }
 

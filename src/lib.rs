@@ -1,16 +1,17 @@
 //! webhook-emitter: an Envoy proxy-wasm filter that turns upstream "job completed" responses
 //! into signed Standard Webhooks deliveries.
 //!
+//! Data flows one way: request facts and the response ([`stream`], using [`rules`]) → an event
+//! ([`event`]) → the outbox ([`delivery`]) → attempts, sent and settled by the glue ([`filter`]).
 //! Everything but `filter` is the pure core: no host calls, clock and randomness passed in.
 
 pub mod body;
 pub mod config;
 pub mod delivery;
 pub mod event;
+pub mod filter;
+pub mod headers;
 pub mod rules;
 pub mod signature;
+pub mod stream;
 pub mod url;
-
-// The host glue; left out of test builds so the core's tests run in a plain wasm engine too.
-#[cfg(all(target_arch = "wasm32", not(test)))]
-mod filter;

@@ -4,6 +4,7 @@
 //! can be a candidate at all ([`EventRule::matches_request`]), the status narrows it
 //! ([`EventRule::matches_status`]), and only then is the body parsed ([`EventRule::evaluate`]).
 
+use crate::headers::{hex_preview, Lookup};
 use serde_json::{Map, Value};
 
 /// `match.path`: literal segments and `{name}` captures of exactly one non-empty segment.
@@ -176,8 +177,22 @@ pub struct EventRule {
 /// What the request told us, kept only for candidate streams.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RequestFacts {
-    /// The organisation from the request header or path capture, when the rule takes it from there.
-    pub organisation: Option<String>,
+    /// The organisation, when the rule takes it from a request header or a path capture.
+    pub organisation: OrganisationFact,
+}
+
+/// The organisation as the request gave it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub enum OrganisationFact {
+    /// The rule takes it from the response body.
+    #[default]
+    FromBody,
+    Missing,
+    Value(String),
+    /// The header's bytes are not UTF-8 (a short hex preview, for the log line).
+    NotUtf8(String),
+    /// The header appears more than once: which copy the upstream used is unknown.
+    Repeated,
 }
 
 /// The result of a rule applied to a parsed response body.
@@ -189,6 +204,10 @@ pub enum Evaluation {
     },
     ConditionsNotMet,
     NoOrganisation,
+    /// The organisation header is not UTF-8 (a hex preview of its bytes).
+    OrganisationNotUtf8(String),
+    /// The organisation header appears more than once.
+    OrganisationRepeated,
     ObjectNotFound,
     ObjectNotAnObject,
 }
@@ -202,18 +221,27 @@ impl EventRule {
         self.statuses.contains(&status)
     }
 
-    /// The request facts this rule needs, read through `header` (a host call on the data path).
-    pub fn request_facts(
+    /// The request facts this rule needs; `header` looks a request header up (as bytes: a
+    /// client may send anything).
+    pub fn request_facts<'h>(
         &self,
         path: &str,
-        header: impl FnOnce(&str) -> Option<String>,
+        header: impl FnOnce(&str) -> Lookup<'h>,
     ) -> RequestFacts {
         let organisation = match &self.organisation {
-            OrganisationSource::Header(name) => header(name),
-            OrganisationSource::PathParam(name) => {
-                self.path.capture(path, name).map(str::to_string)
-            }
-            OrganisationSource::Pointer(_) => None,
+            OrganisationSource::Header(name) => match header(name) {
+                Lookup::Absent => OrganisationFact::Missing,
+                Lookup::Repeated => OrganisationFact::Repeated,
+                Lookup::One(bytes) => match std::str::from_utf8(bytes) {
+                    Ok(text) => OrganisationFact::Value(text.to_string()),
+                    Err(_) => OrganisationFact::NotUtf8(hex_preview(bytes)),
+                },
+            },
+            OrganisationSource::PathParam(name) => match self.path.capture(path, name) {
+                Some(value) => OrganisationFact::Value(value.to_string()),
+                None => OrganisationFact::Missing,
+            },
+            OrganisationSource::Pointer(_) => OrganisationFact::FromBody,
         };
         RequestFacts { organisation }
     }
@@ -222,11 +250,16 @@ impl EventRule {
         if !self.when.iter().all(|c| c.holds(body)) {
             return Evaluation::ConditionsNotMet;
         }
-        let organisation_id = match &self.organisation {
-            OrganisationSource::Pointer(p) => {
+        let organisation_id = match (&self.organisation, &facts.organisation) {
+            (OrganisationSource::Pointer(p), _) => {
                 body.pointer(p).and_then(Value::as_str).map(str::to_string)
             }
-            _ => facts.organisation.clone(),
+            (_, OrganisationFact::Value(v)) => Some(v.clone()),
+            (_, OrganisationFact::NotUtf8(preview)) => {
+                return Evaluation::OrganisationNotUtf8(preview.clone())
+            }
+            (_, OrganisationFact::Repeated) => return Evaluation::OrganisationRepeated,
+            (_, OrganisationFact::Missing | OrganisationFact::FromBody) => None,
         };
         let Some(organisation_id) = organisation_id.filter(|o| !o.is_empty()) else {
             return Evaluation::NoOrganisation;
@@ -323,7 +356,7 @@ mod tests {
         let r = rule(OrganisationSource::Header("x-organisation-id".into()));
         let facts = r.request_facts("/jobs/1/complete", |h| {
             assert_eq!(h, "x-organisation-id");
-            Some("org1".into())
+            Lookup::One(b"org1")
         });
         let body = json!({"id": "1", "status": "completed"});
         assert_eq!(
@@ -346,9 +379,29 @@ mod tests {
             Evaluation::NoOrganisation
         );
         let empty = RequestFacts {
-            organisation: Some(String::new()),
+            organisation: OrganisationFact::Value(String::new()),
         };
         assert_eq!(r.evaluate(&empty, &body), Evaluation::NoOrganisation);
+    }
+
+    #[test]
+    fn an_organisation_header_that_is_not_utf8_or_repeated_makes_no_event() {
+        let r = rule(OrganisationSource::Header("x-organisation-id".into()));
+        let body = json!({"status": "completed"});
+        let facts = r.request_facts("/jobs/1/complete", |_| Lookup::One(b"caf\xe9"));
+        assert_eq!(
+            r.evaluate(&facts, &body),
+            Evaluation::OrganisationNotUtf8("636166e9".into())
+        );
+        let facts = r.request_facts("/jobs/1/complete", |_| Lookup::Repeated);
+        assert_eq!(r.evaluate(&facts, &body), Evaluation::OrganisationRepeated);
+        // Only once the conditions hold: a response that is no event stays silent.
+        assert_eq!(
+            r.evaluate(&facts, &json!({"status": "failed"})),
+            Evaluation::ConditionsNotMet
+        );
+        let facts = r.request_facts("/jobs/1/complete", |_| Lookup::Absent);
+        assert_eq!(r.evaluate(&facts, &body), Evaluation::NoOrganisation);
     }
 
     #[test]
@@ -366,7 +419,7 @@ mod tests {
         );
 
         let by_path = rule(OrganisationSource::PathParam("jobId".into()));
-        let facts = by_path.request_facts("/jobs/o7/complete", |_| None);
+        let facts = by_path.request_facts("/jobs/o7/complete", |_| Lookup::Absent);
         assert!(
             matches!(by_path.evaluate(&facts, &body), Evaluation::Matched { organisation_id, .. } if organisation_id == "o7")
         );
@@ -397,7 +450,7 @@ mod tests {
         let mut r = rule(OrganisationSource::Header("h".into()));
         r.object_pointer = "/job".into();
         let facts = RequestFacts {
-            organisation: Some("o".into()),
+            organisation: OrganisationFact::Value("o".into()),
         };
         assert_eq!(
             r.evaluate(&facts, &json!({"status": "completed"})),

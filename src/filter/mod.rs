@@ -1,57 +1,33 @@
-//! The proxy-wasm glue: one root context per worker (configuration, outbox, callouts) and one
-//! HTTP context per stream (request facts, body copy, event hand-off). Decisions live in the core.
+//! The glue between Envoy and the core. [`worker`] holds the glue's decisions and talks to the
+//! host only through the [`host::Host`] trait, so it is compiled and unit-tested everywhere; the
+//! proxy-wasm contexts (one root per worker thread, one HTTP context per stream) and the real
+//! host exist only in the wasm build, and only turn host callbacks into calls on the worker.
 
+pub mod host;
+pub mod metrics;
+pub mod worker;
+
+#[cfg(test)]
+mod testing;
+#[cfg(all(test, not(target_arch = "wasm32")))]
+mod worker_props;
+#[cfg(test)]
+mod worker_tests;
+
+#[cfg(all(target_arch = "wasm32", not(test)))]
+mod abi;
+#[cfg(all(target_arch = "wasm32", not(test)))]
 mod http;
-mod metrics;
+#[cfg(all(target_arch = "wasm32", not(test)))]
+mod proxy;
+#[cfg(all(target_arch = "wasm32", not(test)))]
 mod root;
 
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::LogLevel;
-
-pub(crate) const LOG_PREFIX: &str = "webhook-emitter";
-
-pub(crate) fn log(level: LogLevel, message: &str) {
-    let _ = hostcalls::log(level, &format!("{LOG_PREFIX}: {message}"));
-}
-
-/// Whether Envoy would print a debug line, so that one is not formatted for nothing.
-pub(crate) fn debug_enabled() -> bool {
-    hostcalls::get_log_level().is_ok_and(|l| l as u32 <= LogLevel::Debug as u32)
-}
-
-pub(crate) fn now_ms() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// Random bytes from the host (WASI random_get). If the host ever fails, the id stays unique
-/// per worker through a counter, and the failure is logged.
-pub(crate) fn random_bytes<const N: usize>() -> [u8; N] {
-    use std::cell::Cell;
-    thread_local!(static FALLBACK: Cell<u64> = const { Cell::new(0) });
-    let mut buf = [0u8; N];
-    if getrandom::fill(&mut buf).is_err() {
-        log(
-            LogLevel::Error,
-            "getrandom failed; using a counter for event ids and jitter",
-        );
-        let n = FALLBACK.with(|c| {
-            c.set(c.get().wrapping_add(1));
-            c.get()
-        }) ^ now_ms().rotate_left(20);
-        for (i, b) in buf.iter_mut().enumerate() {
-            *b = n.to_be_bytes()[i % 8];
-        }
-    }
-    buf
-}
-
+#[cfg(all(target_arch = "wasm32", not(test)))]
 proxy_wasm::main! {{
-    proxy_wasm::set_log_level(LogLevel::Info);
-    // A panic traps the VM; make sure it is at least logged (Envoy then applies failure_policy).
-    std::panic::set_hook(Box::new(|info| log(LogLevel::Critical, &format!("panic: {info}"))));
+    proxy_wasm::set_log_level(proxy_wasm::types::LogLevel::Info);
+    // A panic traps the VM. `set_log_level` already installs the SDK's hook, which logs the
+    // panic at critical level before the trap; Envoy then applies the plugin's failure_policy.
     proxy_wasm::set_root_context(|_| -> Box<dyn proxy_wasm::traits::RootContext> {
         Box::new(root::EmitterRoot::default())
     });

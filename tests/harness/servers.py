@@ -216,8 +216,16 @@ class JobService(_BackgroundServer):
         if scenario == "large":
             n = int(query.get("bytes", cls.LARGE_BYTES))
             job = {"id": job_id, "status": "completed", "result": {"blob": "a" * n}}
-            return 200, json.dumps(job).encode(), (), 0
-        return 200, json.dumps(completed_job(job_id)).encode(), (), 0
+            return 200, json.dumps(cls._owned(job, query)).encode(), (), 0
+        return 200, json.dumps(cls._owned(completed_job(job_id), query)).encode(), (), 0
+
+    @staticmethod
+    def _owned(job: dict, query: dict) -> dict:
+        """?owner=ORG: the job belongs to ORG, and the answer says so (what an upstream does once its own
+        authorisation has found the job's organisation)."""
+        if "owner" in query:
+            job = {**job, "organisationId": query["owner"]}
+        return job
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,20 +1,54 @@
-//! Drives webhook-emitter's pure core through what the filter does for one stream, N times, with no host:
+//! Drives webhook-emitter's core through what the filter does for one stream, N times, with a host
+//! that does nothing:
 //!
 //! * `nomatch`: configuration 1 of the bench, a request no rule matches (method bit test + path walk).
-//! * `event`: configuration 2/3, one job completion: path match, request facts, body copy, JSON parse,
-//!   `when` check, object extraction, event build, fan-out to W webhooks (envelope per webhook), then per
-//!   delivery what the root context does: take it from the outbox, sign it, settle its 2xx.
+//! * `event`: configuration 2/3, one job completion through the filter's own pipeline
+//!   (`webhook_emitter::stream::Stream`: request headers, status, body copy, JSON parse, `when` check,
+//!   object extraction, event build) and worker (`webhook_emitter::filter::worker::Worker`: fan-out to W
+//!   webhooks with one shared envelope, then per delivery: take it from the outbox, sign it, settle its 2xx).
 //!
 //! `core-driver MODE ITERATIONS WEBHOOKS` prints the nanoseconds per iteration. Run natively, under
 //! callgrind (instructions per function), or as wasm32-wasip1 under Node (V8, the engine Envoy uses).
 
 use std::hint::black_box;
 use std::time::Instant;
-use webhook_emitter::body::{BodyBuffer, Encoding};
 use webhook_emitter::config::Plan;
-use webhook_emitter::delivery::{AttemptOutcome, Outbox};
-use webhook_emitter::event::{Event, EventId};
-use webhook_emitter::rules::Evaluation;
+use webhook_emitter::delivery::AttemptOutcome;
+use webhook_emitter::filter::host::{Callout, DispatchRefused, Host, LogLevel, MetricKind};
+use webhook_emitter::filter::worker::Worker;
+use webhook_emitter::headers::serialize_map;
+use webhook_emitter::stream::{header_pairs, Stream};
+
+/// A host that accepts everything and does nothing, so that only the core's own work is measured.
+struct NullHost;
+
+impl Host for NullHost {
+    fn log(&self, _: LogLevel, _: &str) {}
+    fn log_enabled(&self, _: LogLevel) -> bool {
+        false
+    }
+    fn define_metric(&self, _: MetricKind, _: &str) -> Option<u32> {
+        None
+    }
+    fn add_metric(&self, _: u32, _: i64) {}
+    fn record_metric(&self, _: u32, _: u64) {}
+    fn random_u32(&self) -> u32 {
+        7
+    }
+    fn dispatch(&self, callout: Callout<'_>) -> Result<u32, DispatchRefused> {
+        black_box(callout.body.len());
+        Ok(1)
+    }
+    fn wake(&self, _: u32) -> bool {
+        true
+    }
+    fn shared_get(&self, _: &str) -> Option<(Vec<u8>, u32)> {
+        None
+    }
+    fn shared_set(&self, _: &str, _: &[u8], _: u32) -> bool {
+        true
+    }
+}
 
 const ORG: &str = "657bf08c202997ba9d127922";
 const BODY: &[u8] = br#"{"id":"bench-load-000000000001","status":"completed","result":{"outputUrl":"s3://results/bench-load-000000000001.json","durationMs":1234,"warnings":[]}}"#;
@@ -46,65 +80,41 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let mut outbox = Outbox::new(plan.webhooks.len(), plan.delivery.outbox.clone());
+    let host = NullHost;
+    let mut worker = Worker::new(&host, plan, None);
+    let plan = worker.plan().clone();
     let now: u64 = 1_795_930_480_000;
+    let request = serialize_map(&[
+        (b":method", b"POST"),
+        (b":path", b"/jobs/bench-load-000000000001/complete"),
+        (b"x-organisation-id", ORG.as_bytes()),
+    ]);
+    let other = serialize_map(&[
+        (b":method", b"POST"),
+        (b":path", b"/jobs/bench-load-000000000001/progress"),
+    ]);
+    let response = serialize_map(&[(b":status", b"200"), (b"content-type", b"application/json")]);
+    let ok = serialize_map(&[(b":status", b"200")]);
     let mut delivered = 0u64;
     let started = Instant::now();
     for i in 0..n {
+        let mut stream = Stream::new();
         match mode {
             "nomatch" => {
-                let path = black_box("/jobs/bench-load-000000000001/progress");
-                let hit = plan
-                    .rules
-                    .iter()
-                    .any(|r| r.matches_request(black_box("POST"), path));
-                black_box(hit);
+                stream.on_request_headers(&plan, &header_pairs(black_box(&other)));
+                black_box(stream.is_collecting());
             }
             _ => {
-                let path = black_box("/jobs/bench-load-000000000001/complete");
-                let candidates: Vec<_> = plan
-                    .rules
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, r)| r.matches_request(black_box("POST"), path))
-                    .map(|(i, r)| (i, r.request_facts(path, |_| Some(ORG.to_string()))))
-                    .collect();
-                for (index, facts) in candidates {
-                    let rule = &plan.rules[index];
-                    if !rule.matches_status(200) {
-                        continue;
-                    }
-                    let mut body = BodyBuffer::new(plan.delivery.max_body_bytes);
-                    body.push(black_box(BODY));
-                    let Ok(json) = body.parse(&Encoding::from_header(None)) else {
-                        continue;
-                    };
-                    if let Evaluation::Matched {
-                        organisation_id,
-                        object,
-                    } = rule.evaluate(&facts, &json)
-                    {
-                        let id = EventId::new(now / 1000, (i as u64).to_be_bytes());
-                        let event = Event::new(
-                            id,
-                            &rule.event_type,
-                            &rule.object_type,
-                            &organisation_id,
-                            object,
-                            now,
-                        );
-                        let _ = outbox.fan_out(&plan, &event, now);
-                    }
+                stream.on_request_headers(&plan, &header_pairs(black_box(&request)));
+                if stream.on_response_headers(&plan, &header_pairs(&response)) {
+                    let _ = stream.on_response_body(&plan, black_box(BODY));
                 }
-                for d in outbox.take_due(now) {
-                    let key = &plan.webhooks[d.webhook].key;
-                    black_box(key.sign(&d.event_id, now / 1000, &d.body));
-                    black_box(d.body.len().to_string());
-                    let ok = AttemptOutcome::Status {
-                        code: 200,
-                        retry_after: None,
-                    };
-                    black_box(outbox.finish(d, &ok, now + 1, 7));
+                for outcome in stream.finish(&plan, now, || i.to_be_bytes()) {
+                    worker.on_stream_outcome(&host, outcome, now);
+                }
+                for (_, attempt) in worker.pump(&host, now) {
+                    let outcome = AttemptOutcome::from_answer(1, Some(&header_pairs(&ok)));
+                    worker.on_answer(&host, attempt, &outcome, now + 1);
                     delivered += 1;
                 }
             }

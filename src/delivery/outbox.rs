@@ -1,0 +1,924 @@
+//! The outbox: every delivery this worker holds, waiting or in flight, and when each is
+//! attempted. A pure state machine: the clock and the randomness are passed in.
+//!
+//! Each lane (a webhook, or the dead-letter store) has its own queue, so a slow or dead endpoint
+//! only ever holds its own deliveries: at most `max_in_flight_per_webhook` attempts of a lane are
+//! out at once, and an open circuit holds its lane's queue behind one probe per period.
+//!
+//! What the outbox holds is bounded twice: in deliveries (`maxQueued`) and in bytes
+//! (`maxQueuedBytes`, one event's payload counted once however many lanes share it). When it is
+//! full, a lane below its fair share (the bound divided by the lanes that hold something) still
+//! gets in: the newest queued deliveries of the lane furthest over its share make room. So a
+//! hanging endpoint can fill the outbox while nobody else needs it, but never keeps a healthy
+//! endpoint's deliveries out.
+
+use super::policy::{honours_retry_after, parse_retry_after, RetryPolicy};
+use super::{AttemptOutcome, Delivery, LaneId, Payload};
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+/// The outbox's limits, from `delivery` in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboxSettings {
+    pub retry: RetryPolicy,
+    /// Deliveries held at most, waiting or in flight (`maxQueued`).
+    pub max_queued: usize,
+    /// Payload bytes held at most (`maxQueuedBytes`).
+    pub max_queued_bytes: usize,
+    pub max_in_flight_per_webhook: usize,
+    /// Consecutive failures that open a lane's circuit (`circuitBreaker.failures`); None is off.
+    pub circuit_failures: Option<u32>,
+}
+
+/// What the outbox decided about an attempt's outcome.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Delivered {
+        latency_ms: u64,
+    },
+    Retry {
+        at_ms: u64,
+    },
+    /// The schedule is used up (or the lane is gone); the delivery comes back for the log and
+    /// the dead letter.
+    Exhausted(Delivery),
+    /// 410 Gone: the lane is off; its queued deliveries are handed back so that each is logged,
+    /// counted and dead-lettered.
+    Gone {
+        dropped: Vec<Delivery>,
+    },
+}
+
+/// Which bound of the outbox was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bound {
+    /// `maxQueued` deliveries.
+    Count,
+    /// `maxQueuedBytes` bytes.
+    Bytes,
+}
+
+/// Why a new delivery was not accepted. The delivery comes back so that it is logged.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The outbox is full and this lane already holds its fair share.
+    QueueFull(Delivery, Bound),
+    /// The lane's webhook answered 410 Gone, or the lane does not exist.
+    WebhookGone(Delivery),
+}
+
+/// A circuit opened or closed on this finish; the caller logs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CircuitChange {
+    Opened,
+    Closed,
+}
+
+#[derive(Debug, Default)]
+struct Lane {
+    ready: VecDeque<Delivery>,
+    /// Deliveries waiting for their retry time.
+    waiting: Vec<Delivery>,
+    attempts_out: usize,
+    /// Deliveries of this lane held, waiting or in flight, and the bytes of their payloads (a
+    /// payload shared with other lanes counts fully in each: it is what the lane would cost alone).
+    queued: usize,
+    queued_bytes: usize,
+    gone: bool,
+    consecutive_failures: u32,
+    /// Set while the circuit is open: the lane holds its queue and sends one probe at this time.
+    probe_at_ms: Option<u64>,
+    failed_probes: u32,
+}
+
+impl Lane {
+    fn add(&mut self, bytes: usize) {
+        self.queued += 1;
+        self.queued_bytes += bytes;
+    }
+    fn remove(&mut self, bytes: usize) {
+        self.queued = self.queued.saturating_sub(1);
+        self.queued_bytes = self.queued_bytes.saturating_sub(bytes);
+    }
+    /// The newest delivery that is not out, for eviction: the back of the queue first.
+    fn pop_newest(&mut self) -> Option<Delivery> {
+        if let Some(d) = self.ready.pop_back() {
+            return Some(d);
+        }
+        let newest = (0..self.waiting.len()).max_by_key(|&i| self.waiting[i].created_at_ms)?;
+        Some(self.waiting.swap_remove(newest))
+    }
+}
+
+#[derive(Debug)]
+pub struct Outbox {
+    /// One lane per webhook of the plan, by index.
+    webhooks: Vec<Lane>,
+    dead_letter: Lane,
+    settings: OutboxSettings,
+    /// Deliveries held, waiting or in flight.
+    queued: usize,
+    /// Bytes of the distinct payloads held.
+    queued_bytes: usize,
+    /// Attempts out, over all lanes (orphans of a reconfiguration included until answered).
+    attempts_out: usize,
+    circuit_change: Option<CircuitChange>,
+}
+
+/// Admission of a new delivery: accepted, with the deliveries evicted to make room for it.
+pub type Admitted = Vec<Delivery>;
+
+impl Outbox {
+    pub fn new(webhooks: usize, settings: OutboxSettings) -> Self {
+        Outbox {
+            webhooks: (0..webhooks).map(|_| Lane::default()).collect(),
+            dead_letter: Lane::default(),
+            settings,
+            queued: 0,
+            queued_bytes: 0,
+            attempts_out: 0,
+            circuit_change: None,
+        }
+    }
+
+    /// Deliveries held, waiting or in flight.
+    pub fn queued(&self) -> usize {
+        self.queued
+    }
+
+    /// Bytes of the payloads held, each payload once.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// Attempts out now.
+    pub fn attempts_out(&self) -> usize {
+        self.attempts_out
+    }
+
+    pub fn settings(&self) -> &OutboxSettings {
+        &self.settings
+    }
+
+    fn lane(&self, id: LaneId) -> Option<&Lane> {
+        match id {
+            LaneId::Webhook(i) => self.webhooks.get(i),
+            LaneId::DeadLetter => Some(&self.dead_letter),
+        }
+    }
+
+    fn lane_mut(&mut self, id: LaneId) -> Option<&mut Lane> {
+        match id {
+            LaneId::Webhook(i) => self.webhooks.get_mut(i),
+            LaneId::DeadLetter => Some(&mut self.dead_letter),
+        }
+    }
+
+    /// Whether the lane's circuit is open.
+    pub fn circuit_open(&self, lane: LaneId) -> bool {
+        self.lane(lane).is_some_and(|l| l.probe_at_ms.is_some())
+    }
+
+    /// Whether the lane's webhook answered 410 Gone.
+    pub fn is_gone(&self, lane: LaneId) -> bool {
+        self.lane(lane).is_some_and(|l| l.gone)
+    }
+
+    /// Deliveries and bytes the lane holds.
+    pub fn lane_queued(&self, lane: LaneId) -> (usize, usize) {
+        self.lane(lane)
+            .map_or((0, 0), |l| (l.queued, l.queued_bytes))
+    }
+
+    /// The circuit change caused by the last [`Outbox::finish`], if any.
+    pub fn take_circuit_change(&mut self) -> Option<CircuitChange> {
+        self.circuit_change.take()
+    }
+
+    /// Bytes a payload adds to the outbox: none when a held delivery already shares it.
+    fn new_bytes(payload: &Rc<Payload>, counted: bool) -> usize {
+        if counted {
+            0
+        } else {
+            payload.held_bytes()
+        }
+    }
+
+    /// The bound a new delivery adding `extra_bytes` would pass, if any.
+    fn bound_reached(&self, extra_bytes: usize) -> Option<Bound> {
+        if self.queued >= self.settings.max_queued {
+            Some(Bound::Count)
+        } else if self.queued_bytes.saturating_add(extra_bytes) > self.settings.max_queued_bytes {
+            Some(Bound::Bytes)
+        } else {
+            None
+        }
+    }
+
+    /// Accepts a new delivery, unless its webhook answered 410, or the outbox is full and the
+    /// lane already holds its fair share. Returns the deliveries evicted to make room (each must
+    /// be logged, counted and dead-lettered by the caller).
+    ///
+    /// `shared` says whether another held delivery already holds this payload (fan-out of one
+    /// event to several lanes); its bytes then count once.
+    pub fn enqueue(&mut self, delivery: Delivery, shared: bool) -> Result<Admitted, Refused> {
+        let lane_id = delivery.lane;
+        match self.lane(lane_id) {
+            None => return Err(Refused::WebhookGone(delivery)),
+            Some(lane) if lane.gone => return Err(Refused::WebhookGone(delivery)),
+            Some(_) => {}
+        }
+        let size = delivery.payload.held_bytes();
+        let extra = Self::new_bytes(&delivery.payload, shared);
+        let mut evicted = Vec::new();
+        if let Some(bound) = self.bound_reached(extra) {
+            if !self.below_fair_share(lane_id, size) {
+                return Err(Refused::QueueFull(delivery, bound));
+            }
+            while let Some(bound) = self.bound_reached(extra) {
+                match self.evict_one(lane_id) {
+                    Some(d) => evicted.push(d),
+                    None => return Err(Refused::QueueFull(delivery, bound)),
+                }
+            }
+        }
+        self.queued += 1;
+        self.queued_bytes += extra;
+        if let Some(lane) = self.lane_mut(lane_id) {
+            lane.add(size);
+            lane.ready.push_back(delivery);
+        }
+        Ok(evicted)
+    }
+
+    /// Lanes that hold something, plus `lane` itself.
+    fn active_lanes(&self, lane: LaneId) -> usize {
+        let holding = self
+            .webhooks
+            .iter()
+            .chain(std::iter::once(&self.dead_letter))
+            .filter(|l| l.queued > 0)
+            .count();
+        let counted = self.lane(lane).is_some_and(|l| l.queued > 0);
+        holding + usize::from(!counted)
+    }
+
+    /// Whether `lane`, with one more delivery of `size` bytes, stays within its fair share of
+    /// both bounds.
+    fn below_fair_share(&self, lane: LaneId, size: usize) -> bool {
+        let active = self.active_lanes(lane).max(1);
+        let (count, bytes) = self.lane_queued(lane);
+        count < self.settings.max_queued / active
+            && bytes + size <= self.settings.max_queued_bytes / active
+    }
+
+    /// Evicts the newest queued delivery of the webhook lane furthest over its fair share (never
+    /// `except`, never the dead-letter lane, never an attempt in flight).
+    fn evict_one(&mut self, except: LaneId) -> Option<Delivery> {
+        let active = self.active_lanes(except).max(1);
+        let share_count = (self.settings.max_queued / active).max(1);
+        let share_bytes = (self.settings.max_queued_bytes / active).max(1);
+        // Over-share in thousandths of a share, by whichever bound the lane exceeds more.
+        let excess = |l: &Lane| {
+            let by_count = l.queued * 1000 / share_count;
+            let by_bytes = l.queued_bytes * 1000 / share_bytes;
+            by_count.max(by_bytes)
+        };
+        let victim = self
+            .webhooks
+            .iter()
+            .enumerate()
+            .filter(|(i, l)| {
+                LaneId::Webhook(*i) != except
+                    && excess(l) > 1000
+                    && (!l.ready.is_empty() || !l.waiting.is_empty())
+            })
+            .max_by_key(|(_, l)| excess(l))
+            .map(|(i, _)| i)?;
+        let lane = self.webhooks.get_mut(victim)?;
+        let d = lane.pop_newest()?;
+        self.release(&d);
+        Some(d)
+    }
+
+    /// Forgets a delivery that leaves the outbox's custody: its lane's and the outbox's counts,
+    /// and its payload's bytes when no other held delivery shares it.
+    fn release(&mut self, d: &Delivery) {
+        let size = d.payload.held_bytes();
+        if let Some(lane) = self.lane_mut(d.lane) {
+            lane.remove(size);
+        }
+        self.queued = self.queued.saturating_sub(1);
+        if Rc::strong_count(&d.payload) == 1 {
+            self.queued_bytes = self.queued_bytes.saturating_sub(size);
+        }
+    }
+
+    /// Takes the deliveries to attempt now, and counts them as out.
+    pub fn take_due(&mut self, now_ms: u64) -> Vec<Delivery> {
+        let mut due = Vec::new();
+        let max_out = self.settings.max_in_flight_per_webhook.max(1);
+        let lanes = self
+            .webhooks
+            .iter_mut()
+            .chain(std::iter::once(&mut self.dead_letter));
+        for lane in lanes {
+            if !lane.waiting.is_empty() {
+                let (ready, waiting): (Vec<_>, Vec<_>) = lane
+                    .waiting
+                    .drain(..)
+                    .partition(|d| d.next_attempt_at_ms <= now_ms);
+                lane.waiting = waiting;
+                // Retries go first: they are older than anything behind them.
+                for d in ready.into_iter().rev() {
+                    lane.ready.push_front(d);
+                }
+            }
+            let cap = match lane.probe_at_ms {
+                None => max_out,
+                // An open circuit sends one probe per period, and nothing else.
+                Some(at) if at <= now_ms && lane.attempts_out == 0 => 1,
+                Some(_) => 0,
+            };
+            while lane.attempts_out < cap {
+                let Some(mut d) = lane.ready.pop_front() else {
+                    break;
+                };
+                d.attempts += 1;
+                d.is_probe = lane.probe_at_ms.is_some();
+                lane.attempts_out += 1;
+                self.attempts_out += 1;
+                due.push(d);
+            }
+        }
+        due
+    }
+
+    /// The earliest time a waiting retry or a probe becomes due.
+    pub fn next_due_at(&self) -> Option<u64> {
+        let lanes = || {
+            self.webhooks
+                .iter()
+                .chain(std::iter::once(&self.dead_letter))
+        };
+        let retries = lanes()
+            .flat_map(|l| &l.waiting)
+            .map(|d| d.next_attempt_at_ms);
+        let probes = lanes()
+            .filter(|l| !l.ready.is_empty() || !l.waiting.is_empty())
+            .filter_map(|l| l.probe_at_ms);
+        retries.chain(probes).min()
+    }
+
+    /// Records the outcome of an attempt taken with [`Outbox::take_due`].
+    pub fn finish(
+        &mut self,
+        mut delivery: Delivery,
+        outcome: &AttemptOutcome,
+        now_ms: u64,
+        random: u32,
+    ) -> Verdict {
+        self.attempts_out = self.attempts_out.saturating_sub(1);
+        let retry = self.settings.retry.clone();
+        let circuit_failures = self.settings.circuit_failures;
+        let lane_id = delivery.lane;
+        let Some(lane) = self.lane_mut(lane_id) else {
+            self.release(&delivery);
+            return Verdict::Exhausted(delivery);
+        };
+        lane.attempts_out = lane.attempts_out.saturating_sub(1);
+        if outcome.is_success() {
+            lane.consecutive_failures = 0;
+            lane.failed_probes = 0;
+            if lane.probe_at_ms.take().is_some() {
+                self.circuit_change = Some(CircuitChange::Closed);
+            }
+            self.release(&delivery);
+            return Verdict::Delivered {
+                latency_ms: now_ms.saturating_sub(delivery.created_at_ms),
+            };
+        }
+        // 410 Gone turns a webhook off. The dead-letter store is ours, not a receiver's: a 410
+        // from it is an ordinary failure, retried, so that dead letters keep their trace.
+        let gone = matches!(outcome, AttemptOutcome::Status { code: 410, .. });
+        if gone && lane_id != LaneId::DeadLetter {
+            lane.gone = true;
+            lane.probe_at_ms = None;
+            let queued: Vec<Delivery> =
+                lane.ready.drain(..).chain(lane.waiting.drain(..)).collect();
+            delivery.last_failure = Some("status 410".into());
+            let mut dropped = Vec::with_capacity(queued.len() + 1);
+            dropped.push(delivery);
+            dropped.extend(queued);
+            for d in &dropped {
+                self.release(d);
+            }
+            return Verdict::Gone { dropped };
+        }
+        let retry_after_ms = match outcome {
+            AttemptOutcome::Status {
+                code,
+                retry_after: Some(value),
+            } if honours_retry_after(*code) => parse_retry_after(value, now_ms),
+            _ => None,
+        };
+        delivery.last_failure = Some(outcome.describe());
+        lane.consecutive_failures += 1;
+        let mut opened = false;
+        if delivery.is_probe && lane.probe_at_ms.is_some() {
+            // Each failed probe moves one step along the schedule.
+            lane.failed_probes += 1;
+            lane.probe_at_ms = Some(now_ms + retry.probe_period_ms(lane.failed_probes, random));
+        } else if lane.probe_at_ms.is_none()
+            && circuit_failures.is_some_and(|n| lane.consecutive_failures >= n)
+        {
+            // The first probe waits one period.
+            lane.probe_at_ms = Some(now_ms + retry.probe_period_ms(lane.failed_probes, random));
+            opened = true;
+        }
+        let wait = retry.next_wait_ms(delivery.attempts, retry_after_ms, random);
+        let verdict = match wait {
+            Some(wait) if !lane.gone => {
+                delivery.next_attempt_at_ms = now_ms + wait;
+                let at_ms = delivery.next_attempt_at_ms;
+                lane.waiting.push(delivery);
+                Verdict::Retry { at_ms }
+            }
+            _ => {
+                self.release(&delivery);
+                Verdict::Exhausted(delivery)
+            }
+        };
+        if opened {
+            self.circuit_change = Some(CircuitChange::Opened);
+        }
+        verdict
+    }
+
+    /// Takes every queued delivery of a lane out (attempts out are not touched: their answers
+    /// come back through [`Outbox::release_orphan`]).
+    pub fn drain_queued(&mut self, lane: LaneId) -> Vec<Delivery> {
+        let Some(l) = self.lane_mut(lane) else {
+            return Vec::new();
+        };
+        let drained: Vec<Delivery> = l.ready.drain(..).chain(l.waiting.drain(..)).collect();
+        for d in &drained {
+            self.release(d);
+        }
+        drained
+    }
+
+    /// Forgets an attempt whose webhook a new configuration removed while it was out.
+    pub fn release_orphan(&mut self, delivery: &Delivery) {
+        self.attempts_out = self.attempts_out.saturating_sub(1);
+        self.queued = self.queued.saturating_sub(1);
+        if Rc::strong_count(&delivery.payload) == 1 {
+            self.queued_bytes = self
+                .queued_bytes
+                .saturating_sub(delivery.payload.held_bytes());
+        }
+    }
+
+    /// Moves the outbox onto a new configuration of `webhooks` webhooks. `new_index` maps an old
+    /// webhook index to the new one, or None when the webhook was removed or disabled. The
+    /// dead-letter lane carries over. Returns the dropped deliveries (each must be logged).
+    pub fn reconfigure(
+        &mut self,
+        webhooks: usize,
+        new_index: impl Fn(usize) -> Option<usize>,
+        settings: OutboxSettings,
+    ) -> Vec<Delivery> {
+        let old = std::mem::take(&mut self.webhooks);
+        self.webhooks = (0..webhooks).map(|_| Lane::default()).collect();
+        self.settings = settings;
+        let mut dropped = Vec::new();
+        for (i, lane) in old.into_iter().enumerate() {
+            let target = new_index(i).filter(|_| !lane.gone);
+            let Some((t, new_lane)) = target.and_then(|t| Some((t, self.webhooks.get_mut(t)?)))
+            else {
+                dropped.extend(lane.ready.into_iter().chain(lane.waiting));
+                continue;
+            };
+            // Attempts out stay counted in their new lane until they are answered.
+            new_lane.attempts_out += lane.attempts_out;
+            new_lane.queued += lane.queued;
+            new_lane.queued_bytes += lane.queued_bytes;
+            for mut d in lane.ready.into_iter().chain(lane.waiting) {
+                d.lane = LaneId::Webhook(t);
+                new_lane.waiting.push(d);
+            }
+        }
+        for d in &dropped {
+            self.queued = self.queued.saturating_sub(1);
+            if Rc::strong_count(&d.payload) == 1 {
+                self.queued_bytes = self.queued_bytes.saturating_sub(d.payload.held_bytes());
+            }
+        }
+        dropped
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::policy::MAX_RETRY_AFTER_MS;
+
+    const A: LaneId = LaneId::Webhook(0);
+    const B: LaneId = LaneId::Webhook(1);
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy::new(vec![200, 500, 1000])
+    }
+
+    fn status(code: u16) -> AttemptOutcome {
+        AttemptOutcome::Status {
+            code,
+            retry_after: None,
+        }
+    }
+
+    fn settings(max_queued: usize, max_in_flight: usize, circuit: Option<u32>) -> OutboxSettings {
+        OutboxSettings {
+            retry: policy(),
+            max_queued,
+            max_queued_bytes: usize::MAX,
+            max_in_flight_per_webhook: max_in_flight,
+            circuit_failures: circuit,
+        }
+    }
+
+    fn outbox(webhooks: usize) -> Outbox {
+        Outbox::new(webhooks, settings(100, 2, None))
+    }
+
+    fn delivery(id: &str, lane: LaneId, body: &[u8], now: u64) -> Delivery {
+        Delivery::new(id.into(), lane, Rc::new(Payload::Raw(body.to_vec())), now)
+    }
+
+    fn put(o: &mut Outbox, id: &str, lane: LaneId) {
+        o.enqueue(delivery(id, lane, b"", 0), false).unwrap();
+    }
+
+    fn ids(ds: &[Delivery]) -> Vec<&str> {
+        ds.iter().map(|d| &*d.event_id).collect()
+    }
+
+    #[test]
+    fn success_after_two_retries() {
+        let mut o = outbox(1);
+        o.enqueue(delivery("e1", A, b"{}", 1_000), false).unwrap();
+        let d = o.take_due(1_000).pop().unwrap();
+        assert_eq!(d.attempts, 1);
+        assert_eq!(
+            o.finish(d, &status(503), 1_010, 200),
+            Verdict::Retry { at_ms: 1_210 }
+        );
+        assert!(o.take_due(1_209).is_empty());
+        assert_eq!(o.next_due_at(), Some(1_210));
+        let d = o.take_due(1_210).pop().unwrap();
+        assert_eq!(d.attempts, 2);
+        let reset = AttemptOutcome::NoResponse {
+            reason: "reset".into(),
+        };
+        assert_eq!(
+            o.finish(d, &reset, 1_300, 200),
+            Verdict::Retry { at_ms: 1_800 }
+        );
+        let d = o.take_due(2_000).pop().unwrap();
+        assert_eq!(
+            o.finish(d, &status(204), 2_050, 0),
+            Verdict::Delivered { latency_ms: 1_050 }
+        );
+        assert_eq!((o.queued(), o.queued_bytes(), o.attempts_out()), (0, 0, 0));
+    }
+
+    #[test]
+    fn exhausted_after_the_schedule() {
+        let mut o = outbox(1);
+        put(&mut o, "e1", A);
+        let mut now = 0;
+        let mut verdicts = Vec::new();
+        for _ in 0..4 {
+            let d = o.take_due(now).pop().expect("an attempt is due");
+            let v = o.finish(d, &status(500), now, 200);
+            if let Verdict::Retry { at_ms } = v {
+                now = at_ms;
+            }
+            verdicts.push(v);
+        }
+        assert!(
+            matches!(verdicts.last(), Some(Verdict::Exhausted(d)) if d.last_failure.as_deref() == Some("status 500"))
+        );
+        assert_eq!(verdicts.len() as u32, policy().max_attempts());
+        assert_eq!(o.queued(), 0);
+    }
+
+    #[test]
+    fn redirects_and_client_errors_are_failures() {
+        for code in [301, 302, 400, 401, 404, 499] {
+            let mut o = outbox(1);
+            put(&mut o, "e", A);
+            let d = o.take_due(0).pop().unwrap();
+            assert!(
+                matches!(o.finish(d, &status(code), 0, 0), Verdict::Retry { .. }),
+                "{code}"
+            );
+        }
+    }
+
+    #[test]
+    fn gone_drops_the_lane_and_refuses_new_deliveries() {
+        let mut o = outbox(2);
+        for i in 0..3 {
+            put(&mut o, &format!("e{i}"), A);
+        }
+        put(&mut o, "other", B);
+        let mut due = o.take_due(0);
+        assert_eq!(due.len(), 3, "two for A (max in flight), one for B");
+        let first = due.remove(0);
+        let Verdict::Gone { dropped } = o.finish(first, &status(410), 0, 0) else {
+            panic!()
+        };
+        assert_eq!(ids(&dropped), ["e0", "e2"]);
+        assert!(o.is_gone(A));
+        assert!(matches!(
+            o.enqueue(delivery("e3", A, b"", 0), false),
+            Err(Refused::WebhookGone(_))
+        ));
+        // The attempt still in flight is not retried once the webhook is gone.
+        let second = due.remove(0);
+        assert!(matches!(
+            o.finish(second, &status(500), 0, 0),
+            Verdict::Exhausted(_)
+        ));
+        let other = due.remove(0);
+        assert!(matches!(
+            o.finish(other, &status(200), 5, 0),
+            Verdict::Delivered { .. }
+        ));
+        assert_eq!(o.queued(), 0);
+    }
+
+    #[test]
+    fn retry_after_on_429_and_503_only_and_capped() {
+        let mut o = outbox(1);
+        let ra = |code, v: &str| AttemptOutcome::Status {
+            code,
+            retry_after: Some(v.as_bytes().to_vec()),
+        };
+        put(&mut o, "e", A);
+        let d = o.take_due(0).pop().unwrap();
+        assert_eq!(
+            o.finish(d, &ra(429, "2"), 100, 200),
+            Verdict::Retry { at_ms: 2_100 }
+        );
+        let d = o.take_due(2_100).pop().unwrap();
+        assert_eq!(
+            o.finish(d, &ra(500, "20"), 2_100, 200),
+            Verdict::Retry { at_ms: 2_600 }
+        );
+        let d = o.take_due(2_600).pop().unwrap();
+        assert_eq!(
+            o.finish(d, &ra(503, "999999"), 2_600, 200),
+            Verdict::Retry {
+                at_ms: 2_600 + MAX_RETRY_AFTER_MS
+            }
+        );
+    }
+
+    #[test]
+    fn a_retry_after_that_is_not_utf8_falls_back_to_the_schedule() {
+        let mut o = outbox(1);
+        put(&mut o, "e", A);
+        let d = o.take_due(0).pop().unwrap();
+        let outcome = AttemptOutcome::Status {
+            code: 503,
+            retry_after: Some(b"\xff\xfe9".to_vec()),
+        };
+        assert_eq!(o.finish(d, &outcome, 0, 200), Verdict::Retry { at_ms: 200 });
+    }
+
+    #[test]
+    fn backoff_wins_over_a_shorter_retry_after() {
+        let mut o = outbox(1);
+        put(&mut o, "e", A);
+        let d = o.take_due(0).pop().unwrap();
+        let outcome = AttemptOutcome::Status {
+            code: 503,
+            retry_after: Some(b"0".to_vec()),
+        };
+        assert_eq!(o.finish(d, &outcome, 0, 200), Verdict::Retry { at_ms: 200 });
+    }
+
+    #[test]
+    fn a_full_outbox_makes_room_for_a_lane_below_its_fair_share() {
+        let mut o = Outbox::new(2, settings(6, 2, None));
+        for i in 0..6 {
+            put(&mut o, &format!("a{i}"), A);
+        }
+        // Full, all of it A's. B holds nothing: its share is 3 of 6, so A's newest queued
+        // delivery makes room.
+        let evicted = o.enqueue(delivery("b0", B, b"", 0), false).unwrap();
+        assert_eq!(ids(&evicted), ["a5"]);
+        for i in 1..3 {
+            let evicted = o
+                .enqueue(delivery(&format!("b{i}"), B, b"", 0), false)
+                .unwrap();
+            assert_eq!(evicted.len(), 1);
+        }
+        assert_eq!((o.lane_queued(A).0, o.lane_queued(B).0), (3, 3));
+        // B now holds its share: a fourth is refused, and A keeps its three.
+        assert!(matches!(
+            o.enqueue(delivery("b3", B, b"", 0), false),
+            Err(Refused::QueueFull(..))
+        ));
+        assert!(matches!(
+            o.enqueue(delivery("a6", A, b"", 0), false),
+            Err(Refused::QueueFull(..))
+        ));
+        assert_eq!(o.queued(), 6);
+    }
+
+    #[test]
+    fn attempts_in_flight_are_never_evicted() {
+        let mut o = Outbox::new(2, settings(2, 2, None));
+        put(&mut o, "a0", A);
+        put(&mut o, "a1", A);
+        let out = o.take_due(0);
+        assert_eq!(out.len(), 2);
+        assert!(matches!(
+            o.enqueue(delivery("b0", B, b"", 0), false),
+            Err(Refused::QueueFull(..))
+        ));
+    }
+
+    #[test]
+    fn bytes_are_bounded_and_a_shared_payload_counts_once() {
+        let mut s = settings(100, 1, None);
+        s.max_queued_bytes = 1_000;
+        let mut o = Outbox::new(3, s);
+        let payload = Rc::new(Payload::Raw(vec![b'x'; 400]));
+        for (i, lane) in [A, B, LaneId::Webhook(2)].into_iter().enumerate() {
+            let d = Delivery::new("e1".into(), lane, Rc::clone(&payload), 0);
+            o.enqueue(d, i > 0).unwrap();
+        }
+        drop(payload);
+        assert_eq!(o.queued_bytes(), 400, "one event, three lanes, one copy");
+        // A second event of 400 bytes fits; a third does not, whoever sends it (every lane holds
+        // 800 bytes of a 333-byte share).
+        for (i, lane) in [A, B].into_iter().enumerate() {
+            let d = delivery("e2", lane, &[b'y'; 400], 0);
+            if i == 0 {
+                o.enqueue(d, false).unwrap();
+            } else {
+                let _ = o.enqueue(d, true);
+            }
+        }
+        assert_eq!(o.queued_bytes(), 800);
+        assert!(matches!(
+            o.enqueue(delivery("e3", A, &[b'z'; 400], 0), false),
+            Err(Refused::QueueFull(..))
+        ));
+        // The bytes go when the last lane holding them lets go.
+        let due = o.take_due(0);
+        for d in due {
+            o.finish(d, &status(200), 1, 0);
+        }
+        let due = o.take_due(1);
+        for d in due {
+            o.finish(d, &status(200), 2, 0);
+        }
+        let due = o.take_due(2);
+        for d in due {
+            o.finish(d, &status(200), 3, 0);
+        }
+        assert_eq!((o.queued(), o.queued_bytes()), (0, 0));
+    }
+
+    #[test]
+    fn lanes_are_not_stuck_behind_each_other() {
+        let mut o = Outbox::new(2, settings(5, 2, None));
+        for i in 0..5 {
+            put(&mut o, &format!("a{i}"), A);
+        }
+        let due = o.take_due(0);
+        assert_eq!(due.len(), 2, "A is capped at 2 in flight");
+        assert_eq!(o.queued(), 5);
+        for d in due {
+            o.finish(d, &status(200), 1, 0);
+        }
+        put(&mut o, "b1", B);
+        let due = o.take_due(1);
+        assert!(due.iter().any(|d| &*d.event_id == "b1"));
+    }
+
+    #[test]
+    fn reconfigure_keeps_surviving_webhooks() {
+        let mut o = outbox(3);
+        put(&mut o, "keep", A);
+        put(&mut o, "drop", B);
+        put(&mut o, "moved", LaneId::Webhook(2));
+        // New plan: old 0 stays 0, old 1 is removed, old 2 becomes 1.
+        let dropped = o.reconfigure(2, |i| [Some(0), None, Some(1)][i], settings(100, 2, None));
+        assert_eq!(ids(&dropped), ["drop"]);
+        assert_eq!(o.queued(), 2);
+        let due = o.take_due(0);
+        let mut got: Vec<_> = due.iter().map(|d| (&*d.event_id, d.lane)).collect();
+        got.sort();
+        assert_eq!(got, [("keep", A), ("moved", B)]);
+        assert_eq!(o.lane_queued(B).0, 1);
+    }
+
+    #[test]
+    fn an_open_circuit_holds_the_queue_and_probes_once_per_period() {
+        let mut o = Outbox::new(2, settings(100, 4, Some(2)));
+        for i in 0..6 {
+            put(&mut o, &format!("e{i}"), A);
+        }
+        let due = o.take_due(0);
+        assert_eq!(due.len(), 4);
+        let mut due = due.into_iter();
+        o.finish(due.next().unwrap(), &status(503), 10, 200);
+        assert!(!o.circuit_open(A));
+        o.finish(due.next().unwrap(), &status(503), 10, 200);
+        assert!(o.circuit_open(A));
+        assert_eq!(o.take_circuit_change(), Some(CircuitChange::Opened));
+        // Attempts already out finish normally; nothing new goes out while the circuit is open.
+        o.finish(due.next().unwrap(), &status(503), 10, 200);
+        o.finish(due.next().unwrap(), &status(503), 10, 200);
+        assert!(o.take_due(100).is_empty());
+        // Other lanes are unaffected.
+        put(&mut o, "other", B);
+        assert_eq!(o.take_due(100).len(), 1);
+        // The probe: exactly one attempt per period (first period 200 ms after the opening failure).
+        let probe = o.take_due(210);
+        assert_eq!(probe.len(), 1);
+        assert!(o.take_due(10_000).is_empty(), "one probe at a time");
+        let probe = probe.into_iter().next().unwrap();
+        o.finish(probe, &status(503), 300, 200);
+        assert!(o.circuit_open(A));
+        assert!(o.take_due(700).is_empty(), "the second period is 500 ms");
+        let probe = o.take_due(800).pop().unwrap();
+        o.finish(probe, &status(200), 810, 200);
+        assert_eq!(o.take_circuit_change(), Some(CircuitChange::Closed));
+        assert_eq!(
+            o.take_due(810).len(),
+            4,
+            "closed again: up to max in flight"
+        );
+    }
+
+    #[test]
+    fn a_circuit_does_not_consume_attempts_of_queued_deliveries() {
+        let mut o = Outbox::new(1, settings(100, 1, Some(1)));
+        for id in ["a", "b", "c"] {
+            put(&mut o, id, A);
+        }
+        let a = o.take_due(0).pop().unwrap();
+        o.finish(a, &status(500), 0, 200);
+        let mut now = 0;
+        let mut probes = Vec::new();
+        for _ in 0..3 {
+            now += 10_000;
+            let due = o.take_due(now);
+            assert_eq!(due.len(), 1, "one probe per period");
+            for d in due {
+                probes.push(d.event_id.to_string());
+                o.finish(d, &status(500), now, 200);
+            }
+        }
+        assert_eq!(probes, ["a", "a", "a"], "the oldest delivery probes");
+        assert_eq!(o.queued(), 2, "a is exhausted after 4 attempts");
+        now += 10_000;
+        let b = o.take_due(now).pop().unwrap();
+        assert_eq!((&*b.event_id, b.attempts), ("b", 1));
+    }
+
+    #[test]
+    fn reconfigure_keeps_the_dead_letter_lane() {
+        let mut o = outbox(2);
+        put(&mut o, "dl", LaneId::DeadLetter);
+        let dropped = o.reconfigure(1, |_| None, settings(100, 2, None));
+        assert!(dropped.is_empty());
+        let due = o.take_due(0);
+        assert_eq!((&*due[0].event_id, due[0].lane), ("dl", LaneId::DeadLetter));
+    }
+
+    #[test]
+    fn attempts_out_are_counted_across_lanes_reconfiguration_and_orphans() {
+        let mut o = outbox(2);
+        put(&mut o, "a", A);
+        put(&mut o, "b", B);
+        let mut due = o.take_due(0);
+        assert_eq!(o.attempts_out(), 2);
+        // Webhook 1 is removed while its attempt is out: the attempt stays counted until answered.
+        o.reconfigure(1, |i| (i == 0).then_some(0), settings(100, 2, None));
+        assert_eq!(o.attempts_out(), 2);
+        let b = due.pop().unwrap();
+        assert_eq!(&*b.event_id, "b");
+        o.release_orphan(&b);
+        assert_eq!(o.attempts_out(), 1);
+        o.finish(due.pop().unwrap(), &status(200), 1, 0);
+        assert_eq!((o.attempts_out(), o.queued()), (0, 0));
+    }
+}

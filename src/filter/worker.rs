@@ -1,0 +1,651 @@
+//! The worker: what one Envoy worker thread's root and HTTP contexts share. It turns what the
+//! pipeline and the host report (events, answers, configuration updates) into outbox moves, log
+//! lines, metrics and callouts. Every host call goes through [`Host`], so each decision here is
+//! unit-tested against a test double.
+
+use super::host::{log, Callout, Host, LogLevel};
+use super::metrics::Metrics;
+use crate::config::Plan;
+use crate::delivery::{
+    dead_letter_body, AttemptOutcome, Bound, CircuitChange, DeadLetterReason, Delivery, LaneId,
+    Outbox, Payload, Refused, Verdict,
+};
+use crate::event::Event;
+use crate::headers;
+use crate::signature::SigningKey;
+use crate::stream::{NoEvent, StreamOutcome};
+use crate::url::WebhookUrl;
+use std::rc::Rc;
+
+pub const USER_AGENT: &str = concat!("webhook-emitter/", env!("CARGO_PKG_VERSION"));
+/// How the dead-letter lane is named in log lines.
+pub const DEAD_LETTER_NAME: &str = "dead-letter";
+
+/// A lane by what survives a configuration update: a webhook's id, or the dead-letter store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LaneKey {
+    Webhook(String),
+    DeadLetter,
+}
+
+impl LaneKey {
+    pub fn name(&self) -> &str {
+        match self {
+            LaneKey::Webhook(id) => id,
+            LaneKey::DeadLetter => DEAD_LETTER_NAME,
+        }
+    }
+}
+
+/// An attempt out: the delivery, and the lane it was sent for.
+#[derive(Debug)]
+pub struct Attempt {
+    pub delivery: Delivery,
+    pub lane: LaneKey,
+}
+
+/// Where one lane's deliveries go.
+struct Target<'p> {
+    key: LaneKey,
+    url: &'p WebhookUrl,
+    cluster: &'p str,
+    signing_key: Option<&'p SigningKey>,
+}
+
+fn target(plan: &Plan, lane: LaneId) -> Option<Target<'_>> {
+    match lane {
+        LaneId::Webhook(i) => plan.webhooks.get(i).map(|w| Target {
+            key: LaneKey::Webhook(w.id.clone()),
+            url: &w.url,
+            cluster: &w.cluster,
+            signing_key: Some(&w.key),
+        }),
+        LaneId::DeadLetter => plan.delivery.dead_letter.as_ref().map(|dl| Target {
+            key: LaneKey::DeadLetter,
+            url: &dl.url,
+            cluster: &dl.cluster,
+            signing_key: dl.key.as_ref(),
+        }),
+    }
+}
+
+fn lane_name(plan: &Plan, lane: LaneId) -> &str {
+    match lane {
+        LaneId::Webhook(i) => plan.webhooks.get(i).map_or("?", |w| w.id.as_str()),
+        LaneId::DeadLetter => DEAD_LETTER_NAME,
+    }
+}
+
+/// The gauges as last reported, so that the host is only called when one moves.
+#[derive(Debug, Default)]
+struct Reported {
+    depth: i64,
+    bytes: i64,
+    in_flight: i64,
+}
+
+pub struct Worker {
+    plan: Rc<Plan>,
+    outbox: Outbox,
+    metrics: Metrics,
+    /// A shared queue private to this worker: an HTTP context enqueues to wake the root context
+    /// (`on_queue_ready`) so that it dispatches from a root callback.
+    doorbell: Option<u32>,
+    doorbell_rung: bool,
+    reported: Reported,
+}
+
+impl Worker {
+    pub fn new(host: &dyn Host, plan: Plan, doorbell: Option<u32>) -> Self {
+        let outbox = Outbox::new(plan.webhooks.len(), plan.delivery.outbox.clone());
+        Worker {
+            plan: Rc::new(plan),
+            outbox,
+            metrics: Metrics::define(host),
+            doorbell,
+            doorbell_rung: false,
+            reported: Reported::default(),
+        }
+    }
+
+    pub fn plan(&self) -> &Rc<Plan> {
+        &self.plan
+    }
+
+    pub fn outbox(&self) -> &Outbox {
+        &self.outbox
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        self.metrics
+    }
+
+    /// The doorbell now wakes another root context (the one that adopted this worker).
+    pub fn set_doorbell(&mut self, doorbell: Option<u32>) {
+        self.doorbell = doorbell;
+        self.doorbell_rung = false;
+    }
+
+    /// The root context answered the doorbell.
+    pub fn doorbell_answered(&mut self) {
+        self.doorbell_rung = false;
+    }
+
+    fn ring(&mut self, host: &dyn Host) {
+        if !self.doorbell_rung {
+            if let Some(queue) = self.doorbell {
+                self.doorbell_rung = host.wake(queue);
+            }
+        }
+    }
+
+    /// What the end of a stream produced: events are fanned out, the rest logged and counted.
+    pub fn on_stream_outcome(&mut self, host: &dyn Host, outcome: StreamOutcome, now_ms: u64) {
+        match outcome {
+            StreamOutcome::Event(event) => self.emit(host, event, now_ms),
+            StreamOutcome::NoEvent(why) => self.report_no_event(host, &why),
+        }
+    }
+
+    pub fn report_no_event(&self, host: &dyn Host, why: &NoEvent) {
+        let m = self.metrics;
+        let (metric, level, line) = match why {
+            NoEvent::BodyTooLarge { limit } => (
+                m.bodies_too_large,
+                LogLevel::Warn,
+                format!("response body over delivery.maxBodyBytes ({limit} bytes): no event"),
+            ),
+            NoEvent::BodyUndecodable(why) => (
+                m.bodies_undecodable,
+                LogLevel::Warn,
+                format!("response body not decodable ({why}): no event"),
+            ),
+            NoEvent::BodyNotJson(why) => (
+                m.bodies_not_json,
+                LogLevel::Info,
+                format!("response body is not JSON ({why}): no event"),
+            ),
+            NoEvent::NoOrganisation { event_type } => (
+                m.events_without_organisation,
+                LogLevel::Warn,
+                format!("{event_type} matched but has no organisation id: no event"),
+            ),
+            NoEvent::OrganisationNotUtf8 {
+                event_type,
+                preview,
+            } => (
+                m.events_bad_organisation,
+                LogLevel::Warn,
+                format!("{event_type} matched but its organisation header is not UTF-8 (bytes {preview}): no event"),
+            ),
+            NoEvent::OrganisationRepeated { event_type } => (
+                m.events_bad_organisation,
+                LogLevel::Warn,
+                format!("{event_type} matched but its organisation header appears more than once: no event"),
+            ),
+            NoEvent::BadObject {
+                event_type,
+                pointer,
+            } => (
+                m.events_bad_object,
+                LogLevel::Warn,
+                format!("{event_type} matched but its object pointer {pointer:?} is not a JSON object in the body: no event"),
+            ),
+        };
+        metric.inc(host);
+        log(host, level, || line);
+    }
+
+    /// Fans an event out to the enabled webhooks of its organisation subscribed to its type,
+    /// with one shared copy of its envelope, and wakes the root context to dispatch.
+    pub fn emit(&mut self, host: &dyn Host, event: Event, now_ms: u64) {
+        let plan = Rc::clone(&self.plan);
+        let subscribers = plan.subscribers(&event.event_type, &event.organisation_id);
+        self.metrics.events_emitted.inc(host);
+        if subscribers.is_empty() {
+            self.metrics.events_without_subscribers.inc(host);
+            return;
+        }
+        let event_id: Rc<str> = Rc::from(event.id_hex.as_str());
+        let payload = Rc::new(Payload::Event(event.envelope));
+        let mut accepted = 0;
+        for &w in subscribers {
+            let delivery = Delivery::new(
+                Rc::clone(&event_id),
+                LaneId::Webhook(w),
+                Rc::clone(&payload),
+                now_ms,
+            );
+            match self.outbox.enqueue(delivery, accepted > 0) {
+                Ok(evicted) => {
+                    accepted += 1;
+                    for d in evicted {
+                        self.drop_evicted(host, d, now_ms);
+                    }
+                }
+                Err(refused) => self.report_refused(host, refused, now_ms),
+            }
+        }
+        if accepted > 0 {
+            self.ring(host);
+        }
+        self.report_gauges(host);
+    }
+
+    fn drop_evicted(&mut self, host: &dyn Host, d: Delivery, now_ms: u64) {
+        self.metrics.deliveries_dropped_over_share.inc(host);
+        let name = lane_name(&self.plan, d.lane).to_string();
+        log(host, LogLevel::Error, || {
+            format!(
+                "delivery dropped: event={} webhook={name} reason=the outbox is full and this webhook holds more than its fair share",
+                d.event_id
+            )
+        });
+        self.dead_letter(host, &d, DeadLetterReason::OverShare, now_ms);
+    }
+
+    /// Logs and counts a delivery the outbox refused. One refused because its webhook answered
+    /// 410 is also dead-lettered, like the deliveries that were queued at the 410.
+    fn report_refused(&mut self, host: &dyn Host, refused: Refused, now_ms: u64) {
+        let (d, metric, why, reason) = match refused {
+            Refused::QueueFull(d, Bound::Count) => (
+                d,
+                self.metrics.deliveries_dropped_queue_full,
+                "the outbox is full (delivery.maxQueued)",
+                None,
+            ),
+            Refused::QueueFull(d, Bound::Bytes) => (
+                d,
+                self.metrics.deliveries_dropped_queue_full,
+                "the outbox is full (delivery.maxQueuedBytes)",
+                None,
+            ),
+            Refused::WebhookGone(d) => (
+                d,
+                self.metrics.deliveries_dropped_webhook_gone,
+                "the webhook answered 410 Gone",
+                Some(DeadLetterReason::WebhookGone),
+            ),
+        };
+        if d.lane == LaneId::DeadLetter {
+            self.dead_letter_lost(host, &d, &format!("reason={why}"));
+            return;
+        }
+        metric.inc(host);
+        let name = lane_name(&self.plan, d.lane).to_string();
+        log(host, LogLevel::Error, || {
+            format!(
+                "delivery dropped: event={} webhook={name} reason={why}",
+                d.event_id
+            )
+        });
+        if let Some(reason) = reason {
+            self.dead_letter(host, &d, reason, now_ms);
+        }
+    }
+
+    /// A dead letter that can't be stored: the last trace of its delivery. `detail` is
+    /// `last=<failure>` or `reason=<why>`.
+    fn dead_letter_lost(&self, host: &dyn Host, d: &Delivery, detail: &str) {
+        self.metrics.dead_letters_failed.inc(host);
+        log(host, LogLevel::Critical, || {
+            format!(
+                "dead letter could not be stored: event={} attempts={} {detail}",
+                d.event_id, d.attempts
+            )
+        });
+    }
+
+    /// Hands a delivery that finally failed to the dead-letter endpoint, when one is configured.
+    fn dead_letter(
+        &mut self,
+        host: &dyn Host,
+        delivery: &Delivery,
+        reason: DeadLetterReason,
+        now_ms: u64,
+    ) {
+        if self.plan.delivery.dead_letter.is_none() {
+            return;
+        }
+        let body = dead_letter_body(
+            delivery,
+            lane_name(&self.plan, delivery.lane),
+            reason,
+            now_ms,
+        );
+        let letter = Delivery::new(
+            Rc::clone(&delivery.event_id),
+            LaneId::DeadLetter,
+            Rc::new(Payload::Raw(body)),
+            now_ms,
+        );
+        match self.outbox.enqueue(letter, false) {
+            Ok(evicted) => {
+                for d in evicted {
+                    self.drop_evicted(host, d, now_ms);
+                }
+            }
+            Err(refused) => self.report_refused(host, refused, now_ms),
+        }
+    }
+
+    fn report_gauges(&mut self, host: &dyn Host) {
+        let depth = self.outbox.queued() as i64;
+        let bytes = self.outbox.queued_bytes() as i64;
+        let in_flight = self.outbox.attempts_out() as i64;
+        let m = self.metrics;
+        for (now, before, metric) in [
+            (depth, &mut self.reported.depth, m.outbox_depth),
+            (bytes, &mut self.reported.bytes, m.outbox_bytes),
+            (
+                in_flight,
+                &mut self.reported.in_flight,
+                m.callouts_in_flight,
+            ),
+        ] {
+            if now != *before {
+                metric.add(host, now - *before);
+                *before = now;
+            }
+        }
+    }
+
+    /// Sends every delivery that is due; returns the attempts now out, by callout token.
+    pub fn pump(&mut self, host: &dyn Host, now_ms: u64) -> Vec<(u32, Attempt)> {
+        let due = self.outbox.take_due(now_ms);
+        let mut out = Vec::with_capacity(due.len());
+        for delivery in due {
+            if let Some(sent) = self.dispatch(host, delivery, now_ms) {
+                out.push(sent);
+            }
+        }
+        self.report_gauges(host);
+        out
+    }
+
+    fn dispatch(
+        &mut self,
+        host: &dyn Host,
+        delivery: Delivery,
+        now_ms: u64,
+    ) -> Option<(u32, Attempt)> {
+        let plan = Rc::clone(&self.plan);
+        let Some(target) = target(&plan, delivery.lane) else {
+            // Only the dead-letter lane can lose its target (a new configuration without
+            // deadLetter); adopt() hands those back before this can happen.
+            self.outbox.release_orphan(&delivery);
+            self.dead_letter_lost(
+                host,
+                &delivery,
+                "reason=delivery.deadLetter was removed by a new configuration",
+            );
+            return None;
+        };
+        let timestamp = (now_ms / 1000).to_string();
+        let body = delivery.payload.body_for(target.key.name());
+        let signature = target
+            .signing_key
+            .map(|k| k.sign(&delivery.event_id, now_ms / 1000, &body));
+        let length = body.len().to_string();
+        let mut callout_headers = vec![
+            (headers::METHOD, "POST"),
+            (headers::PATH, target.url.path_and_query.as_str()),
+            (headers::AUTHORITY, target.url.authority.as_str()),
+            (
+                headers::SCHEME,
+                if target.url.https { "https" } else { "http" },
+            ),
+            (headers::CONTENT_TYPE, "application/json"),
+            (headers::CONTENT_LENGTH, length.as_str()),
+            (headers::USER_AGENT, USER_AGENT),
+            (headers::WEBHOOK_ID, &delivery.event_id),
+            (headers::WEBHOOK_TIMESTAMP, timestamp.as_str()),
+        ];
+        if let Some(signature) = &signature {
+            callout_headers.push((headers::WEBHOOK_SIGNATURE, signature.as_str()));
+        }
+        let result = host.dispatch(Callout {
+            cluster: target.cluster,
+            headers: callout_headers,
+            body: &body,
+            timeout_ms: plan.delivery.timeout_ms,
+        });
+        self.metrics.deliveries_attempted.inc(host);
+        match result {
+            Ok(token) => Some((
+                token,
+                Attempt {
+                    delivery,
+                    lane: target.key,
+                },
+            )),
+            Err(refused) => {
+                let reason = refused.reason(target.cluster);
+                self.settle(
+                    host,
+                    delivery,
+                    &AttemptOutcome::NoResponse { reason },
+                    now_ms,
+                );
+                None
+            }
+        }
+    }
+
+    /// The answer to an attempt. A new configuration may have moved or removed its lane since
+    /// it was sent: it is found again by its webhook id.
+    pub fn on_answer(
+        &mut self,
+        host: &dyn Host,
+        attempt: Attempt,
+        outcome: &AttemptOutcome,
+        now_ms: u64,
+    ) {
+        let Attempt { mut delivery, lane } = attempt;
+        let current = match &lane {
+            // Only an enabled webhook takes the attempt back; a disabled one gets nothing more.
+            LaneKey::Webhook(id) => self
+                .plan
+                .webhook_index(id)
+                .filter(|&i| self.plan.webhooks.get(i).is_some_and(|h| h.enabled))
+                .map(LaneId::Webhook),
+            LaneKey::DeadLetter => self
+                .plan
+                .delivery
+                .dead_letter
+                .as_ref()
+                .map(|_| LaneId::DeadLetter),
+        };
+        match current {
+            Some(lane_id) => {
+                delivery.lane = lane_id;
+                self.settle(host, delivery, outcome, now_ms);
+            }
+            None => self.settle_orphan(host, delivery, &lane, outcome, now_ms),
+        }
+    }
+
+    /// Applies an attempt's outcome: metrics, the log line of a final outcome, the retry.
+    fn settle(
+        &mut self,
+        host: &dyn Host,
+        delivery: Delivery,
+        outcome: &AttemptOutcome,
+        now_ms: u64,
+    ) {
+        let m = self.metrics;
+        let lane = delivery.lane;
+        let is_dead_letter = lane == LaneId::DeadLetter;
+        let plan = Rc::clone(&self.plan);
+        let name = lane_name(&plan, lane);
+        let (event_id, attempts) = (Rc::clone(&delivery.event_id), delivery.attempts);
+        // Jitter is only drawn for a failure (a host call saved on every success).
+        let random = if outcome.is_success() {
+            0
+        } else {
+            host.random_u32()
+        };
+        let last = outcome.describe();
+        match self.outbox.finish(delivery, outcome, now_ms, random) {
+            Verdict::Delivered { .. } if is_dead_letter => {
+                m.dead_letters_delivered.inc(host);
+                log(host, LogLevel::Info, || {
+                    format!("dead letter stored: event={event_id} attempts={attempts}")
+                });
+            }
+            Verdict::Delivered { latency_ms } => {
+                m.deliveries_succeeded.inc(host);
+                m.delivery_latency_ms.record(host, latency_ms);
+                // A first-attempt success is a debug line: at info, one line per delivery costs
+                // a fifth of the filter's CPU per event. A delivery that needed retries is info.
+                let level = if attempts > 1 {
+                    LogLevel::Info
+                } else {
+                    LogLevel::Debug
+                };
+                log(host, level, || {
+                    format!("delivered: event={event_id} webhook={name} attempts={attempts} latency_ms={latency_ms}")
+                });
+            }
+            Verdict::Retry { at_ms } => {
+                m.deliveries_failed.inc(host);
+                m.deliveries_retried.inc(host);
+                log(host, LogLevel::Info, || {
+                    format!(
+                        "attempt failed, will retry: event={event_id} webhook={name} attempts={attempts} last={last} retry_in_ms={}",
+                        at_ms.saturating_sub(now_ms)
+                    )
+                });
+            }
+            Verdict::Exhausted(failed) if is_dead_letter => {
+                m.deliveries_failed.inc(host);
+                self.dead_letter_lost(host, &failed, &format!("last={last}"));
+            }
+            Verdict::Exhausted(failed) => {
+                m.deliveries_failed.inc(host);
+                m.deliveries_exhausted.inc(host);
+                log(host, LogLevel::Error, || {
+                    format!("delivery failed for good: event={event_id} webhook={name} attempts={attempts} last={last}")
+                });
+                self.dead_letter(host, &failed, DeadLetterReason::Exhausted, now_ms);
+            }
+            Verdict::Gone { dropped } => {
+                m.deliveries_failed.inc(host);
+                m.webhooks_disabled_gone.inc(host);
+                log(host, LogLevel::Warn, || {
+                    format!("webhook {name} answered 410 Gone: disabled until the configuration changes")
+                });
+                for d in &dropped {
+                    m.deliveries_dropped_webhook_gone.inc(host);
+                    log(host, LogLevel::Error, || {
+                        format!("delivery dropped: event={} webhook={name} reason=the webhook answered 410 Gone", d.event_id)
+                    });
+                    self.dead_letter(host, d, DeadLetterReason::WebhookGone, now_ms);
+                }
+            }
+        }
+        match self.outbox.take_circuit_change() {
+            Some(CircuitChange::Opened) => {
+                m.circuits_opened.inc(host);
+                log(host, LogLevel::Warn, || {
+                    format!("circuit opened for webhook {name}: its queue waits, one probe per backoff period")
+                });
+            }
+            Some(CircuitChange::Closed) => log(host, LogLevel::Info, || {
+                format!("circuit closed for webhook {name}")
+            }),
+            None => {}
+        }
+        self.report_gauges(host);
+    }
+
+    /// The answer to an attempt whose lane a new configuration removed or disabled while it was
+    /// out: a success still counts; a failure is not retried, and is dropped with a trace.
+    fn settle_orphan(
+        &mut self,
+        host: &dyn Host,
+        delivery: Delivery,
+        lane: &LaneKey,
+        outcome: &AttemptOutcome,
+        now_ms: u64,
+    ) {
+        self.outbox.release_orphan(&delivery);
+        let m = self.metrics;
+        let (event_id, attempts) = (&delivery.event_id, delivery.attempts);
+        match (outcome.is_success(), lane) {
+            (true, LaneKey::DeadLetter) => {
+                m.dead_letters_delivered.inc(host);
+                log(host, LogLevel::Info, || {
+                    format!("dead letter stored: event={event_id} attempts={attempts}")
+                });
+            }
+            (true, LaneKey::Webhook(id)) => {
+                let latency_ms = now_ms.saturating_sub(delivery.created_at_ms);
+                m.deliveries_succeeded.inc(host);
+                m.delivery_latency_ms.record(host, latency_ms);
+                log(host, LogLevel::Info, || {
+                    format!("delivered: event={event_id} webhook={id} attempts={attempts} latency_ms={latency_ms}")
+                });
+            }
+            (false, LaneKey::DeadLetter) => {
+                m.deliveries_failed.inc(host);
+                self.dead_letter_lost(
+                    host,
+                    &delivery,
+                    &format!(
+                        "reason=delivery.deadLetter was removed by a new configuration last={}",
+                        outcome.describe()
+                    ),
+                );
+            }
+            (false, LaneKey::Webhook(id)) => {
+                m.deliveries_failed.inc(host);
+                m.deliveries_dropped_webhook_removed.inc(host);
+                log(host, LogLevel::Warn, || {
+                    format!(
+                        "delivery dropped: event={event_id} webhook={id} reason=the webhook was removed or disabled by a new configuration last={}",
+                        outcome.describe()
+                    )
+                });
+            }
+        }
+        self.report_gauges(host);
+    }
+
+    /// Moves this worker onto a new plan. Queued deliveries to webhooks that are gone are
+    /// dropped, and queued dead letters with no dead-letter endpoint left are lost: each is
+    /// logged and counted.
+    pub fn adopt(&mut self, host: &dyn Host, plan: Plan) {
+        let old = Rc::clone(&self.plan);
+        let new_index = |i: usize| {
+            let id = &old.webhooks.get(i)?.id;
+            plan.webhook_index(id)
+                .filter(|&j| plan.webhooks.get(j).is_some_and(|h| h.enabled))
+        };
+        let dropped =
+            self.outbox
+                .reconfigure(plan.webhooks.len(), new_index, plan.delivery.outbox.clone());
+        for d in dropped {
+            self.metrics.deliveries_dropped_webhook_removed.inc(host);
+            let name = lane_name(&old, d.lane).to_string();
+            log(host, LogLevel::Warn, || {
+                format!(
+                    "delivery dropped: event={} webhook={name} reason=the webhook was removed or disabled by a new configuration",
+                    d.event_id
+                )
+            });
+        }
+        if plan.delivery.dead_letter.is_none() {
+            for d in self.outbox.drain_queued(LaneId::DeadLetter) {
+                self.dead_letter_lost(
+                    host,
+                    &d,
+                    "reason=delivery.deadLetter was removed by a new configuration",
+                );
+            }
+        }
+        self.plan = Rc::new(plan);
+        self.ring(host);
+        self.report_gauges(host);
+    }
+}

@@ -1,0 +1,353 @@
+//! The glue's decisions, against a host that answers as a broken or hostile one would.
+
+use super::host::{DispatchRefused, LogLevel};
+use super::testing::{FakeHost, SIGNING_KEY};
+use super::worker::{Attempt, Worker};
+use crate::config::Plan;
+use crate::delivery::AttemptOutcome;
+use crate::headers::serialize_map;
+use crate::stream::{header_pairs, Stream};
+use serde_json::{json, Value};
+
+const ORG: &str = "657bf08c202997ba9d127922";
+const OTHER_ORG: &str = "657bf08c202997ba9d127923";
+
+fn webhook(n: usize, org: &str) -> Value {
+    json!({
+        "id": format!("{n:024x}"),
+        "organisationId": org,
+        "name": format!("hook {n}"),
+        "url": format!("https://hook{n}.example.com/in"),
+        "status": "enabled",
+        "events": ["job.completed"],
+        "apiKey": SIGNING_KEY,
+    })
+}
+
+fn config(webhooks: Vec<Value>, delivery: Value) -> Value {
+    let mut d = json!({
+        "cluster": "egress",
+        "timeoutMs": 1000,
+        "retrySchedule": ["1s", "2s"],
+    });
+    for (k, v) in delivery.as_object().unwrap() {
+        d[k] = v.clone();
+    }
+    json!({
+        "events": [{
+            "type": "job.completed",
+            "objectType": "job",
+            "match": {"methods": ["POST"], "path": "/jobs/{jobId}/complete", "status": [200]},
+            "when": [{"pointer": "/status", "equals": "completed"}],
+            "object": "",
+            "organisationId": {"header": "x-organisation-id"}
+        }],
+        "webhooks": webhooks,
+        "delivery": d,
+    })
+}
+
+fn plan(config: &Value) -> Plan {
+    Plan::from_json(config.to_string().as_bytes(), &|_| None).expect("valid test config")
+}
+
+/// Runs one job completion through the pipeline into the worker.
+fn complete(host: &FakeHost, worker: &mut Worker, org: &[u8], body: &[u8], now: u64) {
+    let plan = worker.plan().clone();
+    let mut stream = Stream::new();
+    let request = serialize_map(&[
+        (b":method", b"POST"),
+        (b":path", b"/jobs/j1/complete"),
+        (b"x-organisation-id", org),
+    ]);
+    stream.on_request_headers(&plan, &header_pairs(&request));
+    let response = serialize_map(&[(b":status", b"200")]);
+    assert!(stream.on_response_headers(&plan, &header_pairs(&response)));
+    assert_eq!(stream.on_response_body(&plan, body), None);
+    let mut n = 0u8;
+    for outcome in stream.finish(&plan, now, || {
+        n += 1;
+        [n; 8]
+    }) {
+        worker.on_stream_outcome(host, outcome, now);
+    }
+}
+
+fn answer(code: &[u8]) -> AttemptOutcome {
+    let map = serialize_map(&[(b":status", code)]);
+    AttemptOutcome::from_answer(1, Some(&header_pairs(&map)))
+}
+
+#[test]
+fn a_callout_that_failed_before_its_headers_is_retried_not_trapped() {
+    let host = FakeHost::default();
+    let mut worker = Worker::new(
+        &host,
+        plan(&config(vec![webhook(1, ORG)], json!({}))),
+        Some(1),
+    );
+    complete(
+        &host,
+        &mut worker,
+        ORG.as_bytes(),
+        br#"{"status":"completed"}"#,
+        1_000,
+    );
+    let mut out = worker.pump(&host, 1_000);
+    assert_eq!(out.len(), 1);
+    let (_, attempt) = out.remove(0);
+    // headers == 0: Envoy reports a reset or a timeout mid-answer this way.
+    let outcome = AttemptOutcome::from_answer(0, None);
+    worker.on_answer(&host, attempt, &outcome, 1_010);
+    assert_eq!(host.metric("deliveries_retried"), 1);
+    assert_eq!(host.logged(LogLevel::Info, "will retry"), 1);
+    assert_eq!(worker.outbox().queued(), 1, "still held for its retry");
+    // The retry goes out on schedule and succeeds.
+    let mut out = worker.pump(&host, 1_010 + 1_000);
+    let (_, attempt) = out.remove(0);
+    worker.on_answer(&host, attempt, &answer(b"204"), 2_100);
+    assert_eq!(host.metric("deliveries_succeeded"), 1);
+    assert_eq!(host.metric("outbox_depth"), 0);
+}
+
+#[test]
+fn an_answer_without_a_valid_status_is_a_failed_attempt() {
+    let host = FakeHost::default();
+    let mut worker = Worker::new(&host, plan(&config(vec![webhook(1, ORG)], json!({}))), None);
+    complete(
+        &host,
+        &mut worker,
+        ORG.as_bytes(),
+        br#"{"status":"completed"}"#,
+        0,
+    );
+    let (_, attempt) = worker.pump(&host, 0).remove(0);
+    worker.on_answer(&host, attempt, &answer(b"\xff\xfe\xfd"), 5);
+    assert_eq!(host.metric("deliveries_retried"), 1);
+    assert_eq!(host.logged(LogLevel::Info, "invalid :status"), 1);
+}
+
+#[test]
+fn a_refused_dispatch_is_retried_and_logs_the_real_reason() {
+    let host = FakeHost::default();
+    let mut worker = Worker::new(&host, plan(&config(vec![webhook(1, ORG)], json!({}))), None);
+    complete(
+        &host,
+        &mut worker,
+        ORG.as_bytes(),
+        br#"{"status":"completed"}"#,
+        0,
+    );
+    *host.refuse.borrow_mut() = Some(DispatchRefused::BadArgument);
+    assert!(worker.pump(&host, 0).is_empty());
+    assert_eq!(host.metric("deliveries_retried"), 1);
+    assert_eq!(
+        host.logged(LogLevel::Info, "has no host for this authority yet"),
+        1
+    );
+    assert_eq!(worker.outbox().queued(), 1);
+    assert_eq!(worker.outbox().attempts_out(), 0);
+}
+
+#[test]
+fn an_organisation_header_that_is_not_utf8_makes_no_event() {
+    let host = FakeHost::default();
+    let mut worker = Worker::new(&host, plan(&config(vec![webhook(1, ORG)], json!({}))), None);
+    complete(
+        &host,
+        &mut worker,
+        b"caf\xe9",
+        br#"{"status":"completed"}"#,
+        0,
+    );
+    assert_eq!(host.metric("events_emitted"), 0);
+    assert_eq!(host.metric("events_bad_organisation"), 1);
+    assert_eq!(host.logged(LogLevel::Warn, "not UTF-8 (bytes 636166e9)"), 1);
+    assert!(worker.pump(&host, 0).is_empty());
+}
+
+#[test]
+fn one_event_holds_one_copy_of_its_envelope_for_all_its_webhooks() {
+    let host = FakeHost::default();
+    let hooks = (1..=8).map(|n| webhook(n, ORG)).collect();
+    let mut worker = Worker::new(&host, plan(&config(hooks, json!({}))), None);
+    let big = format!(
+        r#"{{"status":"completed","blob":"{}"}}"#,
+        "x".repeat(100_000)
+    );
+    complete(&host, &mut worker, ORG.as_bytes(), big.as_bytes(), 0);
+    assert_eq!(worker.outbox().queued(), 8);
+    let bytes = worker.outbox().queued_bytes();
+    assert!((100_000..110_000).contains(&bytes), "{bytes}");
+    assert_eq!(host.metric("outbox_bytes"), bytes as i64);
+    // Each webhook still gets its own webhookId, signed.
+    let out = worker.pump(&host, 0);
+    let sent = host.take_sent();
+    assert_eq!(sent.len(), 8);
+    for (i, s) in sent.iter().enumerate() {
+        assert_eq!(s.cluster, "egress");
+        let v: Value = serde_json::from_slice(&s.body).unwrap();
+        assert_eq!(v["webhookId"], format!("{:024x}", i + 1));
+        assert!(s.headers.iter().any(|(k, _)| k == "webhook-signature"));
+    }
+    for (_, attempt) in out {
+        worker.on_answer(&host, attempt, &answer(b"200"), 1);
+    }
+    assert_eq!(
+        (worker.outbox().queued(), worker.outbox().queued_bytes()),
+        (0, 0)
+    );
+    assert_eq!(host.metric("outbox_bytes"), 0);
+}
+
+#[test]
+fn the_byte_bound_drops_with_a_trace_and_another_organisation_still_gets_in() {
+    let host = FakeHost::default();
+    let hooks = vec![webhook(1, ORG), webhook(2, OTHER_ORG)];
+    let mut worker = Worker::new(
+        &host,
+        plan(&config(hooks, json!({"maxInFlightPerWebhook": 1}))),
+        None,
+    );
+    // Stand-in bound: what the configuration will read as maxQueuedBytes.
+    let mut settings = worker.plan().delivery.outbox.clone();
+    settings.max_queued_bytes = 350_000;
+    let mut cfg = worker.plan().delivery.clone();
+    cfg.outbox = settings;
+    let mut p = plan(&config(
+        vec![webhook(1, ORG), webhook(2, OTHER_ORG)],
+        json!({"maxInFlightPerWebhook": 1}),
+    ));
+    p.delivery = cfg;
+    worker.adopt(&host, p);
+    let big = format!(
+        r#"{{"status":"completed","blob":"{}"}}"#,
+        "x".repeat(100_000)
+    );
+    for _ in 0..5 {
+        complete(&host, &mut worker, ORG.as_bytes(), big.as_bytes(), 0);
+    }
+    assert_eq!(
+        host.metric("deliveries_dropped.queue_full"),
+        2,
+        "3 × 100 KB fit in 350 KB"
+    );
+    assert_eq!(host.logged(LogLevel::Error, "reason=the outbox is full"), 2);
+    // The other organisation's webhook is below its fair share: room is made for it.
+    complete(&host, &mut worker, OTHER_ORG.as_bytes(), big.as_bytes(), 0);
+    assert_eq!(host.metric("deliveries_dropped.over_share"), 1);
+    assert_eq!(
+        host.logged(LogLevel::Error, "holds more than its fair share"),
+        1
+    );
+    assert_eq!(
+        worker
+            .outbox()
+            .lane_queued(crate::delivery::LaneId::Webhook(1))
+            .0,
+        1
+    );
+    assert!(worker.outbox().queued_bytes() <= 350_000);
+}
+
+fn with_dead_letter(extra: Value) -> Value {
+    let mut d = json!({
+        "deadLetter": {"url": "https://dlq.example.com/store"},
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        d[k] = v.clone();
+    }
+    d
+}
+
+fn exhaust(host: &FakeHost, worker: &mut Worker, mut now: u64) -> u64 {
+    loop {
+        let out = worker.pump(host, now);
+        if out.is_empty() {
+            return now;
+        }
+        for (_, attempt) in out {
+            worker.on_answer(host, attempt, &answer(b"500"), now);
+        }
+        now += 10_000;
+    }
+}
+
+#[test]
+fn dead_letters_queued_when_the_dead_letter_endpoint_is_removed_are_lost_loudly() {
+    let host = FakeHost::default();
+    let cfg = config(vec![webhook(1, ORG)], with_dead_letter(json!({})));
+    let mut worker = Worker::new(&host, plan(&cfg), None);
+    complete(
+        &host,
+        &mut worker,
+        ORG.as_bytes(),
+        br#"{"status":"completed"}"#,
+        0,
+    );
+    // Fail the delivery for good; the dead letter is queued, but not sent yet.
+    let mut now = 0;
+    for _ in 0..3 {
+        for (_, attempt) in worker.pump(&host, now) {
+            if let Attempt {
+                lane: super::worker::LaneKey::Webhook(_),
+                ..
+            } = &attempt
+            {
+                worker.on_answer(&host, attempt, &answer(b"500"), now);
+            }
+        }
+        now += 10_000;
+    }
+    assert_eq!(host.metric("deliveries_exhausted"), 1);
+    assert_eq!(worker.outbox().queued(), 1, "the dead letter waits");
+    worker.adopt(&host, plan(&config(vec![webhook(1, ORG)], json!({}))));
+    assert_eq!(host.metric("dead_letters_failed"), 1);
+    assert_eq!(
+        host.logged(LogLevel::Critical, "dead letter could not be stored"),
+        1
+    );
+    assert_eq!(worker.outbox().queued(), 0);
+}
+
+#[test]
+fn a_dead_letter_store_that_answers_410_is_retried_then_lost_loudly() {
+    let host = FakeHost::default();
+    let cfg = config(vec![webhook(1, ORG)], with_dead_letter(json!({})));
+    let mut worker = Worker::new(&host, plan(&cfg), None);
+    complete(
+        &host,
+        &mut worker,
+        ORG.as_bytes(),
+        br#"{"status":"completed"}"#,
+        0,
+    );
+    let mut now = 0;
+    loop {
+        let out = worker.pump(&host, now);
+        if out.is_empty() && worker.outbox().queued() == 0 {
+            break;
+        }
+        for (_, attempt) in out {
+            let code: &[u8] = match attempt.lane {
+                super::worker::LaneKey::DeadLetter => b"410",
+                _ => b"500",
+            };
+            worker.on_answer(&host, attempt, &answer(code), now);
+        }
+        now += 10_000;
+        assert!(now < 1_000_000, "the dead letter never settled");
+    }
+    assert_eq!(
+        host.metric("webhooks_disabled_gone"),
+        0,
+        "the store is not a webhook"
+    );
+    assert_eq!(host.metric("deliveries_dropped.webhook_gone"), 0);
+    assert_eq!(host.metric("dead_letters_failed"), 1);
+    assert_eq!(
+        host.logged(LogLevel::Critical, "dead letter could not be stored"),
+        1
+    );
+    let _ = exhaust(&host, &mut worker, now);
+}

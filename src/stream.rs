@@ -1,0 +1,225 @@
+//! The per-stream pipeline: what the filter does with one HTTP stream, from the request headers
+//! to the events its response makes. Pure: the glue hands it what Envoy shows (header maps as
+//! bytes, body chunks) and turns what comes back into log lines, metrics and fan-out.
+//!
+//! A stream no rule can match stops at the request headers; a candidate's body is copied, never
+//! held, so the client's answer is never paused or changed.
+
+use crate::body::{BodyBuffer, BodyError, Encoding};
+use crate::config::Plan;
+use crate::event::{Event, EventId};
+use crate::headers::{self, Pairs};
+use crate::rules::{Evaluation, RequestFacts};
+
+#[derive(Debug, Default)]
+enum State {
+    /// No rule can match this stream: nothing more is done.
+    #[default]
+    Ignored,
+    /// Rules (by index) that matched the request, with the facts each needs.
+    Candidate { rules: Vec<(usize, RequestFacts)> },
+    /// The status matched too: the body is being copied.
+    Collecting {
+        rules: Vec<(usize, RequestFacts)>,
+        body: BodyBuffer,
+        encoding: Encoding,
+    },
+}
+
+/// Why a candidate response made no event (each is logged and counted by the glue).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoEvent {
+    /// Over `delivery.maxBodyBytes`, as received or once decoded.
+    BodyTooLarge {
+        limit: usize,
+    },
+    BodyUndecodable(String),
+    BodyNotJson(String),
+    NoOrganisation {
+        event_type: String,
+    },
+    OrganisationNotUtf8 {
+        event_type: String,
+        preview: String,
+    },
+    OrganisationRepeated {
+        event_type: String,
+    },
+    BadObject {
+        event_type: String,
+        pointer: String,
+    },
+}
+
+/// What the end of a candidate stream produced.
+#[derive(Debug)]
+pub enum StreamOutcome {
+    Event(Event),
+    NoEvent(NoEvent),
+}
+
+/// One stream's progress through the pipeline.
+#[derive(Debug, Default)]
+pub struct Stream {
+    state: State,
+}
+
+impl Stream {
+    pub fn new() -> Self {
+        Stream::default()
+    }
+
+    /// Whether the response body is wanted.
+    pub fn is_collecting(&self) -> bool {
+        matches!(self.state, State::Collecting { .. })
+    }
+
+    /// The request headers: which rules can still match, and the facts they need. A `:method`
+    /// or `:path` that is not UTF-8 matches no rule.
+    pub fn on_request_headers(&mut self, plan: &Plan, request: &[(&[u8], &[u8])]) {
+        let method =
+            headers::first(request, headers::METHOD).and_then(|m| std::str::from_utf8(m).ok());
+        let path = headers::first(request, headers::PATH).and_then(|p| std::str::from_utf8(p).ok());
+        let (Some(method), Some(path)) = (method, path) else {
+            return;
+        };
+        let rules: Vec<(usize, RequestFacts)> = plan
+            .rules
+            .iter()
+            .enumerate()
+            .filter(|(_, rule)| rule.matches_request(method, path))
+            .map(|(i, rule)| {
+                (
+                    i,
+                    rule.request_facts(path, |name| headers::lookup(request, name)),
+                )
+            })
+            .collect();
+        if !rules.is_empty() {
+            self.state = State::Candidate { rules };
+        }
+    }
+
+    /// The response headers: a candidate whose status matches starts copying the body.
+    /// Returns whether it did.
+    pub fn on_response_headers(&mut self, plan: &Plan, response: &[(&[u8], &[u8])]) -> bool {
+        let State::Candidate { rules } = std::mem::take(&mut self.state) else {
+            return false;
+        };
+        let Some(status) =
+            headers::first(response, headers::STATUS).and_then(headers::parse_status)
+        else {
+            return false;
+        };
+        let rules: Vec<_> = rules
+            .into_iter()
+            .filter(|(i, _)| plan.rules.get(*i).is_some_and(|r| r.matches_status(status)))
+            .collect();
+        if rules.is_empty() {
+            return false;
+        }
+        let encoding = headers::first(response, headers::CONTENT_ENCODING)
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        self.state = State::Collecting {
+            rules,
+            body: BodyBuffer::new(plan.delivery.max_body_bytes),
+            encoding: Encoding::from_header(encoding.as_deref()),
+        };
+        true
+    }
+
+    /// One chunk of the response body. Past the limit the copy is dropped and the stream gives
+    /// up: that is reported once.
+    pub fn on_response_body(&mut self, plan: &Plan, chunk: &[u8]) -> Option<NoEvent> {
+        let State::Collecting { body, .. } = &mut self.state else {
+            return None;
+        };
+        if body.push(chunk) {
+            return None;
+        }
+        self.state = State::Ignored;
+        Some(NoEvent::BodyTooLarge {
+            limit: plan.delivery.max_body_bytes,
+        })
+    }
+
+    /// The end of the response: the body is parsed and each candidate rule makes its event, or
+    /// says why not. `random` gives the 8 random bytes of each event id.
+    pub fn finish(
+        &mut self,
+        plan: &Plan,
+        now_ms: u64,
+        mut random: impl FnMut() -> [u8; 8],
+    ) -> Vec<StreamOutcome> {
+        let State::Collecting {
+            rules,
+            body,
+            encoding,
+        } = std::mem::take(&mut self.state)
+        else {
+            return Vec::new();
+        };
+        let json = match body.parse(&encoding) {
+            Ok(json) => json,
+            Err(BodyError::TooLarge) => {
+                return vec![StreamOutcome::NoEvent(NoEvent::BodyTooLarge {
+                    limit: plan.delivery.max_body_bytes,
+                })]
+            }
+            Err(BodyError::Undecodable(why)) => {
+                return vec![StreamOutcome::NoEvent(NoEvent::BodyUndecodable(why))]
+            }
+            Err(BodyError::NotJson(why)) => {
+                return vec![StreamOutcome::NoEvent(NoEvent::BodyNotJson(why))]
+            }
+        };
+        let mut outcomes = Vec::new();
+        for (index, facts) in &rules {
+            let Some(rule) = plan.rules.get(*index) else {
+                continue;
+            };
+            let event_type = || rule.event_type.clone();
+            let outcome = match rule.evaluate(facts, &json) {
+                Evaluation::Matched {
+                    organisation_id,
+                    object,
+                } => StreamOutcome::Event(Event::new(
+                    EventId::new(now_ms / 1000, random()),
+                    &rule.event_type,
+                    &rule.object_type,
+                    &organisation_id,
+                    object,
+                    now_ms,
+                )),
+                Evaluation::ConditionsNotMet => continue,
+                Evaluation::NoOrganisation => StreamOutcome::NoEvent(NoEvent::NoOrganisation {
+                    event_type: event_type(),
+                }),
+                Evaluation::OrganisationNotUtf8(preview) => {
+                    StreamOutcome::NoEvent(NoEvent::OrganisationNotUtf8 {
+                        event_type: event_type(),
+                        preview,
+                    })
+                }
+                Evaluation::OrganisationRepeated => {
+                    StreamOutcome::NoEvent(NoEvent::OrganisationRepeated {
+                        event_type: event_type(),
+                    })
+                }
+                Evaluation::ObjectNotFound | Evaluation::ObjectNotAnObject => {
+                    StreamOutcome::NoEvent(NoEvent::BadObject {
+                        event_type: event_type(),
+                        pointer: rule.object_pointer.clone(),
+                    })
+                }
+            };
+            outcomes.push(outcome);
+        }
+        outcomes
+    }
+}
+
+/// Parses a host header map, treating a malformed one as empty (it then matches nothing).
+pub fn header_pairs(serialized: &[u8]) -> Pairs<'_> {
+    headers::parse_map(serialized).unwrap_or_default()
+}
