@@ -1,0 +1,440 @@
+//! Compilation: the raw configuration checked for meaning (URLs, keys, rules, subscriptions)
+//! and turned into the immutable [`Plan`].
+
+use super::raw::{RawConfig, RawDelivery, RawOrganisation, RawRule, RawWebhook};
+use super::{ConfigError, DeadLetter, DeliverySettings, Plan, Webhook};
+use crate::delivery::{OutboxSettings, RetryPolicy};
+use crate::rules::{
+    validate_json_pointer, Check, Condition, EventRule, MethodSet, OrganisationSource, PathTemplate,
+};
+use crate::signature::SigningKey;
+use crate::url::WebhookUrl;
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+
+pub(super) fn compile(
+    raw: RawConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Plan, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    let delivery = compile_delivery(&raw.delivery, env, &mut errors);
+
+    if raw.events.is_empty() {
+        errors.push(ConfigError::new("events", "must list at least one rule"));
+    }
+    let rules: Vec<EventRule> = raw
+        .events
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| compile_rule(r, &format!("events[{i}]"), &mut errors))
+        .collect();
+    let emitted = &raw.event_types;
+
+    let mut seen_ids = HashSet::new();
+    let mut webhooks = Vec::new();
+    for (i, w) in raw.webhooks.iter().enumerate() {
+        let at = format!("webhooks[{i}]");
+        if !seen_ids.insert(w.id.as_str()) {
+            errors.push(ConfigError::new(
+                format!("{at}.id"),
+                format!("duplicate webhook id {}", w.id),
+            ));
+        }
+        if let Some(webhook) = compile_webhook(w, &at, &raw.delivery, emitted, env, &mut errors) {
+            webhooks.push(webhook);
+        }
+    }
+
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let mut subscribers: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
+    for (i, w) in webhooks.iter().enumerate().filter(|(_, w)| w.enabled) {
+        for event_type in &w.events {
+            subscribers
+                .entry(event_type.clone())
+                .or_default()
+                .entry(w.organisation_id.clone())
+                .or_default()
+                .push(i);
+        }
+    }
+    Ok(Plan {
+        rules,
+        webhooks,
+        delivery,
+        subscribers,
+    })
+}
+
+fn compile_delivery(
+    raw: &RawDelivery,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<ConfigError>,
+) -> DeliverySettings {
+    let mut schedule = Vec::new();
+    for (i, s) in raw.retry_schedule.iter().enumerate() {
+        match parse_duration_ms(s) {
+            Ok(ms) => schedule.push(ms),
+            Err(e) => errors.push(ConfigError::new(format!("delivery.retrySchedule[{i}]"), e)),
+        }
+    }
+    let mut positive = |field: &str, value: u64, max: u64| {
+        if value == 0 || value > max {
+            errors.push(ConfigError::new(
+                format!("delivery.{field}"),
+                format!("must be between 1 and {max}"),
+            ));
+        }
+    };
+    positive("timeoutMs", raw.timeout_ms, 3_600_000);
+    positive("maxQueued", raw.max_queued as u64, 10_000_000);
+    positive("maxBodyBytes", raw.max_body_bytes as u64, 64 << 20);
+    positive(
+        "maxInFlightPerWebhook",
+        raw.max_in_flight_per_webhook as u64,
+        10_000,
+    );
+    if let Some(cluster) = &raw.cluster {
+        if cluster.is_empty() {
+            errors.push(ConfigError::new("delivery.cluster", "must not be empty"));
+        }
+    }
+    let dead_letter = raw.dead_letter.as_ref().and_then(|dl| {
+        let url = compile_url(&dl.url, "delivery.deadLetter.url", raw, errors);
+        let cluster = dl.cluster.clone().or_else(|| raw.cluster.clone());
+        if cluster.is_none() {
+            errors.push(ConfigError::new(
+                "delivery.deadLetter.cluster",
+                "required when delivery.cluster is not set",
+            ));
+        }
+        let key = match &dl.api_key {
+            None => None,
+            Some(value) => Some(compile_key(
+                value,
+                "delivery.deadLetter.apiKey",
+                env,
+                errors,
+            )?),
+        };
+        Some(DeadLetter {
+            url: url?,
+            cluster: cluster?,
+            key,
+        })
+    });
+    DeliverySettings {
+        timeout_ms: raw.timeout_ms,
+        max_body_bytes: raw.max_body_bytes,
+        outbox: OutboxSettings {
+            retry: RetryPolicy::new(schedule),
+            max_queued: raw.max_queued,
+            max_in_flight_per_webhook: raw.max_in_flight_per_webhook,
+            circuit_failures: (raw.circuit_failures > 0).then_some(raw.circuit_failures),
+        },
+        dead_letter,
+    }
+}
+
+/// Parses a delivery URL and applies the https and private-network rules of `delivery`.
+fn compile_url(
+    text: &str,
+    at: &str,
+    delivery: &RawDelivery,
+    errors: &mut Vec<ConfigError>,
+) -> Option<WebhookUrl> {
+    match WebhookUrl::parse(text) {
+        Ok(url) => {
+            let before = errors.len();
+            if !url.https && !delivery.allow_insecure_http {
+                errors.push(ConfigError::new(
+                    at,
+                    "must be an https URL (set delivery.allowInsecureHttp to allow http)",
+                ));
+            }
+            if let Some(class) = url
+                .private_host_reason()
+                .filter(|_| !delivery.allow_private_networks)
+            {
+                errors.push(ConfigError::new(
+                    at,
+                    format!("private or loopback address ({class}) is not allowed (set delivery.allowPrivateNetworks to allow it)"),
+                ));
+            }
+            (errors.len() == before).then_some(url)
+        }
+        Err(e) => {
+            errors.push(ConfigError::new(at, e));
+            None
+        }
+    }
+}
+
+/// A `whsec_` key given inline or as `{"env": "VARIABLE"}`.
+fn compile_key(
+    value: &Value,
+    at: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<SigningKey> {
+    let result = match value {
+        Value::String(inline) => SigningKey::parse(inline).map_err(|e| e.to_string()),
+        Value::Object(map) => match (map.get("env"), map.len()) {
+            (Some(Value::String(var)), 1) => match env(var) {
+                Some(value) => SigningKey::parse(value.trim())
+                    .map_err(|e| format!("environment variable {var}: {e}")),
+                None => Err(format!("environment variable {var} is not set")),
+            },
+            _ => Err("must be a whsec_ key or {\"env\": \"VARIABLE\"}".into()),
+        },
+        _ => Err("must be a whsec_ key or {\"env\": \"VARIABLE\"}".into()),
+    };
+    result
+        .map_err(|e| errors.push(ConfigError::new(at, e)))
+        .ok()
+}
+
+/// `"500ms"`, `"5s"`, `"2m"`, `"1h"`: a whole number and a unit, at most 24 hours.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let scale = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => {
+            return Err(format!(
+                "{text:?} must be a whole number followed by ms, s, m or h"
+            ))
+        }
+    };
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} must be a whole number followed by ms, s, m or h"))?;
+    match value.checked_mul(scale) {
+        Some(ms) if ms > 0 && ms <= 86_400_000 => Ok(ms),
+        _ => Err(format!("{text:?} must be more than 0 and at most 24h")),
+    }
+}
+
+fn is_event_type(t: &str) -> bool {
+    let word = |w: &str| {
+        w.starts_with(|c: char| c.is_ascii_lowercase())
+            && w.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    matches!(t.split_once('.'), Some((resource, event)) if word(resource) && word(event))
+}
+
+fn compile_rule(raw: &RawRule, at: &str, errors: &mut Vec<ConfigError>) -> Option<EventRule> {
+    let before = errors.len();
+    if !is_event_type(&raw.event_type) {
+        errors.push(ConfigError::new(
+            format!("{at}.type"),
+            format!(
+                "{:?} must follow {{resource}}.{{event}} in lowercase, e.g. job.completed",
+                raw.event_type
+            ),
+        ));
+    }
+    if raw.object_type.is_empty() {
+        errors.push(ConfigError::new(
+            format!("{at}.objectType"),
+            "must not be empty",
+        ));
+    }
+    let mut methods = MethodSet::default();
+    if raw.methods.is_empty() {
+        errors.push(ConfigError::new(
+            format!("{at}.match.methods"),
+            "must not be empty",
+        ));
+    }
+    for (i, m) in raw.methods.iter().enumerate() {
+        match MethodSet::bit(m) {
+            Some(bit) => methods.insert(bit),
+            None => errors.push(ConfigError::new(
+                format!("{at}.match.methods[{i}]"),
+                format!("{m:?} is not an uppercase HTTP method"),
+            )),
+        }
+    }
+    let path = PathTemplate::parse(&raw.path)
+        .map_err(|e| errors.push(ConfigError::new(format!("{at}.match.path"), e)))
+        .ok();
+    let statuses = match &raw.status {
+        None => (200..300).collect(),
+        Some(list) => {
+            if list.is_empty() {
+                errors.push(ConfigError::new(
+                    format!("{at}.match.status"),
+                    "must not be empty",
+                ));
+            }
+            for (i, s) in list.iter().enumerate() {
+                if !(100..600).contains(s) {
+                    errors.push(ConfigError::new(
+                        format!("{at}.match.status[{i}]"),
+                        "must be an HTTP status from 100 to 599",
+                    ));
+                }
+            }
+            list.clone()
+        }
+    };
+    let mut when = Vec::new();
+    for (i, c) in raw.when.iter().enumerate() {
+        let cat = format!("{at}.when[{i}]");
+        if let Err(e) = validate_json_pointer(&c.pointer) {
+            errors.push(ConfigError::new(format!("{cat}.pointer"), e));
+        }
+        let check = match (&c.equals, c.exists) {
+            (Some(v), None) => Check::Equals(v.clone()),
+            (None, Some(b)) => Check::Exists(b),
+            _ => {
+                errors.push(ConfigError::new(
+                    cat,
+                    "must have exactly one of equals or exists",
+                ));
+                continue;
+            }
+        };
+        when.push(Condition {
+            pointer: c.pointer.clone(),
+            check,
+        });
+    }
+    if let Err(e) = validate_json_pointer(&raw.object) {
+        errors.push(ConfigError::new(format!("{at}.object"), e));
+    }
+    let organisation = match &raw.organisation_id {
+        RawOrganisation::Header(name) => {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+            {
+                errors.push(ConfigError::new(
+                    format!("{at}.organisationId.header"),
+                    "must be a header name",
+                ));
+            }
+            OrganisationSource::Header(name.to_ascii_lowercase())
+        }
+        RawOrganisation::Pointer(p) => {
+            if let Err(e) = validate_json_pointer(p) {
+                errors.push(ConfigError::new(format!("{at}.organisationId.pointer"), e));
+            }
+            OrganisationSource::Pointer(p.clone())
+        }
+        RawOrganisation::PathParam(name) => {
+            if path.as_ref().is_some_and(|t| !t.has_capture(name)) {
+                errors.push(ConfigError::new(
+                    format!("{at}.organisationId.pathParam"),
+                    format!("match.path has no {{{name}}} capture"),
+                ));
+            }
+            OrganisationSource::PathParam(name.clone())
+        }
+    };
+    if errors.len() > before {
+        return None;
+    }
+    Some(EventRule {
+        event_type: raw.event_type.clone(),
+        object_type: raw.object_type.clone(),
+        methods,
+        path: path?,
+        statuses,
+        when,
+        object_pointer: raw.object.clone(),
+        organisation,
+    })
+}
+
+fn compile_webhook(
+    raw: &RawWebhook,
+    at: &str,
+    delivery: &RawDelivery,
+    emitted: &HashSet<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Webhook> {
+    let before = errors.len();
+    let mut err = |field: &str, message: String| {
+        errors.push(ConfigError::new(format!("{at}.{field}"), message))
+    };
+    if raw.id.len() != 24
+        || !raw
+            .id
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    {
+        err("id", "must be 24 lowercase hex digits".into());
+    }
+    if raw.organisation_id.is_empty() {
+        err("organisationId", "must not be empty".into());
+    }
+    if raw.name.trim().is_empty() {
+        err("name", "must not be empty".into());
+    }
+    let url = compile_url(&raw.url, &format!("{at}.url"), delivery, errors);
+    let mut err = |field: &str, message: String| {
+        errors.push(ConfigError::new(format!("{at}.{field}"), message))
+    };
+    let enabled = match raw.status.as_str() {
+        "enabled" => true,
+        "disabled" => false,
+        other => {
+            err(
+                "status",
+                format!("must be \"enabled\" or \"disabled\", not {other:?}"),
+            );
+            false
+        }
+    };
+    if raw.events.is_empty() {
+        err("events", "must not be empty".into());
+    }
+    for (i, e) in raw.events.iter().enumerate() {
+        if !emitted.contains(e.as_str()) {
+            err(
+                &format!("events[{i}]"),
+                format!("no rule in events[] emits {e:?}"),
+            );
+        } else if raw.events[..i].contains(e) {
+            err(&format!("events[{i}]"), format!("{e:?} is listed twice"));
+        }
+    }
+    let key = compile_key(&raw.api_key, &format!("{at}.apiKey"), env, errors);
+    let mut err = |field: &str, message: String| {
+        errors.push(ConfigError::new(format!("{at}.{field}"), message))
+    };
+    let cluster = raw.cluster.clone().or_else(|| delivery.cluster.clone());
+    match &cluster {
+        None => err(
+            "cluster",
+            "required when delivery.cluster is not set".into(),
+        ),
+        Some(c) if c.is_empty() => err("cluster", "must not be empty".into()),
+        Some(_) => {}
+    }
+    if errors.len() > before {
+        return None;
+    }
+    Some(Webhook {
+        id: raw.id.clone(),
+        organisation_id: raw.organisation_id.clone(),
+        name: raw.name.clone(),
+        description: raw.description.clone(),
+        url: url?,
+        enabled,
+        events: raw.events.clone(),
+        key: key?,
+        cluster: cluster?,
+    })
+}
