@@ -1,8 +1,9 @@
 //! Compilation: the raw configuration checked for meaning (URLs, keys, rules, subscriptions)
 //! and turned into the immutable [`Plan`].
 
+use super::errors::Errors;
 use super::raw::{RawConfig, RawDelivery, RawOrganisation, RawRule, RawWebhook};
-use super::{ConfigError, DeadLetter, DeliverySettings, Plan, Webhook};
+use super::{DeadLetter, DeliverySettings, Plan, Webhook};
 use crate::delivery::{OutboxSettings, RetryPolicy};
 use crate::rules::{
     validate_json_pointer, Check, Condition, EventRule, MethodSet, OrganisationSource, PathTemplate,
@@ -15,18 +16,18 @@ use std::collections::{HashMap, HashSet};
 pub(super) fn compile(
     raw: RawConfig,
     env: &dyn Fn(&str) -> Option<String>,
-) -> Result<Plan, Vec<ConfigError>> {
-    let mut errors = Vec::new();
-    let delivery = compile_delivery(&raw.delivery, env, &mut errors);
+    errors: &mut Errors,
+) -> Option<Plan> {
+    let delivery = compile_delivery(&raw.delivery, env, errors);
 
     if raw.events.is_empty() {
-        errors.push(ConfigError::new("events", "must list at least one rule"));
+        errors.push("events", "must list at least one rule");
     }
     let rules: Vec<EventRule> = raw
         .events
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| compile_rule(r, &format!("events[{i}]"), &mut errors))
+        .filter_map(|(i, r)| compile_rule(r, &format!("events[{i}]"), errors))
         .collect();
     let emitted = &raw.event_types;
 
@@ -35,18 +36,15 @@ pub(super) fn compile(
     for (i, w) in raw.webhooks.iter().enumerate() {
         let at = format!("webhooks[{i}]");
         if !seen_ids.insert(w.id.as_str()) {
-            errors.push(ConfigError::new(
-                format!("{at}.id"),
-                format!("duplicate webhook id {}", w.id),
-            ));
+            errors.push(format!("{at}.id"), format!("duplicate webhook id {}", w.id));
         }
-        if let Some(webhook) = compile_webhook(w, &at, &raw.delivery, emitted, env, &mut errors) {
+        if let Some(webhook) = compile_webhook(w, &at, &raw.delivery, emitted, env, errors) {
             webhooks.push(webhook);
         }
     }
 
     if !errors.is_empty() {
-        return Err(errors);
+        return None;
     }
     let mut subscribers: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
     for (i, w) in webhooks.iter().enumerate().filter(|(_, w)| w.enabled) {
@@ -59,7 +57,7 @@ pub(super) fn compile(
                 .push(i);
         }
     }
-    Ok(Plan {
+    Some(Plan {
         rules,
         webhooks,
         delivery,
@@ -70,21 +68,21 @@ pub(super) fn compile(
 fn compile_delivery(
     raw: &RawDelivery,
     env: &dyn Fn(&str) -> Option<String>,
-    errors: &mut Vec<ConfigError>,
+    errors: &mut Errors,
 ) -> DeliverySettings {
     let mut schedule = Vec::new();
     for (i, s) in raw.retry_schedule.iter().enumerate() {
         match parse_duration_ms(s) {
             Ok(ms) => schedule.push(ms),
-            Err(e) => errors.push(ConfigError::new(format!("delivery.retrySchedule[{i}]"), e)),
+            Err(e) => errors.push(format!("delivery.retrySchedule[{i}]"), e),
         }
     }
     let mut positive = |field: &str, value: u64, max: u64| {
         if value == 0 || value > max {
-            errors.push(ConfigError::new(
+            errors.push(
                 format!("delivery.{field}"),
                 format!("must be between 1 and {max}"),
-            ));
+            );
         }
     };
     positive("timeoutMs", raw.timeout_ms, 3_600_000);
@@ -97,17 +95,17 @@ fn compile_delivery(
     );
     if let Some(cluster) = &raw.cluster {
         if cluster.is_empty() {
-            errors.push(ConfigError::new("delivery.cluster", "must not be empty"));
+            errors.push("delivery.cluster", "must not be empty");
         }
     }
     let dead_letter = raw.dead_letter.as_ref().and_then(|dl| {
         let url = compile_url(&dl.url, "delivery.deadLetter.url", raw, errors);
         let cluster = dl.cluster.clone().or_else(|| raw.cluster.clone());
         if cluster.is_none() {
-            errors.push(ConfigError::new(
+            errors.push(
                 "delivery.deadLetter.cluster",
                 "required when delivery.cluster is not set",
-            ));
+            );
         }
         let key = match &dl.api_key {
             None => None,
@@ -142,30 +140,30 @@ fn compile_url(
     text: &str,
     at: &str,
     delivery: &RawDelivery,
-    errors: &mut Vec<ConfigError>,
+    errors: &mut Errors,
 ) -> Option<WebhookUrl> {
     match WebhookUrl::parse(text) {
         Ok(url) => {
-            let before = errors.len();
+            let mark = errors.mark();
             if !url.https && !delivery.allow_insecure_http {
-                errors.push(ConfigError::new(
+                errors.push(
                     at,
                     "must be an https URL (set delivery.allowInsecureHttp to allow http)",
-                ));
+                );
             }
             if let Some(class) = url
                 .private_host_reason()
                 .filter(|_| !delivery.allow_private_networks)
             {
-                errors.push(ConfigError::new(
+                errors.push(
                     at,
                     format!("private or loopback address ({class}) is not allowed (set delivery.allowPrivateNetworks to allow it)"),
-                ));
+                );
             }
-            (errors.len() == before).then_some(url)
+            errors.clean_since(mark).then_some(url)
         }
         Err(e) => {
-            errors.push(ConfigError::new(at, e));
+            errors.push(at, e);
             None
         }
     }
@@ -176,7 +174,7 @@ fn compile_key(
     value: &Value,
     at: &str,
     env: &dyn Fn(&str) -> Option<String>,
-    errors: &mut Vec<ConfigError>,
+    errors: &mut Errors,
 ) -> Option<SigningKey> {
     let result = match value {
         Value::String(inline) => SigningKey::parse(inline).map_err(|e| e.to_string()),
@@ -190,9 +188,7 @@ fn compile_key(
         },
         _ => Err("must be a whsec_ key or {\"env\": \"VARIABLE\"}".into()),
     };
-    result
-        .map_err(|e| errors.push(ConfigError::new(at, e)))
-        .ok()
+    result.map_err(|e| errors.push(at, e)).ok()
 }
 
 /// `"500ms"`, `"5s"`, `"2m"`, `"1h"`: a whole number and a unit, at most 24 hours.
@@ -230,57 +226,48 @@ fn is_event_type(t: &str) -> bool {
     matches!(t.split_once('.'), Some((resource, event)) if word(resource) && word(event))
 }
 
-fn compile_rule(raw: &RawRule, at: &str, errors: &mut Vec<ConfigError>) -> Option<EventRule> {
-    let before = errors.len();
+fn compile_rule(raw: &RawRule, at: &str, errors: &mut Errors) -> Option<EventRule> {
+    let mark = errors.mark();
     if !is_event_type(&raw.event_type) {
-        errors.push(ConfigError::new(
+        errors.push(
             format!("{at}.type"),
             format!(
                 "{:?} must follow {{resource}}.{{event}} in lowercase, e.g. job.completed",
                 raw.event_type
             ),
-        ));
+        );
     }
     if raw.object_type.is_empty() {
-        errors.push(ConfigError::new(
-            format!("{at}.objectType"),
-            "must not be empty",
-        ));
+        errors.push(format!("{at}.objectType"), "must not be empty");
     }
     let mut methods = MethodSet::default();
     if raw.methods.is_empty() {
-        errors.push(ConfigError::new(
-            format!("{at}.match.methods"),
-            "must not be empty",
-        ));
+        errors.push(format!("{at}.match.methods"), "must not be empty");
     }
     for (i, m) in raw.methods.iter().enumerate() {
         match MethodSet::bit(m) {
             Some(bit) => methods.insert(bit),
-            None => errors.push(ConfigError::new(
+            None => errors.push(
                 format!("{at}.match.methods[{i}]"),
                 format!("{m:?} is not an uppercase HTTP method"),
-            )),
+            ),
         }
     }
     let path = PathTemplate::parse(&raw.path)
-        .map_err(|e| errors.push(ConfigError::new(format!("{at}.match.path"), e)))
+        .map_err(|e| errors.push(format!("{at}.match.path"), e))
         .ok();
     let statuses = match &raw.status {
         None => (200..300).collect(),
         Some(list) => {
             if list.is_empty() {
-                errors.push(ConfigError::new(
-                    format!("{at}.match.status"),
-                    "must not be empty",
-                ));
+                errors.push(format!("{at}.match.status"), "must not be empty");
             }
             for (i, s) in list.iter().enumerate() {
                 if !(100..600).contains(s) {
-                    errors.push(ConfigError::new(
+                    errors.push(
                         format!("{at}.match.status[{i}]"),
                         "must be an HTTP status from 100 to 599",
-                    ));
+                    );
                 }
             }
             list.clone()
@@ -290,16 +277,13 @@ fn compile_rule(raw: &RawRule, at: &str, errors: &mut Vec<ConfigError>) -> Optio
     for (i, c) in raw.when.iter().enumerate() {
         let cat = format!("{at}.when[{i}]");
         if let Err(e) = validate_json_pointer(&c.pointer) {
-            errors.push(ConfigError::new(format!("{cat}.pointer"), e));
+            errors.push(format!("{cat}.pointer"), e);
         }
         let check = match (&c.equals, c.exists) {
             (Some(v), None) => Check::Equals(v.clone()),
             (None, Some(b)) => Check::Exists(b),
             _ => {
-                errors.push(ConfigError::new(
-                    cat,
-                    "must have exactly one of equals or exists",
-                ));
+                errors.push(cat, "must have exactly one of equals or exists");
                 continue;
             }
         };
@@ -309,7 +293,7 @@ fn compile_rule(raw: &RawRule, at: &str, errors: &mut Vec<ConfigError>) -> Optio
         });
     }
     if let Err(e) = validate_json_pointer(&raw.object) {
-        errors.push(ConfigError::new(format!("{at}.object"), e));
+        errors.push(format!("{at}.object"), e);
     }
     let organisation = match &raw.organisation_id {
         RawOrganisation::Header(name) => {
@@ -318,30 +302,30 @@ fn compile_rule(raw: &RawRule, at: &str, errors: &mut Vec<ConfigError>) -> Optio
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
             {
-                errors.push(ConfigError::new(
+                errors.push(
                     format!("{at}.organisationId.header"),
                     "must be a header name",
-                ));
+                );
             }
             OrganisationSource::Header(name.to_ascii_lowercase())
         }
         RawOrganisation::Pointer(p) => {
             if let Err(e) = validate_json_pointer(p) {
-                errors.push(ConfigError::new(format!("{at}.organisationId.pointer"), e));
+                errors.push(format!("{at}.organisationId.pointer"), e);
             }
             OrganisationSource::Pointer(p.clone())
         }
         RawOrganisation::PathParam(name) => {
             if path.as_ref().is_some_and(|t| !t.has_capture(name)) {
-                errors.push(ConfigError::new(
+                errors.push(
                     format!("{at}.organisationId.pathParam"),
                     format!("match.path has no {{{name}}} capture"),
-                ));
+                );
             }
             OrganisationSource::PathParam(name.clone())
         }
     };
-    if errors.len() > before {
+    if !errors.clean_since(mark) {
         return None;
     }
     Some(EventRule {
@@ -362,68 +346,62 @@ fn compile_webhook(
     delivery: &RawDelivery,
     emitted: &HashSet<String>,
     env: &dyn Fn(&str) -> Option<String>,
-    errors: &mut Vec<ConfigError>,
+    errors: &mut Errors,
 ) -> Option<Webhook> {
-    let before = errors.len();
-    let mut err = |field: &str, message: String| {
-        errors.push(ConfigError::new(format!("{at}.{field}"), message))
-    };
+    let mark = errors.mark();
     if raw.id.len() != 24
         || !raw
             .id
             .chars()
             .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
     {
-        err("id", "must be 24 lowercase hex digits".into());
+        errors.push(format!("{at}.id"), "must be 24 lowercase hex digits");
     }
     if raw.organisation_id.is_empty() {
-        err("organisationId", "must not be empty".into());
+        errors.push(format!("{at}.organisationId"), "must not be empty");
     }
     if raw.name.trim().is_empty() {
-        err("name", "must not be empty".into());
+        errors.push(format!("{at}.name"), "must not be empty");
     }
     let url = compile_url(&raw.url, &format!("{at}.url"), delivery, errors);
-    let mut err = |field: &str, message: String| {
-        errors.push(ConfigError::new(format!("{at}.{field}"), message))
-    };
     let enabled = match raw.status.as_str() {
         "enabled" => true,
         "disabled" => false,
         other => {
-            err(
-                "status",
+            errors.push(
+                format!("{at}.status"),
                 format!("must be \"enabled\" or \"disabled\", not {other:?}"),
             );
             false
         }
     };
     if raw.events.is_empty() {
-        err("events", "must not be empty".into());
+        errors.push(format!("{at}.events"), "must not be empty");
     }
     for (i, e) in raw.events.iter().enumerate() {
         if !emitted.contains(e.as_str()) {
-            err(
-                &format!("events[{i}]"),
+            errors.push(
+                format!("{at}.events[{i}]"),
                 format!("no rule in events[] emits {e:?}"),
             );
         } else if raw.events[..i].contains(e) {
-            err(&format!("events[{i}]"), format!("{e:?} is listed twice"));
+            errors.push(
+                format!("{at}.events[{i}]"),
+                format!("{e:?} is listed twice"),
+            );
         }
     }
     let key = compile_key(&raw.api_key, &format!("{at}.apiKey"), env, errors);
-    let mut err = |field: &str, message: String| {
-        errors.push(ConfigError::new(format!("{at}.{field}"), message))
-    };
     let cluster = raw.cluster.clone().or_else(|| delivery.cluster.clone());
     match &cluster {
-        None => err(
-            "cluster",
-            "required when delivery.cluster is not set".into(),
+        None => errors.push(
+            format!("{at}.cluster"),
+            "required when delivery.cluster is not set",
         ),
-        Some(c) if c.is_empty() => err("cluster", "must not be empty".into()),
+        Some(c) if c.is_empty() => errors.push(format!("{at}.cluster"), "must not be empty"),
         Some(_) => {}
     }
-    if errors.len() > before {
+    if !errors.clean_since(mark) {
         return None;
     }
     Some(Webhook {

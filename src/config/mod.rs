@@ -5,58 +5,17 @@ use crate::delivery::OutboxSettings;
 use crate::rules::EventRule;
 use crate::signature::SigningKey;
 use crate::url::WebhookUrl;
+use errors::Errors;
 use serde_json::Value;
 use std::collections::HashMap;
-use std::fmt;
 
 mod compile;
+mod errors;
 mod raw;
 mod reader;
 
 pub use compile::parse_duration_ms;
-
-/// One configuration error: the JSON path of the field and what is wrong with it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigError {
-    pub path: String,
-    pub message: String,
-}
-
-impl ConfigError {
-    fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError {
-            path: path.into(),
-            message: redact_keys(&message.into()),
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.path, self.message)
-    }
-}
-
-/// A key pasted into the wrong field would otherwise be echoed by serde's type errors.
-fn redact_keys(message: &str) -> String {
-    let mut out = String::with_capacity(message.len());
-    let mut rest = message;
-    while let Some(at) = rest.find(crate::signature::KEY_PREFIX) {
-        let after = &rest[at + crate::signature::KEY_PREFIX.len()..];
-        let end = after
-            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '+' || c == '/' || c == '='))
-            .unwrap_or(after.len());
-        out.push_str(&rest[..at]);
-        out.push_str(if end == 0 {
-            "whsec_"
-        } else {
-            "whsec_<redacted>"
-        });
-        rest = &after[end..];
-    }
-    out.push_str(rest);
-    out
-}
+pub use errors::ConfigError;
 
 // ---- the compiled plan ----------------------------------------------------------------------
 
@@ -114,11 +73,14 @@ impl Plan {
                 format!("invalid JSON ({e})"),
             )]
         })?;
-        let mut errors = Vec::new();
-        let raw = raw::read_config(&value, &mut errors);
-        match raw {
-            Some(raw) if errors.is_empty() => compile::compile(raw, env),
-            _ => Err(errors),
+        let mut errors = Errors::default();
+        let plan = match raw::read_config(&value, &mut errors) {
+            Some(raw) if errors.is_empty() => compile::compile(raw, env, &mut errors),
+            _ => None,
+        };
+        match plan {
+            Some(plan) if errors.is_empty() => Ok(plan),
+            _ => Err(errors.into_vec()),
         }
     }
 

@@ -1,8 +1,8 @@
 //! The raw readers: the configuration's JSON read into plain structs, with shapes and types
 //! checked and defaults filled in. What the values mean is checked when they are compiled.
 
+use super::errors::Errors;
 use super::reader::{fields, join};
-use super::ConfigError;
 use serde_json::Value;
 use std::collections::HashSet;
 
@@ -70,7 +70,7 @@ pub(super) struct RawDeadLetter {
     pub(super) api_key: Option<Value>,
 }
 
-pub(super) fn read_config(value: &Value, errors: &mut Vec<ConfigError>) -> Option<RawConfig> {
+pub(super) fn read_config(value: &Value, errors: &mut Errors) -> Option<RawConfig> {
     let mut f = fields(value, "", &["events", "webhooks", "delivery"], errors)?;
     let events_value = f.required("events");
     let events = f.array("events", events_value);
@@ -107,8 +107,8 @@ pub(super) fn read_config(value: &Value, errors: &mut Vec<ConfigError>) -> Optio
     .filter(|_| events.is_some() && webhooks.is_some())
 }
 
-fn read_rule(value: &Value, at: &str, errors: &mut Vec<ConfigError>) -> Option<RawRule> {
-    let before = errors.len();
+fn read_rule(value: &Value, at: &str, errors: &mut Errors) -> Option<RawRule> {
+    let mark = errors.mark();
     let mut f = fields(
         value,
         at,
@@ -187,7 +187,7 @@ fn read_rule(value: &Value, at: &str, errors: &mut Vec<ConfigError>) -> Option<R
     }
     let organisation_id =
         organisation_value.and_then(|o| read_organisation(o, &join(at, "organisationId"), errors));
-    if errors.len() > before {
+    if !errors.clean_since(mark) {
         return None;
     }
     Some(RawRule {
@@ -202,11 +202,7 @@ fn read_rule(value: &Value, at: &str, errors: &mut Vec<ConfigError>) -> Option<R
     })
 }
 
-fn read_organisation(
-    value: &Value,
-    at: &str,
-    errors: &mut Vec<ConfigError>,
-) -> Option<RawOrganisation> {
+fn read_organisation(value: &Value, at: &str, errors: &mut Errors) -> Option<RawOrganisation> {
     let mut f = fields(value, at, &["header", "pointer", "pathParam"], errors)?;
     let given: Vec<&str> = ["header", "pointer", "pathParam"]
         .into_iter()
@@ -214,10 +210,10 @@ fn read_organisation(
         .collect();
     let [source] = given.as_slice() else {
         let path = f.at.clone();
-        f.errors.push(ConfigError::new(
+        f.errors.push(
             path,
             "must have exactly one of header, pointer or pathParam",
-        ));
+        );
         return None;
     };
     let name = f.string(source)?;
@@ -228,7 +224,7 @@ fn read_organisation(
     })
 }
 
-fn read_webhook(value: &Value, at: &str, errors: &mut Vec<ConfigError>) -> Option<RawWebhook> {
+fn read_webhook(value: &Value, at: &str, errors: &mut Errors) -> Option<RawWebhook> {
     let known = [
         "id",
         "organisationId",
@@ -240,7 +236,7 @@ fn read_webhook(value: &Value, at: &str, errors: &mut Vec<ConfigError>) -> Optio
         "apiKey",
         "cluster",
     ];
-    let before = errors.len();
+    let mark = errors.mark();
     let mut f = fields(value, at, &known, errors)?;
     let id = f.string("id");
     let organisation_id = f.string("organisationId");
@@ -252,7 +248,7 @@ fn read_webhook(value: &Value, at: &str, errors: &mut Vec<ConfigError>) -> Optio
     let events = f.strings("events", events_value);
     let api_key = f.required("apiKey").cloned();
     let cluster = f.opt_string("cluster");
-    if f.errors.len() > before {
+    if !f.errors.clean_since(mark) {
         return None;
     }
     Some(RawWebhook {
@@ -268,7 +264,7 @@ fn read_webhook(value: &Value, at: &str, errors: &mut Vec<ConfigError>) -> Optio
     })
 }
 
-fn read_delivery(value: &Value, errors: &mut Vec<ConfigError>) -> Option<RawDelivery> {
+fn read_delivery(value: &Value, errors: &mut Errors) -> Option<RawDelivery> {
     let known = [
         "cluster",
         "timeoutMs",
@@ -281,7 +277,7 @@ fn read_delivery(value: &Value, errors: &mut Vec<ConfigError>) -> Option<RawDeli
         "circuitBreaker",
         "deadLetter",
     ];
-    let before = errors.len();
+    let mark = errors.mark();
     let mut f = fields(value, "delivery", &known, errors)?;
     let d = RawDelivery::default();
     let schedule_value = f.get("retrySchedule");
@@ -334,7 +330,7 @@ fn read_delivery(value: &Value, errors: &mut Vec<ConfigError>) -> Option<RawDeli
             api_key,
         });
     }
-    (errors.len() == before).then_some(delivery)
+    errors.clean_since(mark).then_some(delivery)
 }
 
 impl Default for RawDelivery {

@@ -1,14 +1,14 @@
 //! The JSON reader: walks a `serde_json::Value` by hand so that every error carries the exact
 //! path of its field, unknown fields are errors, and all errors are reported at once.
 
-use super::ConfigError;
+use super::errors::Errors;
 use serde_json::{Map, Value};
 
 /// One JSON object being read: its fields by name, its path, and where errors go.
 pub(super) struct Fields<'v, 'e> {
     pub(super) map: &'v Map<String, Value>,
     pub(super) at: String,
-    pub(super) errors: &'e mut Vec<ConfigError>,
+    pub(super) errors: &'e mut Errors,
 }
 
 pub(super) fn join(at: &str, key: &str) -> String {
@@ -24,10 +24,10 @@ pub(super) fn fields<'v, 'e>(
     value: &'v Value,
     at: &str,
     known: &[&str],
-    errors: &'e mut Vec<ConfigError>,
+    errors: &'e mut Errors,
 ) -> Option<Fields<'v, 'e>> {
     let Value::Object(map) = value else {
-        errors.push(ConfigError::new(at_or_root(at), "must be a JSON object"));
+        errors.push(at_or_root(at), "must be a JSON object");
         return None;
     };
     for key in map.keys().filter(|k| !known.contains(&k.as_str())) {
@@ -36,10 +36,10 @@ pub(super) fn fields<'v, 'e>(
             .map(|k| format!("`{k}`"))
             .collect::<Vec<_>>()
             .join(", ");
-        errors.push(ConfigError::new(
+        errors.push(
             join(at, key),
             format!("unknown field (expected one of {expected})"),
-        ));
+        );
     }
     Some(Fields {
         map,
@@ -76,7 +76,7 @@ impl<'v> Fields<'v, '_> {
 
     pub(super) fn fail(&mut self, key: &str, message: impl Into<String>) {
         let path = self.path(key);
-        self.errors.push(ConfigError::new(path, message));
+        self.errors.push(path, message);
     }
 
     /// A field's value; `null` counts as absent.
