@@ -1,6 +1,7 @@
 //! Compilation: the raw configuration checked for meaning (URLs, keys, rules, subscriptions)
 //! and turned into the immutable [`Plan`].
 
+use super::defaults;
 use super::errors::Errors;
 use super::raw::{RawConfig, RawDelivery, RawOrganisation, RawRule, RawWebhook};
 use super::{DeadLetter, DeliverySettings, Plan, Webhook};
@@ -77,22 +78,28 @@ fn compile_delivery(
             Err(e) => errors.push(format!("delivery.retrySchedule[{i}]"), e),
         }
     }
-    let mut positive = |field: &str, value: u64, max: u64| {
-        if value == 0 || value > max {
+    let limits = [
+        ("timeoutMs", raw.timeout_ms, defaults::TIMEOUT_MS_RANGE),
+        ("maxQueued", raw.max_queued, defaults::MAX_QUEUED_RANGE),
+        (
+            "maxBodyBytes",
+            raw.max_body_bytes,
+            defaults::MAX_BODY_BYTES_RANGE,
+        ),
+        (
+            "maxInFlightPerWebhook",
+            raw.max_in_flight_per_webhook,
+            defaults::MAX_IN_FLIGHT_PER_WEBHOOK_RANGE,
+        ),
+    ];
+    for (field, value, range) in limits {
+        if !range.contains(&value) {
             errors.push(
                 format!("delivery.{field}"),
-                format!("must be between 1 and {max}"),
+                format!("must be between {} and {}", range.start(), range.end()),
             );
         }
-    };
-    positive("timeoutMs", raw.timeout_ms, 3_600_000);
-    positive("maxQueued", raw.max_queued as u64, 10_000_000);
-    positive("maxBodyBytes", raw.max_body_bytes as u64, 64 << 20);
-    positive(
-        "maxInFlightPerWebhook",
-        raw.max_in_flight_per_webhook as u64,
-        10_000,
-    );
+    }
     if let Some(cluster) = &raw.cluster {
         if cluster.is_empty() {
             errors.push("delivery.cluster", "must not be empty");
@@ -124,15 +131,21 @@ fn compile_delivery(
     });
     DeliverySettings {
         timeout_ms: raw.timeout_ms,
-        max_body_bytes: raw.max_body_bytes,
+        max_body_bytes: to_usize(raw.max_body_bytes),
         outbox: OutboxSettings {
             retry: RetryPolicy::new(schedule),
-            max_queued: raw.max_queued,
-            max_in_flight_per_webhook: raw.max_in_flight_per_webhook,
+            max_queued: to_usize(raw.max_queued),
+            max_in_flight_per_webhook: to_usize(raw.max_in_flight_per_webhook),
             circuit_failures: (raw.circuit_failures > 0).then_some(raw.circuit_failures),
         },
         dead_letter,
     }
+}
+
+/// A count or size as the outbox keeps it. Checked bounds make it fit even a 32-bit `usize`
+/// (wasm32), where a plain cast would wrap 2^32 + 1 to 1; anything larger saturates.
+fn to_usize(value: u64) -> usize {
+    usize::try_from(value).unwrap_or(usize::MAX)
 }
 
 /// Parses a delivery URL and applies the https and private-network rules of `delivery`.
@@ -257,7 +270,7 @@ fn compile_rule(raw: &RawRule, at: &str, errors: &mut Errors) -> Option<EventRul
         .map_err(|e| errors.push(format!("{at}.match.path"), e))
         .ok();
     let statuses = match &raw.status {
-        None => (200..300).collect(),
+        None => defaults::STATUSES.collect(),
         Some(list) => {
             if list.is_empty() {
                 errors.push(format!("{at}.match.status"), "must not be empty");

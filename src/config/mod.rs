@@ -10,6 +10,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 
 mod compile;
+mod defaults;
 mod errors;
 mod raw;
 mod reader;

@@ -1,9 +1,10 @@
 //! The raw readers: the configuration's JSON read into plain structs, with shapes and types
 //! checked and defaults filled in. What the values mean is checked when they are compiled.
 
+use super::defaults;
 use super::errors::Errors;
 use super::reader::{fields, join};
-use serde_json::Value;
+use serde_json::{Map, Value};
 use std::collections::HashSet;
 
 pub(super) struct RawConfig {
@@ -55,9 +56,9 @@ pub(super) struct RawDelivery {
     pub(super) cluster: Option<String>,
     pub(super) timeout_ms: u64,
     pub(super) retry_schedule: Vec<String>,
-    pub(super) max_queued: usize,
-    pub(super) max_body_bytes: usize,
-    pub(super) max_in_flight_per_webhook: usize,
+    pub(super) max_queued: u64,
+    pub(super) max_body_bytes: u64,
+    pub(super) max_in_flight_per_webhook: u64,
     pub(super) allow_insecure_http: bool,
     pub(super) allow_private_networks: bool,
     pub(super) circuit_failures: u32,
@@ -76,10 +77,9 @@ pub(super) fn read_config(value: &Value, errors: &mut Errors) -> Option<RawConfi
     let events = f.array("events", events_value);
     let webhooks_value = f.required("webhooks");
     let webhooks = f.array("webhooks", webhooks_value);
-    let delivery = match f.get("delivery") {
-        Some(d) => read_delivery(d, f.errors),
-        None => Some(RawDelivery::default()),
-    };
+    // A missing section reads like an empty one, so that its defaults come from one place.
+    let no_delivery = Value::Object(Map::new());
+    let delivery = read_delivery(f.get("delivery").unwrap_or(&no_delivery), f.errors);
     let errors = f.errors;
     let event_types = events
         .into_iter()
@@ -124,7 +124,9 @@ fn read_rule(value: &Value, at: &str, errors: &mut Errors) -> Option<RawRule> {
     )?;
     let event_type = f.string("type");
     let object_type = f.string("objectType");
-    let object = f.opt_string("object").unwrap_or_default();
+    let object = f
+        .opt_string("object")
+        .unwrap_or_else(|| defaults::OBJECT_POINTER.to_string());
     let matcher = f.required("match");
     let when_value = f.get("when");
     let when_items = f.array("when", when_value);
@@ -146,7 +148,7 @@ fn read_rule(value: &Value, at: &str, errors: &mut Errors) -> Option<RawRule> {
         let methods_value = m.get("methods");
         methods = match methods_value {
             Some(v) => m.strings("methods", Some(v)),
-            None => Some(vec!["POST".into(), "PUT".into(), "PATCH".into()]),
+            None => Some(defaults::METHODS.map(String::from).to_vec()),
         };
         path = m.string("path");
         if let Some(list) = m.get("status").and_then(|v| m.array("status", Some(v))) {
@@ -279,23 +281,22 @@ fn read_delivery(value: &Value, errors: &mut Errors) -> Option<RawDelivery> {
     ];
     let mark = errors.mark();
     let mut f = fields(value, "delivery", &known, errors)?;
-    let d = RawDelivery::default();
     let schedule_value = f.get("retrySchedule");
     let mut delivery = RawDelivery {
         cluster: f.opt_string("cluster"),
-        timeout_ms: f.opt_u64("timeoutMs", d.timeout_ms),
+        timeout_ms: f.opt_u64("timeoutMs", defaults::TIMEOUT_MS),
         retry_schedule: match schedule_value {
             Some(v) => f.strings("retrySchedule", Some(v)).unwrap_or_default(),
-            None => d.retry_schedule,
+            None => defaults::RETRY_SCHEDULE.map(String::from).to_vec(),
         },
-        max_queued: f.opt_u64("maxQueued", d.max_queued as u64) as usize,
-        max_body_bytes: f.opt_u64("maxBodyBytes", d.max_body_bytes as u64) as usize,
+        max_queued: f.opt_u64("maxQueued", defaults::MAX_QUEUED),
+        max_body_bytes: f.opt_u64("maxBodyBytes", defaults::MAX_BODY_BYTES),
         max_in_flight_per_webhook: f
-            .opt_u64("maxInFlightPerWebhook", d.max_in_flight_per_webhook as u64)
-            as usize,
-        allow_insecure_http: f.opt_bool("allowInsecureHttp", false),
-        allow_private_networks: f.opt_bool("allowPrivateNetworks", false),
-        circuit_failures: d.circuit_failures,
+            .opt_u64("maxInFlightPerWebhook", defaults::MAX_IN_FLIGHT_PER_WEBHOOK),
+        allow_insecure_http: f.opt_bool("allowInsecureHttp", defaults::ALLOW_INSECURE_HTTP),
+        allow_private_networks: f
+            .opt_bool("allowPrivateNetworks", defaults::ALLOW_PRIVATE_NETWORKS),
+        circuit_failures: defaults::CIRCUIT_FAILURES,
         dead_letter: None,
     };
     let breaker = f.get("circuitBreaker");
@@ -311,7 +312,7 @@ fn read_delivery(value: &Value, errors: &mut Errors) -> Option<RawDelivery> {
             "a whole number (0 turns the breaker off)",
             |v| v.as_u64().and_then(|n| u32::try_from(n).ok()),
         );
-        delivery.circuit_failures = failures.unwrap_or(d.circuit_failures);
+        delivery.circuit_failures = failures.unwrap_or(defaults::CIRCUIT_FAILURES);
     }
     if let Some(mut dl) = dead_letter.and_then(|v| {
         fields(
@@ -331,23 +332,4 @@ fn read_delivery(value: &Value, errors: &mut Errors) -> Option<RawDelivery> {
         });
     }
     errors.clean_since(mark).then_some(delivery)
-}
-
-impl Default for RawDelivery {
-    fn default() -> Self {
-        RawDelivery {
-            cluster: None,
-            timeout_ms: 10_000,
-            retry_schedule: ["5s", "30s", "2m", "10m", "30m", "1h"]
-                .map(String::from)
-                .to_vec(),
-            max_queued: 10_000,
-            max_body_bytes: 1 << 20,
-            max_in_flight_per_webhook: 16,
-            allow_insecure_http: false,
-            allow_private_networks: false,
-            circuit_failures: 10,
-            dead_letter: None,
-        }
-    }
 }

@@ -95,6 +95,45 @@ fn defaults_fill_the_delivery_section() {
 }
 
 #[test]
+fn a_missing_delivery_section_takes_every_default() {
+    let config = valid_with(|c| drop(c.as_object_mut().unwrap().remove("delivery")));
+    let plan = Plan::from_json(config.to_string().as_bytes(), &no_env).unwrap();
+    let outbox = &plan.delivery.outbox;
+    assert_eq!(
+        (plan.delivery.timeout_ms, plan.delivery.max_body_bytes),
+        (10_000, 1 << 20)
+    );
+    assert_eq!(
+        (outbox.max_queued, outbox.max_in_flight_per_webhook),
+        (10_000, 16)
+    );
+    assert_eq!(outbox.retry.max_attempts(), 7);
+    assert_eq!(outbox.circuit_failures, Some(10));
+    rejects(
+        |c| {
+            c.as_object_mut().unwrap().remove("delivery");
+            c["webhooks"][0]["url"] = json!("http://billing.example.com/");
+        },
+        "webhooks[0].url: must be an https URL",
+    );
+}
+
+#[test]
+fn numbers_beyond_a_bound_are_refused_not_wrapped() {
+    // 2^32 + 1: a plain cast to a 32-bit usize (the wasm build) would make it 1 and accept it.
+    for field in ["maxQueued", "maxBodyBytes", "maxInFlightPerWebhook"] {
+        rejects(
+            |c| c["delivery"][field] = json!(4_294_967_297u64),
+            &format!("delivery.{field}: must be between 1 and "),
+        );
+    }
+    rejects(
+        |c| c["delivery"]["timeoutMs"] = json!(4_294_967_297u64),
+        "delivery.timeoutMs: must be between 1 and 3600000",
+    );
+}
+
+#[test]
 fn structural_errors_name_the_field() {
     rejects(
         |c| drop(c["webhooks"][0].as_object_mut().unwrap().remove("url")),
