@@ -1,9 +1,12 @@
 //! Compilation: the raw configuration checked for meaning (URLs, keys, rules, subscriptions)
-//! and turned into the immutable [`Plan`].
+//! and turned into the immutable [`Plan`]. Each check records its error and carries on, so that
+//! one pass reports every error; a part with errors compiles to None.
 
 use super::defaults;
 use super::errors::Errors;
-use super::raw::{RawConfig, RawDelivery, RawOrganisation, RawRule, RawWebhook};
+use super::raw::{
+    RawCondition, RawConfig, RawDeadLetter, RawDelivery, RawOrganisation, RawRule, RawWebhook,
+};
 use super::{DeadLetter, DeliverySettings, Plan, Webhook};
 use crate::delivery::{OutboxSettings, RetryPolicy};
 use crate::rules::{
@@ -14,13 +17,11 @@ use crate::url::WebhookUrl;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
 
-pub(super) fn compile(
-    raw: RawConfig,
-    env: &dyn Fn(&str) -> Option<String>,
-    errors: &mut Errors,
-) -> Option<Plan> {
-    let delivery = compile_delivery(&raw.delivery, env, errors);
+/// Reads the VM's environment variables (for `{"env": "VARIABLE"}` keys).
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
+pub(super) fn compile(raw: RawConfig, env: Env, errors: &mut Errors) -> Option<Plan> {
+    let delivery = compile_delivery(&raw.delivery, env, errors);
     if raw.events.is_empty() {
         errors.push("events", "must list at least one rule");
     }
@@ -30,8 +31,20 @@ pub(super) fn compile(
         .enumerate()
         .filter_map(|(i, r)| compile_rule(r, &format!("events[{i}]"), errors))
         .collect();
-    let emitted = &raw.event_types;
+    let webhooks = compile_webhooks(&raw, env, errors);
+    if !errors.is_empty() {
+        return None;
+    }
+    let subscribers = index_subscribers(&webhooks);
+    Some(Plan {
+        rules,
+        webhooks,
+        delivery,
+        subscribers,
+    })
+}
 
+fn compile_webhooks(raw: &RawConfig, env: Env, errors: &mut Errors) -> Vec<Webhook> {
     let mut seen_ids = HashSet::new();
     let mut webhooks = Vec::new();
     for (i, w) in raw.webhooks.iter().enumerate() {
@@ -39,14 +52,16 @@ pub(super) fn compile(
         if !seen_ids.insert(w.id.as_str()) {
             errors.push(format!("{at}.id"), format!("duplicate webhook id {}", w.id));
         }
+        let emitted = &raw.event_types;
         if let Some(webhook) = compile_webhook(w, &at, &raw.delivery, emitted, env, errors) {
             webhooks.push(webhook);
         }
     }
+    webhooks
+}
 
-    if !errors.is_empty() {
-        return None;
-    }
+/// Event type → organisation → indexes of the enabled webhooks subscribed to it.
+fn index_subscribers(webhooks: &[Webhook]) -> HashMap<String, HashMap<String, Vec<usize>>> {
     let mut subscribers: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
     for (i, w) in webhooks.iter().enumerate().filter(|(_, w)| w.enabled) {
         for event_type in &w.events {
@@ -58,26 +73,47 @@ pub(super) fn compile(
                 .push(i);
         }
     }
-    Some(Plan {
-        rules,
-        webhooks,
-        delivery,
-        subscribers,
-    })
+    subscribers
 }
 
-fn compile_delivery(
-    raw: &RawDelivery,
-    env: &dyn Fn(&str) -> Option<String>,
-    errors: &mut Errors,
-) -> DeliverySettings {
-    let mut schedule = Vec::new();
-    for (i, s) in raw.retry_schedule.iter().enumerate() {
+// ---- delivery ----
+
+fn compile_delivery(raw: &RawDelivery, env: Env, errors: &mut Errors) -> DeliverySettings {
+    let schedule = compile_retry_schedule(&raw.retry_schedule, errors);
+    check_limits(raw, errors);
+    if raw.cluster.as_deref() == Some("") {
+        errors.push("delivery.cluster", "must not be empty");
+    }
+    let dead_letter = raw
+        .dead_letter
+        .as_ref()
+        .and_then(|dl| compile_dead_letter(dl, raw, env, errors));
+    DeliverySettings {
+        timeout_ms: raw.timeout_ms,
+        max_body_bytes: to_usize(raw.max_body_bytes),
+        outbox: OutboxSettings {
+            retry: RetryPolicy::new(schedule),
+            max_queued: to_usize(raw.max_queued),
+            max_in_flight_per_webhook: to_usize(raw.max_in_flight_per_webhook),
+            circuit_failures: (raw.circuit_failures > 0).then_some(raw.circuit_failures),
+        },
+        dead_letter,
+    }
+}
+
+fn compile_retry_schedule(steps: &[String], errors: &mut Errors) -> Vec<u64> {
+    let mut schedule = Vec::with_capacity(steps.len());
+    for (i, s) in steps.iter().enumerate() {
         match parse_duration_ms(s) {
             Ok(ms) => schedule.push(ms),
             Err(e) => errors.push(format!("delivery.retrySchedule[{i}]"), e),
         }
     }
+    schedule
+}
+
+/// The numbers of `delivery` that must lie within their bounds.
+fn check_limits(raw: &RawDelivery, errors: &mut Errors) {
     let limits = [
         ("timeoutMs", raw.timeout_ms, defaults::TIMEOUT_MS_RANGE),
         ("maxQueued", raw.max_queued, defaults::MAX_QUEUED_RANGE),
@@ -100,52 +136,61 @@ fn compile_delivery(
             );
         }
     }
-    if let Some(cluster) = &raw.cluster {
-        if cluster.is_empty() {
-            errors.push("delivery.cluster", "must not be empty");
-        }
-    }
-    let dead_letter = raw.dead_letter.as_ref().and_then(|dl| {
-        let url = compile_url(&dl.url, "delivery.deadLetter.url", raw, errors);
-        let cluster = dl.cluster.clone().or_else(|| raw.cluster.clone());
-        if cluster.is_none() {
-            errors.push(
-                "delivery.deadLetter.cluster",
-                "required when delivery.cluster is not set",
-            );
-        }
-        let key = match &dl.api_key {
-            None => None,
-            Some(value) => Some(compile_key(
-                value,
-                "delivery.deadLetter.apiKey",
-                env,
-                errors,
-            )?),
-        };
-        Some(DeadLetter {
-            url: url?,
-            cluster: cluster?,
-            key,
-        })
-    });
-    DeliverySettings {
-        timeout_ms: raw.timeout_ms,
-        max_body_bytes: to_usize(raw.max_body_bytes),
-        outbox: OutboxSettings {
-            retry: RetryPolicy::new(schedule),
-            max_queued: to_usize(raw.max_queued),
-            max_in_flight_per_webhook: to_usize(raw.max_in_flight_per_webhook),
-            circuit_failures: (raw.circuit_failures > 0).then_some(raw.circuit_failures),
-        },
-        dead_letter,
-    }
 }
 
-/// A count or size as the outbox keeps it. Checked bounds make it fit even a 32-bit `usize`
-/// (wasm32), where a plain cast would wrap 2^32 + 1 to 1; anything larger saturates.
+/// A count or size as the outbox keeps it. The bounds were checked on the `u64`, because a cast
+/// to a 32-bit `usize` (the wasm build) would wrap 2^32 + 1 to 1.
 fn to_usize(value: u64) -> usize {
     usize::try_from(value).unwrap_or(usize::MAX)
+}
+
+fn compile_dead_letter(
+    raw: &RawDeadLetter,
+    delivery: &RawDelivery,
+    env: Env,
+    errors: &mut Errors,
+) -> Option<DeadLetter> {
+    let url = compile_url(&raw.url, "delivery.deadLetter.url", delivery, errors);
+    let cluster = compile_cluster(
+        raw.cluster.as_ref(),
+        delivery,
+        "delivery.deadLetter.cluster",
+        errors,
+    );
+    let key = match &raw.api_key {
+        None => None,
+        Some(value) => Some(compile_key(
+            value,
+            "delivery.deadLetter.apiKey",
+            env,
+            errors,
+        )?),
+    };
+    Some(DeadLetter {
+        url: url?,
+        cluster: cluster?,
+        key,
+    })
+}
+
+/// The cluster named here, or else `delivery.cluster`.
+fn compile_cluster(
+    own: Option<&String>,
+    delivery: &RawDelivery,
+    at: &str,
+    errors: &mut Errors,
+) -> Option<String> {
+    match own.or(delivery.cluster.as_ref()) {
+        None => {
+            errors.push(at, "required when delivery.cluster is not set");
+            None
+        }
+        Some(c) if c.is_empty() => {
+            errors.push(at, "must not be empty");
+            None
+        }
+        Some(c) => Some(c.clone()),
+    }
 }
 
 /// Parses a delivery URL and applies the https and private-network rules of `delivery`.
@@ -183,12 +228,7 @@ fn compile_url(
 }
 
 /// A `whsec_` key given inline or as `{"env": "VARIABLE"}`.
-fn compile_key(
-    value: &Value,
-    at: &str,
-    env: &dyn Fn(&str) -> Option<String>,
-    errors: &mut Errors,
-) -> Option<SigningKey> {
+fn compile_key(value: &Value, at: &str, env: Env, errors: &mut Errors) -> Option<SigningKey> {
     let result = match value {
         Value::String(inline) => SigningKey::parse(inline).map_err(|e| e.to_string()),
         Value::Object(map) => match (map.get("env"), map.len()) {
@@ -203,6 +243,9 @@ fn compile_key(
     };
     result.map_err(|e| errors.push(at, e)).ok()
 }
+
+/// The longest one step of `retrySchedule` may wait: 24 hours, as the error message says.
+const MAX_RETRY_DELAY_MS: u64 = 86_400_000;
 
 /// `"500ms"`, `"5s"`, `"2m"`, `"1h"`: a whole number and a unit, at most 24 hours.
 pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
@@ -225,19 +268,12 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
         .parse()
         .map_err(|_| format!("{text:?} must be a whole number followed by ms, s, m or h"))?;
     match value.checked_mul(scale) {
-        Some(ms) if ms > 0 && ms <= 86_400_000 => Ok(ms),
+        Some(ms) if ms > 0 && ms <= MAX_RETRY_DELAY_MS => Ok(ms),
         _ => Err(format!("{text:?} must be more than 0 and at most 24h")),
     }
 }
 
-fn is_event_type(t: &str) -> bool {
-    let word = |w: &str| {
-        w.starts_with(|c: char| c.is_ascii_lowercase())
-            && w.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-    };
-    matches!(t.split_once('.'), Some((resource, event)) if word(resource) && word(event))
-}
+// ---- events[] ----
 
 fn compile_rule(raw: &RawRule, at: &str, errors: &mut Errors) -> Option<EventRule> {
     let mark = errors.mark();
@@ -253,91 +289,24 @@ fn compile_rule(raw: &RawRule, at: &str, errors: &mut Errors) -> Option<EventRul
     if raw.object_type.is_empty() {
         errors.push(format!("{at}.objectType"), "must not be empty");
     }
-    let mut methods = MethodSet::default();
-    if raw.methods.is_empty() {
-        errors.push(format!("{at}.match.methods"), "must not be empty");
-    }
-    for (i, m) in raw.methods.iter().enumerate() {
-        match MethodSet::bit(m) {
-            Some(bit) => methods.insert(bit),
-            None => errors.push(
-                format!("{at}.match.methods[{i}]"),
-                format!("{m:?} is not an uppercase HTTP method"),
-            ),
-        }
-    }
-    let path = PathTemplate::parse(&raw.path)
+    let matching = &raw.matching;
+    let methods = compile_methods(&matching.methods, &format!("{at}.match.methods"), errors);
+    let path = PathTemplate::parse(&matching.path)
         .map_err(|e| errors.push(format!("{at}.match.path"), e))
         .ok();
-    let statuses = match &raw.status {
-        None => defaults::STATUSES.collect(),
-        Some(list) => {
-            if list.is_empty() {
-                errors.push(format!("{at}.match.status"), "must not be empty");
-            }
-            for (i, s) in list.iter().enumerate() {
-                if !(100..600).contains(s) {
-                    errors.push(
-                        format!("{at}.match.status[{i}]"),
-                        "must be an HTTP status from 100 to 599",
-                    );
-                }
-            }
-            list.clone()
-        }
-    };
-    let mut when = Vec::new();
-    for (i, c) in raw.when.iter().enumerate() {
-        let cat = format!("{at}.when[{i}]");
-        if let Err(e) = validate_json_pointer(&c.pointer) {
-            errors.push(format!("{cat}.pointer"), e);
-        }
-        let check = match (&c.equals, c.exists) {
-            (Some(v), None) => Check::Equals(v.clone()),
-            (None, Some(b)) => Check::Exists(b),
-            _ => {
-                errors.push(cat, "must have exactly one of equals or exists");
-                continue;
-            }
-        };
-        when.push(Condition {
-            pointer: c.pointer.clone(),
-            check,
-        });
-    }
-    if let Err(e) = validate_json_pointer(&raw.object) {
-        errors.push(format!("{at}.object"), e);
-    }
-    let organisation = match &raw.organisation_id {
-        RawOrganisation::Header(name) => {
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
-            {
-                errors.push(
-                    format!("{at}.organisationId.header"),
-                    "must be a header name",
-                );
-            }
-            OrganisationSource::Header(name.to_ascii_lowercase())
-        }
-        RawOrganisation::Pointer(p) => {
-            if let Err(e) = validate_json_pointer(p) {
-                errors.push(format!("{at}.organisationId.pointer"), e);
-            }
-            OrganisationSource::Pointer(p.clone())
-        }
-        RawOrganisation::PathParam(name) => {
-            if path.as_ref().is_some_and(|t| !t.has_capture(name)) {
-                errors.push(
-                    format!("{at}.organisationId.pathParam"),
-                    format!("match.path has no {{{name}}} capture"),
-                );
-            }
-            OrganisationSource::PathParam(name.clone())
-        }
-    };
+    let statuses = compile_statuses(
+        matching.status.as_deref(),
+        &format!("{at}.match.status"),
+        errors,
+    );
+    let when = compile_conditions(&raw.when, at, errors);
+    check_pointer(&raw.object, &format!("{at}.object"), errors);
+    let organisation = compile_organisation(
+        &raw.organisation_id,
+        path.as_ref(),
+        &format!("{at}.organisationId"),
+        errors,
+    );
     if !errors.clean_since(mark) {
         return None;
     }
@@ -353,21 +322,129 @@ fn compile_rule(raw: &RawRule, at: &str, errors: &mut Errors) -> Option<EventRul
     })
 }
 
+/// `{resource}.{event}` in lowercase, e.g. `job.completed`.
+fn is_event_type(t: &str) -> bool {
+    let word = |w: &str| {
+        w.starts_with(|c: char| c.is_ascii_lowercase())
+            && w.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    matches!(t.split_once('.'), Some((resource, event)) if word(resource) && word(event))
+}
+
+fn compile_methods(names: &[String], at: &str, errors: &mut Errors) -> MethodSet {
+    let mut methods = MethodSet::default();
+    if names.is_empty() {
+        errors.push(at, "must not be empty");
+    }
+    for (i, m) in names.iter().enumerate() {
+        match MethodSet::bit(m) {
+            Some(bit) => methods.insert(bit),
+            None => errors.push(
+                format!("{at}[{i}]"),
+                format!("{m:?} is not an uppercase HTTP method"),
+            ),
+        }
+    }
+    methods
+}
+
+fn compile_statuses(given: Option<&[u16]>, at: &str, errors: &mut Errors) -> Vec<u16> {
+    let Some(list) = given else {
+        return defaults::STATUSES.collect();
+    };
+    if list.is_empty() {
+        errors.push(at, "must not be empty");
+    }
+    for (i, s) in list.iter().enumerate() {
+        if !(100..600).contains(s) {
+            errors.push(
+                format!("{at}[{i}]"),
+                "must be an HTTP status from 100 to 599",
+            );
+        }
+    }
+    list.to_vec()
+}
+
+/// `when[]`: each condition tests one pointer with exactly one of `equals` or `exists`.
+fn compile_conditions(raw: &[RawCondition], at: &str, errors: &mut Errors) -> Vec<Condition> {
+    let mut when = Vec::with_capacity(raw.len());
+    for (i, c) in raw.iter().enumerate() {
+        let at = format!("{at}.when[{i}]");
+        check_pointer(&c.pointer, &format!("{at}.pointer"), errors);
+        let check = match (&c.equals, c.exists) {
+            (Some(v), None) => Check::Equals(v.clone()),
+            (None, Some(b)) => Check::Exists(b),
+            _ => {
+                errors.push(at, "must have exactly one of equals or exists");
+                continue;
+            }
+        };
+        when.push(Condition {
+            pointer: c.pointer.clone(),
+            check,
+        });
+    }
+    when
+}
+
+fn check_pointer(pointer: &str, at: &str, errors: &mut Errors) {
+    if let Err(e) = validate_json_pointer(pointer) {
+        errors.push(at, e);
+    }
+}
+
+/// Where a rule finds the organisation; `path` is the rule's parsed `match.path`, if it parsed.
+fn compile_organisation(
+    raw: &RawOrganisation,
+    path: Option<&PathTemplate>,
+    at: &str,
+    errors: &mut Errors,
+) -> OrganisationSource {
+    match raw {
+        RawOrganisation::Header(name) => {
+            if !is_header_name(name) {
+                errors.push(format!("{at}.header"), "must be a header name");
+            }
+            OrganisationSource::Header(name.to_ascii_lowercase())
+        }
+        RawOrganisation::Pointer(p) => {
+            check_pointer(p, &format!("{at}.pointer"), errors);
+            OrganisationSource::Pointer(p.clone())
+        }
+        RawOrganisation::PathParam(name) => {
+            // A path that did not parse has its own error; no second one about its captures.
+            if path.is_some_and(|t| !t.has_capture(name)) {
+                errors.push(
+                    format!("{at}.pathParam"),
+                    format!("match.path has no {{{name}}} capture"),
+                );
+            }
+            OrganisationSource::PathParam(name.clone())
+        }
+    }
+}
+
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+}
+
+// ---- webhooks[] ----
+
 fn compile_webhook(
     raw: &RawWebhook,
     at: &str,
     delivery: &RawDelivery,
     emitted: &HashSet<String>,
-    env: &dyn Fn(&str) -> Option<String>,
+    env: Env,
     errors: &mut Errors,
 ) -> Option<Webhook> {
     let mark = errors.mark();
-    if raw.id.len() != 24
-        || !raw
-            .id
-            .chars()
-            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
-    {
+    if !is_webhook_id(&raw.id) {
         errors.push(format!("{at}.id"), "must be 24 lowercase hex digits");
     }
     if raw.organisation_id.is_empty() {
@@ -377,43 +454,15 @@ fn compile_webhook(
         errors.push(format!("{at}.name"), "must not be empty");
     }
     let url = compile_url(&raw.url, &format!("{at}.url"), delivery, errors);
-    let enabled = match raw.status.as_str() {
-        "enabled" => true,
-        "disabled" => false,
-        other => {
-            errors.push(
-                format!("{at}.status"),
-                format!("must be \"enabled\" or \"disabled\", not {other:?}"),
-            );
-            false
-        }
-    };
-    if raw.events.is_empty() {
-        errors.push(format!("{at}.events"), "must not be empty");
-    }
-    for (i, e) in raw.events.iter().enumerate() {
-        if !emitted.contains(e.as_str()) {
-            errors.push(
-                format!("{at}.events[{i}]"),
-                format!("no rule in events[] emits {e:?}"),
-            );
-        } else if raw.events[..i].contains(e) {
-            errors.push(
-                format!("{at}.events[{i}]"),
-                format!("{e:?} is listed twice"),
-            );
-        }
-    }
+    let enabled = compile_status(&raw.status, &format!("{at}.status"), errors);
+    check_subscriptions(&raw.events, emitted, &format!("{at}.events"), errors);
     let key = compile_key(&raw.api_key, &format!("{at}.apiKey"), env, errors);
-    let cluster = raw.cluster.clone().or_else(|| delivery.cluster.clone());
-    match &cluster {
-        None => errors.push(
-            format!("{at}.cluster"),
-            "required when delivery.cluster is not set",
-        ),
-        Some(c) if c.is_empty() => errors.push(format!("{at}.cluster"), "must not be empty"),
-        Some(_) => {}
-    }
+    let cluster = compile_cluster(
+        raw.cluster.as_ref(),
+        delivery,
+        &format!("{at}.cluster"),
+        errors,
+    );
     if !errors.clean_since(mark) {
         return None;
     }
@@ -428,4 +477,49 @@ fn compile_webhook(
         key: key?,
         cluster: cluster?,
     })
+}
+
+/// 24 lowercase hex digits, the shape of the registry's ids.
+fn is_webhook_id(id: &str) -> bool {
+    id.len() == 24
+        && id
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+}
+
+/// `status`: whether events are pushed to the webhook.
+fn compile_status(status: &str, at: &str, errors: &mut Errors) -> bool {
+    match status {
+        "enabled" => true,
+        "disabled" => false,
+        other => {
+            errors.push(
+                at,
+                format!("must be \"enabled\" or \"disabled\", not {other:?}"),
+            );
+            false
+        }
+    }
+}
+
+/// A webhook's `events`: not empty, no duplicates, each emitted by some rule (`emitted`).
+fn check_subscriptions(
+    events: &[String],
+    emitted: &HashSet<String>,
+    at: &str,
+    errors: &mut Errors,
+) {
+    if events.is_empty() {
+        errors.push(at, "must not be empty");
+    }
+    for (i, e) in events.iter().enumerate() {
+        if !emitted.contains(e.as_str()) {
+            errors.push(
+                format!("{at}[{i}]"),
+                format!("no rule in events[] emits {e:?}"),
+            );
+        } else if events[..i].contains(e) {
+            errors.push(format!("{at}[{i}]"), format!("{e:?} is listed twice"));
+        }
+    }
 }

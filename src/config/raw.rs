@@ -19,12 +19,18 @@ pub(super) struct RawConfig {
 pub(super) struct RawRule {
     pub(super) event_type: String,
     pub(super) object_type: String,
-    pub(super) methods: Vec<String>,
-    pub(super) path: String,
-    pub(super) status: Option<Vec<u16>>,
+    pub(super) matching: RawMatch,
     pub(super) when: Vec<RawCondition>,
     pub(super) object: String,
     pub(super) organisation_id: RawOrganisation,
+}
+
+/// `events[].match`: which requests and responses a rule looks at.
+pub(super) struct RawMatch {
+    pub(super) methods: Vec<String>,
+    pub(super) path: String,
+    /// None is the default (every 2xx), filled in when compiled.
+    pub(super) status: Option<Vec<u16>>,
 }
 
 pub(super) struct RawCondition {
@@ -73,10 +79,8 @@ pub(super) struct RawDeadLetter {
 
 pub(super) fn read_config(value: &Value, errors: &mut Errors) -> Option<RawConfig> {
     let mut f = fields(value, "", &["events", "webhooks", "delivery"], errors)?;
-    let events_value = f.required("events");
-    let events = f.array("events", events_value);
-    let webhooks_value = f.required("webhooks");
-    let webhooks = f.array("webhooks", webhooks_value);
+    let events = f.required_array("events");
+    let webhooks = f.required_array("webhooks");
     // A missing section reads like an empty one, so that its defaults come from one place.
     let no_delivery = Value::Object(Map::new());
     let delivery = read_delivery(f.get("delivery").unwrap_or(&no_delivery), f.errors);
@@ -108,65 +112,78 @@ pub(super) fn read_config(value: &Value, errors: &mut Errors) -> Option<RawConfi
 }
 
 fn read_rule(value: &Value, at: &str, errors: &mut Errors) -> Option<RawRule> {
+    let known = [
+        "type",
+        "objectType",
+        "match",
+        "when",
+        "object",
+        "organisationId",
+    ];
     let mark = errors.mark();
-    let mut f = fields(
-        value,
-        at,
-        &[
-            "type",
-            "objectType",
-            "match",
-            "when",
-            "object",
-            "organisationId",
-        ],
-        errors,
-    )?;
+    let mut f = fields(value, at, &known, errors)?;
     let event_type = f.string("type");
     let object_type = f.string("objectType");
     let object = f
         .opt_string("object")
         .unwrap_or_else(|| defaults::OBJECT_POINTER.to_string());
-    let matcher = f.required("match");
-    let when_value = f.get("when");
-    let when_items = f.array("when", when_value);
-    let organisation_value = f.required("organisationId");
+    let matching = f.required("match");
+    let when = f.opt_array("when");
+    let organisation = f.required("organisationId");
     let errors = f.errors;
-
-    let mut methods = None;
-    let mut path = None;
-    let mut status = None;
-    if let Some(m) = matcher.and_then(|m| {
-        fields(
-            m,
-            &join(at, "match"),
-            &["methods", "path", "status"],
-            errors,
-        )
-    }) {
-        let mut m = m;
-        let methods_value = m.get("methods");
-        methods = match methods_value {
-            Some(v) => m.strings("methods", Some(v)),
-            None => Some(defaults::METHODS.map(String::from).to_vec()),
-        };
-        path = m.string("path");
-        if let Some(list) = m.get("status").and_then(|v| m.array("status", Some(v))) {
-            let mut codes = Vec::new();
-            for (i, code) in list.iter().enumerate() {
-                match code.as_u64().and_then(|c| u16::try_from(c).ok()) {
-                    Some(c) => codes.push(c),
-                    None => m.fail(
-                        &format!("status[{i}]"),
-                        "must be an HTTP status from 100 to 599",
-                    ),
-                }
-            }
-            status = Some(codes);
-        }
+    let matching = matching.and_then(|m| read_match(m, &join(at, "match"), errors));
+    let when = read_conditions(when.unwrap_or(&Vec::new()), at, errors);
+    let organisation_id =
+        organisation.and_then(|o| read_organisation(o, &join(at, "organisationId"), errors));
+    if !errors.clean_since(mark) {
+        return None;
     }
+    Some(RawRule {
+        event_type: event_type?,
+        object_type: object_type?,
+        matching: matching?,
+        when,
+        object,
+        organisation_id: organisation_id?,
+    })
+}
+
+fn read_match(value: &Value, at: &str, errors: &mut Errors) -> Option<RawMatch> {
+    let mark = errors.mark();
+    let mut m = fields(value, at, &["methods", "path", "status"], errors)?;
+    let methods = match m.get("methods") {
+        Some(v) => m.strings("methods", Some(v)),
+        None => Some(defaults::METHODS.map(String::from).to_vec()),
+    };
+    let path = m.string("path");
+    let mut status = None;
+    if let Some(list) = m.opt_array("status") {
+        let mut codes = Vec::new();
+        for (i, code) in list.iter().enumerate() {
+            match code.as_u64().and_then(|c| u16::try_from(c).ok()) {
+                Some(c) => codes.push(c),
+                None => m.fail(
+                    &format!("status[{i}]"),
+                    "must be an HTTP status from 100 to 599",
+                ),
+            }
+        }
+        status = Some(codes);
+    }
+    if !m.errors.clean_since(mark) {
+        return None;
+    }
+    Some(RawMatch {
+        methods: methods?,
+        path: path?,
+        status,
+    })
+}
+
+/// `when[]`; a condition with errors is left out (the errors fail the rule).
+fn read_conditions(items: &[Value], at: &str, errors: &mut Errors) -> Vec<RawCondition> {
     let mut when = Vec::new();
-    for (i, c) in when_items.into_iter().flatten().enumerate() {
+    for (i, c) in items.iter().enumerate() {
         let Some(mut c) = fields(
             c,
             &format!("{at}.when[{i}]"),
@@ -176,9 +193,9 @@ fn read_rule(value: &Value, at: &str, errors: &mut Errors) -> Option<RawRule> {
             continue;
         };
         let pointer = c.string("pointer");
+        // Not `get`: here `null` is a value to compare with, not an absent field.
         let equals = c.map.get("equals").cloned();
-        let exists_value = c.get("exists");
-        let exists = c.typed("exists", exists_value, "true or false", Value::as_bool);
+        let exists = c.opt_bool("exists");
         if let Some(pointer) = pointer {
             when.push(RawCondition {
                 pointer,
@@ -187,21 +204,7 @@ fn read_rule(value: &Value, at: &str, errors: &mut Errors) -> Option<RawRule> {
             });
         }
     }
-    let organisation_id =
-        organisation_value.and_then(|o| read_organisation(o, &join(at, "organisationId"), errors));
-    if !errors.clean_since(mark) {
-        return None;
-    }
-    Some(RawRule {
-        event_type: event_type?,
-        object_type: object_type?,
-        methods: methods?,
-        path: path?,
-        status,
-        when,
-        object,
-        organisation_id: organisation_id?,
-    })
+    when
 }
 
 fn read_organisation(value: &Value, at: &str, errors: &mut Errors) -> Option<RawOrganisation> {
@@ -281,55 +284,65 @@ fn read_delivery(value: &Value, errors: &mut Errors) -> Option<RawDelivery> {
     ];
     let mark = errors.mark();
     let mut f = fields(value, "delivery", &known, errors)?;
-    let schedule_value = f.get("retrySchedule");
+    let retry_schedule = match f.get("retrySchedule") {
+        Some(v) => f.strings("retrySchedule", Some(v)).unwrap_or_default(),
+        None => defaults::RETRY_SCHEDULE.map(String::from).to_vec(),
+    };
     let mut delivery = RawDelivery {
         cluster: f.opt_string("cluster"),
-        timeout_ms: f.opt_u64("timeoutMs", defaults::TIMEOUT_MS),
-        retry_schedule: match schedule_value {
-            Some(v) => f.strings("retrySchedule", Some(v)).unwrap_or_default(),
-            None => defaults::RETRY_SCHEDULE.map(String::from).to_vec(),
-        },
-        max_queued: f.opt_u64("maxQueued", defaults::MAX_QUEUED),
-        max_body_bytes: f.opt_u64("maxBodyBytes", defaults::MAX_BODY_BYTES),
+        timeout_ms: f.opt_u64("timeoutMs").unwrap_or(defaults::TIMEOUT_MS),
+        retry_schedule,
+        max_queued: f.opt_u64("maxQueued").unwrap_or(defaults::MAX_QUEUED),
+        max_body_bytes: f
+            .opt_u64("maxBodyBytes")
+            .unwrap_or(defaults::MAX_BODY_BYTES),
         max_in_flight_per_webhook: f
-            .opt_u64("maxInFlightPerWebhook", defaults::MAX_IN_FLIGHT_PER_WEBHOOK),
-        allow_insecure_http: f.opt_bool("allowInsecureHttp", defaults::ALLOW_INSECURE_HTTP),
+            .opt_u64("maxInFlightPerWebhook")
+            .unwrap_or(defaults::MAX_IN_FLIGHT_PER_WEBHOOK),
+        allow_insecure_http: f
+            .opt_bool("allowInsecureHttp")
+            .unwrap_or(defaults::ALLOW_INSECURE_HTTP),
         allow_private_networks: f
-            .opt_bool("allowPrivateNetworks", defaults::ALLOW_PRIVATE_NETWORKS),
+            .opt_bool("allowPrivateNetworks")
+            .unwrap_or(defaults::ALLOW_PRIVATE_NETWORKS),
         circuit_failures: defaults::CIRCUIT_FAILURES,
         dead_letter: None,
     };
     let breaker = f.get("circuitBreaker");
     let dead_letter = f.get("deadLetter");
     let errors = f.errors;
-    if let Some(mut cb) =
-        breaker.and_then(|v| fields(v, "delivery.circuitBreaker", &["failures"], errors))
-    {
-        let failures = cb.required("failures");
-        let failures = cb.typed(
-            "failures",
-            failures,
-            "a whole number (0 turns the breaker off)",
-            |v| v.as_u64().and_then(|n| u32::try_from(n).ok()),
-        );
-        delivery.circuit_failures = failures.unwrap_or(defaults::CIRCUIT_FAILURES);
+    if let Some(failures) = breaker.and_then(|v| read_circuit_breaker(v, errors)) {
+        delivery.circuit_failures = failures;
     }
-    if let Some(mut dl) = dead_letter.and_then(|v| {
-        fields(
-            v,
-            "delivery.deadLetter",
-            &["url", "cluster", "apiKey"],
-            errors,
-        )
-    }) {
-        let url = dl.string("url");
-        let cluster = dl.opt_string("cluster");
-        let api_key = dl.get("apiKey").cloned();
-        delivery.dead_letter = url.map(|url| RawDeadLetter {
-            url,
-            cluster,
-            api_key,
-        });
-    }
+    delivery.dead_letter = dead_letter.and_then(|v| read_dead_letter(v, errors));
     errors.clean_since(mark).then_some(delivery)
+}
+
+/// `delivery.circuitBreaker`: its `failures`.
+fn read_circuit_breaker(value: &Value, errors: &mut Errors) -> Option<u32> {
+    let mut f = fields(value, "delivery.circuitBreaker", &["failures"], errors)?;
+    let failures = f.required("failures");
+    f.typed(
+        "failures",
+        failures,
+        "a whole number (0 turns the breaker off)",
+        |v| v.as_u64().and_then(|n| u32::try_from(n).ok()),
+    )
+}
+
+fn read_dead_letter(value: &Value, errors: &mut Errors) -> Option<RawDeadLetter> {
+    let mut f = fields(
+        value,
+        "delivery.deadLetter",
+        &["url", "cluster", "apiKey"],
+        errors,
+    )?;
+    let url = f.string("url");
+    let cluster = f.opt_string("cluster");
+    let api_key = f.get("apiKey").cloned();
+    Some(RawDeadLetter {
+        url: url?,
+        cluster,
+        api_key,
+    })
 }

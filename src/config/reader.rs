@@ -117,25 +117,30 @@ impl<'v> Fields<'v, '_> {
         self.typed(key, value, "a string", |v| v.as_str().map(str::to_string))
     }
 
-    pub(super) fn opt_bool(&mut self, key: &str, default: bool) -> bool {
+    /// None when absent or of the wrong type (then with an error); the caller picks the default.
+    pub(super) fn opt_bool(&mut self, key: &str) -> Option<bool> {
         let value = self.get(key);
         self.typed(key, value, "true or false", Value::as_bool)
-            .unwrap_or(default)
     }
 
-    pub(super) fn opt_u64(&mut self, key: &str, default: u64) -> u64 {
+    pub(super) fn opt_u64(&mut self, key: &str) -> Option<u64> {
         let value = self.get(key);
         self.typed(key, value, "a whole number", Value::as_u64)
-            .unwrap_or(default)
     }
 
-    pub(super) fn array(&mut self, key: &str, value: Option<&'v Value>) -> Option<&'v Vec<Value>> {
+    pub(super) fn required_array(&mut self, key: &str) -> Option<&'v Vec<Value>> {
+        let value = self.required(key);
+        self.typed(key, value, "an array", Value::as_array)
+    }
+
+    pub(super) fn opt_array(&mut self, key: &str) -> Option<&'v Vec<Value>> {
+        let value = self.get(key);
         self.typed(key, value, "an array", Value::as_array)
     }
 
     /// An array of strings; each bad element is named by its index.
     pub(super) fn strings(&mut self, key: &str, value: Option<&'v Value>) -> Option<Vec<String>> {
-        let items = self.array(key, value)?;
+        let items = self.typed(key, value, "an array", Value::as_array)?;
         let mut out = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             match item.as_str() {

@@ -349,6 +349,21 @@ fn dead_letter_and_circuit_breaker() {
 }
 
 #[test]
+fn the_dead_letter_cluster_is_checked_like_a_webhook_cluster() {
+    rejects(
+        |c| c["delivery"]["deadLetter"] = json!({"url": "https://s.example/", "cluster": ""}),
+        "delivery.deadLetter.cluster: must not be empty",
+    );
+    rejects(
+        |c| {
+            c["delivery"].as_object_mut().unwrap().remove("cluster");
+            c["delivery"]["deadLetter"] = json!({"url": "https://s.example/"});
+        },
+        "delivery.deadLetter.cluster: required when delivery.cluster is not set",
+    );
+}
+
+#[test]
 fn every_error_is_reported_at_once() {
     let mut config = valid();
     config["webhooks"][0]["status"] = json!("paused");
