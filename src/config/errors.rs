@@ -25,7 +25,8 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// A key pasted into the wrong field would otherwise be echoed by serde's type errors.
+/// Some messages quote what they were given (a bad status, event type, method, duration, …); a
+/// key pasted into such a field must not be quoted back.
 fn redact_keys(message: &str) -> String {
     let mut out = String::with_capacity(message.len());
     let mut rest = message;

@@ -372,19 +372,64 @@ fn every_error_is_reported_at_once() {
     assert_eq!(errors_of(&config).len(), 3, "{:?}", errors_of(&config));
 }
 
+/// A change to the valid configuration.
+type Edit = fn(&mut Value);
+
 #[test]
 fn keys_never_appear_in_errors() {
-    let mut config = valid();
-    config["webhooks"][0]["name"] = json!(KEY_A);
-    config["webhooks"][0]["events"] = json!(KEY_A);
-    for e in errors_of(&config) {
-        assert!(!e.contains("MfKQ9r8GKYqr"), "{e}");
+    // Each edit puts the key where its error message (or path) would quote it back: the error
+    // must be there, and must show the key redacted.
+    let echoing: [(&str, Edit); 7] = [
+        ("webhooks[0].status", |c| {
+            c["webhooks"][0]["status"] = json!(KEY_A)
+        }),
+        ("webhooks[0].events[0]", |c| {
+            c["webhooks"][0]["events"] = json!([KEY_A])
+        }),
+        ("webhooks[0].apiKey", |c| {
+            c["webhooks"][0]["apiKey"] = json!({ "env": KEY_A })
+        }),
+        ("events[0].type", |c| c["events"][0]["type"] = json!(KEY_A)),
+        ("events[0].match.methods[0]", |c| {
+            c["events"][0]["match"]["methods"] = json!([KEY_A])
+        }),
+        ("events[0].match.path", |c| {
+            c["events"][0]["match"]["path"] = json!(format!("/{KEY_A}{{x"))
+        }),
+        ("delivery.retrySchedule[0]", |c| {
+            c["delivery"]["retrySchedule"] = json!([KEY_A])
+        }),
+    ];
+    let secret = &KEY_A["whsec_".len()..];
+    for (path, edit) in echoing {
+        let errors = errors_of(&valid_with(edit));
+        let error = errors
+            .iter()
+            .find(|e| e.starts_with(path))
+            .unwrap_or_else(|| panic!("no error at {path}: {errors:?}"));
+        assert!(error.contains("whsec_<redacted>"), "{error}");
+        for e in &errors {
+            assert!(!e.contains(secret), "{e}");
+        }
     }
-    config["webhooks"][0]["apiKey"] = json!("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLa!!");
-    for e in errors_of(&valid_with(|c| {
-        c["webhooks"][0]["apiKey"] = json!("whsec_MfKQ9r8GKYqrTwjUPD8IL!")
-    })) {
-        assert!(!e.contains("MfKQ9r8GKYqr"), "{e}");
+    // Fields that never quote a string, and malformed keys: the error is there, the key is not.
+    let quiet: [(&str, Edit); 3] = [
+        ("webhooks[0].events", |c| {
+            c["webhooks"][0]["events"] = json!(KEY_A)
+        }),
+        ("webhooks[0].apiKey", |c| {
+            c["webhooks"][0]["apiKey"] = json!("whsec_MfKQ9r8GKYqrTwjUPD8IL!")
+        }),
+        ("webhooks[0].apiKey", |c| {
+            c["webhooks"][0]["apiKey"] = json!(&KEY_A[..KEY_A.len() - 4])
+        }),
+    ];
+    for (path, edit) in quiet {
+        let errors = errors_of(&valid_with(edit));
+        assert!(errors.iter().any(|e| e.starts_with(path)), "{errors:?}");
+        for e in &errors {
+            assert!(!e.contains("MfKQ9r8GKYqr"), "{e}");
+        }
     }
 }
 
