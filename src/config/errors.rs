@@ -11,9 +11,11 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
+    /// Both parts are redacted: the path holds field names, and an unknown field's name is the
+    /// user's text too.
     pub(super) fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError {
-            path: path.into(),
+            path: redact_keys(&path.into()),
             message: redact_keys(&message.into()),
         }
     }

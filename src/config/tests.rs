@@ -379,7 +379,8 @@ type Edit = fn(&mut Value);
 fn keys_never_appear_in_errors() {
     // Each edit puts the key where its error message (or path) would quote it back: the error
     // must be there, and must show the key redacted.
-    let echoing: [(&str, Edit); 7] = [
+    let echoing: [(&str, Edit); 8] = [
+        ("webhooks[0].whsec_", |c| c["webhooks"][0][KEY_A] = json!(1)),
         ("webhooks[0].status", |c| {
             c["webhooks"][0]["status"] = json!(KEY_A)
         }),
