@@ -125,6 +125,9 @@ pub struct OutboxSettings {
     pub retry: RetryPolicy,
     /// Deliveries held at most, waiting or in flight (`maxQueued`).
     pub max_queued: usize,
+    /// Bytes held at most for deliveries (`maxQueuedBytes`); one event's envelope is held once
+    /// for all its webhooks.
+    pub max_queued_bytes: usize,
     pub max_in_flight_per_webhook: usize,
     /// Consecutive failures that open a lane's circuit (`circuitBreaker.failures`); None is off.
     pub circuit_failures: Option<u32>,
@@ -500,6 +503,7 @@ mod tests {
         OutboxSettings {
             retry: policy(),
             max_queued,
+            max_queued_bytes: usize::MAX,
             max_in_flight_per_webhook: max_in_flight,
             circuit_failures: circuit,
         }

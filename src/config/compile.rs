@@ -94,6 +94,7 @@ fn compile_delivery(raw: &RawDelivery, env: Env, errors: &mut Errors) -> Deliver
         outbox: OutboxSettings {
             retry: RetryPolicy::new(schedule),
             max_queued: to_usize(raw.max_queued),
+            max_queued_bytes: to_usize(raw.max_queued_bytes),
             max_in_flight_per_webhook: to_usize(raw.max_in_flight_per_webhook),
             circuit_failures: (raw.circuit_failures > 0).then_some(raw.circuit_failures),
         },
@@ -136,10 +137,18 @@ fn check_limits(raw: &RawDelivery, errors: &mut Errors) {
             );
         }
     }
+    let bytes = defaults::MAX_QUEUED_BYTES_RANGE;
+    if !bytes.contains(&raw.max_queued_bytes) {
+        errors.push(
+            "delivery.maxQueuedBytes",
+            format!("must be at least {}", bytes.start),
+        );
+    }
 }
 
 /// A count or size as the outbox keeps it. The bounds were checked on the `u64`, because a cast
-/// to a 32-bit `usize` (the wasm build) would wrap 2^32 + 1 to 1.
+/// to a 32-bit `usize` (the wasm build) would wrap 2^32 + 1 to 1. A size beyond `usize` (only
+/// `maxQueuedBytes` has no upper bound) saturates: more than the VM can hold bounds nothing.
 fn to_usize(value: u64) -> usize {
     usize::try_from(value).unwrap_or(usize::MAX)
 }

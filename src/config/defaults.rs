@@ -1,7 +1,7 @@
 //! Every default of the configuration, and the bounds its numbers must stay within, in one place
 //! (the README's configuration reference lists the same values).
 
-use std::ops::{Range, RangeInclusive};
+use std::ops::{Range, RangeFrom, RangeInclusive};
 
 // ---- events[] ----
 
@@ -17,6 +17,7 @@ pub(super) const OBJECT_POINTER: &str = "";
 pub(super) const TIMEOUT_MS: u64 = 10_000;
 pub(super) const RETRY_SCHEDULE: [&str; 6] = ["5s", "30s", "2m", "10m", "30m", "1h"];
 pub(super) const MAX_QUEUED: u64 = 10_000;
+pub(super) const MAX_QUEUED_BYTES: u64 = 64 << 20;
 pub(super) const MAX_BODY_BYTES: u64 = 1 << 20;
 pub(super) const MAX_IN_FLIGHT_PER_WEBHOOK: u64 = 16;
 pub(super) const ALLOW_INSECURE_HTTP: bool = false;
@@ -28,5 +29,7 @@ pub(super) const CIRCUIT_FAILURES: u32 = 10;
 
 pub(super) const TIMEOUT_MS_RANGE: RangeInclusive<u64> = 1..=3_600_000;
 pub(super) const MAX_QUEUED_RANGE: RangeInclusive<u64> = 1..=10_000_000;
+/// No upper bound: beyond the VM's memory it is the same as none.
+pub(super) const MAX_QUEUED_BYTES_RANGE: RangeFrom<u64> = 1..;
 pub(super) const MAX_BODY_BYTES_RANGE: RangeInclusive<u64> = 1..=64 << 20;
 pub(super) const MAX_IN_FLIGHT_PER_WEBHOOK_RANGE: RangeInclusive<u64> = 1..=10_000;

@@ -63,6 +63,7 @@ pub(super) struct RawDelivery {
     pub(super) timeout_ms: u64,
     pub(super) retry_schedule: Vec<String>,
     pub(super) max_queued: u64,
+    pub(super) max_queued_bytes: u64,
     pub(super) max_body_bytes: u64,
     pub(super) max_in_flight_per_webhook: u64,
     pub(super) allow_insecure_http: bool,
@@ -275,6 +276,7 @@ fn read_delivery(value: &Value, errors: &mut Errors) -> Option<RawDelivery> {
         "timeoutMs",
         "retrySchedule",
         "maxQueued",
+        "maxQueuedBytes",
         "maxBodyBytes",
         "maxInFlightPerWebhook",
         "allowInsecureHttp",
@@ -293,6 +295,9 @@ fn read_delivery(value: &Value, errors: &mut Errors) -> Option<RawDelivery> {
         timeout_ms: f.opt_u64("timeoutMs").unwrap_or(defaults::TIMEOUT_MS),
         retry_schedule,
         max_queued: f.opt_u64("maxQueued").unwrap_or(defaults::MAX_QUEUED),
+        max_queued_bytes: f
+            .opt_u64("maxQueuedBytes")
+            .unwrap_or(defaults::MAX_QUEUED_BYTES),
         max_body_bytes: f
             .opt_u64("maxBodyBytes")
             .unwrap_or(defaults::MAX_BODY_BYTES),

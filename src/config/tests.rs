@@ -107,6 +107,7 @@ fn a_missing_delivery_section_takes_every_default() {
         (outbox.max_queued, outbox.max_in_flight_per_webhook),
         (10_000, 16)
     );
+    assert_eq!(outbox.max_queued_bytes, 64 << 20);
     assert_eq!(outbox.retry.max_attempts(), 7);
     assert_eq!(outbox.circuit_failures, Some(10));
     rejects(
@@ -116,6 +117,46 @@ fn a_missing_delivery_section_takes_every_default() {
         },
         "webhooks[0].url: must be an https URL",
     );
+}
+
+#[test]
+fn max_queued_bytes_is_a_whole_number_of_at_least_one() {
+    let plan_with = |bytes: Value| {
+        let config = valid_with(|c| c["delivery"]["maxQueuedBytes"] = bytes);
+        Plan::from_json(config.to_string().as_bytes(), &no_env).map(|p| p.delivery.outbox)
+    };
+    assert_eq!(plan_with(json!(1)).unwrap().max_queued_bytes, 1);
+    assert_eq!(
+        plan_with(json!(123_456_789)).unwrap().max_queued_bytes,
+        123_456_789
+    );
+    let huge = plan_with(json!(1u64 << 40)).unwrap().max_queued_bytes;
+    assert_eq!(
+        huge as u64,
+        (1u64 << 40).min(usize::MAX as u64),
+        "no upper bound"
+    );
+    assert_eq!(
+        plan_with(Value::Null).unwrap().max_queued_bytes,
+        67_108_864,
+        "null is absent: the default, 64 MiB"
+    );
+    rejects(
+        |c| c["delivery"]["maxQueuedBytes"] = json!(0),
+        "delivery.maxQueuedBytes: must be at least 1",
+    );
+    for not_a_count in [
+        json!(-1),
+        json!(1.5),
+        json!("64MiB"),
+        json!([1]),
+        json!(true),
+    ] {
+        rejects(
+            |c| c["delivery"]["maxQueuedBytes"] = not_a_count,
+            "delivery.maxQueuedBytes: must be a whole number, not ",
+        );
+    }
 }
 
 #[test]
