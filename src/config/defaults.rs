@@ -1,11 +1,11 @@
-//! Every default of the configuration, and the bounds its numbers must stay within, in one place
-//! (the README's configuration reference lists the same values).
+//! Every default of the configuration, and the bounds its numbers must stay within, in one place.
+//! The README's configuration reference shows the defaults; keep the two in step.
 
 use std::ops::{Range, RangeFrom, RangeInclusive};
 
 // ---- events[] ----
 
-/// `match.methods`: the methods that usually complete a job.
+/// `match.methods`.
 pub(super) const METHODS: [&str; 3] = ["POST", "PUT", "PATCH"];
 /// `match.status`: every 2xx.
 pub(super) const STATUSES: Range<u16> = 200..300;

@@ -1,5 +1,12 @@
-//! The plugin configuration: a serde model of the JSON, validated as a whole into an immutable
-//! [`Plan`]. Every error names the JSON path of the bad field; unknown fields are errors.
+//! The plugin configuration: JSON read by hand and compiled into an immutable [`Plan`]. Every
+//! error names the JSON path of its field, unknown fields are errors, and all errors are reported
+//! at once. The reader walks a `serde_json::Value` rather than deriving serde models: that gives
+//! the exact paths and keeps the `.wasm` small.
+//!
+//! - `reader`: reads one JSON object field by field, with paths;
+//! - `raw`: reads the whole configuration into raw structs, filling in `defaults`;
+//! - `compile`: checks what the values mean and builds the [`Plan`];
+//! - `errors`: [`ConfigError`], key redaction, and the sink that collects errors.
 
 use crate::delivery::OutboxSettings;
 use crate::rules::EventRule;
@@ -17,8 +24,6 @@ mod reader;
 
 pub use compile::parse_duration_ms;
 pub use errors::ConfigError;
-
-// ---- the compiled plan ----------------------------------------------------------------------
 
 /// A registered webhook, as the filter uses it.
 #[derive(Debug, Clone)]

@@ -209,17 +209,15 @@ fn read_conditions(items: &[Value], at: &str, errors: &mut Errors) -> Vec<RawCon
 }
 
 fn read_organisation(value: &Value, at: &str, errors: &mut Errors) -> Option<RawOrganisation> {
-    let mut f = fields(value, at, &["header", "pointer", "pathParam"], errors)?;
-    let given: Vec<&str> = ["header", "pointer", "pathParam"]
+    const SOURCES: [&str; 3] = ["header", "pointer", "pathParam"];
+    let mut f = fields(value, at, &SOURCES, errors)?;
+    let given: Vec<&str> = SOURCES
         .into_iter()
         .filter(|k| f.map.contains_key(*k))
         .collect();
     let [source] = given.as_slice() else {
-        let path = f.at.clone();
-        f.errors.push(
-            path,
-            "must have exactly one of header, pointer or pathParam",
-        );
+        f.errors
+            .push(at, "must have exactly one of header, pointer or pathParam");
         return None;
     };
     let name = f.string(source)?;

@@ -7,7 +7,7 @@ use serde_json::{Map, Value};
 /// One JSON object being read: its fields by name, its path, and where errors go.
 pub(super) struct Fields<'v, 'e> {
     pub(super) map: &'v Map<String, Value>,
-    pub(super) at: String,
+    at: String,
     pub(super) errors: &'e mut Errors,
 }
 
@@ -70,7 +70,7 @@ fn kind(value: &Value) -> String {
 }
 
 impl<'v> Fields<'v, '_> {
-    pub(super) fn path(&self, key: &str) -> String {
+    fn path(&self, key: &str) -> String {
         join(&self.at, key)
     }
 
