@@ -45,6 +45,7 @@ pub(super) fn compile(raw: RawConfig, env: Env, errors: &mut Errors) -> Option<P
 }
 
 fn compile_webhooks(raw: &RawConfig, env: Env, errors: &mut Errors) -> Vec<Webhook> {
+    let emitted = &raw.event_types;
     let mut seen_ids = HashSet::new();
     let mut webhooks = Vec::new();
     for (i, w) in raw.webhooks.iter().enumerate() {
@@ -52,7 +53,6 @@ fn compile_webhooks(raw: &RawConfig, env: Env, errors: &mut Errors) -> Vec<Webho
         if !seen_ids.insert(w.id.as_str()) {
             errors.push(format!("{at}.id"), format!("duplicate webhook id {}", w.id));
         }
-        let emitted = &raw.event_types;
         if let Some(webhook) = compile_webhook(w, &at, &raw.delivery, emitted, env, errors) {
             webhooks.push(webhook);
         }
@@ -529,6 +529,29 @@ fn check_subscriptions(
             );
         } else if events[..i].contains(e) {
             errors.push(format!("{at}[{i}]"), format!("{e:?} is listed twice"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration_ms;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("200ms"), Ok(200));
+        assert_eq!(parse_duration_ms("2m"), Ok(120_000));
+        for bad in [
+            "",
+            "5",
+            "s",
+            "0s",
+            "1.5s",
+            "25h",
+            "-1s",
+            "99999999999999999999h",
+        ] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad}");
         }
     }
 }

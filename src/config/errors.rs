@@ -83,3 +83,18 @@ impl Errors {
         self.list
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::redact_keys;
+
+    #[test]
+    fn every_key_in_a_message_is_redacted_and_the_rest_kept() {
+        assert_eq!(
+            redact_keys("\"whsec_MfKQ9r8+/=\" and whsec_abc, whsec_"),
+            "\"whsec_<redacted>\" and whsec_<redacted>, whsec_"
+        );
+        assert_eq!(redact_keys("no key here"), "no key here");
+        assert_eq!(redact_keys("héllo whsec_é"), "héllo whsec_é");
+    }
+}
