@@ -1,0 +1,557 @@
+//! Compilation: the raw configuration checked for meaning (URLs, keys, rules, subscriptions)
+//! and turned into the immutable [`Plan`]. Each check records its error and carries on, so that
+//! one pass reports every error; a part with errors compiles to None.
+
+use super::defaults;
+use super::errors::Errors;
+use super::raw::{
+    RawCondition, RawConfig, RawDeadLetter, RawDelivery, RawOrganisation, RawRule, RawWebhook,
+};
+use super::{DeadLetter, DeliverySettings, Plan, Webhook};
+use crate::delivery::{OutboxSettings, RetryPolicy};
+use crate::rules::{
+    validate_json_pointer, Check, Condition, EventRule, MethodSet, OrganisationSource, PathTemplate,
+};
+use crate::signature::SigningKey;
+use crate::url::WebhookUrl;
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+
+/// Reads the VM's environment variables (for `{"env": "VARIABLE"}` keys).
+type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+pub(super) fn compile(raw: RawConfig, env: Env, errors: &mut Errors) -> Option<Plan> {
+    let delivery = compile_delivery(&raw.delivery, env, errors);
+    if raw.events.is_empty() {
+        errors.push("events", "must list at least one rule");
+    }
+    let rules: Vec<EventRule> = raw
+        .events
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| compile_rule(r, &format!("events[{i}]"), errors))
+        .collect();
+    let webhooks = compile_webhooks(&raw, env, errors);
+    if !errors.is_empty() {
+        return None;
+    }
+    let subscribers = index_subscribers(&webhooks);
+    Some(Plan {
+        rules,
+        webhooks,
+        delivery,
+        subscribers,
+    })
+}
+
+fn compile_webhooks(raw: &RawConfig, env: Env, errors: &mut Errors) -> Vec<Webhook> {
+    let emitted = &raw.event_types;
+    let mut seen_ids = HashSet::new();
+    let mut webhooks = Vec::new();
+    for (i, w) in raw.webhooks.iter().enumerate() {
+        let at = format!("webhooks[{i}]");
+        if !seen_ids.insert(w.id.as_str()) {
+            errors.push(format!("{at}.id"), format!("duplicate webhook id {}", w.id));
+        }
+        if let Some(webhook) = compile_webhook(w, &at, &raw.delivery, emitted, env, errors) {
+            webhooks.push(webhook);
+        }
+    }
+    webhooks
+}
+
+/// Event type → organisation → indexes of the enabled webhooks subscribed to it.
+fn index_subscribers(webhooks: &[Webhook]) -> HashMap<String, HashMap<String, Vec<usize>>> {
+    let mut subscribers: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
+    for (i, w) in webhooks.iter().enumerate().filter(|(_, w)| w.enabled) {
+        for event_type in &w.events {
+            subscribers
+                .entry(event_type.clone())
+                .or_default()
+                .entry(w.organisation_id.clone())
+                .or_default()
+                .push(i);
+        }
+    }
+    subscribers
+}
+
+// ---- delivery ----
+
+fn compile_delivery(raw: &RawDelivery, env: Env, errors: &mut Errors) -> DeliverySettings {
+    let schedule = compile_retry_schedule(&raw.retry_schedule, errors);
+    check_limits(raw, errors);
+    if raw.cluster.as_deref() == Some("") {
+        errors.push("delivery.cluster", "must not be empty");
+    }
+    let dead_letter = raw
+        .dead_letter
+        .as_ref()
+        .and_then(|dl| compile_dead_letter(dl, raw, env, errors));
+    DeliverySettings {
+        timeout_ms: raw.timeout_ms,
+        max_body_bytes: to_usize(raw.max_body_bytes),
+        outbox: OutboxSettings {
+            retry: RetryPolicy::new(schedule),
+            max_queued: to_usize(raw.max_queued),
+            max_queued_bytes: to_usize(raw.max_queued_bytes),
+            max_in_flight_per_webhook: to_usize(raw.max_in_flight_per_webhook),
+            circuit_failures: (raw.circuit_failures > 0).then_some(raw.circuit_failures),
+        },
+        dead_letter,
+    }
+}
+
+fn compile_retry_schedule(steps: &[String], errors: &mut Errors) -> Vec<u64> {
+    let mut schedule = Vec::with_capacity(steps.len());
+    for (i, s) in steps.iter().enumerate() {
+        match parse_duration_ms(s) {
+            Ok(ms) => schedule.push(ms),
+            Err(e) => errors.push(format!("delivery.retrySchedule[{i}]"), e),
+        }
+    }
+    schedule
+}
+
+/// The numbers of `delivery` that must lie within their bounds.
+fn check_limits(raw: &RawDelivery, errors: &mut Errors) {
+    let limits = [
+        ("timeoutMs", raw.timeout_ms, defaults::TIMEOUT_MS_RANGE),
+        ("maxQueued", raw.max_queued, defaults::MAX_QUEUED_RANGE),
+        (
+            "maxBodyBytes",
+            raw.max_body_bytes,
+            defaults::MAX_BODY_BYTES_RANGE,
+        ),
+        (
+            "maxInFlightPerWebhook",
+            raw.max_in_flight_per_webhook,
+            defaults::MAX_IN_FLIGHT_PER_WEBHOOK_RANGE,
+        ),
+    ];
+    for (field, value, range) in limits {
+        if !range.contains(&value) {
+            errors.push(
+                format!("delivery.{field}"),
+                format!("must be between {} and {}", range.start(), range.end()),
+            );
+        }
+    }
+    let bytes = defaults::MAX_QUEUED_BYTES_RANGE;
+    if !bytes.contains(&raw.max_queued_bytes) {
+        errors.push(
+            "delivery.maxQueuedBytes",
+            format!("must be at least {}", bytes.start),
+        );
+    }
+}
+
+/// A count or size as the outbox keeps it. The bounds were checked on the `u64`, because a cast
+/// to a 32-bit `usize` (the wasm build) would wrap 2^32 + 1 to 1. A size beyond `usize` (only
+/// `maxQueuedBytes` has no upper bound) saturates: more than the VM can hold bounds nothing.
+fn to_usize(value: u64) -> usize {
+    usize::try_from(value).unwrap_or(usize::MAX)
+}
+
+fn compile_dead_letter(
+    raw: &RawDeadLetter,
+    delivery: &RawDelivery,
+    env: Env,
+    errors: &mut Errors,
+) -> Option<DeadLetter> {
+    let url = compile_url(&raw.url, "delivery.deadLetter.url", delivery, errors);
+    let cluster = compile_cluster(
+        raw.cluster.as_ref(),
+        delivery,
+        "delivery.deadLetter.cluster",
+        errors,
+    );
+    let key = match &raw.api_key {
+        None => None,
+        Some(value) => Some(compile_key(
+            value,
+            "delivery.deadLetter.apiKey",
+            env,
+            errors,
+        )?),
+    };
+    Some(DeadLetter {
+        url: url?,
+        cluster: cluster?,
+        key,
+    })
+}
+
+/// The cluster named here, or else `delivery.cluster`.
+fn compile_cluster(
+    own: Option<&String>,
+    delivery: &RawDelivery,
+    at: &str,
+    errors: &mut Errors,
+) -> Option<String> {
+    match own.or(delivery.cluster.as_ref()) {
+        None => {
+            errors.push(at, "required when delivery.cluster is not set");
+            None
+        }
+        Some(c) if c.is_empty() => {
+            errors.push(at, "must not be empty");
+            None
+        }
+        Some(c) => Some(c.clone()),
+    }
+}
+
+/// Parses a delivery URL and applies the https and private-network rules of `delivery`.
+fn compile_url(
+    text: &str,
+    at: &str,
+    delivery: &RawDelivery,
+    errors: &mut Errors,
+) -> Option<WebhookUrl> {
+    match WebhookUrl::parse(text) {
+        Ok(url) => {
+            let mark = errors.mark();
+            if !url.https && !delivery.allow_insecure_http {
+                errors.push(
+                    at,
+                    "must be an https URL (set delivery.allowInsecureHttp to allow http)",
+                );
+            }
+            if let Some(class) = url
+                .private_host_reason()
+                .filter(|_| !delivery.allow_private_networks)
+            {
+                errors.push(
+                    at,
+                    format!("private or loopback address ({class}) is not allowed (set delivery.allowPrivateNetworks to allow it)"),
+                );
+            }
+            errors.clean_since(mark).then_some(url)
+        }
+        Err(e) => {
+            errors.push(at, e);
+            None
+        }
+    }
+}
+
+/// A `whsec_` key given inline or as `{"env": "VARIABLE"}`.
+fn compile_key(value: &Value, at: &str, env: Env, errors: &mut Errors) -> Option<SigningKey> {
+    let result = match value {
+        Value::String(inline) => SigningKey::parse(inline).map_err(|e| e.to_string()),
+        Value::Object(map) => match (map.get("env"), map.len()) {
+            (Some(Value::String(var)), 1) => match env(var) {
+                Some(value) => SigningKey::parse(value.trim())
+                    .map_err(|e| format!("environment variable {var}: {e}")),
+                None => Err(format!("environment variable {var} is not set")),
+            },
+            _ => Err("must be a whsec_ key or {\"env\": \"VARIABLE\"}".into()),
+        },
+        _ => Err("must be a whsec_ key or {\"env\": \"VARIABLE\"}".into()),
+    };
+    result.map_err(|e| errors.push(at, e)).ok()
+}
+
+/// The longest one step of `retrySchedule` may wait: 24 hours, as the error message says.
+const MAX_RETRY_DELAY_MS: u64 = 86_400_000;
+
+/// `"500ms"`, `"5s"`, `"2m"`, `"1h"`: a whole number and a unit, at most 24 hours.
+pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let scale = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        _ => {
+            return Err(format!(
+                "{text:?} must be a whole number followed by ms, s, m or h"
+            ))
+        }
+    };
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} must be a whole number followed by ms, s, m or h"))?;
+    match value.checked_mul(scale) {
+        Some(ms) if ms > 0 && ms <= MAX_RETRY_DELAY_MS => Ok(ms),
+        _ => Err(format!("{text:?} must be more than 0 and at most 24h")),
+    }
+}
+
+// ---- events[] ----
+
+fn compile_rule(raw: &RawRule, at: &str, errors: &mut Errors) -> Option<EventRule> {
+    let mark = errors.mark();
+    if !is_event_type(&raw.event_type) {
+        errors.push(
+            format!("{at}.type"),
+            format!(
+                "{:?} must follow {{resource}}.{{event}} in lowercase, e.g. job.completed",
+                raw.event_type
+            ),
+        );
+    }
+    if raw.object_type.is_empty() {
+        errors.push(format!("{at}.objectType"), "must not be empty");
+    }
+    let matching = &raw.matching;
+    let methods = compile_methods(&matching.methods, &format!("{at}.match.methods"), errors);
+    let path = PathTemplate::parse(&matching.path)
+        .map_err(|e| errors.push(format!("{at}.match.path"), e))
+        .ok();
+    let statuses = compile_statuses(
+        matching.status.as_deref(),
+        &format!("{at}.match.status"),
+        errors,
+    );
+    let when = compile_conditions(&raw.when, at, errors);
+    check_pointer(&raw.object, &format!("{at}.object"), errors);
+    let organisation = compile_organisation(
+        &raw.organisation_id,
+        path.as_ref(),
+        &format!("{at}.organisationId"),
+        errors,
+    );
+    if !errors.clean_since(mark) {
+        return None;
+    }
+    Some(EventRule {
+        event_type: raw.event_type.clone(),
+        object_type: raw.object_type.clone(),
+        methods,
+        path: path?,
+        statuses,
+        when,
+        object_pointer: raw.object.clone(),
+        organisation,
+    })
+}
+
+/// `{resource}.{event}` in lowercase, e.g. `job.completed`.
+fn is_event_type(t: &str) -> bool {
+    let word = |w: &str| {
+        w.starts_with(|c: char| c.is_ascii_lowercase())
+            && w.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    };
+    matches!(t.split_once('.'), Some((resource, event)) if word(resource) && word(event))
+}
+
+fn compile_methods(names: &[String], at: &str, errors: &mut Errors) -> MethodSet {
+    let mut methods = MethodSet::default();
+    if names.is_empty() {
+        errors.push(at, "must not be empty");
+    }
+    for (i, m) in names.iter().enumerate() {
+        match MethodSet::bit(m) {
+            Some(bit) => methods.insert(bit),
+            None => errors.push(
+                format!("{at}[{i}]"),
+                format!("{m:?} is not an uppercase HTTP method"),
+            ),
+        }
+    }
+    methods
+}
+
+fn compile_statuses(given: Option<&[u16]>, at: &str, errors: &mut Errors) -> Vec<u16> {
+    let Some(list) = given else {
+        return defaults::STATUSES.collect();
+    };
+    if list.is_empty() {
+        errors.push(at, "must not be empty");
+    }
+    for (i, s) in list.iter().enumerate() {
+        if !(100..600).contains(s) {
+            errors.push(
+                format!("{at}[{i}]"),
+                "must be an HTTP status from 100 to 599",
+            );
+        }
+    }
+    list.to_vec()
+}
+
+/// `when[]`: each condition tests one pointer with exactly one of `equals` or `exists`.
+fn compile_conditions(raw: &[RawCondition], at: &str, errors: &mut Errors) -> Vec<Condition> {
+    let mut when = Vec::with_capacity(raw.len());
+    for (i, c) in raw.iter().enumerate() {
+        let at = format!("{at}.when[{i}]");
+        check_pointer(&c.pointer, &format!("{at}.pointer"), errors);
+        let check = match (&c.equals, c.exists) {
+            (Some(v), None) => Check::Equals(v.clone()),
+            (None, Some(b)) => Check::Exists(b),
+            _ => {
+                errors.push(at, "must have exactly one of equals or exists");
+                continue;
+            }
+        };
+        when.push(Condition {
+            pointer: c.pointer.clone(),
+            check,
+        });
+    }
+    when
+}
+
+fn check_pointer(pointer: &str, at: &str, errors: &mut Errors) {
+    if let Err(e) = validate_json_pointer(pointer) {
+        errors.push(at, e);
+    }
+}
+
+/// Where a rule finds the organisation; `path` is the rule's parsed `match.path`, if it parsed.
+fn compile_organisation(
+    raw: &RawOrganisation,
+    path: Option<&PathTemplate>,
+    at: &str,
+    errors: &mut Errors,
+) -> OrganisationSource {
+    match raw {
+        RawOrganisation::Header(name) => {
+            if !is_header_name(name) {
+                errors.push(format!("{at}.header"), "must be a header name");
+            }
+            OrganisationSource::Header(name.to_ascii_lowercase())
+        }
+        RawOrganisation::Pointer(p) => {
+            check_pointer(p, &format!("{at}.pointer"), errors);
+            OrganisationSource::Pointer(p.clone())
+        }
+        RawOrganisation::PathParam(name) => {
+            // A path that did not parse has its own error; no second one about its captures.
+            if path.is_some_and(|t| !t.has_capture(name)) {
+                errors.push(
+                    format!("{at}.pathParam"),
+                    format!("match.path has no {{{name}}} capture"),
+                );
+            }
+            OrganisationSource::PathParam(name.clone())
+        }
+    }
+}
+
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+}
+
+// ---- webhooks[] ----
+
+fn compile_webhook(
+    raw: &RawWebhook,
+    at: &str,
+    delivery: &RawDelivery,
+    emitted: &HashSet<String>,
+    env: Env,
+    errors: &mut Errors,
+) -> Option<Webhook> {
+    let mark = errors.mark();
+    if !is_webhook_id(&raw.id) {
+        errors.push(format!("{at}.id"), "must be 24 lowercase hex digits");
+    }
+    if raw.organisation_id.is_empty() {
+        errors.push(format!("{at}.organisationId"), "must not be empty");
+    }
+    if raw.name.trim().is_empty() {
+        errors.push(format!("{at}.name"), "must not be empty");
+    }
+    let url = compile_url(&raw.url, &format!("{at}.url"), delivery, errors);
+    let enabled = compile_status(&raw.status, &format!("{at}.status"), errors);
+    check_subscriptions(&raw.events, emitted, &format!("{at}.events"), errors);
+    let key = compile_key(&raw.api_key, &format!("{at}.apiKey"), env, errors);
+    let cluster = compile_cluster(
+        raw.cluster.as_ref(),
+        delivery,
+        &format!("{at}.cluster"),
+        errors,
+    );
+    if !errors.clean_since(mark) {
+        return None;
+    }
+    Some(Webhook {
+        id: raw.id.clone(),
+        organisation_id: raw.organisation_id.clone(),
+        name: raw.name.clone(),
+        description: raw.description.clone(),
+        url: url?,
+        enabled,
+        events: raw.events.clone(),
+        key: key?,
+        cluster: cluster?,
+    })
+}
+
+/// 24 lowercase hex digits, the shape of the registry's ids.
+fn is_webhook_id(id: &str) -> bool {
+    id.len() == 24
+        && id
+            .chars()
+            .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+}
+
+/// `status`: whether events are pushed to the webhook.
+fn compile_status(status: &str, at: &str, errors: &mut Errors) -> bool {
+    match status {
+        "enabled" => true,
+        "disabled" => false,
+        other => {
+            errors.push(
+                at,
+                format!("must be \"enabled\" or \"disabled\", not {other:?}"),
+            );
+            false
+        }
+    }
+}
+
+/// A webhook's `events`: not empty, no duplicates, each emitted by some rule (`emitted`).
+fn check_subscriptions(
+    events: &[String],
+    emitted: &HashSet<String>,
+    at: &str,
+    errors: &mut Errors,
+) {
+    if events.is_empty() {
+        errors.push(at, "must not be empty");
+    }
+    for (i, e) in events.iter().enumerate() {
+        if !emitted.contains(e.as_str()) {
+            errors.push(
+                format!("{at}[{i}]"),
+                format!("no rule in events[] emits {e:?}"),
+            );
+        } else if events[..i].contains(e) {
+            errors.push(format!("{at}[{i}]"), format!("{e:?} is listed twice"));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration_ms;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("200ms"), Ok(200));
+        assert_eq!(parse_duration_ms("2m"), Ok(120_000));
+        for bad in [
+            "",
+            "5",
+            "s",
+            "0s",
+            "1.5s",
+            "25h",
+            "-1s",
+            "99999999999999999999h",
+        ] {
+            assert!(parse_duration_ms(bad).is_err(), "{bad}");
+        }
+    }
+}

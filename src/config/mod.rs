@@ -1,0 +1,107 @@
+//! The plugin configuration: JSON read by hand and compiled into an immutable [`Plan`]. Every
+//! error names the JSON path of its field, unknown fields are errors, and all errors are reported
+//! at once. The reader walks a `serde_json::Value` rather than deriving serde models: that gives
+//! the exact paths and keeps the `.wasm` small.
+//!
+//! - `reader`: reads one JSON object field by field, with paths;
+//! - `raw`: reads the whole configuration into raw structs, filling in `defaults`;
+//! - `compile`: checks what the values mean and builds the [`Plan`];
+//! - `errors`: [`ConfigError`], key redaction, and the sink that collects errors.
+
+use crate::delivery::OutboxSettings;
+use crate::rules::EventRule;
+use crate::signature::SigningKey;
+use crate::url::WebhookUrl;
+use errors::Errors;
+use serde_json::Value;
+use std::collections::HashMap;
+
+mod compile;
+mod defaults;
+mod errors;
+mod raw;
+mod reader;
+
+pub use compile::parse_duration_ms;
+pub use errors::ConfigError;
+
+/// A registered webhook, as the filter uses it.
+#[derive(Debug, Clone)]
+pub struct Webhook {
+    pub id: String,
+    pub organisation_id: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub url: WebhookUrl,
+    pub enabled: bool,
+    pub events: Vec<String>,
+    pub key: SigningKey,
+    /// The Envoy cluster that carries this webhook's deliveries.
+    pub cluster: String,
+}
+
+/// Where deliveries that finally failed are POSTed, so that a durable store can keep them.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub url: WebhookUrl,
+    pub cluster: String,
+    /// Signs dead letters like deliveries when set.
+    pub key: Option<SigningKey>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeliverySettings {
+    pub timeout_ms: u64,
+    pub max_body_bytes: usize,
+    pub outbox: OutboxSettings,
+    pub dead_letter: Option<DeadLetter>,
+}
+
+/// The validated, immutable configuration, shared by the root and HTTP contexts of a worker.
+#[derive(Debug)]
+pub struct Plan {
+    pub rules: Vec<EventRule>,
+    pub webhooks: Vec<Webhook>,
+    pub delivery: DeliverySettings,
+    /// Event type → organisation → indexes of the enabled webhooks subscribed to it.
+    subscribers: HashMap<String, HashMap<String, Vec<usize>>>,
+}
+
+impl Plan {
+    /// Parses and validates the plugin configuration. `env` reads the VM's environment variables.
+    pub fn from_json(
+        json: &[u8],
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Plan, Vec<ConfigError>> {
+        let value: Value = serde_json::from_slice(json).map_err(|e| {
+            vec![ConfigError::new(
+                "configuration",
+                format!("invalid JSON ({e})"),
+            )]
+        })?;
+        let mut errors = Errors::default();
+        let plan = match raw::read_config(&value, &mut errors) {
+            Some(raw) if errors.is_empty() => compile::compile(raw, env, &mut errors),
+            _ => None,
+        };
+        match plan {
+            Some(plan) if errors.is_empty() => Ok(plan),
+            _ => Err(errors.into_vec()),
+        }
+    }
+
+    /// The enabled webhooks of `organisation` subscribed to `event_type`.
+    pub fn subscribers(&self, event_type: &str, organisation: &str) -> &[usize] {
+        self.subscribers
+            .get(event_type)
+            .and_then(|by_org| by_org.get(organisation))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    pub fn webhook_index(&self, id: &str) -> Option<usize> {
+        self.webhooks.iter().position(|w| w.id == id)
+    }
+}
+
+#[cfg(test)]
+mod tests;
