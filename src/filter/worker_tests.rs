@@ -204,22 +204,11 @@ fn one_event_holds_one_copy_of_its_envelope_for_all_its_webhooks() {
 fn the_byte_bound_drops_with_a_trace_and_another_organisation_still_gets_in() {
     let host = FakeHost::default();
     let hooks = vec![webhook(1, ORG), webhook(2, OTHER_ORG)];
-    let mut worker = Worker::new(
-        &host,
-        plan(&config(hooks, json!({"maxInFlightPerWebhook": 1}))),
-        None,
+    let config = config(
+        hooks,
+        json!({"maxInFlightPerWebhook": 1, "maxQueuedBytes": 350_000}),
     );
-    // Stand-in bound: what the configuration will read as maxQueuedBytes.
-    let mut settings = worker.plan().delivery.outbox.clone();
-    settings.max_queued_bytes = 350_000;
-    let mut cfg = worker.plan().delivery.clone();
-    cfg.outbox = settings;
-    let mut p = plan(&config(
-        vec![webhook(1, ORG), webhook(2, OTHER_ORG)],
-        json!({"maxInFlightPerWebhook": 1}),
-    ));
-    p.delivery = cfg;
-    worker.adopt(&host, p);
+    let mut worker = Worker::new(&host, plan(&config), None);
     let big = format!(
         r#"{{"status":"completed","blob":"{}"}}"#,
         "x".repeat(100_000)
