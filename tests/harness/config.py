@@ -26,14 +26,20 @@ def new_id() -> str:
     return os.urandom(12).hex()
 
 
-def job_completed_rule(path: str = "/jobs/{jobId}/complete") -> dict:
+# Where the shipped configurations take an event's organisation from: the upstream's answer, which it gives
+# only after its own authorisation. Tests that exercise the header source use HEADER_ORGANISATION.
+BODY_ORGANISATION = {"pointer": "/organisationId"}
+HEADER_ORGANISATION = {"header": "x-organisation-id"}
+
+
+def job_completed_rule(path: str = "/jobs/{jobId}/complete", organisation: Optional[dict] = None) -> dict:
     return {
         "type": "job.completed",
         "objectType": "job",
         "match": {"methods": ["POST", "PUT", "PATCH"], "path": path, "status": [200]},
         "when": [{"pointer": "/status", "equals": "completed"}],
         "object": "",
-        "organisationId": {"header": "x-organisation-id"},
+        "organisationId": dict(organisation or HEADER_ORGANISATION),
     }
 
 
