@@ -7,6 +7,7 @@
 pub mod dead_letter;
 pub mod outbox;
 pub mod policy;
+pub mod shared;
 
 pub use dead_letter::{dead_letter_body, DeadLetterReason};
 pub use outbox::{Bound, CircuitChange, Outbox, OutboxSettings, Refused, Verdict};

@@ -123,6 +123,9 @@ pub struct Outbox {
     /// Attempts out, over all lanes (orphans of a reconfiguration included until answered).
     attempts_out: usize,
     circuit_change: Option<CircuitChange>,
+    /// What the proxy's other workers hold (deliveries, bytes), as they last said: the bounds are
+    /// the proxy's, not one worker's.
+    others: (usize, usize),
 }
 
 /// Admission of a new delivery: accepted, with the deliveries evicted to make room for it.
@@ -138,7 +141,13 @@ impl Outbox {
             queued_bytes: 0,
             attempts_out: 0,
             circuit_change: None,
+            others: (0, 0),
         }
+    }
+
+    /// What the proxy's other workers hold now (deliveries, bytes).
+    pub fn set_others(&mut self, queued: usize, queued_bytes: usize) {
+        self.others = (queued, queued_bytes);
     }
 
     /// Deliveries held, waiting or in flight.
@@ -206,9 +215,15 @@ impl Outbox {
 
     /// The bound a new delivery adding `extra_bytes` would pass, if any.
     fn bound_reached(&self, extra_bytes: usize) -> Option<Bound> {
-        if self.queued >= self.settings.max_queued {
+        let (other_queued, other_bytes) = self.others;
+        if self.queued.saturating_add(other_queued) >= self.settings.max_queued {
             Some(Bound::Count)
-        } else if self.queued_bytes.saturating_add(extra_bytes) > self.settings.max_queued_bytes {
+        } else if self
+            .queued_bytes
+            .saturating_add(other_bytes)
+            .saturating_add(extra_bytes)
+            > self.settings.max_queued_bytes
+        {
             Some(Bound::Bytes)
         } else {
             None
@@ -453,6 +468,36 @@ impl Outbox {
             self.circuit_change = Some(CircuitChange::Opened);
         }
         verdict
+    }
+
+    /// The time of an open circuit's next probe.
+    pub fn probe_at(&self, lane: LaneId) -> Option<u64> {
+        self.lane(lane).and_then(|l| l.probe_at_ms)
+    }
+
+    /// Opens (Some) or closes (None) a lane's circuit as another worker found it, without
+    /// counting it as this worker's change.
+    pub fn set_probe_at(&mut self, lane: LaneId, probe_at_ms: Option<u64>) {
+        if let Some(l) = self.lane_mut(lane) {
+            l.probe_at_ms = probe_at_ms;
+            if probe_at_ms.is_none() {
+                l.consecutive_failures = 0;
+                l.failed_probes = 0;
+            }
+        }
+    }
+
+    /// Turns a webhook lane off as another worker found it gone; its queued deliveries come back
+    /// (each must be logged, counted and dead-lettered). Attempts out finish as failures.
+    pub fn mark_gone(&mut self, lane: LaneId) -> Vec<Delivery> {
+        match self.lane_mut(lane) {
+            Some(l) if lane != LaneId::DeadLetter && !l.gone => {
+                l.gone = true;
+                l.probe_at_ms = None;
+            }
+            _ => return Vec::new(),
+        }
+        self.drain_queued(lane)
     }
 
     /// Takes every queued delivery of a lane out (attempts out are not touched: their answers

@@ -76,11 +76,19 @@ impl EmitterRoot {
                 drop(w);
                 worker
             }
-            None => Rc::new(RefCell::new(Worker::new(
-                &ProxyHost,
-                plan,
-                Self::register_doorbell(),
-            ))),
+            None => {
+                let id: String = random_bytes::<8>()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                Rc::new(RefCell::new(Worker::new(
+                    &ProxyHost,
+                    plan,
+                    Self::register_doorbell(),
+                    &key,
+                    id,
+                )))
+            }
         };
         WORKERS.with(|w| w.borrow_mut().insert(key, Rc::downgrade(&worker)));
         self.worker = Some(worker);
@@ -173,6 +181,9 @@ impl RootContext for EmitterRoot {
     }
 
     fn on_tick(&mut self) {
+        if let Some(worker) = self.worker.clone().filter(|_| !self.draining) {
+            worker.borrow_mut().tick(&ProxyHost, now_ms());
+        }
         self.pump();
     }
 

@@ -137,7 +137,7 @@ proptest! {
         max_queued in 1usize..8,
     ) {
         let host = FakeHost::default();
-        let mut worker = Worker::new(&host, plan(max_queued), None);
+        let mut worker = Worker::new(&host, plan(max_queued), None, "test", "w1".into());
         let plan = worker.plan().clone();
         let mut now = 1_000_000u64;
         let mut answers = answers.into_iter();

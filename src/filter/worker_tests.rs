@@ -85,6 +85,8 @@ fn a_callout_that_failed_before_its_headers_is_retried_not_trapped() {
         &host,
         plan(&config(vec![webhook(1, ORG)], json!({}))),
         Some(1),
+        "test",
+        "w1".into(),
     );
     complete(
         &host,
@@ -113,7 +115,13 @@ fn a_callout_that_failed_before_its_headers_is_retried_not_trapped() {
 #[test]
 fn an_answer_without_a_valid_status_is_a_failed_attempt() {
     let host = FakeHost::default();
-    let mut worker = Worker::new(&host, plan(&config(vec![webhook(1, ORG)], json!({}))), None);
+    let mut worker = Worker::new(
+        &host,
+        plan(&config(vec![webhook(1, ORG)], json!({}))),
+        None,
+        "test",
+        "w1".into(),
+    );
     complete(
         &host,
         &mut worker,
@@ -130,7 +138,13 @@ fn an_answer_without_a_valid_status_is_a_failed_attempt() {
 #[test]
 fn a_refused_dispatch_is_retried_and_logs_the_real_reason() {
     let host = FakeHost::default();
-    let mut worker = Worker::new(&host, plan(&config(vec![webhook(1, ORG)], json!({}))), None);
+    let mut worker = Worker::new(
+        &host,
+        plan(&config(vec![webhook(1, ORG)], json!({}))),
+        None,
+        "test",
+        "w1".into(),
+    );
     complete(
         &host,
         &mut worker,
@@ -152,7 +166,13 @@ fn a_refused_dispatch_is_retried_and_logs_the_real_reason() {
 #[test]
 fn an_organisation_header_that_is_not_utf8_makes_no_event() {
     let host = FakeHost::default();
-    let mut worker = Worker::new(&host, plan(&config(vec![webhook(1, ORG)], json!({}))), None);
+    let mut worker = Worker::new(
+        &host,
+        plan(&config(vec![webhook(1, ORG)], json!({}))),
+        None,
+        "test",
+        "w1".into(),
+    );
     complete(
         &host,
         &mut worker,
@@ -170,7 +190,13 @@ fn an_organisation_header_that_is_not_utf8_makes_no_event() {
 fn one_event_holds_one_copy_of_its_envelope_for_all_its_webhooks() {
     let host = FakeHost::default();
     let hooks = (1..=8).map(|n| webhook(n, ORG)).collect();
-    let mut worker = Worker::new(&host, plan(&config(hooks, json!({}))), None);
+    let mut worker = Worker::new(
+        &host,
+        plan(&config(hooks, json!({}))),
+        None,
+        "test",
+        "w1".into(),
+    );
     let big = format!(
         r#"{{"status":"completed","blob":"{}"}}"#,
         "x".repeat(100_000)
@@ -208,7 +234,7 @@ fn the_byte_bound_drops_with_a_trace_and_another_organisation_still_gets_in() {
         hooks,
         json!({"maxInFlightPerWebhook": 1, "maxQueuedBytes": 350_000}),
     );
-    let mut worker = Worker::new(&host, plan(&config), None);
+    let mut worker = Worker::new(&host, plan(&config), None, "test", "w1".into());
     let big = format!(
         r#"{{"status":"completed","blob":"{}"}}"#,
         "x".repeat(100_000)
@@ -266,7 +292,7 @@ fn exhaust(host: &FakeHost, worker: &mut Worker, mut now: u64) -> u64 {
 fn dead_letters_queued_when_the_dead_letter_endpoint_is_removed_are_lost_loudly() {
     let host = FakeHost::default();
     let cfg = config(vec![webhook(1, ORG)], with_dead_letter(json!({})));
-    let mut worker = Worker::new(&host, plan(&cfg), None);
+    let mut worker = Worker::new(&host, plan(&cfg), None, "test", "w1".into());
     complete(
         &host,
         &mut worker,
@@ -303,7 +329,7 @@ fn dead_letters_queued_when_the_dead_letter_endpoint_is_removed_are_lost_loudly(
 fn a_dead_letter_store_that_answers_410_is_retried_then_lost_loudly() {
     let host = FakeHost::default();
     let cfg = config(vec![webhook(1, ORG)], with_dead_letter(json!({})));
-    let mut worker = Worker::new(&host, plan(&cfg), None);
+    let mut worker = Worker::new(&host, plan(&cfg), None, "test", "w1".into());
     complete(
         &host,
         &mut worker,
@@ -339,4 +365,168 @@ fn a_dead_letter_store_that_answers_410_is_retried_then_lost_loudly() {
         1
     );
     let _ = exhaust(&host, &mut worker, now);
+}
+
+#[test]
+fn a_410_seen_by_one_worker_stops_every_worker_of_the_proxy() {
+    let host = FakeHost::default();
+    let cfg = config(vec![webhook(1, ORG)], json!({}));
+    let mut first = Worker::new(&host, plan(&cfg), None, "p", "w1".into());
+    let mut second = Worker::new(&host, plan(&cfg), None, "p", "w2".into());
+    // The second worker holds a delivery waiting for its retry.
+    complete(
+        &host,
+        &mut second,
+        ORG.as_bytes(),
+        br#"{"status":"completed"}"#,
+        0,
+    );
+    let (_, attempt) = second.pump(&host, 0).remove(0);
+    second.on_answer(&host, attempt, &answer(b"503"), 0);
+    assert_eq!(second.outbox().queued(), 1);
+    // The first worker's delivery is answered 410.
+    complete(
+        &host,
+        &mut first,
+        ORG.as_bytes(),
+        br#"{"status":"completed"}"#,
+        0,
+    );
+    let (_, attempt) = first.pump(&host, 0).remove(0);
+    first.on_answer(&host, attempt, &answer(b"410"), 1);
+    assert_eq!(host.metric("webhooks_disabled_gone"), 1);
+    // The second worker learns it on its next event (before fan-out) or tick: its queued delivery is
+    // dropped with a trace, and the new event is refused.
+    complete(
+        &host,
+        &mut second,
+        ORG.as_bytes(),
+        br#"{"status":"completed"}"#,
+        5,
+    );
+    assert_eq!(
+        host.logged(LogLevel::Warn, "answered 410 Gone to another worker"),
+        1
+    );
+    // The 410'd delivery, the one waiting on the second worker, and the new event's.
+    assert_eq!(host.metric("deliveries_dropped.webhook_gone"), 3);
+    assert!(second.pump(&host, 100_000).is_empty());
+    assert_eq!(second.outbox().queued(), 0);
+}
+
+#[test]
+fn a_gone_webhook_pointed_at_a_new_url_is_a_new_endpoint() {
+    let host = FakeHost::default();
+    let cfg = config(vec![webhook(1, ORG)], json!({}));
+    let mut first = Worker::new(&host, plan(&cfg), None, "p", "w1".into());
+    complete(
+        &host,
+        &mut first,
+        ORG.as_bytes(),
+        br#"{"status":"completed"}"#,
+        0,
+    );
+    let (_, attempt) = first.pump(&host, 0).remove(0);
+    first.on_answer(&host, attempt, &answer(b"410"), 1);
+    let mut moved = webhook(1, ORG);
+    moved["url"] = json!("https://moved.example.com/in");
+    let mut second = Worker::new(
+        &host,
+        plan(&config(vec![moved], json!({}))),
+        None,
+        "p",
+        "w2".into(),
+    );
+    complete(
+        &host,
+        &mut second,
+        ORG.as_bytes(),
+        br#"{"status":"completed"}"#,
+        5,
+    );
+    assert_eq!(second.pump(&host, 5).len(), 1);
+}
+
+#[test]
+fn an_open_circuit_holds_every_worker_and_a_close_reopens_them() {
+    let host = FakeHost::default();
+    let cfg = config(
+        vec![webhook(1, ORG)],
+        json!({"circuitBreaker": {"failures": 1}, "retrySchedule": ["1s", "1s", "1s", "1s"]}),
+    );
+    let mut first = Worker::new(&host, plan(&cfg), None, "p", "w1".into());
+    let mut second = Worker::new(&host, plan(&cfg), None, "p", "w2".into());
+    complete(
+        &host,
+        &mut first,
+        ORG.as_bytes(),
+        br#"{"status":"completed"}"#,
+        0,
+    );
+    let (_, attempt) = first.pump(&host, 0).remove(0);
+    first.on_answer(&host, attempt, &answer(b"500"), 0);
+    assert_eq!(host.metric("circuits_opened"), 1);
+    // The second worker's new event waits behind the open circuit instead of being sent now.
+    complete(
+        &host,
+        &mut second,
+        ORG.as_bytes(),
+        br#"{"status":"completed"}"#,
+        10,
+    );
+    assert!(second.pump(&host, 10).is_empty());
+    // The first worker's probe succeeds: the circuit closes for both.
+    let (_, probe) = first.pump(&host, 2_000).remove(0);
+    first.on_answer(&host, probe, &answer(b"200"), 2_000);
+    second.tick(&host, 2_001);
+    assert_eq!(second.pump(&host, 2_001).len(), 1);
+}
+
+#[test]
+fn the_bounds_hold_for_the_whole_proxy() {
+    let host = FakeHost::default();
+    let cfg = config(vec![webhook(1, ORG)], json!({"maxQueued": 3}));
+    let mut first = Worker::new(&host, plan(&cfg), None, "p", "w1".into());
+    let mut second = Worker::new(&host, plan(&cfg), None, "p", "w2".into());
+    for _ in 0..2 {
+        complete(
+            &host,
+            &mut first,
+            ORG.as_bytes(),
+            br#"{"status":"completed"}"#,
+            0,
+        );
+    }
+    first.tick(&host, 0);
+    second.tick(&host, 0);
+    complete(
+        &host,
+        &mut second,
+        ORG.as_bytes(),
+        br#"{"status":"completed"}"#,
+        0,
+    );
+    complete(
+        &host,
+        &mut second,
+        ORG.as_bytes(),
+        br#"{"status":"completed"}"#,
+        0,
+    );
+    assert_eq!(
+        second.outbox().queued(),
+        1,
+        "2 + 1 = maxQueued for the proxy"
+    );
+    assert_eq!(host.metric("deliveries_dropped.queue_full"), 1);
+    // A worker that stops saying what it holds is forgotten.
+    second.tick(&host, 10_000);
+    complete(
+        &host,
+        &mut second,
+        ORG.as_bytes(),
+        br#"{"status":"completed"}"#,
+        10_000,
+    );
+    assert_eq!(second.outbox().queued(), 2);
 }
