@@ -4,6 +4,7 @@
 //!
 //! One line per entry, fields separated by spaces. A line that does not parse is skipped.
 
+use super::outbox::Others;
 use std::collections::BTreeMap;
 
 /// Where a webhook's state applies: its id and a fingerprint of its URL, so that a 410 stops
@@ -30,12 +31,13 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EndpointState {
     /// The endpoint answered 410 Gone: nothing more is sent to it.
     Gone,
-    /// The circuit is open: one probe at this time (Unix ms), nothing else.
-    Open { probe_at_ms: u64 },
+    /// The circuit is open: the worker `leader` sends one probe at this time (Unix ms); the
+    /// others hold their queues until it closes, and take over if it falls silent.
+    Open { probe_at_ms: u64, leader: String },
 }
 
 /// The endpoints some worker found gone or failing.
@@ -52,12 +54,13 @@ impl EndpointTable {
             let fields: Vec<&str> = line.split(' ').collect();
             let (id, fp, state) = match fields.as_slice() {
                 [id, fp, "gone"] => (id, fp, Some(EndpointState::Gone)),
-                [id, fp, "open", at] => (
+                [id, fp, "open", at, leader] => (
                     id,
                     fp,
-                    at.parse()
-                        .ok()
-                        .map(|probe_at_ms| EndpointState::Open { probe_at_ms }),
+                    at.parse().ok().map(|probe_at_ms| EndpointState::Open {
+                        probe_at_ms,
+                        leader: (*leader).to_string(),
+                    }),
                 ),
                 _ => continue,
             };
@@ -78,7 +81,10 @@ impl EndpointTable {
         for (key, state) in &self.entries {
             let state = match state {
                 EndpointState::Gone => "gone".to_string(),
-                EndpointState::Open { probe_at_ms } => format!("open {probe_at_ms}"),
+                EndpointState::Open {
+                    probe_at_ms,
+                    leader,
+                } => format!("open {probe_at_ms} {leader}"),
             };
             out.push_str(&format!(
                 "{} {:016x} {state}\n",
@@ -165,15 +171,17 @@ impl HeldTable {
         self.workers.insert(me.to_string(), held);
     }
 
-    /// What the other live workers hold: (deliveries, bytes).
-    pub fn others(&self, me: &str, now_ms: u64) -> (usize, usize) {
+    /// What the other live workers hold.
+    pub fn others(&self, me: &str, now_ms: u64) -> Others {
         self.workers
             .iter()
             .filter(|(id, h)| {
                 id.as_str() != me && now_ms.saturating_sub(h.updated_ms) <= Self::STALE_MS
             })
-            .fold((0, 0), |(q, b), (_, h)| {
-                (q.saturating_add(h.queued), b.saturating_add(h.queued_bytes))
+            .fold(Others::default(), |o, (_, h)| Others {
+                queued: o.queued.saturating_add(h.queued),
+                queued_bytes: o.queued_bytes.saturating_add(h.queued_bytes),
+                workers: o.workers + 1,
             })
     }
 }
@@ -191,10 +199,13 @@ mod tests {
         );
         t.set(
             EndpointKey::new("b", "https://b/"),
-            Some(EndpointState::Open { probe_at_ms: 42 }),
+            Some(EndpointState::Open {
+                probe_at_ms: 42,
+                leader: "w1".into(),
+            }),
         );
         let mut bytes = t.serialize();
-        bytes.extend_from_slice(b"\xff\xfe junk\nc zz gone\nd 01 open x\n\n");
+        bytes.extend_from_slice(b"\xff\xfe junk\nc zz gone\nd 01 open x w\ne 01 open 5\n\n");
         assert_eq!(EndpointTable::parse(&bytes), t);
     }
 
@@ -204,7 +215,13 @@ mod tests {
         let a = EndpointKey::new("a", "https://a/");
         t.set(a.clone(), Some(EndpointState::Gone));
         t.set(a.clone(), None);
-        t.set(a.clone(), Some(EndpointState::Open { probe_at_ms: 1 }));
+        t.set(
+            a.clone(),
+            Some(EndpointState::Open {
+                probe_at_ms: 1,
+                leader: "w".into(),
+            }),
+        );
         assert_eq!(t.entries.get(&a), Some(&EndpointState::Gone));
         assert!(!t
             .entries
@@ -222,8 +239,12 @@ mod tests {
         t.update("w1", at(3, 1_000));
         t.update("w2", at(5, 1_000));
         t.update("me", at(7, 1_000));
-        assert_eq!(t.others("me", 1_000), (8, 80));
-        assert_eq!(t.others("me", 1_000 + HeldTable::STALE_MS + 1), (0, 0));
+        let o = t.others("me", 1_000);
+        assert_eq!((o.queued, o.queued_bytes, o.workers), (8, 80, 2));
+        assert_eq!(
+            t.others("me", 1_000 + HeldTable::STALE_MS + 1),
+            Others::default()
+        );
         let parsed = HeldTable::parse(&t.serialize());
         assert_eq!(parsed, t);
         assert_eq!(HeldTable::parse(b"x 1 2\n\xff 1 2 3 4\n").workers.len(), 0);

@@ -110,6 +110,10 @@ pub struct Worker {
 const HELD_HEARTBEAT_MS: u64 = 1_000;
 /// Attempts at a compare-and-swap update of shared data before giving up until the next tick.
 const CAS_TRIES: usize = 8;
+/// A worker that did not open a circuit probes only if the worker that did (the leader) has not
+/// moved its probe time for this long past it: so one probe per period for the whole proxy, and
+/// still probes if the leader's VM is gone.
+pub const FOLLOWER_GRACE_MS: u64 = 5_000;
 
 impl Worker {
     /// A worker of the plugin `plugin` (the shared-data namespace), with the random id `id`.
@@ -237,7 +241,7 @@ impl Worker {
             return;
         }
         let event_id: Rc<str> = Rc::from(event.id_hex.as_str());
-        let payload = Rc::new(Payload::Event(event.envelope));
+        let payload = Rc::new(Payload::event(event.envelope));
         let mut accepted = 0;
         for &w in subscribers {
             let delivery = Delivery::new(
@@ -246,7 +250,7 @@ impl Worker {
                 Rc::clone(&payload),
                 now_ms,
             );
-            match self.outbox.enqueue(delivery, accepted > 0) {
+            match self.outbox.enqueue(delivery) {
                 Ok(evicted) => {
                     accepted += 1;
                     for d in evicted {
@@ -346,10 +350,10 @@ impl Worker {
         let letter = Delivery::new(
             Rc::clone(&delivery.event_id),
             LaneId::DeadLetter,
-            Rc::new(Payload::Raw(body)),
+            Rc::new(Payload::raw(body)),
             now_ms,
         );
-        match self.outbox.enqueue(letter, false) {
+        match self.outbox.enqueue(letter) {
             Ok(evicted) => {
                 for d in evicted {
                     self.drop_evicted(host, d, now_ms);
@@ -509,6 +513,7 @@ impl Worker {
         let plan = Rc::clone(&self.plan);
         let name = lane_name(&plan, lane);
         let (event_id, attempts) = (Rc::clone(&delivery.event_id), delivery.attempts);
+        let was_probe = delivery.is_probe;
         // Jitter is only drawn for a failure (a host call saved on every success).
         let random = if outcome.is_success() {
             0
@@ -577,19 +582,58 @@ impl Worker {
         }
         match self.outbox.take_circuit_change() {
             Some(CircuitChange::Opened) => {
-                let probe_at_ms = self.outbox.probe_at(lane).unwrap_or(now_ms);
-                self.publish_endpoint(host, lane, Some(EndpointState::Open { probe_at_ms }));
+                self.lead_circuit(host, lane, now_ms);
                 m.circuits_opened.inc(host);
                 log(host, LogLevel::Warn, || {
                     format!("circuit opened for webhook {name}: its queue waits, one probe per backoff period")
                 });
             }
-            Some(CircuitChange::Closed) => log(host, LogLevel::Info, || {
-                format!("circuit closed for webhook {name}")
-            }),
+            Some(CircuitChange::Closed) => {
+                self.publish_endpoint(host, lane, None);
+                log(host, LogLevel::Info, || {
+                    format!("circuit closed for webhook {name}")
+                });
+            }
+            // A failed probe moved the probe time: the followers wait for the new one.
+            None if was_probe && self.outbox.probe_at(lane).is_some() => {
+                self.lead_circuit(host, lane, now_ms)
+            }
             None => {}
         }
         self.report_gauges(host);
+    }
+
+    /// This worker's circuit of `lane` is open: it leads the probing for the proxy, unless another
+    /// live worker already does; then this one follows (holds its queue, probes only if the leader
+    /// falls silent).
+    fn lead_circuit(&mut self, host: &dyn Host, lane: LaneId, now_ms: u64) {
+        let (Some(key), Some(mine)) = (self.endpoint_key(lane), self.outbox.probe_at(lane)) else {
+            return;
+        };
+        for _ in 0..CAS_TRIES {
+            let (bytes, cas) = host.shared_get(&self.endpoints_key).unwrap_or_default();
+            let mut table = EndpointTable::parse(&bytes);
+            match table.entries.get(&key) {
+                Some(EndpointState::Gone) => return,
+                Some(EndpointState::Open {
+                    probe_at_ms,
+                    leader,
+                }) if *leader != self.id && probe_at_ms + FOLLOWER_GRACE_MS > now_ms => {
+                    self.outbox
+                        .set_probe_at(lane, Some(probe_at_ms + FOLLOWER_GRACE_MS));
+                    return;
+                }
+                _ => {}
+            }
+            let state = EndpointState::Open {
+                probe_at_ms: mine,
+                leader: self.id.clone(),
+            };
+            table.set(key.clone(), Some(state));
+            if host.shared_set(&self.endpoints_key, &table.serialize(), cas) {
+                return;
+            }
+        }
     }
 
     /// The answer to an attempt whose lane a new configuration removed or disabled while it was
@@ -673,7 +717,7 @@ impl Worker {
         for _ in 0..CAS_TRIES {
             let (bytes, cas) = host.shared_get(&self.endpoints_key).unwrap_or_default();
             let mut table = EndpointTable::parse(&bytes);
-            table.set(key.clone(), state);
+            table.set(key.clone(), state.clone());
             if host.shared_set(&self.endpoints_key, &table.serialize(), cas) {
                 return;
             }
@@ -721,13 +765,17 @@ impl Worker {
                         self.dead_letter(host, d, DeadLetterReason::WebhookGone, now_ms);
                     }
                 }
-                Some(EndpointState::Open { probe_at_ms })
-                    if self.outbox.probe_at(lane).is_none() =>
-                {
-                    self.outbox.set_probe_at(lane, Some(*probe_at_ms));
-                    log(host, LogLevel::Debug, || {
-                        format!("circuit of webhook {name} opened by another worker")
-                    });
+                Some(EndpointState::Open {
+                    probe_at_ms,
+                    leader,
+                }) if *leader != self.id => {
+                    let follow = probe_at_ms + FOLLOWER_GRACE_MS;
+                    if self.outbox.probe_at(lane) != Some(follow) {
+                        self.outbox.set_probe_at(lane, Some(follow));
+                        log(host, LogLevel::Debug, || {
+                            format!("circuit of webhook {name} is open on worker {leader}: holding")
+                        });
+                    }
                 }
                 None if self.outbox.probe_at(lane).is_some() => {
                     self.outbox.set_probe_at(lane, None);
@@ -764,8 +812,10 @@ impl Worker {
                 self.held_said = (mine.0, mine.1, now_ms);
             }
         }
-        let (queued, queued_bytes) = table.others(&self.id, now_ms);
-        self.outbox.set_others(queued, queued_bytes);
+        self.outbox.set_others(table.others(&self.id, now_ms));
+        for d in self.outbox.trim() {
+            self.drop_evicted(host, d, now_ms);
+        }
     }
 
     /// Moves this worker onto a new plan. Queued deliveries to webhooks that are gone are

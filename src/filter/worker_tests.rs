@@ -530,3 +530,106 @@ fn the_bounds_hold_for_the_whole_proxy() {
     );
     assert_eq!(second.outbox().queued(), 2);
 }
+
+#[test]
+fn one_worker_probes_for_the_proxy_and_another_takes_over_when_it_falls_silent() {
+    let host = FakeHost::default();
+    let cfg = config(
+        vec![webhook(1, ORG)],
+        json!({"circuitBreaker": {"failures": 1}, "retrySchedule": ["1s", "1s", "1s", "1s", "1s", "1s"]}),
+    );
+    let body = br#"{"status":"completed"}"#;
+    let mut leader = Worker::new(&host, plan(&cfg), None, "p", "w1".into());
+    let mut follower = Worker::new(&host, plan(&cfg), None, "p", "w2".into());
+    complete(&host, &mut leader, ORG.as_bytes(), body, 0);
+    let (_, attempt) = leader.pump(&host, 0).remove(0);
+    leader.on_answer(&host, attempt, &answer(b"500"), 0);
+    complete(&host, &mut follower, ORG.as_bytes(), body, 10);
+    // Probe periods go by: only the leader probes.
+    let mut now = 0;
+    for _ in 0..3 {
+        now += 1_000;
+        follower.tick(&host, now);
+        assert!(
+            follower.pump(&host, now).is_empty(),
+            "the follower probed at {now}"
+        );
+        let (_, probe) = leader.pump(&host, now).remove(0);
+        leader.on_answer(&host, probe, &answer(b"500"), now);
+    }
+    // The leader falls silent (its VM is gone): the follower probes after the grace period.
+    now += 1_000;
+    follower.tick(&host, now);
+    assert!(follower.pump(&host, now).is_empty());
+    now += super::worker::FOLLOWER_GRACE_MS;
+    follower.tick(&host, now);
+    assert_eq!(follower.pump(&host, now).len(), 1);
+}
+
+#[test]
+fn a_worker_never_waits_for_another_to_make_room_and_the_tick_trims_the_overshoot() {
+    let host = FakeHost::default();
+    let cfg = config(
+        vec![webhook(1, ORG), webhook(2, OTHER_ORG)],
+        json!({"maxQueued": 4}),
+    );
+    let body = br#"{"status":"completed"}"#;
+    let mut hog = Worker::new(&host, plan(&cfg), None, "p", "w1".into());
+    let mut other = Worker::new(&host, plan(&cfg), None, "p", "w2".into());
+    other.tick(&host, 0);
+    for _ in 0..4 {
+        complete(&host, &mut hog, ORG.as_bytes(), body, 0);
+    }
+    hog.tick(&host, 0);
+    other.tick(&host, 0);
+    // The proxy is full with the first worker's deliveries; the second still has its equal split.
+    for _ in 0..2 {
+        complete(&host, &mut other, OTHER_ORG.as_bytes(), body, 1);
+    }
+    assert_eq!(other.outbox().queued(), 2);
+    other.tick(&host, 2);
+    // The first worker's next tick gives back what the proxy holds over its bound.
+    hog.tick(&host, 3);
+    assert_eq!(hog.outbox().queued(), 2);
+    assert_eq!(host.metric("deliveries_dropped.over_share"), 2);
+    assert_eq!(
+        host.logged(LogLevel::Error, "holds more than its fair share"),
+        2
+    );
+}
+
+#[test]
+fn large_events_to_hanging_endpoints_are_trimmed_back_within_the_proxy_byte_bound() {
+    let host = FakeHost::default();
+    let hooks = (1..=8).map(|n| webhook(n, ORG)).collect();
+    let cfg = config(
+        hooks,
+        json!({"maxQueuedBytes": 8_000_000, "retrySchedule": ["1h"]}),
+    );
+    let big = format!(
+        r#"{{"status":"completed","blob":"{}"}}"#,
+        "x".repeat(100_000)
+    );
+    let mut workers: Vec<Worker> = (0..2)
+        .map(|i| Worker::new(&host, plan(&cfg), None, "p", format!("w{i}")))
+        .collect();
+    let mut out = Vec::new();
+    for round in 0..150u64 {
+        let w = &mut workers[(round % 2) as usize];
+        complete(&host, w, ORG.as_bytes(), big.as_bytes(), round);
+        out.extend(w.pump(&host, round)); // never answered
+        if round % 10 == 0 {
+            for w in workers.iter_mut() {
+                w.tick(&host, round);
+            }
+        }
+    }
+    for w in workers.iter_mut() {
+        w.tick(&host, 200);
+    }
+    for w in workers.iter_mut() {
+        w.tick(&host, 201);
+    }
+    let total: usize = workers.iter().map(|w| w.outbox().queued_bytes()).sum();
+    assert!(total <= 8_000_000, "{total}");
+}

@@ -38,7 +38,7 @@ def test_a_hanging_endpoint_does_not_slow_down_a_healthy_one(rc, start_envoy):
     hanging = make_hook(rc.port, mixed_org, name="hanging")
     config = PluginConfig(hooks=[alone, healthy, hanging],
                           delivery=delivery_section(timeoutMs=10000, retrySchedule=["200ms", "500ms", "1s"]))
-    envoy = start_envoy(config)
+    envoy = start_envoy(config, concurrency=1)  # maxInFlightPerWebhook is per worker: count one worker's
     rc.always(hanging.path, Reply(hang=True))
     events = 20
 
@@ -78,7 +78,7 @@ def test_overflow_every_delivery_is_delivered_or_dropped_with_a_trace(rc, start_
     hooks = [make_hook(rc.port, org, name=f"overflow-{i}") for i in range(2)]
     max_queued, events = 5, 20
     config = PluginConfig(hooks=hooks, delivery=delivery_section(maxQueued=max_queued, retrySchedule=["200ms"]))
-    envoy = start_envoy(config)
+    envoy = start_envoy(config, concurrency=1)  # exact counts: the proxy-wide bound is exact to within a tick
     gate = threading.Event()  # the receiver holds every request until the flood is over
     for h in hooks:
         rc.always(h.path, Reply(200, gate=gate))

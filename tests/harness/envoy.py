@@ -183,8 +183,11 @@ class Envoy:
     """One Envoy process. `with Envoy(bootstrap) as e:` starts it, waits until it serves, and always stops it."""
 
     def __init__(self, bootstrap: dict, name: str = "envoy", log_level: str = "info", extra_args: Iterable = (),
-                 env: Optional[dict] = None, lds: bool = False):
+                 env: Optional[dict] = None, lds: bool = False, concurrency: int = 2):
         self.bootstrap = bootstrap
+        # Two workers by default, as in production: per-worker state (outboxes, circuits, 410s) must not
+        # leak into what a client or a receiver sees. A test that needs one worker says so.
+        self.concurrency = concurrency
         # lds=True: the bootstrap's static listeners are served to Envoy through LDS from a file instead
         # (dynamic_resources.lds_config: path_config_source + watched_directory), so set_listeners() can
         # swap them in the running Envoy (for example to give the filter a new plugin configuration).
@@ -207,7 +210,7 @@ class Envoy:
     def start(self, wait: bool = True, timeout: float = 30.0) -> "Envoy":
         self.config_path.write_text(json.dumps(self._rendered_bootstrap(), indent=1))
         cmd = [
-            str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", "1", "-l", self.log_level,
+            str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", str(self.concurrency), "-l", self.log_level,
             "--disable-hot-restart", "--admin-address-path", str(self.admin_path), *self.extra_args,
         ]
         registry.register_log(self.log_path)
