@@ -18,9 +18,11 @@ __all__ = [
 ]
 
 
-def _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars, host_env_keys, extra_clusters=()):
+def _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars, host_env_keys, extra_clusters=(),
+                      egress=None):
     """The bootstrap of an Envoy whose filter chain holds the webhook-emitter filter with this plugin
-    configuration (a PluginConfig, a dict, or a raw string)."""
+    configuration (a PluginConfig, a dict, or a raw string). `egress`: a harness.egress.Egress to add (the
+    shipped delivery egress: its listener, clusters and bootstrap extension)."""
     if isinstance(plugin_config, PluginConfig):
         env = dict(plugin_config.env_vars())
         env.update(env_vars or {})
@@ -28,14 +30,20 @@ def _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars, host
     else:
         env, cfg = dict(env_vars or {}), plugin_config
     wasm_filter = wasm_http_filter(wasm, cfg, env_vars=env or None, host_env_keys=host_env_keys)
-    return build_bootstrap(job_service.port, receiver.port if receiver else None, wasm_filter, extra_clusters)
+    listeners, extensions = (), ()
+    if egress is not None:
+        extra_clusters = [*egress.clusters, *extra_clusters]
+        listeners, extensions = egress.listeners, egress.bootstrap_extensions
+    return build_bootstrap(job_service.port, receiver.port if receiver else None, wasm_filter, extra_clusters,
+                           extra_listeners=listeners, bootstrap_extensions=extensions)
 
 
 def envoy_with_filter(job_service, receiver, plugin_config, wasm=DEFAULT_WASM, name="envoy", env_vars=None,
-                      host_env_keys=(), extra_clusters=(), start=True, **kwargs):
+                      host_env_keys=(), extra_clusters=(), start=True, egress=None, **kwargs):
     """An Envoy whose filter chain holds the webhook-emitter filter with this plugin configuration
     (a PluginConfig, a dict, or a raw string). Started and ready unless start=False."""
-    bootstrap = _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars, host_env_keys, extra_clusters)
+    bootstrap = _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars, host_env_keys, extra_clusters,
+                                  egress)
     envoy = Envoy(bootstrap, name=name, **kwargs)
     return envoy.start() if start else envoy
 

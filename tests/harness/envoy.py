@@ -123,9 +123,12 @@ def build_bootstrap(
     wasm_filter: Optional[dict] = None,
     extra_clusters: Iterable = (),
     route_timeout: str = "60s",
+    extra_listeners: Iterable = (),
+    bootstrap_extensions: Iterable = (),
 ) -> dict:
     """listener (port 0) -> HCM -> [wasm filter (optional)] + router -> cluster job_service.
-    Cluster `webhooks` points at the receiver (when given), with large circuit breakers."""
+    Cluster `webhooks` points at the receiver (when given), with large circuit breakers. Extra listeners (for
+    example the shipped internal egress listener, harness.egress) come after the `ingress` one."""
     http_filters = []
     if wasm_filter is not None:
         http_filters.append(wasm_filter)
@@ -152,7 +155,7 @@ def build_bootstrap(
     if receiver_port is not None:
         clusters.append(static_cluster("webhooks", receiver_port, large_circuit_breakers=True))
     clusters.extend(extra_clusters)
-    return {
+    bootstrap = {
         "node": {"id": "webhook-emitter-e2e", "cluster": "webhook-emitter-e2e"},
         "admin": {"address": _address(0)},
         "static_resources": {
@@ -163,11 +166,15 @@ def build_bootstrap(
                     "filter_chains": [
                         {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
                     ],
-                }
+                },
+                *extra_listeners,
             ],
             "clusters": clusters,
         },
     }
+    if bootstrap_extensions:
+        bootstrap["bootstrap_extensions"] = list(bootstrap_extensions)
+    return bootstrap
 
 
 # --------------------------------------------------------------------------------------------------------------
