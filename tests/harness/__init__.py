@@ -19,7 +19,7 @@ __all__ = [
 
 
 def _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars, host_env_keys, extra_clusters=(),
-                      egress=None):
+                      egress=None, layered_runtime=None):
     """The bootstrap of an Envoy whose filter chain holds the webhook-emitter filter with this plugin
     configuration (a PluginConfig, a dict, or a raw string). `egress`: a harness.egress.Egress to add (the
     shipped delivery egress: its listener, clusters and bootstrap extension)."""
@@ -35,15 +35,17 @@ def _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars, host
         extra_clusters = [*egress.clusters, *extra_clusters]
         listeners, extensions = egress.listeners, egress.bootstrap_extensions
     return build_bootstrap(job_service.port, receiver.port if receiver else None, wasm_filter, extra_clusters,
-                           extra_listeners=listeners, bootstrap_extensions=extensions)
+                           extra_listeners=listeners, bootstrap_extensions=extensions,
+                           layered_runtime=layered_runtime)
 
 
 def envoy_with_filter(job_service, receiver, plugin_config, wasm=DEFAULT_WASM, name="envoy", env_vars=None,
-                      host_env_keys=(), extra_clusters=(), start=True, egress=None, **kwargs):
+                      host_env_keys=(), extra_clusters=(), start=True, egress=None, layered_runtime=None,
+                      **kwargs):
     """An Envoy whose filter chain holds the webhook-emitter filter with this plugin configuration
     (a PluginConfig, a dict, or a raw string). Started and ready unless start=False."""
     bootstrap = _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars, host_env_keys, extra_clusters,
-                                  egress)
+                                  egress, layered_runtime)
     envoy = Envoy(bootstrap, name=name, **kwargs)
     return envoy.start() if start else envoy
 

@@ -117,6 +117,14 @@ def wasm_http_filter(
     }
 
 
+def shipped_runtime() -> dict:
+    """The layered_runtime of envoy/envoy.yaml (its callout answer limit): every Envoy the harness starts runs
+    with it unless a test says otherwise."""
+    import yaml
+
+    return yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())["layered_runtime"]
+
+
 def build_bootstrap(
     job_port: int,
     receiver_port: Optional[int] = None,
@@ -125,10 +133,12 @@ def build_bootstrap(
     route_timeout: str = "60s",
     extra_listeners: Iterable = (),
     bootstrap_extensions: Iterable = (),
+    layered_runtime: Optional[dict] = None,
 ) -> dict:
     """listener (port 0) -> HCM -> [wasm filter (optional)] + router -> cluster job_service.
     Cluster `webhooks` points at the receiver (when given), with large circuit breakers. Extra listeners (for
-    example the shipped internal egress listener, harness.egress) come after the `ingress` one."""
+    example the shipped internal egress listener, harness.egress) come after the `ingress` one. The runtime is
+    the shipped one unless `layered_runtime` is given ({} for Envoy's defaults)."""
     http_filters = []
     if wasm_filter is not None:
         http_filters.append(wasm_filter)
@@ -174,6 +184,7 @@ def build_bootstrap(
     }
     if bootstrap_extensions:
         bootstrap["bootstrap_extensions"] = list(bootstrap_extensions)
+    bootstrap["layered_runtime"] = shipped_runtime() if layered_runtime is None else layered_runtime
     return bootstrap
 
 
