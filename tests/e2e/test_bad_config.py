@@ -37,7 +37,6 @@ def _delete(path):
 
 def _duplicate_hook(cfg):
     twin = copy.deepcopy(cfg["webhooks"][0])
-    twin["apiKey"] = harness.new_key()
     twin["name"] = "twin"
     cfg["webhooks"].append(twin)
 

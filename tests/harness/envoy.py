@@ -84,25 +84,25 @@ def static_cluster(name: str, port: int, large_circuit_breakers: bool = False, c
 def wasm_http_filter(
     wasm_path,
     plugin_config,
-    env_vars: Optional[dict] = None,
-    host_env_keys: Iterable = (),
+    host_env_keys: Optional[Iterable] = None,
     failure_policy: Optional[str] = "FAIL_RELOAD",
 ) -> dict:
     """The envoy.filters.http.wasm entry. `plugin_config` is a dict (serialised to JSON) or a raw string
-    (passed through verbatim, so tests can hand Envoy text that is not JSON)."""
+    (passed through verbatim, so tests can hand Envoy text that is not JSON).
+
+    Keys reach the VM only through `host_env_keys` (copied from Envoy's environment), by default the names of
+    every key the harness made so far (registry): never through `key_values` or inline, which /config_dump
+    and Envoy's debug log show."""
+    if host_env_keys is None:
+        host_env_keys = registry.key_env_names()
     value = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
     vm_config = {
         "vm_id": "webhook_emitter",
         "runtime": "envoy.wasm.runtime.v8",
         "code": {"local": {"filename": str(Path(wasm_path).resolve())}},
     }
-    env = {}
-    if env_vars:
-        env["key_values"] = dict(env_vars)
     if host_env_keys:
-        env["host_env_keys"] = list(host_env_keys)
-    if env:
-        vm_config["environment_variables"] = env
+        vm_config["environment_variables"] = {"host_env_keys": list(host_env_keys)}
     config = {
         "name": "webhook_emitter",
         "root_id": "webhook_emitter",
