@@ -38,7 +38,9 @@ def test_a_hanging_endpoint_does_not_slow_down_a_healthy_one(rc, start_envoy):
     hanging = make_hook(rc.port, mixed_org, name="hanging")
     config = PluginConfig(hooks=[alone, healthy, hanging],
                           delivery=delivery_section(timeoutMs=10000, retrySchedule=["200ms", "500ms", "1s"]))
-    envoy = start_envoy(config)
+    # One worker: the lanes, maxInFlightPerWebhook, maxQueued and the circuit are per worker today (per proxy is
+    # open work in the same issue); with two workers this test's per-proxy counts do not hold.
+    envoy = start_envoy(config, concurrency=1)
     rc.always(hanging.path, Reply(hang=True))
     events = 20
 
@@ -78,7 +80,9 @@ def test_overflow_every_delivery_is_delivered_or_dropped_with_a_trace(rc, start_
     hooks = [make_hook(rc.port, org, name=f"overflow-{i}") for i in range(2)]
     max_queued, events = 5, 20
     config = PluginConfig(hooks=hooks, delivery=delivery_section(maxQueued=max_queued, retrySchedule=["200ms"]))
-    envoy = start_envoy(config)
+    # One worker: the lanes, maxInFlightPerWebhook, maxQueued and the circuit are per worker today (per proxy is
+    # open work in the same issue); with two workers this test's per-proxy counts do not hold.
+    envoy = start_envoy(config, concurrency=1)
     gate = threading.Event()  # the receiver holds every request until the flood is over
     for h in hooks:
         rc.always(h.path, Reply(200, gate=gate))
@@ -132,7 +136,9 @@ def test_circuit_breaker_holds_the_queue_probes_once_per_period_and_drains_on_re
     # attempts during the test (the lane's oldest delivery does the probing, about 5 times before the receiver
     # recovers; the others keep their attempts).
     config = PluginConfig(hooks=[hook, control], delivery=delivery_section(retrySchedule=["1s"] * 15))
-    envoy = start_envoy(plugin_dict(config, circuitBreaker={"failures": threshold}))
+    # One worker: the lanes, maxInFlightPerWebhook, maxQueued and the circuit are per worker today (per proxy is
+    # open work in the same issue); with two workers this test's per-proxy counts do not hold.
+    envoy = start_envoy(plugin_dict(config, circuitBreaker={"failures": threshold}), concurrency=1)
     rc.always(hook.path, 500)
     counters = Counters(envoy)
     jobs = [complete_job(envoy, org) for _ in range(events)]

@@ -152,9 +152,10 @@ def test_410_disables_the_webhook_and_drops_its_queue_other_webhooks_unaffected(
     kept = make_hook(rc.port, org, ["job.completed"], name="kept")
     dead_path = f"/dead-letters/{new_id()}"
     config = PluginConfig(hooks=[gone, kept], delivery=delivery_section(retrySchedule=SHORT))
-    # One attempt in flight per webhook, so the events behind the first one queue in `gone`'s lane.
+    # One attempt in flight per webhook, so the events behind the first one queue in `gone`'s lane. One worker:
+    # the lanes and the 410 are per worker today (shared per proxy is open work in the same issue).
     envoy = start_envoy(plugin_dict(config, maxInFlightPerWebhook=1,
-                                    deadLetter={"url": rc.url(dead_path), "cluster": "webhooks"}))
+                                    deadLetter={"url": rc.url(dead_path), "cluster": "webhooks"}), concurrency=1)
     gate = threading.Event()
     rc.script(gone.path, [Reply(410, gate=gate)])  # anything after the 410 would be answered 200
     counters = Counters(envoy)

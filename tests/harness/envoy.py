@@ -201,7 +201,7 @@ class Envoy:
     """One Envoy process. `with Envoy(bootstrap) as e:` starts it, waits until it serves, and always stops it."""
 
     def __init__(self, bootstrap: dict, name: str = "envoy", log_level: str = "info", extra_args: Iterable = (),
-                 env: Optional[dict] = None, lds: bool = False):
+                 env: Optional[dict] = None, lds: bool = False, concurrency: int = 2):
         self.bootstrap = bootstrap
         # lds=True: the bootstrap's static listeners are served to Envoy through LDS from a file instead
         # (dynamic_resources.lds_config: path_config_source + watched_directory), so set_listeners() can
@@ -209,6 +209,9 @@ class Envoy:
         self.lds = lds
         self.lds_dir = None
         self.name = name
+        # Two workers, as on a small production host, so that state kept per worker shows; a test that needs
+        # one worker (for example to reason about the order in which events are handled) asks for it.
+        self.concurrency = concurrency
         self.log_level = log_level
         self.extra_args = list(extra_args)
         self.env = env
@@ -225,7 +228,7 @@ class Envoy:
     def start(self, wait: bool = True, timeout: float = 30.0) -> "Envoy":
         self.config_path.write_text(json.dumps(self._rendered_bootstrap(), indent=1))
         cmd = [
-            str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", "1", "-l", self.log_level,
+            str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", str(self.concurrency), "-l", self.log_level,
             "--disable-hot-restart", "--admin-address-path", str(self.admin_path), *self.extra_args,
         ]
         registry.register_log(self.log_path)
