@@ -3,7 +3,7 @@
 
 Starts, all on 127.0.0.1 with ports chosen by the OS: a job service, an HTTPS webhook receiver (its certificate
 for `localhost` is signed by a CA made for this run), and Envoy with the webhook-emitter filter, delivering
-through one dynamic_forward_proxy egress cluster that validates the receiver against that CA. Completes one job
+through the egress of envoy/envoy.yaml (a dynamic_forward_proxy) that validates the receiver against that CA. Completes one job
 through Envoy, waits for the delivery, prints it and checks its signature with the standardwebhooks package.
 Stops everything. Exit code 0 when the signature is valid.
 
@@ -31,7 +31,8 @@ from harness.config import (  # noqa: E402
     make_hook,
     new_id,
 )
-from harness.tls import Pki, TlsReceiver, dynamic_egress_cluster, without_envoy_headers  # noqa: E402
+from harness.egress import shipped_egress  # noqa: E402
+from harness.tls import Pki, TlsReceiver  # noqa: E402
 
 KEY_VAR = "DEMO_WEBHOOK_KEY"
 
@@ -59,9 +60,10 @@ def run(wasm: Path, pki: Pki, timeout: float) -> int:
         # anything the client sends.
         config = PluginConfig(hooks=[hook], events=[job_completed_rule(organisation=BODY_ORGANISATION)],
                               delivery=delivery_section(cluster="webhooks_egress"))
-        egress = without_envoy_headers(dynamic_egress_cluster("webhooks_egress", pki.ca))
-        envoy = harness.envoy_with_filter(jobs, None, config, wasm=wasm, name="demo", start=False,
-                                          extra_clusters=[egress])
+        # The egress of envoy/envoy.yaml, trusting this run's CA; the receiver is on loopback, so the
+        # resolved-address filter is off (as delivery.allowPrivateNetworks is on).
+        egress = shipped_egress(ca=pki.ca, refuse_private=False)
+        envoy = harness.envoy_with_filter(jobs, None, config, wasm=wasm, name="demo", start=False, egress=egress)
         try:
             try:
                 envoy.start()

@@ -15,7 +15,7 @@ from email.utils import formatdate
 import harness
 import pytest
 from harness.checks import HEX24, RFC3339_UTC_Z, check_delivery, signature_valid
-from harness.config import PluginConfig, delivery_section, make_hook, new_id, new_key
+from harness.config import PluginConfig, delivery_section, key_ref, make_hook, new_id, new_key
 from harness.envoy import static_cluster
 from harness.faults import LateReceiver, Reply
 from harness.observe import Counters, complete_job, plugin_dict, plugin_log_lines, wait_for_log
@@ -214,7 +214,7 @@ def test_always_500_is_exhausted_after_the_schedule_and_dead_lettered(rc, start_
     dead_path = f"/dead-letters/{new_id()}"
     dead_key = new_key()
     envoy = start_envoy(plugin_dict(config, deadLetter={"url": rc.url(dead_path), "cluster": "webhooks",
-                                                        "apiKey": dead_key}))
+                                                        "apiKey": key_ref(dead_key)}))
     rc.always(hook.path, 500)
     rc.script(dead_path, [503])  # the dead letter is retried like a delivery: its first attempt fails
     counters = Counters(envoy)

@@ -58,15 +58,15 @@ def trusted_envoy(job_service, rc, envoys, wasm):
     a, b = new_id(), new_id()
     hooks = [make_hook(rc.port, a, name="jwt-a"), make_hook(rc.port, b, name="jwt-b")]
     config = PluginConfig(hooks=hooks, events=[job_completed_rule(organisation=HEADER_ORGANISATION)])
-    bootstrap = harness._filter_bootstrap(job_service, rc, config, wasm, None, ())
+    envoy = harness.envoy_with_filter(job_service, rc, config, wasm=wasm, name="tenancy-jwt", start=False)
     filters = yaml.safe_load(TRUSTED.read_text())["http_filters"]
     provider = filters[1]["typed_config"]["providers"]["saas"]
     del provider["remote_jwks"]
     provider["local_jwks"] = {"inline_string": json.dumps({"keys": [{"kty": "oct", "alg": "HS256",
                                                                       "k": b64url(secret)}]})}
-    hcm = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm = envoy.bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_filters"][0:0] = filters
-    envoy = harness.Envoy(bootstrap, name="tenancy-jwt").start()
+    envoy.start()
     envoys.append(envoy)
 
     def token(org, **extra):

@@ -84,25 +84,25 @@ def static_cluster(name: str, port: int, large_circuit_breakers: bool = False, c
 def wasm_http_filter(
     wasm_path,
     plugin_config,
-    env_vars: Optional[dict] = None,
-    host_env_keys: Iterable = (),
+    host_env_keys: Optional[Iterable] = None,
     failure_policy: Optional[str] = "FAIL_RELOAD",
 ) -> dict:
     """The envoy.filters.http.wasm entry. `plugin_config` is a dict (serialised to JSON) or a raw string
-    (passed through verbatim, so tests can hand Envoy text that is not JSON)."""
+    (passed through verbatim, so tests can hand Envoy text that is not JSON).
+
+    Keys reach the VM only through `host_env_keys` (copied from Envoy's environment), by default the names of
+    every key the harness made so far (registry): never through `key_values` or inline, which /config_dump
+    and Envoy's debug log show."""
+    if host_env_keys is None:
+        host_env_keys = registry.key_env_names()
     value = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
     vm_config = {
         "vm_id": "webhook_emitter",
         "runtime": "envoy.wasm.runtime.v8",
         "code": {"local": {"filename": str(Path(wasm_path).resolve())}},
     }
-    env = {}
-    if env_vars:
-        env["key_values"] = dict(env_vars)
     if host_env_keys:
-        env["host_env_keys"] = list(host_env_keys)
-    if env:
-        vm_config["environment_variables"] = env
+        vm_config["environment_variables"] = {"host_env_keys": list(host_env_keys)}
     config = {
         "name": "webhook_emitter",
         "root_id": "webhook_emitter",
@@ -117,15 +117,28 @@ def wasm_http_filter(
     }
 
 
+def shipped_runtime() -> dict:
+    """The layered_runtime of envoy/envoy.yaml (its callout answer limit): every Envoy the harness starts runs
+    with it unless a test says otherwise."""
+    import yaml
+
+    return yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())["layered_runtime"]
+
+
 def build_bootstrap(
     job_port: int,
     receiver_port: Optional[int] = None,
     wasm_filter: Optional[dict] = None,
     extra_clusters: Iterable = (),
     route_timeout: str = "60s",
+    extra_listeners: Iterable = (),
+    bootstrap_extensions: Iterable = (),
+    layered_runtime: Optional[dict] = None,
 ) -> dict:
     """listener (port 0) -> HCM -> [wasm filter (optional)] + router -> cluster job_service.
-    Cluster `webhooks` points at the receiver (when given), with large circuit breakers."""
+    Cluster `webhooks` points at the receiver (when given), with large circuit breakers. Extra listeners (for
+    example the shipped internal egress listener, harness.egress) come after the `ingress` one. The runtime is
+    the shipped one unless `layered_runtime` is given ({} for Envoy's defaults)."""
     http_filters = []
     if wasm_filter is not None:
         http_filters.append(wasm_filter)
@@ -152,7 +165,7 @@ def build_bootstrap(
     if receiver_port is not None:
         clusters.append(static_cluster("webhooks", receiver_port, large_circuit_breakers=True))
     clusters.extend(extra_clusters)
-    return {
+    bootstrap = {
         "node": {"id": "webhook-emitter-e2e", "cluster": "webhook-emitter-e2e"},
         "admin": {"address": _address(0)},
         "static_resources": {
@@ -163,11 +176,16 @@ def build_bootstrap(
                     "filter_chains": [
                         {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
                     ],
-                }
+                },
+                *extra_listeners,
             ],
             "clusters": clusters,
         },
     }
+    if bootstrap_extensions:
+        bootstrap["bootstrap_extensions"] = list(bootstrap_extensions)
+    bootstrap["layered_runtime"] = shipped_runtime() if layered_runtime is None else layered_runtime
+    return bootstrap
 
 
 # --------------------------------------------------------------------------------------------------------------
