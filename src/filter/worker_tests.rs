@@ -156,7 +156,7 @@ fn a_refused_dispatch_is_retried_and_logs_the_real_reason() {
     assert!(worker.pump(&host, 0).is_empty());
     assert_eq!(host.metric("deliveries_retried"), 1);
     assert_eq!(
-        host.logged(LogLevel::Info, "has no host for this authority yet"),
+        host.logged(LogLevel::Info, "is not defined in this Envoy"),
         1
     );
     assert_eq!(worker.outbox().queued(), 1);
