@@ -5,7 +5,7 @@
 //! at most `max_in_flight_per_webhook` attempts of a lane are out at once.
 
 use crate::config::Plan;
-use crate::event::{days_from_civil, Event};
+use crate::event::Event;
 use std::collections::VecDeque;
 
 /// `Retry-After` is honoured up to this long.
@@ -76,7 +76,8 @@ pub enum AttemptOutcome {
     /// An HTTP status; Envoy answers 503 or 504 itself for a refused connection or a timeout.
     Status {
         code: u16,
-        retry_after: Option<String>,
+        /// The raw header: a peer may send bytes that are not UTF-8.
+        retry_after: Option<Vec<u8>>,
     },
     /// No response at all: a reset, or Envoy refused to dispatch.
     NoResponse { reason: String },
@@ -329,7 +330,7 @@ impl Outbox {
                     .then(|| {
                         retry_after
                             .as_deref()
-                            .and_then(|v| parse_retry_after(v, now_ms))
+                            .and_then(|v| crate::time::parse_retry_after(v, now_ms))
                     })
                     .flatten();
                 (format!("status {code}"), honoured)
@@ -441,44 +442,6 @@ pub fn dead_letter_body(
     body.extend_from_slice(&delivery.body);
     body.push(b'}');
     body
-}
-
-/// `Retry-After` as a delay from `now_ms`: delta-seconds, or an IMF-fixdate
-/// (`Sun, 06 Nov 1994 08:49:37 GMT`).
-pub fn parse_retry_after(value: &str, now_ms: u64) -> Option<u64> {
-    let value = value.trim();
-    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
-        return Some(value.parse::<u64>().ok()?.saturating_mul(1000));
-    }
-    let at_ms = parse_http_date_ms(value)?;
-    Some(at_ms.saturating_sub(now_ms))
-}
-
-fn parse_http_date_ms(value: &str) -> Option<u64> {
-    let (_, rest) = value.split_once(", ")?;
-    let parts: Vec<&str> = rest.split(' ').collect();
-    let [day, month, year, time, "GMT"] = parts.as_slice() else {
-        return None;
-    };
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let month = MONTHS.iter().position(|m| m == month)? as u32 + 1;
-    let day: u32 = day.parse().ok()?;
-    let year: i64 = year.parse().ok()?;
-    let hms: Vec<u64> = time
-        .split(':')
-        .map(|p| p.parse().ok())
-        .collect::<Option<_>>()?;
-    let [h, m, s] = hms.as_slice() else {
-        return None;
-    };
-    if !(1..=31).contains(&day) || *h > 23 || *m > 59 || *s > 60 {
-        return None;
-    }
-    let days = days_from_civil(year, month, day);
-    let secs = u64::try_from(days).ok()? * 86_400 + h * 3600 + m * 60 + s;
-    Some(secs * 1000)
 }
 
 #[cfg(test)]
@@ -672,25 +635,6 @@ mod tests {
             retry_after: Some("0".into()),
         };
         assert_eq!(o.finish(d, &outcome, 0, 200), Verdict::Retry { at_ms: 200 });
-    }
-
-    #[test]
-    fn retry_after_formats() {
-        assert_eq!(parse_retry_after("120", 0), Some(120_000));
-        assert_eq!(parse_retry_after(" 3 ", 0), Some(3_000));
-        let date = "Sun, 06 Nov 1994 08:49:37 GMT";
-        let at = 784_111_777_000;
-        assert_eq!(parse_retry_after(date, at - 5_000), Some(5_000));
-        assert_eq!(parse_retry_after(date, at + 5_000), Some(0));
-        for bad in [
-            "",
-            "-1",
-            "soon",
-            "Sun, 06 Nov 1994 08:49:37 PST",
-            "Sun, 32 Nov 1994 08:49:37 GMT",
-        ] {
-            assert_eq!(parse_retry_after(bad, 0), None, "{bad}");
-        }
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod delivery;
 pub mod event;
 pub mod rules;
 pub mod signature;
+pub mod time;
 pub mod url;
 
 // The host glue; left out of test builds so the core's tests run in a plain wasm engine too.

@@ -502,7 +502,7 @@ impl Context for EmitterRoot {
         let outcome = match status {
             Some(code) => AttemptOutcome::Status {
                 code,
-                retry_after: self.get_http_call_response_header("retry-after"),
+                retry_after: self.get_http_call_response_header_bytes("retry-after"),
             },
             None => AttemptOutcome::NoResponse {
                 reason: "connection reset".into(),
