@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WASM := target/wasm32-wasip1/release/webhook_emitter.wasm
 TARGET_STAMP := target/.wasm32-wasip1-installed
 
-.PHONY: all wasm demo test lint unit wasm-unit e2e venv toolchain tools clean oci bench
+.PHONY: all wasm demo test lint unit wasm-unit static e2e venv toolchain tools clean oci bench
 
 all: wasm
 
@@ -49,10 +49,15 @@ unit:
 wasm-unit: $(TARGET_STAMP)
 	cargo test --target wasm32-wasip1 --lib
 
+# Checks of the shipped files that start no Envoy: the plugin schema against the validator, the Istio
+# manifests against Istio's CRD schemas (../shared/istio-crds/), the example configurations.
+static: venv
+	$(PY) -m pytest tests/static -q
+
 e2e: wasm venv tools
 	$(PY) -m pytest tests/e2e -q --wasm $(WASM)
 
-test: lint unit wasm-unit e2e
+test: lint unit wasm-unit static e2e
 
 # The .wasm as an OCI image for Istio's WasmPlugin (oci://…), as an OCI layout and archive, no Docker.
 oci: wasm venv
