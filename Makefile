@@ -59,9 +59,10 @@ e2e: wasm venv tools
 
 test: lint unit wasm-unit static e2e
 
-# The .wasm as an OCI image for Istio's WasmPlugin (oci://…), as an OCI layout and archive, no Docker.
+# The .wasm as an OCI image for Istio's WasmPlugin (oci://…), as an OCI layout and archive, no Docker; and
+# target/oci/wasmplugin.yaml, the WasmPlugin with its url (OCI_REPOSITORY=…) and digest filled in.
 oci: wasm venv
-	$(PY) envoy/oci/build_oci.py --wasm $(WASM) --out target/oci
+	$(PY) envoy/oci/build_oci.py --wasm $(WASM) --out target/oci $(if $(OCI_REPOSITORY),--repository $(OCI_REPOSITORY))
 
 # Benchmark (issue #4): data-path cost and delivery speed of the filter, against no filter and a Lua peer, in one
 # run (bench/README.md). Knobs from the environment: BENCH_WASM (another build; then nothing is built),
