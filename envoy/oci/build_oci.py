@@ -193,7 +193,9 @@ def filled_wasmplugin(template: str, ref: str, manifest_digest: str) -> str:
                             text)
     if urls != 1 or digests != 1:
         raise ValueError(f"{WASMPLUGIN}: expected one `url: oci://…` and one `sha256:` line under spec")
-    return text
+    header = (f"# Written by `make oci` from {WASMPLUGIN.relative_to(REPO)}: `url` and `sha256` below are those of the\n"
+              f"# image it built ({manifest_digest}). Apply this file after pushing the image.\n")
+    return header + text
 
 
 def main(argv=None) -> int:

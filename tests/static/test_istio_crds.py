@@ -168,8 +168,10 @@ def test_make_oci_writes_a_wasmplugin_the_crd_accepts(crd_schemas, tmp_path):
     assert plugin["spec"]["sha256"] == image["manifest_digest"].removeprefix("sha256:")
     assert plugin["spec"]["url"] == "oci://registry.test/team/we:9.9.9"
     assert errors_of(crd_schemas, plugin) == []
-    # Everything else is the shipped file, comments included.
+    # Everything else is the shipped file, comments included, under a header that says where it came from.
     shipped_text = (ISTIO / "wasmplugin.yaml").read_text().splitlines()
-    filled_text = (out / "wasmplugin.yaml").read_text().splitlines()
+    header, filled_text = (out / "wasmplugin.yaml").read_text().split("\n", 2)[:2], \
+        (out / "wasmplugin.yaml").read_text().splitlines()[2:]
+    assert header[0].startswith("# Written by `make oci`") and image["manifest_digest"] in header[1], header
     changed = [(a, b) for a, b in zip(shipped_text, filled_text) if a != b]
     assert len(shipped_text) == len(filled_text) and len(changed) == 2, changed
