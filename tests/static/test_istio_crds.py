@@ -3,8 +3,9 @@ openAPIV3Schema of each served version, as the API server applies it on `kubectl
 enums, patterns such as `sha256`'s). No cluster: the CRDs are files, from the folder `shared/istio-crds` beside
 the repository (`../shared/istio-crds/`; ISTIO_CRDS overrides it).
 
-The schemas' CEL rules (x-kubernetes-validations) are not evaluated here; test_deploy_istio.py checks the
-manifests' own consistency."""
+The schemas' CEL rules (x-kubernetes-validations) are evaluated too, with PyPI cel-python, except the one
+that needs Kubernetes' URL library (WasmPlugin `spec.url`'s scheme), which is checked here in Python.
+test_deploy_istio.py checks the manifests' consistency with each other."""
 
 from __future__ import annotations
 
@@ -14,9 +15,13 @@ import os
 import re
 from pathlib import Path
 
+from urllib.parse import urlsplit
+
+import celpy
 import jsonschema
 import pytest
 import yaml
+from celpy import celtypes
 
 from conftest import REPO
 
@@ -24,6 +29,40 @@ ISTIO = REPO / "envoy" / "istio"
 CRDS = Path(os.environ.get("ISTIO_CRDS") or REPO.parent / "shared" / "istio-crds")
 PLACEHOLDER = "FILL-IN: the manifest digest that make oci prints"
 DIGEST = "7631fd1db1e3cf2ce5660699a396b39f8fed5ce0c93e082e98d2554e9def0956"
+
+
+# Rules cel-python cannot evaluate (Kubernetes CEL libraries), each checked another way below.
+URL_RULE_PREFIX = 'isURL(self) ? (url(self).getScheme() in ["", "http", "https", "oci", "file"])'
+CEL = celpy.Environment()
+
+
+def cel_findings(schema: dict, value, path: str = "") -> tuple:
+    """(refused, not evaluated): the x-kubernetes-validations rules along `value` that fail, as (path, message),
+    and those cel-python could not evaluate, as (path, rule)."""
+    refused, unevaluated = [], []
+
+    def walk(node, value, path):
+        if value is None or not isinstance(node, dict):
+            return
+        for rule in node.get("x-kubernetes-validations", []):
+            try:
+                result = CEL.program(CEL.compile(rule["rule"])).evaluate({"self": celpy.json_to_cel(value)})
+            except Exception:  # noqa: BLE001 - a library the rule needs is missing here
+                result = None
+            if not isinstance(result, celtypes.BoolType):
+                unevaluated.append((path, rule["rule"]))
+            elif not result:
+                refused.append((path, rule.get("message") or rule["rule"]))
+        if isinstance(value, dict):
+            for key, child in value.items():
+                sub = node.get("properties", {}).get(key, node.get("additionalProperties"))
+                walk(sub, child, f"{path}.{key}")
+        elif isinstance(value, list):
+            for i, child in enumerate(value):
+                walk(node.get("items"), child, f"{path}[{i}]")
+
+    walk(schema, value, path)
+    return refused, unevaluated
 
 
 def structural(schema: dict) -> dict:
@@ -58,7 +97,8 @@ def structural(schema: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def crd_schemas() -> dict:
-    """(apiVersion, kind) -> a validator for the whole resource, from every served version of every CRD."""
+    """(apiVersion, kind) -> (a validator for the whole resource, the CRD's own schema with its CEL rules), from
+    every served version of every CRD."""
     if not CRDS.is_dir():
         pytest.skip(f"Istio CRDs not found at {CRDS} (expected shared/istio-crds beside the repository, or set "
                     f"ISTIO_CRDS): the manifests were NOT validated against Istio's schemas")
@@ -74,7 +114,8 @@ def crd_schemas() -> dict:
                     # apiVersion, kind and metadata are the API server's, not the CRD's.
                     for field in ("apiVersion", "kind", "metadata"):
                         schema.setdefault("properties", {})[field] = {}
-                    schemas[(f"{group}/{version['name']}", kind)] = jsonschema.Draft7Validator(schema)
+                    schemas[(f"{group}/{version['name']}", kind)] = (jsonschema.Draft7Validator(schema),
+                                                                     version["schema"]["openAPIV3Schema"])
     assert schemas, f"{CRDS}: no CustomResourceDefinition"
     return schemas
 
@@ -84,9 +125,19 @@ def istio_resources(text: str) -> list:
 
 
 def errors_of(crd_schemas: dict, resource: dict) -> list:
+    """What the API server would refuse: schema errors, then failed CEL rules."""
     key = (resource["apiVersion"], resource["kind"])
     assert key in crd_schemas, f"{key}: no served CRD version (is the apiVersion right for Istio >= 1.27?)"
-    return sorted(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in crd_schemas[key].iter_errors(resource))
+    validator, crd_schema = crd_schemas[key]
+    errors = sorted(f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(resource))
+    refused, unevaluated = cel_findings(crd_schema, resource)
+    errors += [f"{path[1:]}: {message}" for path, message in refused]
+    for path, rule in unevaluated:
+        assert path == ".spec.url" and rule.startswith(URL_RULE_PREFIX), f"{path}: a CEL rule not evaluated: {rule}"
+        scheme = urlsplit(resource["spec"]["url"]).scheme
+        if scheme not in ("", "http", "https", "oci", "file"):
+            errors.append(f"spec.url: the scheme {scheme!r} is not one of http, https, oci, file")
+    return errors
 
 
 def shipped() -> list:
@@ -123,7 +174,8 @@ def test_the_sha256_placeholder_is_refused_and_is_not_the_empty_no_check_value(c
 
 
 def test_the_validation_bites(crd_schemas):
-    """Mistakes the API server refuses are refused here too: an unknown field, a bad enum, a bad port."""
+    """Mistakes the API server refuses are refused here too: an unknown field, a bad enum, a bad TLS mode, and
+    what only the CEL rules catch."""
     by_kind = {r["kind"]: r for _, r in shipped()}
     plugin = copy.deepcopy(by_kind["WasmPlugin"])
     plugin["spec"]["sha256"] = DIGEST
@@ -138,6 +190,23 @@ def test_the_validation_bites(crd_schemas):
     rule = copy.deepcopy(by_kind["DestinationRule"])
     rule["spec"]["trafficPolicy"]["portLevelSettings"][0]["tls"]["mode"] = "TLS"
     assert errors_of(crd_schemas, rule)
+    # The CEL rules.
+    plugin = copy.deepcopy(by_kind["WasmPlugin"])
+    plugin["spec"]["sha256"] = DIGEST
+    plugin["spec"]["targetRefs"] = [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "public"}]
+    plugin["spec"]["vmConfig"]["env"][0]["value"] = "an inline key"
+    plugin["spec"]["url"] = "ftp://registry.example.com/x"
+    assert errors_of(crd_schemas, plugin) == [
+        "spec: only one of targetRefs or selector can be set",
+        "spec.vmConfig.env[0]: value may only be set when valueFrom is INLINE",
+        "spec.url: the scheme 'ftp' is not one of http, https, oci, file"]
+    entry = copy.deepcopy(by_kind["ServiceEntry"])
+    entry["spec"]["ports"].append(dict(entry["spec"]["ports"][0]))
+    assert errors_of(crd_schemas, entry) == ["spec.ports: port number cannot be duplicated"]
+    rule = copy.deepcopy(by_kind["DestinationRule"])
+    rule["spec"]["trafficPolicy"]["portLevelSettings"][0]["connectionPool"]["tcp"]["connectTimeout"] = "0s"
+    assert any(e.startswith("spec.trafficPolicy.portLevelSettings[0].connectionPool.tcp.connectTimeout:")
+               for e in errors_of(crd_schemas, rule)), errors_of(crd_schemas, rule)
 
 
 def test_fail_reload_is_in_the_crd_the_floor_names(crd_schemas):
