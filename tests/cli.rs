@@ -529,3 +529,28 @@ fn check_refuses_a_file_with_no_emitter_configuration() {
     assert_eq!(code(&out), 1);
     assert!(text(&out.stderr).contains("no other configuration found"));
 }
+
+#[test]
+fn check_reads_the_wasmplugins_of_a_kubectl_list() {
+    let plugin = std::fs::read_to_string(repo_file("envoy/istio/wasmplugin.yaml")).expect("read");
+    let indented: String = plugin
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("  {l}\n"))
+        .collect();
+    let list = format!(
+        "apiVersion: v1\nkind: List\nitems:\n- apiVersion: v1\n  kind: ConfigMap\n  metadata: {{name: other}}\n-\n{indented}"
+    );
+    let out = cli_env(
+        &["check", "-"],
+        list.as_bytes(),
+        &[("BILLING_WEBHOOK_KEY", KEY)],
+    );
+    assert_eq!(code(&out), 0, "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout)
+            .contains("items[1]: WasmPlugin jobs/webhook-emitter: spec.pluginConfig: valid"),
+        "{}",
+        text(&out.stdout)
+    );
+}

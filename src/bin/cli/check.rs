@@ -242,8 +242,18 @@ fn configurations(bytes: &[u8], plugin_name: &str) -> Result<Vec<Found>, String>
                 env: VmEnv::default(),
             });
         } else if document.get("kind").and_then(Value::as_str) == Some("WasmPlugin") {
-            if let Some(f) = from_wasm_plugin(document, plugin_name, &at) {
-                found.push(f);
+            found.extend(from_wasm_plugin(document, plugin_name, &at));
+        } else if document.get("kind").and_then(Value::as_str) == Some("List") {
+            // `kubectl get wasmplugins -o yaml` answers a List of them.
+            let items = document.get("items").and_then(Value::as_array);
+            for (i, item) in items.into_iter().flatten().enumerate() {
+                if item.get("kind").and_then(Value::as_str) == Some("WasmPlugin") {
+                    found.extend(from_wasm_plugin(
+                        item,
+                        plugin_name,
+                        &format!("{at}items[{i}]: "),
+                    ));
+                }
             }
         } else {
             from_envoy(document, plugin_name, &at, "", &mut found)?;
