@@ -14,4 +14,5 @@ pub mod headers;
 pub mod rules;
 pub mod signature;
 pub mod stream;
+pub mod time;
 pub mod url;

@@ -35,8 +35,8 @@ pub fn dead_letter_body(
         "webhookId": webhook_id,
         "attempts": delivery.attempts,
         "lastFailure": delivery.last_failure,
-        "createdAt": crate::event::rfc3339_utc(delivery.created_at_ms),
-        "failedAt": crate::event::rfc3339_utc(now_ms),
+        "createdAt": crate::time::rfc3339_utc(delivery.created_at_ms),
+        "failedAt": crate::time::rfc3339_utc(now_ms),
     });
     // The envelope is embedded byte for byte (it is always our own JSON), so the store keeps
     // exactly what was signed.

@@ -12,7 +12,8 @@
 //! hanging endpoint can fill the outbox while nobody else needs it, but never keeps a healthy
 //! endpoint's deliveries out.
 
-use super::policy::{honours_retry_after, parse_retry_after, RetryPolicy};
+use super::policy::{honours_retry_after, RetryPolicy};
+use crate::time::parse_retry_after;
 use super::{AttemptOutcome, Delivery, LaneId};
 use std::collections::VecDeque;
 
