@@ -6,7 +6,7 @@ use super::abi::{self, BufferType, HeaderMap};
 use super::host::{Host, LogLevel};
 use super::http::EmitterStream;
 use super::proxy::{now_ms, random_bytes, ProxyHost};
-use super::worker::{Attempt, Worker};
+use super::worker::{Attempt, SharedWorker, Worker};
 use crate::config::Plan;
 use crate::delivery::AttemptOutcome;
 use crate::headers;
@@ -20,8 +20,6 @@ use std::time::Duration;
 
 /// Retries and probes are driven by this tick; new events wake the root at once (the doorbell).
 const TICK: Duration = Duration::from_millis(50);
-
-pub type SharedWorker = Rc<RefCell<Worker>>;
 
 thread_local! {
     /// This thread's worker of each plugin (by plugin name). A new configuration arrives as a new

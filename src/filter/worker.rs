@@ -16,6 +16,7 @@ use crate::headers;
 use crate::signature::SigningKey;
 use crate::stream::{NoEvent, StreamOutcome};
 use crate::url::WebhookUrl;
+use std::cell::RefCell;
 use std::rc::Rc;
 
 pub const USER_AGENT: &str = concat!("webhook-emitter/", env!("CARGO_PKG_VERSION"));
@@ -84,6 +85,9 @@ struct Reported {
     bytes: i64,
     in_flight: i64,
 }
+
+/// The worker as its root context and HTTP contexts share it (one thread, so `Rc<RefCell<…>>`).
+pub type SharedWorker = Rc<RefCell<Worker>>;
 
 pub struct Worker {
     plan: Rc<Plan>,
