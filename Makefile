@@ -65,7 +65,7 @@ test: lint unit wasm-unit static e2e
 oci: wasm venv
 	$(PY) envoy/oci/build_oci.py --wasm $(WASM) --out target/oci $(if $(OCI_REPOSITORY),--repository $(OCI_REPOSITORY))
 
-# Benchmark (issue #4): data-path cost and delivery speed of the filter, against no filter and a Lua peer, in one
+# Benchmark: data-path cost and delivery speed of the filter, against no filter and a Lua peer, in one
 # run (bench/README.md). Knobs from the environment: BENCH_WASM (another build; then nothing is built),
 # BENCH_DURATION (seconds per step), BENCH_ROUNDS, BENCH_OUT (default bench/results). Installs h2load and matplotlib.
 bench: venv

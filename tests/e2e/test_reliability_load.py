@@ -1,4 +1,4 @@
-"""Issue #3 ("Reliable delivery"), acceptance, part 4: nothing is lost under load with a flaky receiver.
+"""Nothing is lost under load with a flaky receiver.
 
 5,000 job completions, sent by 32 concurrent clients, for an organisation with 3 webhooks; the receiver fails
 20% of all requests at random with 503. Eventually there are exactly 15,000 distinct successful deliveries

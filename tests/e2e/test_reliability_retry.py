@@ -1,4 +1,4 @@
-"""Issue #3 ("Reliable delivery"), acceptance, part 1: how each kind of failed attempt is retried, and what
+"""Retries: how each kind of failed attempt is retried, and what
 happens when a delivery finally fails. A real Envoy runs the built filter; receivers are real loopback servers
 that misbehave on purpose (harness.faults); signatures are checked with standardwebhooks.
 

@@ -1,4 +1,4 @@
-"""Beyond issue #2, using the receiver's response plan: a delivery answered 503 then 500 is retried on the
+"""Using the receiver's response plan: a delivery answered 503 then 500 is retried on the
 schedule and then succeeds. Every attempt carries the same webhook-id and body, a fresh valid signature, and
 the retry counters move."""
 
