@@ -346,3 +346,47 @@ def test_failed_attempts_are_retried_with_the_same_id_and_body(plain_receiver_se
     assert after.get(METRIC + "deliveries_failed", 0) - before.get(METRIC + "deliveries_failed", 0) == 2, after
     assert after.get(METRIC + "deliveries_retried", 0) - before.get(METRIC + "deliveries_retried", 0) == 2, after
     assert after.get(METRIC + "deliveries_exhausted", 0) == before.get(METRIC + "deliveries_exhausted", 0), after
+
+
+def test_dead_letters_waiting_when_a_new_configuration_removes_the_store_are_lost_loudly(job_service, rc,
+                                                                                         start_envoy):
+    org, hook, config = one_hook(rc, "dead-letter-removed", retrySchedule=["100ms"])
+    dead_path = f"/dead-letters/{new_id()}"
+    with_store = plugin_dict(config, deadLetter={"url": rc.url(dead_path), "cluster": "webhooks"})
+    envoy = start_envoy(with_store, lds=True)
+    rc.always(hook.path, 500)
+    # The store asks to come back in a minute: the dead letters wait in their lane.
+    rc.always(dead_path, Reply(503, headers=(("Retry-After", "60"),)))
+    counters = Counters(envoy)
+    jobs = [complete_job(envoy, org) for _ in range(3)]
+    letters = rc.wait_for(lambda d: d.path == dead_path, count=3, timeout=15)
+    event_ids = {d.json()["eventId"] for d in letters}
+    harness.wait_until(lambda: len([l for l in plugin_log_lines(envoy, "webhook=dead-letter attempts=1 ")]) >= 3,
+                       timeout=10, desc="three dead letters waiting for their retry")
+    harness.update_plugin_config(envoy, job_service, rc, plugin_dict(config))  # deadLetter removed
+    assert counters.wait_delta("dead_letters_failed", 3) == 3
+    lost = wait_for_log(envoy, r"dead letter could not be stored: event=([0-9a-f]{24}) attempts=1 "
+                               r"reason=delivery\.deadLetter was removed by a new configuration$", count=3)
+    assert {m.group(1) for m in lost} == event_ids
+    critical = [l for l in envoy.wasm_log_lines() if "dead letter could not be stored" in l]
+    assert len(critical) == 3 and all("[critical]" in l for l in critical), critical
+    assert len(rc.requests_to(dead_path)) == 3, "a dead letter was sent after its store was removed"
+    assert len(jobs) == 3
+
+
+def test_a_dead_letter_store_that_answers_410_keeps_getting_dead_letters(rc, start_envoy):
+    org, hook, config = one_hook(rc, "dead-letter-410", retrySchedule=["100ms"])
+    dead_path = f"/dead-letters/{new_id()}"
+    envoy = start_envoy(plugin_dict(config, deadLetter={"url": rc.url(dead_path), "cluster": "webhooks"}))
+    rc.always(hook.path, 500)
+    rc.always(dead_path, 410)
+    counters = Counters(envoy)
+    complete_job(envoy, org)
+    assert counters.wait_delta("dead_letters_failed", 1) == 1, "the first dead letter, answered 410 twice"
+    wait_for_log(envoy, r"dead letter could not be stored: event=[0-9a-f]{24} attempts=2 last=status 410$")
+    # The store is ours, not a receiver: a 410 does not turn it off. The next dead letter is sent too.
+    complete_job(envoy, org)
+    assert counters.wait_delta("dead_letters_failed", 2) == 2
+    assert len(rc.requests_to(dead_path)) == 4
+    assert counters.deltas("webhooks_disabled_gone", "deliveries_dropped.webhook_gone") == \
+        {"webhooks_disabled_gone": 0, "deliveries_dropped.webhook_gone": 0}
