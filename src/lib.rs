@@ -7,6 +7,9 @@ pub mod body;
 pub mod config;
 pub mod delivery;
 pub mod event;
+// The webhook registry service: native only, nothing of it in the .wasm.
+#[cfg(not(target_arch = "wasm32"))]
+pub mod registry;
 pub mod rules;
 pub mod signature;
 pub mod url;

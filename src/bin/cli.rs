@@ -17,10 +17,29 @@ const USAGE: &str = "usage:
   webhook-emitter verify (--key KEY | --key-env VAR) --id ID --timestamp TS --signature SIG
                          [--tolerance SECONDS] < BODY
       Check a delivery's Standard Webhooks signature. The timestamp must be within the tolerance
-      of now (default 300 s; 0 turns the check off).";
+      of now (default 300 s; 0 turns the check off).
+  webhook-emitter registry serve|token [OPTIONS]
+      The webhook registry service and its demo tokens; `webhook-emitter registry --help`.";
+
+/// `webhook-emitter registry …`, parsed by clap.
+#[derive(clap::Parser)]
+#[command(
+    name = "webhook-emitter registry",
+    bin_name = "webhook-emitter registry",
+    about = "The webhook registry: API, dashboard and the proxies' feed"
+)]
+struct RegistryCli {
+    #[command(subcommand)]
+    command: webhook_emitter::registry::RegistryCommand,
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("registry") {
+        use clap::Parser;
+        let cli = RegistryCli::parse_from(std::env::args().skip(1));
+        return webhook_emitter::registry::run(cli.command);
+    }
     let result = match args.first().map(String::as_str) {
         Some("check") => check(&args[1..]),
         Some("keygen") => keygen(&args[1..]),
