@@ -16,7 +16,7 @@ from harness.util import scaled
 os.environ.setdefault("SE_OFFLINE", "true")  # Selenium Manager must not try to download a browser or driver
 
 from selenium import webdriver  # noqa: E402
-from selenium.common.exceptions import NoAlertPresentException  # noqa: E402
+from selenium.common.exceptions import NoAlertPresentException, StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.common.keys import Keys  # noqa: E402
@@ -53,7 +53,9 @@ class Steps:
         SHOTS.mkdir(parents=True, exist_ok=True)
 
     def wait(self, predicate, desc: str, timeout: float = 20):
-        return WebDriverWait(self.driver, scaled(timeout), poll_frequency=0.05).until(
+        # The list is redrawn after each change: an element read mid-redraw is simply read again.
+        return WebDriverWait(self.driver, scaled(timeout), poll_frequency=0.05,
+                             ignored_exceptions=[StaleElementReferenceException]).until(
             lambda d: predicate(d), message=desc)
 
     def shot(self, name: str) -> Path:
