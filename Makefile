@@ -72,6 +72,7 @@ registry-test: venv registry-tools
 
 # The registry API's requests per second on SQLite and on Postgres (a release build; prints the numbers).
 registry-load: venv registry-tools
+	bash bench/ensure-h2load.sh
 	cargo build --release --bin webhook-emitter
 	$(PY) tests/registry/load.py --binary target/release/webhook-emitter
 

@@ -180,7 +180,7 @@ class Postgres:
     """A throwaway Postgres cluster on loopback. Postgres refuses to run as root, so as root it runs as the
     `postgres` user (runuser); the superuser has a random password (scram-sha-256, TCP only)."""
 
-    def __init__(self, timeout: float = 60.0):
+    def __init__(self, timeout: float = 60.0, durable: bool = False):
         self.bin = postgres_bin_dir()
         self.dir = Path(tempfile.mkdtemp(prefix="webhook-emitter-pg-"))
         self.data = self.dir / "data"
@@ -198,12 +198,13 @@ class Postgres:
         log = open(self.log_path, "wb")
         if self.as_root:
             shutil.chown(self.log_path, "postgres", "postgres")
-        # Durability is not what these tests are about: fsync off keeps them fast on a shared machine.
+        # Durability is not what the tests are about: fsync off keeps them fast on a shared machine. The load
+        # test asks for a durable server, to compare with SQLite's synced commits.
+        fast = [] if durable else ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
         self.proc = subprocess.Popen(
             self._as_postgres([str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
                                "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.dir}",
-                               "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-                               "-c", "max_connections=200"]),
+                               *fast, "-c", "max_connections=200"]),
             stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         log.close()
 
