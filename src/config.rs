@@ -835,7 +835,7 @@ pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
     }
 }
 
-pub fn is_event_type(t: &str) -> bool {
+pub(crate) fn is_event_type(t: &str) -> bool {
     let word = |w: &str| {
         w.starts_with(|c: char| c.is_ascii_lowercase())
             && w.chars()
