@@ -1,6 +1,6 @@
 """The dashboard in a real browser: Debian's headless Chromium driven by Selenium, keyboard only (Tab, Enter,
 Space), at desktop width and at 360 px. Sign in, create (a bad URL first), read the key once, reload and see it
-gone, disable, rotate, delete. A screenshot of each step goes to target/registry-dashboard/."""
+gone, disable, edit, rotate, delete. A screenshot of each step goes to target/registry-dashboard/."""
 
 from __future__ import annotations
 
@@ -185,6 +185,23 @@ def test_dashboard_flow_with_the_keyboard(browser, make_registry):
     assert registry.feed().json()["webhooks"][0]["status"] == "disabled"
     assert s.active().text == "Enable", "focus stays on the toggle"
     s.shot("disabled")
+
+    # Edit: the form comes back filled in; only what changed is saved.
+    s.tab_to_button("Edit", webhook_id)
+    s.keys(Keys.ENTER)
+    s.wait(lambda d: d.find_element(By.ID, "editor").get_attribute("open") is not None, "the edit form")
+    assert s.active().get_attribute("value") == "Billing"
+    assert d.find_element(By.ID, "f-disabled").is_selected()
+    s.active().send_keys(Keys.CONTROL, "a")
+    s.keys("Billing EU")
+    s.tab_to_button("Save")
+    s.keys(Keys.ENTER)
+    s.wait(lambda d: "Billing EU" in d.find_element(By.CSS_SELECTOR, f'tr[data-id="{webhook_id}"]').text,
+           "the new name")
+    saved = registry.feed().json()["webhooks"][0]
+    assert (saved["name"], saved["status"], saved["events"], saved["apiKeys"]) == (
+        "Billing EU", "disabled", ["job.completed", "job.failed"], [key])
+    s.shot("edited")
 
     # Rotate: a new key, shown once; the old one still served during the grace period.
     s.tab_to_button("Rotate key", webhook_id)
