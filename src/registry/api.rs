@@ -71,6 +71,9 @@ impl App {
                     .map(HeaderValue::as_bytes),
             )
             .map_err(ApiError::Unauthorized)?;
+        if !is_organisation_id(organisation) {
+            return Err(ApiError::NotFound);
+        }
         if caller.may_manage(organisation) {
             Ok(caller)
         } else {
@@ -81,6 +84,19 @@ impl App {
             )))
         }
     }
+}
+
+/// Organisation ids come from the tokens and the paths: 1 to 128 characters, none of them a control character.
+fn is_organisation_id(id: &str) -> bool {
+    (1..=128).contains(&id.chars().count()) && !id.chars().any(char::is_control)
+}
+
+/// Webhook ids are the filter's: 24 lowercase hex digits. Anything else is not looked up.
+fn is_webhook_id(id: &str) -> bool {
+    id.len() == 24
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 pub fn router(app: Arc<App>) -> Router {
@@ -106,8 +122,25 @@ pub fn router(app: Arc<App>) -> Router {
             post(rotate_key),
         )
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(request_deadline))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(app)
+}
+
+/// A request (its body included) must be read and answered within this time.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+async fn request_deadline(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => json_response(
+            StatusCode::REQUEST_TIMEOUT,
+            &errors_body(&[FieldError::new("", "the request took too long")]),
+        ),
+    }
 }
 
 pub enum ApiError {
@@ -219,6 +252,9 @@ async fn get_webhook(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     app.authorize(&headers, &org)?;
+    if !is_webhook_id(&id) {
+        return Err(ApiError::NotFound);
+    }
     let webhook = app.store.get(&org, &id).await?.ok_or(ApiError::NotFound)?;
     Ok(json_response(StatusCode::OK, &public(&webhook)))
 }
@@ -297,6 +333,9 @@ async fn update_webhook(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let caller = app.authorize(&headers, &org)?;
+    if !is_webhook_id(&id) {
+        return Err(ApiError::NotFound);
+    }
     let old = app.store.get(&org, &id).await?.ok_or(ApiError::NotFound)?;
     let fields = read_fields(&body, &app.policy, false).map_err(ApiError::Invalid)?;
     let mut webhook = old.clone();
@@ -346,6 +385,9 @@ async fn delete_webhook(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let caller = app.authorize(&headers, &org)?;
+    if !is_webhook_id(&id) {
+        return Err(ApiError::NotFound);
+    }
     let audit = Audit {
         at_ms: now_ms(),
         actor: &caller.sub,
@@ -366,6 +408,9 @@ async fn rotate_key(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let caller = app.authorize(&headers, &org)?;
+    if !is_webhook_id(&id) {
+        return Err(ApiError::NotFound);
+    }
     let old = app.store.get(&org, &id).await?.ok_or(ApiError::NotFound)?;
     let key = new_api_key().map_err(internal("new API key"))?;
     let now = now_ms();

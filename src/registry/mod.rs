@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Subcommand)]
 pub enum RegistryCommand {
@@ -190,13 +190,58 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 "NOT encrypted"
             }
         ));
-        axum::serve(listener, api::router(app))
-            .with_graceful_shutdown(shutdown_signal())
-            .await
-            .map_err(|e| format!("serving: {e}"))?;
+        serve_connections(listener, api::router(app)).await;
         log("stopped");
         Ok(())
     })
+}
+
+/// A client gets this long to send a request's headers (a slow or silent peer does not hold a connection).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head accepted.
+const MAX_HEAD_BYTES: usize = 32 * 1024;
+/// How long open connections may finish their requests after a shutdown signal.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// HTTP/1.1 on each accepted connection, with a header read timeout; on SIGTERM or Ctrl-C, stops accepting and
+/// lets the open requests finish.
+async fn serve_connections(listener: tokio::net::TcpListener, router: axum::Router) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and the like: wait a little instead of spinning.
+                        log(&format!("accepting a connection failed: {e}"));
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let mut http = hyper::server::conn::http1::Builder::new();
+                http.timer(TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .max_buf_size(MAX_HEAD_BYTES);
+                let connection = graceful.watch(
+                    http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(router.clone())),
+                );
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {},
+        _ = tokio::time::sleep(DRAIN_TIMEOUT) => log("connections still open after the drain time are closed"),
+    }
 }
 
 async fn shutdown_signal() {
