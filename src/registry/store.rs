@@ -66,6 +66,7 @@ pub struct Audit<'a> {
 
 pub struct Store {
     pool: AnyPool,
+    postgres: bool,
 }
 
 type Result<T> = std::result::Result<T, sqlx::Error>;
@@ -129,7 +130,10 @@ impl Store {
                 .await
                 .map_err(|e| format!("--database: {e}"))?;
         }
-        let store = Store { pool };
+        let store = Store {
+            pool,
+            postgres: !sqlite,
+        };
         store
             .migrate()
             .await
@@ -139,6 +143,12 @@ impl Store {
 
     async fn migrate(&self) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        if self.postgres {
+            // Replicas starting together would race on CREATE TABLE IF NOT EXISTS: one migrates at a time.
+            sqlx::query("SELECT pg_advisory_xact_lock(7215860413)")
+                .execute(&mut *tx)
+                .await?;
+        }
         for statement in SCHEMA {
             sqlx::query(statement).execute(&mut *tx).await?;
         }

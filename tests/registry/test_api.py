@@ -478,6 +478,32 @@ def test_two_replicas_share_one_postgres(make_registry, postgres):
     assert a.feed().json()["webhooks"][0]["apiKeys"] == [rotated["apiKey"], hook["apiKey"]]
 
 
+def test_replicas_starting_together_on_a_fresh_postgres(make_registry, postgres):
+    """Each creates the tables if they are missing; started at once, none fails on the others' work."""
+    import threading
+    database = postgres.new_database()
+    first = make_registry("postgres", database=database, start=False)
+    replicas = [first] + [make_registry("postgres", database=database, main_key=first.main_key, start=False,
+                                        jwt_secret=first.jwt_secret, proxy_token=first.proxy_token)
+                          for _ in range(3)]
+    errors = []
+
+    def start(r):
+        try:
+            r.start()
+        except AssertionError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(r,)) for r in replicas]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    hook = create(replicas[0])
+    assert all(r.feed().json()["webhooks"][0]["id"] == hook["id"] for r in replicas)
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda r: r.env.__setitem__("REGISTRY_TEST_MAIN_KEY", base64.b64encode(b"short").decode()),
      "the main key must be base64 of 32 bytes (it decodes to 5 bytes)"),
