@@ -147,7 +147,7 @@ def test_dashboard_flow_with_the_keyboard(browser, make_registry):
     s.keys(Keys.ENTER)
     s.wait(lambda d: d.find_element(By.ID, "e-url").text, "the URL error")
     assert "credentials" in d.find_element(By.ID, "e-url").text
-    assert s.active().get_attribute("id") == "f-url"
+    assert s.active().get_attribute("id") == "f-url" and s.active().get_attribute("aria-invalid") == "true"
     s.shot("invalid-url")
     s.active().send_keys(Keys.CONTROL, "a")
     s.keys("https://hooks.example.com/webhooks")

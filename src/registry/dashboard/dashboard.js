@@ -254,9 +254,12 @@ $("dismiss-key").addEventListener("click", () => {
 
 const fieldNames = ["name", "url", "description", "status", "events"];
 
+const inputOf = { name: "f-name", url: "f-url", description: "f-description" };
+
 function clearErrors() {
   $("form-error").textContent = "";
   for (const f of fieldNames) $("e-" + f).textContent = "";
+  for (const id of Object.values(inputOf)) $(id).removeAttribute("aria-invalid");
 }
 
 function openEditor(w) {
@@ -309,6 +312,7 @@ $("editor-form").addEventListener("submit", async (event) => {
       const field = fieldNames.find((f) => e.path === f || e.path.startsWith(f + "["));
       const slot = field ? $("e-" + field) : $("form-error");
       slot.textContent = (slot.textContent ? slot.textContent + " " : "") + e.message;
+      if (inputOf[field]) $(inputOf[field]).setAttribute("aria-invalid", "true");
       if (!first) first = field;
     }
     const focus = { name: "f-name", url: "f-url", description: "f-description", status: "f-enabled" }[first];
