@@ -92,15 +92,19 @@ impl Verifier {
         Verifier { key, validation }
     }
 
-    /// Also require these `aud` and `iss` claims, when given.
-    pub fn expect(mut self, audience: Option<&str>, issuer: Option<&str>) -> Self {
+    /// Also require these `aud` and `iss` claims, when given: present and equal (a token without them is refused).
+    pub fn requiring(mut self, audience: Option<&str>, issuer: Option<&str>) -> Self {
+        let mut required = vec!["exp", "sub"];
         if let Some(aud) = audience {
             self.validation.set_audience(&[aud]);
             self.validation.validate_aud = true;
+            required.push("aud");
         }
         if let Some(iss) = issuer {
             self.validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        self.validation.set_required_spec_claims(&required);
         self
     }
 

@@ -127,7 +127,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             )
         }
     }
-    .expect(args.jwt_audience.as_deref(), args.jwt_issuer.as_deref());
+    .requiring(args.jwt_audience.as_deref(), args.jwt_issuer.as_deref());
     let proxy_token = auth::ProxyToken::new(&env_var(&args.proxy_token_env, "--proxy-token-env")?)
         .map_err(|e| format!("--proxy-token-env: {e}"))?;
     let sealer = match (&args.main_key_env, args.insecure_plaintext_keys) {

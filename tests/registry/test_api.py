@@ -178,6 +178,15 @@ def test_identity_provider_public_keys(make_registry, tmp_path, alg):
     assert reg.request("GET", hooks("org-a"), token=confused).status == 401
 
 
+def test_audience_and_issuer_when_required(make_registry):
+    reg = make_registry(extra_args=["--jwt-audience", "webhook-registry", "--jwt-issuer", "https://idp.example.com"])
+    good = {"aud": "webhook-registry", "iss": "https://idp.example.com"}
+    assert reg.request("GET", hooks("org-a"), token=reg.token(**good)).status == 200
+    for claims in [{}, {**good, "aud": "another-service"}, {**good, "iss": "https://evil.example.com"},
+                   {"aud": "webhook-registry"}, {"iss": "https://idp.example.com"}]:
+        assert reg.request("GET", hooks("org-a"), token=reg.token(**claims)).status == 401, claims
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------------------------------
