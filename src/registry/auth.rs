@@ -89,6 +89,7 @@ impl Verifier {
         validation.leeway = LEEWAY_SECONDS;
         validation.set_required_spec_claims(&["exp", "sub"]);
         validation.validate_aud = false;
+        validation.validate_nbf = true;
         Verifier { key, validation }
     }
 

@@ -105,6 +105,7 @@ def bad_tokens(reg) -> dict:
         "tampered": (lambda t: t.split(".")[0] + "." + b64url(json.dumps({**claims, "role": "super_admin",
                                                                           "organisationId": "x"}).encode())
                      + "." + t.split(".")[2])(reg.token(role="viewer")),
+        "not yet valid": reg.token(role="super_admin", nbf=now + 3600),
         "no exp": hs256_token(reg.jwt_secret, {k: v for k, v in claims.items() if k != "exp"}),
         "no sub": hs256_token(reg.jwt_secret, {k: v for k, v in claims.items() if k != "sub"}),
         "no organisationId": hs256_token(reg.jwt_secret, {k: v for k, v in claims.items() if k != "organisationId"}),
