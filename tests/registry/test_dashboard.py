@@ -47,10 +47,13 @@ def browser(tmp_path, request):
 
 
 class Steps:
-    def __init__(self, driver):
+    def __init__(self, driver, prefix: str = ""):
         self.driver = driver
+        self.prefix = prefix
         self.n = 0
         SHOTS.mkdir(parents=True, exist_ok=True)
+        for old in SHOTS.glob(f"{prefix}{driver.width}px-*.png"):
+            old.unlink()  # only this run's steps stay
 
     def wait(self, predicate, desc: str, timeout: float = 20):
         # The list is redrawn after each change: an element read mid-redraw is simply read again.
@@ -60,7 +63,7 @@ class Steps:
 
     def shot(self, name: str) -> Path:
         self.n += 1
-        path = SHOTS / f"{self.driver.width}px-{self.n:02d}-{name}.png"
+        path = SHOTS / f"{self.prefix}{self.driver.width}px-{self.n:02d}-{name}.png"
         self.driver.save_screenshot(str(path))
         # Usable at this width: nothing sticks out sideways.
         overflow = self.driver.execute_script(
@@ -236,7 +239,7 @@ def test_dashboard_flow_with_the_keyboard(browser, make_registry):
 @pytest.mark.parametrize("browser", [1280], indirect=True, ids=["desktop"])
 def test_a_token_for_another_organisation_is_refused_on_the_page(browser, make_registry):
     registry = make_registry()
-    d, s = browser, Steps(browser)
+    d, s = browser, Steps(browser, prefix="refused-")
     d.get(registry.base_url + "/")
     s.wait(lambda d: visible(d, "sign-in"), "the sign-in form")
     d.find_element(By.ID, "token").send_keys(registry.token(role="organisation_admin", org="org-a"))
