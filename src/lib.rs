@@ -11,6 +11,9 @@ pub mod delivery;
 pub mod event;
 pub mod filter;
 pub mod headers;
+// The webhook registry service: native only, nothing of it in the .wasm.
+#[cfg(not(target_arch = "wasm32"))]
+pub mod registry;
 pub mod rules;
 pub mod signature;
 pub mod stream;

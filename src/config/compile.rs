@@ -332,7 +332,7 @@ fn compile_rule(raw: &RawRule, at: &str, errors: &mut Errors) -> Option<EventRul
 }
 
 /// `{resource}.{event}` in lowercase, e.g. `job.completed`.
-fn is_event_type(t: &str) -> bool {
+pub(crate) fn is_event_type(t: &str) -> bool {
     let word = |w: &str| {
         w.starts_with(|c: char| c.is_ascii_lowercase())
             && w.chars()
@@ -489,7 +489,7 @@ fn compile_webhook(
 }
 
 /// 24 lowercase hex digits, the shape of the registry's ids.
-fn is_webhook_id(id: &str) -> bool {
+pub(crate) fn is_webhook_id(id: &str) -> bool {
     id.len() == 24
         && id
             .chars()

@@ -23,6 +23,7 @@ mod raw;
 mod reader;
 
 pub use compile::parse_duration_ms;
+pub(crate) use compile::{is_event_type, is_webhook_id};
 pub use errors::ConfigError;
 
 /// A registered webhook, as the filter uses it.

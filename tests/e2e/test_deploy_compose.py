@@ -127,7 +127,7 @@ def compose_tool():
 def test_compose_file_wires_envoy_module_config_and_demo_servers():
     doc = compose_doc()
     services = doc["services"]
-    assert set(services) == {"envoy", "jobs", "receiver"}
+    assert set(services) == {"envoy", "jobs", "receiver", "registry"}
 
     envoy = services["envoy"]
     assert re.fullmatch(r"(\$\{ENVOY_IMAGE:-)?envoyproxy/envoy:v1\.40(\.\d+|-latest)\}?", envoy["image"]), envoy["image"]
@@ -168,6 +168,8 @@ def test_compose_tool_accepts_the_file(key):
         pytest.skip("no compose tool: install Debian's `docker-compose` (apt-get install -y docker-compose) or the "
                     "Docker CLI compose plugin; the rest of this file's checks still ran")
     env = {k: v for k, v in os.environ.items() if k not in (KEY_VAR, "ENVOY_IMAGE")}
+    # The registry's secrets (tests/registry/test_deploy.py checks its service).
+    env.update({name: "set-by-the-test" for name in ("REGISTRY_MAIN_KEY", "REGISTRY_JWT_SECRET", "REGISTRY_PROXY_TOKEN")})
     base = [*tool, "-f", str(COMPOSE_FILE)]
     ok = subprocess.run([*base, "config", "-q"], capture_output=True, text=True, timeout=60,
                         env={**env, KEY_VAR: key}, cwd=harness.REPO)
