@@ -23,6 +23,8 @@ mod raw;
 mod reader;
 
 pub use compile::parse_duration_ms;
+// For the registry service (native only), which validates webhooks with the filter's own rules.
+#[cfg(not(target_arch = "wasm32"))]
 pub(crate) use compile::{is_event_type, is_webhook_id};
 pub use errors::ConfigError;
 
