@@ -60,14 +60,14 @@ class RegistryService:
     def __init__(self, work_dir: Path, database: Optional[str] = None, extra_args=(), main_key: Optional[str] = None,
                  jwt_secret: Optional[str] = None, proxy_token: Optional[str] = None, plaintext: bool = False,
                  loopback_webhooks: bool = True, binary: Path = BINARY, env: Optional[dict] = None,
-                 start: bool = True):
+                 start: bool = True, port: int = 0):
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.database = database or f"sqlite:{self.work_dir / 'registry.db'}"
         self.jwt_secret = jwt_secret or secrets.token_urlsafe(32)
         self.proxy_token = proxy_token or secrets.token_urlsafe(24)
         self.main_key = None if plaintext else (main_key or base64.b64encode(os.urandom(32)).decode())
-        self.args = [str(binary), "registry", "serve", "--listen", f"{LOOPBACK}:0", "--database", self.database,
+        self.args = [str(binary), "registry", "serve", "--listen", f"{LOOPBACK}:{port}", "--database", self.database,
                      "--jwt-secret-env", "REGISTRY_TEST_JWT_SECRET", "--proxy-token-env", "REGISTRY_TEST_PROXY_TOKEN"]
         self.args += ["--insecure-plaintext-keys"] if plaintext else ["--main-key-env", "REGISTRY_TEST_MAIN_KEY"]
         if loopback_webhooks:
