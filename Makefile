@@ -36,6 +36,7 @@ wasm: $(TARGET_STAMP)
 	@echo "built $(WASM) ($$(stat -c %s $(WASM)) bytes)"
 
 demo: wasm venv
+	cargo build --quiet --bin webhook-emitter
 	$(PY) tests/demo.py --wasm $(WASM)
 
 lint: $(TARGET_STAMP)
