@@ -162,6 +162,11 @@ impl Plan {
             .map_or(&[], Vec::as_slice)
     }
 
+    /// Whether the webhook at `index` came from the registry (not from the configuration).
+    pub fn is_from_registry(&self, index: usize) -> bool {
+        index >= self.static_webhooks
+    }
+
     pub fn webhook_index(&self, id: &str) -> Option<usize> {
         self.webhooks.iter().position(|w| w.id == id)
     }

@@ -124,10 +124,18 @@ struct RegistryPull {
     polling: bool,
     /// The last poll failed: the failure was logged, and the recovery will be.
     failing: bool,
-    /// Events emitted before the first document arrived: they wait for it (bounded like the
-    /// outbox) instead of finding no subscriber.
-    waiting: VecDeque<Event>,
+    /// Events emitted before the first document arrived: the configured webhooks have them; the
+    /// registry's get them with the first document (bounded like the outbox).
+    waiting: VecDeque<Waiting>,
     waiting_bytes: usize,
+}
+
+/// An event after fan-out: what a later fan-out needs of it.
+struct Waiting {
+    event_id: Rc<str>,
+    event_type: String,
+    organisation_id: String,
+    payload: Rc<Payload>,
 }
 
 /// A registry poll's answer, as the host reported it.
@@ -288,33 +296,54 @@ impl Worker {
     /// Fans an event out to the enabled webhooks of its organisation subscribed to its type,
     /// with one shared copy of its envelope, and wakes the root context to dispatch.
     pub fn emit(&mut self, host: &dyn Host, event: Event, now_ms: u64) {
-        if let Some(pull) = self.registry.as_mut().filter(|p| p.document.is_none()) {
-            pull.wait(
-                host,
-                self.metrics,
-                event,
+        // Another worker may have found an endpoint gone or failing since the last tick.
+        self.sync_endpoints(host, now_ms);
+        self.metrics.events_emitted.inc(host);
+        let waiting_for_registry = self.registry.as_ref().is_some_and(|p| p.document.is_none());
+        let event = Waiting {
+            event_id: Rc::from(event.id_hex.as_str()),
+            event_type: event.event_type,
+            organisation_id: event.organisation_id,
+            payload: Rc::new(Payload::event(event.envelope)),
+        };
+        let sent = self.fan_out(host, &event, now_ms, false);
+        if waiting_for_registry {
+            // The configured webhooks have it; the registry's, not known yet, get it with the first
+            // document.
+            let (max, max_bytes) = (
                 self.plan.delivery.outbox.max_queued,
                 self.plan.delivery.outbox.max_queued_bytes,
             );
-            return;
-        }
-        // Another worker may have found an endpoint gone or failing since the last tick.
-        self.sync_endpoints(host, now_ms);
-        let plan = Rc::clone(&self.plan);
-        let subscribers = plan.subscribers(&event.event_type, &event.organisation_id);
-        self.metrics.events_emitted.inc(host);
-        if subscribers.is_empty() {
+            if let Some(pull) = self.registry.as_mut() {
+                pull.wait(host, self.metrics, event, max, max_bytes);
+            }
+        } else if sent == 0 {
             self.metrics.events_without_subscribers.inc(host);
-            return;
         }
-        let event_id: Rc<str> = Rc::from(event.id_hex.as_str());
-        let payload = Rc::new(Payload::event(event.envelope));
-        let mut accepted = 0;
+    }
+
+    /// Hands an event to every enabled webhook of its organisation subscribed to its type (only the
+    /// registry's with `registry_only`), one delivery each sharing one payload; returns how many
+    /// webhooks it went to.
+    fn fan_out(
+        &mut self,
+        host: &dyn Host,
+        event: &Waiting,
+        now_ms: u64,
+        registry_only: bool,
+    ) -> usize {
+        let plan = Rc::clone(&self.plan);
+        let subscribers = plan
+            .subscribers(&event.event_type, &event.organisation_id)
+            .iter()
+            .filter(|&&w| !registry_only || plan.is_from_registry(w));
+        let (mut subscribed, mut accepted) = (0, 0);
         for &w in subscribers {
+            subscribed += 1;
             let delivery = Delivery::new(
-                Rc::clone(&event_id),
+                Rc::clone(&event.event_id),
                 LaneId::Webhook(w),
-                Rc::clone(&payload),
+                Rc::clone(&event.payload),
                 now_ms,
             );
             match self.outbox.enqueue(delivery) {
@@ -331,6 +360,7 @@ impl Worker {
             self.ring(host);
         }
         self.report_gauges(host);
+        subscribed
     }
 
     fn drop_evicted(&mut self, host: &dyn Host, d: Delivery, now_ms: u64) {
@@ -979,17 +1009,17 @@ impl RegistryPull {
         &mut self,
         host: &dyn Host,
         metrics: Metrics,
-        event: Event,
+        event: Waiting,
         max: usize,
         max_bytes: usize,
     ) {
-        let size = event.envelope.held_bytes();
+        let size = event.payload.held_bytes();
         if self.waiting.len() >= max || self.waiting_bytes + size > max_bytes {
             metrics.events_dropped_registry_not_loaded.inc(host);
             log(host, LogLevel::Error, || {
                 format!(
-                    "event dropped: event={} reason=the registry has not answered yet and the events waiting for it fill the outbox's bounds",
-                    event.id_hex
+                    "event dropped for the registry's webhooks: event={} reason=the registry has not answered yet and the events waiting for it fill the outbox's bounds",
+                    event.event_id
                 )
             });
             return;
@@ -1061,11 +1091,18 @@ impl Worker {
                     pull.etag = etag
                         .and_then(|e| String::from_utf8(e).ok())
                         .filter(|e| e.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
-                    let waiting: Vec<Event> = pull.waiting.drain(..).collect();
+                    let waiting: Vec<Waiting> = pull.waiting.drain(..).collect();
                     pull.waiting_bytes = 0;
                     self.apply_registry(host, update, first);
-                    for event in waiting {
-                        self.emit(host, event, now_ms);
+                    for event in &waiting {
+                        if self.fan_out(host, event, now_ms, true) == 0
+                            && self
+                                .plan
+                                .subscribers(&event.event_type, &event.organisation_id)
+                                .is_empty()
+                        {
+                            self.metrics.events_without_subscribers.inc(host);
+                        }
                     }
                     None
                 }

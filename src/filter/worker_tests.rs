@@ -893,4 +893,43 @@ mod registry {
         assert!(w.pump(&host, 3_100).is_empty());
         assert_eq!(host.metric("events_without_subscribers"), 1);
     }
+
+    #[test]
+    fn configured_webhooks_do_not_wait_for_the_registry() {
+        let host = FakeHost::default();
+        let mut c = registry_config();
+        c["webhooks"] = json!([webhook(1, ORG)]);
+        let plan = Plan::from_json(c.to_string().as_bytes(), &|name| {
+            (name == "REGISTRY_TOKEN").then(|| PROXY_TOKEN.to_string())
+        })
+        .unwrap();
+        let mut w = Worker::new(&host, plan, None, "p", "w1".into());
+        complete(
+            &host,
+            &mut w,
+            ORG.as_bytes(),
+            br#"{"status":"completed"}"#,
+            0,
+        );
+        let first = w.pump(&host, 0);
+        assert_eq!(first.len(), 1, "the configured webhook has it at once");
+        for (_, attempt) in first {
+            w.on_answer(&host, attempt, &answer(b"200"), 1);
+        }
+        w.registry_poll(&host, 0);
+        w.on_registry_answer(
+            &host,
+            ok(document(1, "enabled", json!([SIGNING_KEY]), None), "\"r1\""),
+            10,
+        );
+        let later = w.pump(&host, 10);
+        assert_eq!(
+            later.len(),
+            1,
+            "the registry's webhook gets it with the first document, once"
+        );
+        let sent = host.take_sent();
+        let v: Value = serde_json::from_slice(&sent.last().unwrap().body).unwrap();
+        assert_eq!(v["webhookId"], format!("{:024x}", 7));
+    }
 }
