@@ -13,8 +13,8 @@
 //! endpoint's deliveries out.
 
 use super::policy::{honours_retry_after, RetryPolicy};
-use crate::time::parse_retry_after;
 use super::{AttemptOutcome, Delivery, LaneId};
+use crate::time::parse_retry_after;
 use std::collections::VecDeque;
 
 /// The outbox's limits, from `delivery` in the configuration.
