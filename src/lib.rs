@@ -10,6 +10,7 @@ pub mod config;
 pub mod delivery;
 pub mod event;
 pub mod filter;
+pub mod gate;
 pub mod headers;
 pub mod rules;
 pub mod signature;

@@ -58,6 +58,14 @@ impl PathTemplate {
         Ok(PathTemplate { segments })
     }
 
+    /// The segments in order: `Some(literal)`, or `None` for a capture.
+    pub fn parts(&self) -> impl Iterator<Item = Option<&str>> {
+        self.segments.iter().map(|s| match s {
+            Segment::Literal(lit) => Some(lit.as_str()),
+            Segment::Capture(_) => None,
+        })
+    }
+
     pub fn has_capture(&self, name: &str) -> bool {
         self.segments
             .iter()
@@ -158,6 +166,14 @@ impl MethodSet {
     }
     pub fn contains(&self, method: &str) -> bool {
         Self::bit(method).is_some_and(|b| self.0 & b != 0)
+    }
+    /// The methods in the set, in [`KNOWN_METHODS`] order.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        KNOWN_METHODS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.0 & (1 << i) != 0)
+            .map(|(_, m)| *m)
     }
 }
 

@@ -63,7 +63,9 @@ def run(wasm: Path, pki: Pki, timeout: float) -> int:
         # The egress of envoy/envoy.yaml, trusting this run's CA; the receiver is on loopback, so the
         # resolved-address filter is off (as delivery.allowPrivateNetworks is on).
         egress = shipped_egress(ca=pki.ca, refuse_private=False)
-        envoy = harness.envoy_with_filter(jobs, None, config, wasm=wasm, name="demo", start=False, egress=egress)
+        # Gated as in envoy/envoy.yaml: only requests some rule can match reach the filter.
+        envoy = harness.envoy_with_filter(jobs, None, config, wasm=wasm, name="demo", start=False, egress=egress,
+                                          gate=True)
         try:
             try:
                 envoy.start()
