@@ -12,6 +12,7 @@ pub mod event;
 pub mod filter;
 pub mod gate;
 pub mod headers;
+pub mod json;
 pub mod rules;
 pub mod signature;
 pub mod stream;

@@ -68,6 +68,9 @@ def check_delivery(delivery: Delivery, hook: Hook, event_type: str, expected_obj
     expected = dict(expected_object)
     expected["objectType"] = object_type
     assert body["data"] == {"object": expected}, f"{where}: data {body['data']!r}, expected {{'object': {expected!r}}}"
+    # The upstream's key order is kept; objectType comes last unless the upstream had one.
+    order = list(expected_object) if "objectType" in expected_object else [*expected_object, "objectType"]
+    assert list(body["data"]["object"]) == order, f"{where}: object keys {list(body['data']['object'])}, want {order}"
 
     assert signature_valid(delivery, hook.key), f"{where}: signature does not verify under the webhook's key"
     return body
