@@ -399,7 +399,11 @@ fn check_reads_every_filter_of_the_shipped_envoy_configs() {
         );
         assert_eq!(code(&out), 0, "{file}: {}", text(&out.stderr));
         assert!(
-            text(&out.stdout).contains("http_filters[0].typed_config.config.configuration: valid"),
+            // Inside the gate (an ExtensionWithMatcher around the wasm filter).
+            text(&out.stdout).contains(
+                "http_filters[0].typed_config.xds_matcher.matcher_list.matchers[0].on_match.action\
+                 .typed_config.typed_config.typed_config.config.configuration: valid"
+            ),
             "{file}: {}",
             text(&out.stdout)
         );
