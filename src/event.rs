@@ -1,4 +1,5 @@
-//! The event envelope of the seed and event ids.
+//! The event envelope of the product's webhook documentation (its "Event Payload": the fields and their
+//! order below) and event ids.
 //!
 //! Envelope, byte for byte what is signed and sent:
 //! `{"id","webhookId","organisationId","eventType","dateTime","data":{"object":{…}},"version":1}`.
@@ -18,7 +19,7 @@ pub struct EventId([u8; 12]);
 impl EventId {
     pub fn new(unix_seconds: u64, random: [u8; 8]) -> Self {
         let mut bytes = [0u8; 12];
-        // The id holds 32 bits of seconds, as the seed's ids do; it wraps in 2106.
+        // The id holds 32 bits of seconds, as the documented sample ids do; it wraps in 2106.
         bytes[..4].copy_from_slice(&(unix_seconds as u32).to_be_bytes());
         bytes[4..].copy_from_slice(&random);
         EventId(bytes)
@@ -174,7 +175,7 @@ mod tests {
     }
 
     #[test]
-    fn envelope_has_exactly_the_seed_fields() {
+    fn envelope_has_exactly_the_documented_fields() {
         let object: Map<String, Value> =
             serde_json::from_str(r#"{"id":"j1","status":"completed","objectType":"spoofed"}"#)
                 .unwrap();
@@ -198,7 +199,7 @@ mod tests {
             "version": 1
         });
         assert_eq!(parsed, expected);
-        // Field order is the seed's.
+        // Field order is the documentation's.
         let text = String::from_utf8(body).unwrap();
         let order: Vec<usize> = [
             "\"id\"",

@@ -13,6 +13,9 @@ pub mod filter;
 pub mod gate;
 pub mod headers;
 pub mod json;
+// The webhook registry service: native only, nothing of it in the .wasm.
+#[cfg(not(target_arch = "wasm32"))]
+pub mod registry;
 pub mod rules;
 pub mod signature;
 pub mod stream;

@@ -3,7 +3,7 @@
 
 use std::time::UNIX_EPOCH;
 
-/// Formats Unix milliseconds as RFC 3339 UTC with a `Z`, to whole seconds like the seed's sample.
+/// Formats Unix milliseconds as RFC 3339 UTC with a `Z`, to whole seconds like the documentation's sample.
 pub fn rfc3339_utc(unix_millis: u64) -> String {
     let secs = unix_millis / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);

@@ -25,6 +25,11 @@ pub(super) const ALLOW_PRIVATE_NETWORKS: bool = false;
 /// `circuitBreaker.failures`.
 pub(super) const CIRCUIT_FAILURES: u32 = 10;
 
+// ---- registry ----
+
+pub(super) const REGISTRY_PATH: &str = "/v1/registry";
+pub(super) const REGISTRY_POLL_MS: u64 = 2_000;
+
 // ---- bounds: a value outside is an error ----
 
 pub(super) const TIMEOUT_MS_RANGE: RangeInclusive<u64> = 1..=3_600_000;
@@ -33,3 +38,4 @@ pub(super) const MAX_QUEUED_RANGE: RangeInclusive<u64> = 1..=10_000_000;
 pub(super) const MAX_QUEUED_BYTES_RANGE: RangeFrom<u64> = 1..;
 pub(super) const MAX_BODY_BYTES_RANGE: RangeInclusive<u64> = 1..=64 << 20;
 pub(super) const MAX_IN_FLIGHT_PER_WEBHOOK_RANGE: RangeInclusive<u64> = 1..=10_000;
+pub(super) const REGISTRY_POLL_MS_RANGE: RangeInclusive<u64> = 100..=3_600_000;

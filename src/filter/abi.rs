@@ -19,6 +19,7 @@ pub enum HeaderMap {
 #[repr(u32)]
 pub enum BufferType {
     HttpResponseBody = 1,
+    CalloutResponseBody = 4,
     PluginConfiguration = 7,
 }
 

@@ -6,7 +6,7 @@ use super::abi::{self, BufferType, HeaderMap};
 use super::host::{Host, LogLevel};
 use super::http::EmitterStream;
 use super::proxy::{now_ms, random_bytes, ProxyHost};
-use super::worker::{Attempt, Worker};
+use super::worker::{Attempt, RegistryAnswer, SharedWorker, Worker};
 use crate::config::Plan;
 use crate::delivery::AttemptOutcome;
 use crate::headers;
@@ -21,19 +21,23 @@ use std::time::Duration;
 /// Retries and probes are driven by this tick; new events wake the root at once (the doorbell).
 const TICK: Duration = Duration::from_millis(50);
 
-pub type SharedWorker = Rc<RefCell<Worker>>;
-
 thread_local! {
     /// This thread's worker of each plugin (by plugin name). A new configuration arrives as a new
     /// root context in the same VM; it adopts the worker, so queued deliveries survive it.
     static WORKERS: RefCell<HashMap<String, Weak<RefCell<Worker>>>> = RefCell::new(HashMap::new());
 }
 
+/// What a callout was for.
+enum Out {
+    Delivery(Attempt),
+    RegistryPoll,
+}
+
 #[derive(Default)]
 pub struct EmitterRoot {
     worker: Option<SharedWorker>,
     /// Callouts out, by token.
-    callouts: HashMap<u32, Attempt>,
+    callouts: HashMap<u32, Out>,
     /// Envoy asked this root to finish (`on_done`) while callouts were still out.
     draining: bool,
 }
@@ -102,23 +106,54 @@ impl EmitterRoot {
             return;
         };
         let sent = worker.borrow_mut().pump(&ProxyHost, now_ms());
-        self.callouts.extend(sent);
+        self.callouts
+            .extend(sent.into_iter().map(|(token, a)| (token, Out::Delivery(a))));
     }
 }
 
+/// A registry poll's answer, read as bytes; a callout that failed has no headers to read.
+fn registry_answer(header_count: usize, body_size: usize) -> RegistryAnswer {
+    let map = (header_count > 0)
+        .then(|| abi::header_map(HeaderMap::CalloutResponse))
+        .flatten();
+    let pairs = map.as_deref().and_then(headers::parse_map);
+    let Some(pairs) = pairs else {
+        return RegistryAnswer::Failed("no answer (connection reset or timeout)".into());
+    };
+    let Some(code) = headers::first(&pairs, headers::STATUS).and_then(headers::parse_status) else {
+        return RegistryAnswer::Failed("answer without a valid :status".into());
+    };
+    let etag = headers::first(&pairs, headers::ETAG).map(<[u8]>::to_vec);
+    let body = if body_size > 0 {
+        abi::buffer(BufferType::CalloutResponseBody, 0, body_size).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    RegistryAnswer::Status { code, etag, body }
+}
+
 impl Context for EmitterRoot {
-    fn on_http_call_response(
-        &mut self,
-        token: u32,
-        headers: usize,
-        _body: usize,
-        _trailers: usize,
-    ) {
-        let Some(attempt) = self.callouts.remove(&token) else {
+    fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _trailers: usize) {
+        let Some(out) = self.callouts.remove(&token) else {
             return;
         };
         let Some(worker) = self.worker.clone() else {
             return;
+        };
+        let attempt = match out {
+            Out::Delivery(attempt) => attempt,
+            Out::RegistryPoll => {
+                let answer = registry_answer(headers, body);
+                worker
+                    .borrow_mut()
+                    .on_registry_answer(&ProxyHost, answer, now_ms());
+                if self.draining && self.callouts.is_empty() {
+                    self.done();
+                } else {
+                    self.pump();
+                }
+                return;
+            }
         };
         // The answer's headers are read as bytes, and only when Envoy says there are some: a
         // callout that failed before or instead of its headers has none to read.
@@ -182,7 +217,12 @@ impl RootContext for EmitterRoot {
 
     fn on_tick(&mut self) {
         if let Some(worker) = self.worker.clone().filter(|_| !self.draining) {
-            worker.borrow_mut().tick(&ProxyHost, now_ms());
+            let now = now_ms();
+            let mut w = worker.borrow_mut();
+            w.tick(&ProxyHost, now);
+            if let Some(token) = w.registry_poll(&ProxyHost, now) {
+                self.callouts.insert(token, Out::RegistryPoll);
+            }
         }
         self.pump();
     }

@@ -1,6 +1,7 @@
 //! Property test: arbitrary request and response bytes through the pipeline, arbitrary answers
 //! through the worker. Nothing panics, and every delivery ends accounted for: delivered, dropped
 //! or exhausted with a counter, never lost.
+#![allow(clippy::unwrap_used)] // test code (its cfg is not plain `test`, which clippy.toml allows)
 
 use super::host::DispatchRefused;
 use super::testing::{FakeHost, SIGNING_KEY};

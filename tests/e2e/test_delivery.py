@@ -1,4 +1,4 @@
-"""Issue #2 acceptance: a completed job becomes exactly one signed delivery per enabled, subscribed webhook of
+"""Delivery: a completed job becomes exactly one signed delivery per enabled, subscribed webhook of
 its organisation, and nothing else is delivered. One Envoy with the filter serves the whole module.
 
 Organisations and webhooks (two rules: job.completed on /jobs/{id}/complete, job.started on /jobs/{id}/start):

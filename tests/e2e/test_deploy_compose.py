@@ -28,12 +28,15 @@ from standardwebhooks import Webhook
 import harness
 from harness import registry
 from harness.gate import GATE_NAME, wasm_filter_of
+from harness.registry_service import free_port
 
 ENVOY_DIR = harness.REPO / "envoy"
 COMPOSE_FILE = ENVOY_DIR / "docker-compose.yaml"
 COMPOSE_ENVOY = ENVOY_DIR / "compose" / "envoy.yaml"
 SERVE = ENVOY_DIR / "compose" / "serve.py"
 KEY_VAR = "BILLING_WEBHOOK_KEY"
+TOKEN_VAR = "REGISTRY_PROXY_TOKEN"
+TOKEN = "compose-proxy-token-for-the-loopback-run"
 WASM_FILTER = "envoy.filters.http.wasm"
 ORG = "657bf08c202997ba9d127922"
 
@@ -128,7 +131,7 @@ def compose_tool():
 def test_compose_file_wires_envoy_module_config_and_demo_servers():
     doc = compose_doc()
     services = doc["services"]
-    assert set(services) == {"envoy", "jobs", "receiver"}
+    assert set(services) == {"envoy", "jobs", "receiver", "registry"}
 
     envoy = services["envoy"]
     assert re.fullmatch(r"(\$\{ENVOY_IMAGE:-)?envoyproxy/envoy:v1\.40(\.\d+|-latest)\}?", envoy["image"]), envoy["image"]
@@ -142,7 +145,7 @@ def test_compose_file_wires_envoy_module_config_and_demo_servers():
     assert KEY_VAR in envoy["environment"] and "${" + KEY_VAR in envoy["environment"][KEY_VAR], \
         "the key must come from the caller's environment, not be written into the compose file"
     assert KEY_VAR in wasm_cfg["vm_config"]["environment_variables"]["host_env_keys"]
-    assert set(envoy.get("depends_on", [])) == {"jobs", "receiver"}
+    assert set(envoy.get("depends_on", [])) == {"jobs", "receiver", "registry"}
 
     bootstrap_clusters = clusters(envoy_doc())
     for name, cluster_name in (("jobs", "job_service"), ("receiver", "receiver")):
@@ -169,6 +172,8 @@ def test_compose_tool_accepts_the_file(key):
         pytest.skip("no compose tool: install Debian's `docker-compose` (apt-get install -y docker-compose) or the "
                     "Docker CLI compose plugin; the rest of this file's checks still ran")
     env = {k: v for k, v in os.environ.items() if k not in (KEY_VAR, "ENVOY_IMAGE")}
+    # The registry's secrets (tests/registry/test_deploy.py checks its service).
+    env.update({name: "set-by-the-test" for name in ("REGISTRY_MAIN_KEY", "REGISTRY_JWT_SECRET", "REGISTRY_PROXY_TOKEN")})
     base = [*tool, "-f", str(COMPOSE_FILE)]
     ok = subprocess.run([*base, "config", "-q"], capture_output=True, text=True, timeout=60,
                         env={**env, KEY_VAR: key}, cwd=harness.REPO)
@@ -210,16 +215,17 @@ def test_compose_envoy_config_has_the_gated_filter_before_the_router():
 
 def test_compose_plugin_config_passes_the_filters_validator(cli, key, tmp_path):
     text = plugin_json(envoy_doc())
-    ok = run_check(cli, text, tmp_path, {KEY_VAR: key})
+    ok = run_check(cli, text, tmp_path, {KEY_VAR: key, TOKEN_VAR: TOKEN})
     assert ok.returncode == 0, ok.stderr
     assert "valid (1 event rules, 1 webhooks)" in ok.stdout
     # The demo receiver is plain HTTP on the compose network: only allowed because the file says so.
     plugin = json.loads(text)
     del plugin["delivery"]["allowInsecureHttp"]
-    bad = run_check(cli, json.dumps(plugin), tmp_path, {KEY_VAR: key})
+    bad = run_check(cli, json.dumps(plugin), tmp_path, {KEY_VAR: key, TOKEN_VAR: TOKEN})
     assert bad.returncode != 0 and "webhooks[0].url: must be an https URL" in bad.stderr, bad.stderr
     missing = run_check(cli, text, tmp_path, {})
     assert missing.returncode != 0 and f"environment variable {KEY_VAR} is not set" in missing.stderr
+    assert f"registry.tokenEnv: environment variable {TOKEN_VAR} is not set" in missing.stderr
 
 
 # ---- the same configuration and servers, run for real on loopback -------------------------------------------------
@@ -281,6 +287,8 @@ def loopback_bootstrap(wasm: Path, jobs_port: int, receiver_port: int) -> dict:
     known = clusters(b)
     endpoint(known["job_service"]).update(address="127.0.0.1", port_value=jobs_port)
     endpoint(known["receiver"]).update(address="127.0.0.1", port_value=receiver_port)
+    # No registry runs here: the configured webhook is delivered without waiting for it.
+    endpoint(known["registry"]).update(address="127.0.0.1", port_value=free_port())
     return b
 
 
@@ -289,7 +297,7 @@ def test_compose_config_and_servers_deliver_a_signed_event_on_loopback(wasm, key
     receiver = Served("receiver", {KEY_VAR: key})
     try:
         envoy = harness.Envoy(loopback_bootstrap(wasm, jobs.port, receiver.port), name="compose-envoy",
-                              env={KEY_VAR: key})
+                              env={KEY_VAR: key, TOKEN_VAR: TOKEN})
         envoys.append(envoy)
         envoy.start()
         job_id = "job-" + uuid.uuid4().hex[:12]

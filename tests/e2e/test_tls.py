@@ -1,4 +1,4 @@
-"""HTTPS deliveries (issue #5, items 1 and 2): TLS receivers with certificates from a CA made at test time.
+"""HTTPS deliveries: TLS receivers with certificates from a CA made at test time.
 
 - Through a per-webhook cluster that originates TLS and validates against the CA: the delivery arrives over
   TLS and its signature verifies.

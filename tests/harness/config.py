@@ -1,4 +1,4 @@
-"""Plugin configurations (the design.md format) for tests: organisations, webhooks, keys, event rules.
+"""Plugin configurations (the README's configuration reference) for tests: organisations, webhooks, keys, event rules.
 
 Every key made here is registered with the secrets registry, so the suite can prove none reaches a log, and
 is given an environment variable name there: configurations refer to keys only as {"env": NAME}

@@ -201,11 +201,18 @@ class Envoy:
     """One Envoy process. `with Envoy(bootstrap) as e:` starts it, waits until it serves, and always stops it."""
 
     def __init__(self, bootstrap: dict, name: str = "envoy", log_level: str = "info", extra_args: Iterable = (),
-                 env: Optional[dict] = None, lds: bool = False, concurrency: int = 2):
+                 env: Optional[dict] = None, lds: bool = False, concurrency: int = 2,
+                 command_prefix: Iterable = (), listeners: Iterable = (LISTENER_NAME,),
+                 workdir: Optional[Path] = None):
         self.bootstrap = bootstrap
         # Two workers by default, as in production: per-worker state (outboxes, circuits, 410s) must not
         # leak into what a client or a receiver sees. A test that needs one worker says so.
         self.concurrency = concurrency
+        # A prefix for the command line, for example ("taskset", "-c", "1") to pin Envoy to a core (the bench).
+        self.command_prefix = list(command_prefix)
+        # The listeners whose real ports must be known before Envoy counts as ready (see `ports`).
+        self.listeners = tuple(listeners)
+        self.ports: dict = {}
         # lds=True: the bootstrap's static listeners are served to Envoy through LDS from a file instead
         # (dynamic_resources.lds_config: path_config_source + watched_directory), so set_listeners() can
         # swap them in the running Envoy (for example to give the filter a new plugin configuration).
@@ -215,7 +222,11 @@ class Envoy:
         self.log_level = log_level
         self.extra_args = list(extra_args)
         self.env = env
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=session_dir()))
+        if workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=session_dir()))
+        else:
+            self.workdir = Path(workdir)
+            self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "bootstrap.json"
         self.log_path = self.workdir / "envoy.log"
         self.admin_path = self.workdir / "admin-address"
@@ -227,8 +238,9 @@ class Envoy:
     # -- lifecycle --------------------------------------------------------------------------------------------
     def start(self, wait: bool = True, timeout: float = 30.0) -> "Envoy":
         self.config_path.write_text(json.dumps(self._rendered_bootstrap(), indent=1))
+        self.admin_path.unlink(missing_ok=True)
         cmd = [
-            str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", str(self.concurrency), "-l", self.log_level,
+            *self.command_prefix, str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", str(self.concurrency), "-l", self.log_level,
             "--disable-hot-restart", "--admin-address-path", str(self.admin_path), *self.extra_args,
         ]
         registry.register_log(self.log_path)
@@ -307,6 +319,7 @@ class Envoy:
                                  f"listener_manager stats {stats}; log tail:\n{self.log_tail()}")
             time.sleep(0.02)
         self.listener_port = None
+        self.ports.clear()
         deadline = time.monotonic() + scaled(timeout)
         while not self._probe():
             if time.monotonic() >= deadline:
@@ -336,17 +349,17 @@ class Envoy:
                 return False
             self.admin_port = int(text.rsplit(":", 1)[1])
         try:
-            if self.listener_port is None:
+            if any(name not in self.ports for name in self.listeners):
                 r = http_request(self.admin_port, "GET", "/listeners?format=json", timeout=2)
                 if r.status != 200:
                     return False
                 for status in r.json().get("listener_statuses", []):
-                    if status.get("name") == LISTENER_NAME:
-                        port = status.get("local_address", {}).get("socket_address", {}).get("port_value", 0)
-                        if port:
-                            self.listener_port = int(port)
-                if self.listener_port is None:
+                    port = status.get("local_address", {}).get("socket_address", {}).get("port_value", 0)
+                    if port:
+                        self.ports[status.get("name")] = int(port)
+                if any(name not in self.ports for name in self.listeners):
                     return False
+                self.listener_port = self.ports.get(LISTENER_NAME)
             r = http_request(self.admin_port, "GET", "/ready", timeout=2)
             return r.status == 200
         except (OSError, ValueError):

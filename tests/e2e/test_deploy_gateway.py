@@ -22,10 +22,11 @@ import harness
 import pytest
 from harness.checks import check_delivery
 from harness.config import PluginConfig, delivery_section, make_hook, new_id
-from harness.envoy import build_bootstrap, wasm_http_filter
+from harness.envoy import LISTENER_NAME
 from harness.observe import Counters
 from harness.servers import JobService
-from harness.tls import Pki, TlsReceiver, dynamic_egress_cluster, without_envoy_headers
+from harness.egress import shipped_egress
+from harness.tls import Pki, TlsReceiver
 
 ROUTER = {"name": "envoy.filters.http.router",
           "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
@@ -55,11 +56,12 @@ def gateway(job_service, tls_receiver, pki, envoys, wasm):
     org = new_id()
     hook = make_hook(tls_receiver.port, org, ["job.completed"], name="gateway")
     hook.url = tls_receiver.url(hook.path)  # https://localhost:<port>/hooks/<id>
-    plugin = PluginConfig(hooks=[hook], events=[RULE],
-                          delivery=delivery_section(cluster="webhooks_egress")).to_dict()
-    bootstrap = build_bootstrap(job_service.port, None, wasm_http_filter(wasm, plugin),
-                                extra_clusters=[without_envoy_headers(dynamic_egress_cluster("webhooks_egress", pki.ca))])
-    listener = bootstrap["static_resources"]["listeners"][0]
+    plugin = PluginConfig(hooks=[hook], events=[RULE], delivery=delivery_section(cluster="webhooks_egress"))
+    # The shipped egress, trusting this run's CA (the receiver is on loopback: no resolved-address filter).
+    envoy = harness.envoy_with_filter(job_service, None, plugin, wasm=wasm, name="gateway", start=False,
+                                      egress=shipped_egress(ca=pki.ca, refuse_private=False))
+    bootstrap = envoy.bootstrap
+    listener = next(li for li in bootstrap["static_resources"]["listeners"] if li["name"] == LISTENER_NAME)
     chain = listener["filter_chains"][0]
     # TLS for clients, HTTP/2 or HTTP/1.1 by ALPN, as a gateway's public listener.
     chain["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
@@ -78,7 +80,7 @@ def gateway(job_service, tls_receiver, pki, envoys, wasm):
         {"name": "other", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "job_service"}}]},
     ]
     assert hcm["http_filters"][-1]["name"] == ROUTER["name"]
-    envoy = harness.Envoy(bootstrap, name="gateway").start()
+    envoy.start()
     envoys.append(envoy)
     return {"envoy": envoy, "org": org, "hook": hook}
 
@@ -106,7 +108,7 @@ def test_a_job_completed_through_the_gateway_is_delivered(gateway, tls_receiver,
     got_version, status, body = curl(gateway, pki, tmp_path, "localhost", f"/api/jobs/{job_id}/complete", http,
                                      gateway["org"])
     assert (got_version, status) == (version, 200)
-    assert body == JobService.answer(job_id, "", {})[1], "the client's response was changed"
+    assert body == JobService().answer(job_id, "", {})[1], "the client's response was changed"
     # The job service got the rewritten path; the filter matched the public one.
     assert [r["path"] for r in job_service.requests_for(f"/jobs/{job_id}/")] == [f"/jobs/{job_id}/complete"]
     [delivery] = tls_receiver.wait_for(lambda d: d.object_id() == job_id, timeout=20)
@@ -139,6 +141,6 @@ def test_a_large_response_streams_through_over_http2_while_the_filter_gives_up(g
     version, status, body = curl(gateway, pki, tmp_path, "localhost", f"/api/jobs/{job_id}/complete?scenario=big",
                                  "http2", gateway["org"])
     assert (version, status) == ("2", 200)
-    assert body == JobService.answer(job_id, "big", {})[1], f"{len(body)} bytes arrived"
+    assert body == JobService().answer(job_id, "big", {})[1], f"{len(body)} bytes arrived"
     counters.wait_delta("bodies_too_large", 1)
     assert counters.delta("events_emitted") == 0

@@ -1,4 +1,4 @@
-"""Issue #3 ("Reliable delivery"), acceptance, part 3: a new plugin configuration delivered to a running Envoy.
+"""Configuration updates: a new plugin configuration delivered to a running Envoy.
 
 The listener comes from LDS on the filesystem (harness: envoy_with_filter(..., lds=True)); the test swaps it
 for one whose filter has a changed configuration (harness.update_plugin_config). Envoy updates the filter

@@ -1,4 +1,4 @@
-"""Issue #3 ("Reliable delivery"), acceptance, part 2: one bad endpoint must not hurt the others, and nothing
+"""Isolation: one bad endpoint must not hurt the others, and nothing
 is lost without a trace when the outbox is bounded.
 
 - A hanging endpoint (accepts, never answers) does not slow a healthy endpoint down.
