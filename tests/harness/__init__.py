@@ -59,6 +59,8 @@ def envoy_with_filter(job_service, receiver, plugin_config, wasm=DEFAULT_WASM, n
     bootstrap, key_env, host_env_keys = _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars,
                                                           None, extra_clusters, egress, layered_runtime, gate)
     envoy = Envoy(bootstrap, name=name, env={**(env or {}), **key_env}, **kwargs)
+    # An update must load the same module, or Envoy makes a new VM (and the worker's state is lost).
+    envoy.wasm = wasm
     # An update must give the VM the same host_env_keys, or Envoy makes a new VM (update_plugin_config).
     envoy.host_env_keys = host_env_keys
     return envoy.start() if start else envoy
@@ -77,10 +79,12 @@ def plugin_listeners(job_service, receiver, plugin_config, wasm=DEFAULT_WASM, ho
     return bootstrap["static_resources"]["listeners"]
 
 
-def update_plugin_config(envoy, job_service, receiver, plugin_config, wasm=DEFAULT_WASM, timeout: float = 30.0,
+def update_plugin_config(envoy, job_service, receiver, plugin_config, wasm=None, timeout: float = 30.0,
                          **kwargs) -> None:
     """Give a running Envoy (started with envoy_with_filter(..., lds=True)) a new plugin configuration, by an
-    LDS update of its listener; returns once Envoy has applied it."""
+    LDS update of its listener; returns once Envoy has applied it. The module is the one the Envoy was started
+    with, unless `wasm` says otherwise."""
+    wasm = wasm or getattr(envoy, "wasm", DEFAULT_WASM)
     envoy.set_listeners(plugin_listeners(job_service, receiver, plugin_config, wasm=wasm,
                                          host_env_keys=envoy.host_env_keys, **kwargs), timeout=timeout)
 
