@@ -10,6 +10,8 @@ the other core), all on 127.0.0.1:
   2  webhook-emitter, every request a job completion, 1 subscribed webhook
   3  webhook-emitter, every request a job completion, 10 subscribed webhooks
   4  the peer: Envoy's Lua filter doing the same job plainly (bench/peer.lua), 1 webhook, no signing
+  5  webhook-emitter behind the shipped gate (envoy/envoy.yaml), traffic that matches no rule
+  6  the floor: a Lua filter that makes one bare asynchronous httpCall per response (bench/bare-callout.lua)
 
 Phases, each interleaving the configurations (the order rotates every round), so every ratio is taken within one
 run and, for saturation and the fixed rate, within one round:
@@ -19,7 +21,8 @@ run and, for saturation and the fixed rate, within one round:
               for 2-4 the probe measures event-to-receiver latency meanwhile
   own half    configurations 2-4 at half their own saturation, with the probe
   A/B pairs   BENCH_AB_PAIRS pairs of short (BENCH_AB_DURATION) steps alternating 0/1 (closed loop and fixed rate)
-              and 2/4 (closed loop): the tight targets (1 vs 0 within 3% and 50 us, 2 vs 4) need paired samples
+              and 0/5, 2/4, 2/6, 3/4 (closed loop): the headline ratios (Envoy CPU per request, ours over theirs,
+              summary.json) need paired samples
   curve       25%, 75% and 90% of configuration 0's saturation for 0, 1, 2 and 4 (latency.png)
 
 Knobs (environment): BENCH_WASM, BENCH_DURATION (seconds per step), BENCH_ROUNDS, BENCH_CONNECTIONS,
@@ -62,14 +65,19 @@ CONFIGS = {
     2: "webhook-emitter, job completions, 1 webhook",
     3: "webhook-emitter, job completions, 10 webhooks",
     4: "Lua peer, job completions, 1 webhook (unsigned)",
+    5: "webhook-emitter gated, traffic matching no rule",
+    6: "Lua, bare callout per request (the floor)",
 }
-HOOKS = {0: 0, 1: 1, 2: 1, 3: 10, 4: 1}
-DELIVERING = (2, 3, 4)
+HOOKS = {0: 0, 1: 1, 2: 1, 3: 10, 4: 1, 5: 1, 6: 1}
+DELIVERING = (2, 3, 4, 6)
+# Configurations whose events the probe can follow (the bare callout sends a fixed body, not the job).
+PROBED = (2, 3, 4)
+PASSTHROUGH = (1, 5)
 CURVE_CONFIGS = (0, 1, 2, 4)
 CURVE_FRACTIONS = (0.25, 0.75, 0.9)
 FIXED_FRACTION = 0.5
 # A/B pairs for the targets that need the finest comparison: short steps, alternating A-B / B-A, one ratio per pair.
-AB_PAIRS = ((0, 1), (2, 4))
+AB_PAIRS = ((0, 1), (0, 5), (2, 4), (2, 6), (3, 4))
 
 STATS = (r"^(http\.ingress\.downstream_rq_(completed|2xx)|cluster\.(webhooks|probe_receiver)\.upstream_rq_"
          r"(active|pending_active|completed|pending_overflow)|wasmcustom\.webhook_emitter\.(outbox_depth|"
@@ -184,7 +192,7 @@ class Bench:
         s = self.s
         e = self.envoys[c]
         duration = duration or s["duration_s"]
-        path = topology.NON_MATCHING_PATH if c == 1 else topology.MATCHING_PATH
+        path = topology.NON_MATCHING_PATH if c in PASSTHROUGH else topology.MATCHING_PATH
         headers = {"content-type": "application/json"}
         if HOOKS[c]:
             headers["x-organisation-id"] = self.webhooks[c].load_org
@@ -226,7 +234,7 @@ class Bench:
         requests = d("http.ingress.downstream_rq_completed")
         ok = d("http.ingress.downstream_rq_2xx")
         probe_jobs = len(pr.sent) if pr else 0
-        jobs = max(0, ok - probe_jobs) if c != 1 and HOOKS[c] else 0
+        jobs = max(0, ok - probe_jobs) if c not in PASSTHROUGH and HOOKS[c] else 0
         expected = jobs * HOOKS[c] if c in DELIVERING else 0
         delivered = hooks1 - hooks0
         cpu = cpu1 - cpu0
@@ -303,8 +311,8 @@ class Bench:
         fixed = round(sat0 * FIXED_FRACTION)
         for rnd in range(s["rounds"]):
             for c in self.rotated(CONFIGS, rnd):
-                self.step("fixed", c, fixed, rnd, probe=c in DELIVERING)
-        for c in self.rotated(DELIVERING, 0):  # half of each one's own saturation: the delivery latency target
+                self.step("fixed", c, fixed, rnd, probe=c in PROBED)
+        for c in self.rotated(PROBED, 0):  # half of each one's own saturation: the delivery latency target
             self.step("own-half", c, round(self.saturation(c) * 0.5), probe=True)
         for a, b in AB_PAIRS:
             for i in range(s["ab_pairs"]):
@@ -414,8 +422,10 @@ def main() -> int:
     if s["plot"]:
         report.plot(results, out / "latency.png")
     (out / "results.md").write_text(report.markdown(results, plotted=s["plot"]))
-    print(f"bench: done in {results['meta']['wall_s']:.0f}s; wrote {out}/results.md, results.json"
+    (out / "summary.json").write_text(json.dumps(report.headline(results), indent=1) + "\n")
+    print(f"bench: done in {results['meta']['wall_s']:.0f}s; wrote {out}/results.md, results.json, summary.json"
           + (", latency.png" if s["plot"] else ""))
+    print(report.headline_table(results))
     print(report.table(results))
     return 0
 
