@@ -11,6 +11,7 @@ pub mod delivery;
 pub mod event;
 pub mod filter;
 pub mod headers;
+pub mod journal;
 pub mod rules;
 pub mod signature;
 pub mod stream;

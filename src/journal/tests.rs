@@ -1,0 +1,399 @@
+use super::*;
+use crate::event::{Event, EventId};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
+
+const OWNER: &str = "00000000000000aa";
+const HOOK_A: &str = "66b2e3ddb97f60b5270d5ce9";
+const HOOK_B: &str = "66b2e3ddb97f60b5270d5cea";
+const ROOM: Room = Room {
+    deliveries: 1000,
+    bytes: 1 << 30,
+};
+
+fn settings() -> JournalSettings {
+    JournalSettings {
+        cluster: "etcd".into(),
+        authority: "etcd".into(),
+        prefix: "wh/".into(),
+        lease_seconds: 15,
+    }
+}
+
+fn payload(seconds: u64) -> (Rc<str>, Rc<Payload>) {
+    let mut object = Map::new();
+    object.insert("id".into(), "job-1".into());
+    let e = Event::new(
+        EventId::new(seconds, [2; 8]),
+        "job.completed",
+        "job",
+        "657bf08c202997ba9d127922",
+        object,
+        seconds * 1000,
+    );
+    (
+        Rc::from(e.id_hex.as_str()),
+        Rc::new(Payload::Event(e.envelope)),
+    )
+}
+
+fn pending(ids: &[&str], now: u64) -> Vec<PendingWebhook> {
+    ids.iter()
+        .map(|id| PendingWebhook {
+            webhook_id: id.to_string(),
+            attempts: 0,
+            next_attempt_at_ms: now,
+        })
+        .collect()
+}
+
+fn body(r: &Request) -> Value {
+    serde_json::from_slice(&r.body).expect("request body is JSON")
+}
+
+fn key_of(r: &Request) -> String {
+    let k = body(r)["key"].as_str().expect("key").to_string();
+    String::from_utf8(B64.decode(k).expect("base64")).expect("utf-8")
+}
+
+fn b64(s: &[u8]) -> String {
+    B64.encode(s)
+}
+
+const OK: &[u8] = br#"{"header":{"revision":"2"}}"#;
+
+/// A journal whose owner key is registered.
+fn live() -> Journal {
+    let mut j = Journal::new(settings(), OWNER.into());
+    let grant = j.poll(0);
+    assert_eq!(grant.len(), 1);
+    assert_eq!(grant[0].path, etcd::LEASE_GRANT);
+    assert_eq!(body(&grant[0])["TTL"], "15");
+    let g = grant.into_iter().next().expect("grant");
+    j.on_answer(g.purpose, Ok(br#"{"ID":"77","TTL":"15"}"#), 0, ROOM);
+    let register = j.poll(0);
+    assert_eq!(register.len(), 1);
+    assert_eq!(key_of(&register[0]), format!("wh/alive/{OWNER}"));
+    assert_eq!(body(&register[0])["lease"], "77");
+    let r = register.into_iter().next().expect("register");
+    j.on_answer(r.purpose, Ok(OK), 0, ROOM);
+    assert_eq!(
+        j.take_notices(),
+        vec![Notice::OwnerLive {
+            owner: OWNER.into()
+        }]
+    );
+    j
+}
+
+/// Polls, answering nothing, and returns the requests (the scan's are left out).
+fn writes(j: &mut Journal, now: u64) -> Vec<Request> {
+    j.poll(now)
+        .into_iter()
+        .filter(|r| matches!(r.purpose, Purpose::Write { .. }))
+        .collect()
+}
+
+#[test]
+fn nothing_is_written_before_the_owner_key_is_live() {
+    let mut j = Journal::new(settings(), OWNER.into());
+    let (id, p) = payload(1_700_000_000);
+    j.track(&id, &p, 0, pending(&[HOOK_A], 0), false);
+    let out = j.poll(0);
+    assert!(out
+        .iter()
+        .all(|r| !matches!(r.purpose, Purpose::Write { .. })));
+    // A peer that saw a record before its owner key would claim it at once.
+    let grant = out.into_iter().next().expect("grant");
+    j.on_answer(grant.purpose, Err("no answer".into()), 0, ROOM);
+    assert!(j.poll(500).is_empty(), "a failed grant waits a second");
+    assert_eq!(j.poll(1000)[0].path, etcd::LEASE_GRANT);
+}
+
+#[test]
+fn a_record_is_put_then_deleted_once_every_webhook_settled() {
+    let mut j = live();
+    let (id, p) = payload(1_700_000_000);
+    j.track(&id, &p, 5, pending(&[HOOK_A, HOOK_B], 5), false);
+    let put = writes(&mut j, 5);
+    assert_eq!(put.len(), 1);
+    assert_eq!(put[0].path, etcd::PUT);
+    assert_eq!(key_of(&put[0]), format!("wh/records/{OWNER}/{id}"));
+    let value = B64
+        .decode(body(&put[0])["value"].as_str().expect("value"))
+        .expect("base64");
+    let record = record::decode(&value).expect("a record");
+    assert_eq!(record.pending.len(), 2);
+
+    // Both deliveries succeed while the put is out: the delete waits for the put's answer, so
+    // that it cannot overtake it.
+    j.settled(&id, HOOK_A);
+    j.settled(&id, HOOK_B);
+    assert!(writes(&mut j, 6).is_empty());
+    let put = put.into_iter().next().expect("put");
+    j.on_answer(put.purpose, Ok(OK), 7, ROOM);
+    assert_eq!(j.take_notices(), vec![Notice::RecordsDelta(1)]);
+    let delete = writes(&mut j, 7);
+    assert_eq!(delete.len(), 1);
+    assert_eq!(delete[0].path, etcd::DELETE_RANGE);
+    assert_eq!(key_of(&delete[0]), format!("wh/records/{OWNER}/{id}"));
+    let delete = delete.into_iter().next().expect("delete");
+    j.on_answer(delete.purpose, Ok(OK), 8, ROOM);
+    assert_eq!(j.take_notices(), vec![Notice::RecordsDelta(-1)]);
+    assert_eq!(j.tracked(), 0);
+    assert!(writes(&mut j, 9).is_empty());
+}
+
+#[test]
+fn a_retry_updates_the_record() {
+    let mut j = live();
+    let (id, p) = payload(1_700_000_000);
+    j.track(&id, &p, 5, pending(&[HOOK_A], 5), false);
+    let put = writes(&mut j, 5).into_iter().next().expect("put");
+    j.on_answer(put.purpose, Ok(OK), 6, ROOM);
+    j.scheduled(&id, HOOK_A, 1, 30_000);
+    let update = writes(&mut j, 7);
+    assert_eq!(update.len(), 1);
+    let value = B64
+        .decode(body(&update[0])["value"].as_str().expect("value"))
+        .expect("base64");
+    let record = record::decode(&value).expect("a record");
+    assert_eq!(record.pending[0].attempts, 1);
+    assert_eq!(record.pending[0].next_attempt_at_ms, 30_000);
+    // Unknown events and webhooks (dead letters, say) change nothing.
+    j.scheduled("ffff", HOOK_A, 1, 1);
+    j.settled(&id, "abcdef");
+    assert!(writes(&mut j, 8).is_empty());
+}
+
+#[test]
+fn an_unreachable_etcd_is_reported_once_and_writes_are_retried() {
+    let mut j = live();
+    let (id, p) = payload(1_700_000_000);
+    j.track(&id, &p, 5, pending(&[HOOK_A], 5), false);
+    let put = writes(&mut j, 5).into_iter().next().expect("put");
+    j.on_answer(put.purpose, Err("status 503".into()), 10, ROOM);
+    let notices = j.take_notices();
+    assert!(notices.contains(&Notice::RequestFailed));
+    assert!(notices
+        .iter()
+        .any(|n| matches!(n, Notice::Unavailable(why) if why.contains("503"))));
+    assert!(
+        writes(&mut j, 500).is_empty(),
+        "writes pause after a failure"
+    );
+    let again = writes(&mut j, 1010).into_iter().next().expect("retried");
+    j.on_answer(again.purpose, Err("no answer".into()), 1020, ROOM);
+    assert_eq!(j.take_notices(), vec![Notice::RequestFailed]);
+    let again = writes(&mut j, 2020).into_iter().next().expect("retried");
+    j.on_answer(again.purpose, Ok(OK), 2030, ROOM);
+    // The failed put may have landed, so the record already counted once.
+    assert_eq!(j.take_notices(), vec![Notice::Recovered]);
+}
+
+#[test]
+fn a_record_too_large_for_etcd_is_not_written() {
+    let mut j = live();
+    let mut object = Map::new();
+    object.insert("blob".into(), "x".repeat(etcd::MAX_REQUEST_BYTES).into());
+    let e = Event::new(EventId::new(1, [3; 8]), "t", "job", "o", object, 1000);
+    let id: Rc<str> = Rc::from(e.id_hex.as_str());
+    let p = Rc::new(Payload::Event(e.envelope));
+    j.track(&id, &p, 1, pending(&[HOOK_A], 1), false);
+    assert!(writes(&mut j, 1).is_empty());
+    assert!(matches!(
+        j.take_notices().as_slice(),
+        [Notice::TooLarge { bytes, .. }] if *bytes > etcd::MAX_REQUEST_BYTES
+    ));
+    j.settled(&id, HOOK_A);
+    assert_eq!(j.tracked(), 0);
+    assert!(writes(&mut j, 2).is_empty());
+}
+
+#[test]
+fn a_lost_lease_is_granted_again_and_records_rewritten() {
+    let mut j = live();
+    let (id, p) = payload(1_700_000_000);
+    j.track(&id, &p, 5, pending(&[HOOK_A], 5), false);
+    let put = writes(&mut j, 5).into_iter().next().expect("put");
+    j.on_answer(put.purpose, Ok(OK), 6, ROOM);
+    j.take_notices();
+    let keepalive = j
+        .poll(5_000)
+        .into_iter()
+        .find(|r| r.path == etcd::LEASE_KEEPALIVE)
+        .expect("keepalive at a third of the TTL");
+    assert_eq!(body(&keepalive)["ID"], "77");
+    j.on_answer(
+        keepalive.purpose,
+        Ok(br#"{"result":{"ID":"77"}}"#),
+        5_001,
+        ROOM,
+    );
+    assert_eq!(j.take_notices(), vec![Notice::LeaseLost]);
+    let out = j.poll(5_002);
+    assert_eq!(out.len(), 1, "only the grant until the owner key is back");
+    assert_eq!(out[0].path, etcd::LEASE_GRANT);
+    let grant = out.into_iter().next().expect("grant");
+    j.on_answer(grant.purpose, Ok(br#"{"ID":"78","TTL":"15"}"#), 5_003, ROOM);
+    let register = j.poll(5_003).into_iter().next().expect("register");
+    j.on_answer(register.purpose, Ok(OK), 5_004, ROOM);
+    let rewrite = writes(&mut j, 5_005);
+    assert_eq!(rewrite.len(), 1);
+    assert_eq!(key_of(&rewrite[0]), format!("wh/records/{OWNER}/{id}"));
+}
+
+fn range_answer(kvs: &[(&str, &[u8], i64)]) -> Vec<u8> {
+    let kvs: Vec<Value> = kvs
+        .iter()
+        .map(|(k, v, rev)| json!({"key": b64(k.as_bytes()), "value": b64(v), "mod_revision": rev.to_string()}))
+        .collect();
+    json!({"header": {}, "kvs": kvs}).to_string().into_bytes()
+}
+
+fn take(out: &mut Vec<Request>, pred: impl Fn(&Purpose) -> bool) -> Request {
+    let i = out.iter().position(|r| pred(&r.purpose)).expect("request");
+    out.remove(i)
+}
+
+#[test]
+fn the_records_of_a_dead_owner_are_claimed_within_the_room_left() {
+    let mut j = live();
+    let mut out = j.poll(10);
+    let list_alive = take(&mut out, |p| matches!(p, Purpose::ListAlive));
+    assert_eq!(key_of(&list_alive), "wh/alive/");
+    let alive = range_answer(&[("wh/alive/00000000000000bb", b"", 1)]);
+    j.on_answer(list_alive.purpose, Ok(&alive), 11, ROOM);
+
+    // The walk: the live owner bb is skipped, the dead owner cc is read.
+    let mut out = j.poll(11);
+    let first = take(&mut out, |p| matches!(p, Purpose::NextOwner));
+    assert_eq!(key_of(&first), "wh/records/");
+    let bb = range_answer(&[("wh/records/00000000000000bb/e1", b"", 3)]);
+    j.on_answer(first.purpose, Ok(&bb), 12, ROOM);
+    let mut out = j.poll(12);
+    let next = take(&mut out, |p| matches!(p, Purpose::NextOwner));
+    assert_eq!(key_of(&next), "wh/records/00000000000000bb0");
+    let cc = range_answer(&[("wh/records/00000000000000cc/e1", b"", 3)]);
+    j.on_answer(next.purpose, Ok(&cc), 13, ROOM);
+    let mut out = j.poll(13);
+    let orphans = take(&mut out, |p| matches!(p, Purpose::Orphans { .. }));
+    assert_eq!(key_of(&orphans), "wh/records/00000000000000cc/");
+    assert!(body(&orphans).get("keys_only").is_none());
+
+    let (id1, p1) = payload(1_700_000_001);
+    let (id2, p2) = payload(1_700_000_002);
+    let rec = |id: &str, p: &Payload, hooks: &[&str]| match p {
+        Payload::Event(env) => record::encode(id, 1, env, &pending(hooks, 99)),
+        Payload::Raw(_) => unreachable!(),
+    };
+    let v1 = rec(&id1, &p1, &[HOOK_A, HOOK_B]);
+    let v2 = rec(&id2, &p2, &[HOOK_A]);
+    let records = range_answer(&[
+        (&format!("wh/records/00000000000000cc/{id1}"), &v1, 40),
+        ("wh/records/00000000000000cc/bad", b"\xff not a record", 41),
+        (&format!("wh/records/00000000000000cc/{id2}"), &v2, 42),
+    ]);
+    // Room for two deliveries: the first record (two webhooks) fits, the last must wait.
+    let room = Room {
+        deliveries: 2,
+        bytes: 1 << 20,
+    };
+    j.on_answer(orphans.purpose, Ok(&records), 14, room);
+    let notices = j.take_notices();
+    assert!(notices
+        .iter()
+        .any(|n| matches!(n, Notice::Unreadable { key, .. } if key.ends_with("/bad"))));
+    let mut out = j.poll(14);
+    let claims: Vec<&Request> = out
+        .iter()
+        .filter(|r| matches!(r.purpose, Purpose::Claim { .. }))
+        .collect();
+    assert_eq!(claims.len(), 1, "only what fits is claimed");
+    let t = body(claims[0]);
+    assert_eq!(
+        B64.decode(t["compare"][0]["key"].as_str().expect("key"))
+            .expect("b64"),
+        b"wh/alive/00000000000000cc"
+    );
+    assert_eq!(t["compare"][1]["mod_revision"], "40");
+    let moved = B64
+        .decode(t["success"][0]["request_put"]["key"].as_str().expect("key"))
+        .expect("b64");
+    assert_eq!(moved, format!("wh/records/{OWNER}/{id1}").into_bytes());
+    let quarantine = take(&mut out, |p| matches!(p, Purpose::Quarantine));
+    let q = body(&quarantine);
+    assert_eq!(
+        B64.decode(q["success"][0]["request_put"]["key"].as_str().expect("key"))
+            .expect("b64"),
+        b"wh/unreadable/wh/records/00000000000000cc/bad"
+    );
+    // The outbox was full: the scan stopped, and no further owner is looked for.
+    assert!(!out.iter().any(|r| matches!(r.purpose, Purpose::NextOwner)));
+
+    let claim = take(&mut out, |p| matches!(p, Purpose::Claim { .. }));
+    j.on_answer(claim.purpose, Ok(br#"{"succeeded":true}"#), 15, ROOM);
+    match j.take_notices().as_slice() {
+        [Notice::Claimed(record)] => {
+            assert_eq!(record.event_id, *id1);
+            assert_eq!(record.pending.len(), 2);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The claimed record is tracked as stored: nothing is written until something changes.
+    j.track(&id1, &p1, 1, pending(&[HOOK_A, HOOK_B], 99), true);
+    assert_eq!(j.take_notices(), vec![Notice::RecordsDelta(1)]);
+    assert!(writes(&mut j, 16).is_empty());
+    j.settled(&id1, HOOK_A);
+    j.settled(&id1, HOOK_B);
+    assert_eq!(writes(&mut j, 17)[0].path, etcd::DELETE_RANGE);
+}
+
+#[test]
+fn a_lost_claim_race_and_the_end_of_the_walk() {
+    let mut j = live();
+    let mut out = j.poll(10);
+    let list_alive = take(&mut out, |p| matches!(p, Purpose::ListAlive));
+    j.on_answer(list_alive.purpose, Ok(br#"{"header":{}}"#), 11, ROOM);
+    let first = take(&mut j.poll(11), |p| matches!(p, Purpose::NextOwner));
+    // No record at all: the scan ends and starts again a period later.
+    j.on_answer(first.purpose, Ok(br#"{"header":{}}"#), 12, ROOM);
+    let out = j.poll(12);
+    assert!(!out.iter().any(|r| matches!(r.purpose, Purpose::ListAlive)));
+    let out = j.poll(12 + 5_000);
+    assert!(out.iter().any(|r| matches!(r.purpose, Purpose::ListAlive)));
+    // A claim another proxy won is no event.
+    let (id, p) = payload(1);
+    let Payload::Event(env) = &*p else {
+        unreachable!()
+    };
+    let record = record::decode(&record::encode(&id, 1, env, &[])).expect("record");
+    j.on_answer(
+        Purpose::Claim { record, bytes: 10 },
+        Ok(br#"{"header":{}}"#),
+        13,
+        ROOM,
+    );
+    assert!(j.take_notices().is_empty());
+}
+
+#[test]
+fn gone_endpoints_are_published_and_read() {
+    let mut j = live();
+    j.publish_gone(HOOK_A);
+    let mut out = j.poll(10);
+    let publish = take(&mut out, |p| matches!(p, Purpose::PublishGone));
+    assert_eq!(key_of(&publish), format!("wh/endpoints/gone/{HOOK_A}"));
+    let list = take(&mut out, |p| matches!(p, Purpose::ListGone));
+    let answer = range_answer(&[
+        (&format!("wh/endpoints/gone/{HOOK_A}"), b"410", 1),
+        (&format!("wh/endpoints/gone/{HOOK_B}"), b"410", 2),
+    ]);
+    j.on_answer(list.purpose, Ok(&answer), 11, ROOM);
+    // Only what this journal did not know yet.
+    assert_eq!(
+        j.take_notices(),
+        vec![Notice::EndpointGone(HOOK_B.to_string())]
+    );
+}
