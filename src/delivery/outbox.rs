@@ -246,7 +246,13 @@ impl Outbox {
         self.queued_bytes += extra;
         if let Some(lane) = self.lane_mut(lane_id) {
             lane.add(size);
-            lane.ready.push_back(delivery);
+            // A delivery with attempts behind it (read back from the journal) waits for its
+            // next attempt time.
+            if delivery.attempts > 0 {
+                lane.waiting.push(delivery);
+            } else {
+                lane.ready.push_back(delivery);
+            }
         }
         Ok(evicted)
     }
@@ -468,6 +474,19 @@ impl Outbox {
         drained
     }
 
+    /// Turns a lane off because its webhook answered 410 Gone to another proxy; its queued
+    /// deliveries are handed back (each must be logged, counted and dead-lettered).
+    pub fn mark_gone(&mut self, lane: LaneId) -> Vec<Delivery> {
+        match self.lane_mut(lane) {
+            Some(l) if lane != LaneId::DeadLetter && !l.gone => {
+                l.gone = true;
+                l.probe_at_ms = None;
+            }
+            _ => return Vec::new(),
+        }
+        self.drain_queued(lane)
+    }
+
     /// Forgets an attempt whose webhook a new configuration removed while it was out.
     pub fn release_orphan(&mut self, delivery: &Delivery) {
         self.attempts_out = self.attempts_out.saturating_sub(1);
@@ -561,6 +580,35 @@ mod tests {
 
     fn ids(ds: &[Delivery]) -> Vec<&str> {
         ds.iter().map(|d| &*d.event_id).collect()
+    }
+
+    #[test]
+    fn a_restored_delivery_waits_for_its_next_attempt_time() {
+        let mut o = outbox(1);
+        let mut d = delivery("e1", A, b"{}", 1_000);
+        d.attempts = 2;
+        d.next_attempt_at_ms = 5_000;
+        o.enqueue(d, false).unwrap();
+        assert!(o.take_due(4_999).is_empty());
+        let d = o.take_due(5_000).pop().unwrap();
+        assert_eq!(d.attempts, 3);
+    }
+
+    #[test]
+    fn a_lane_marked_gone_hands_its_queue_back_and_takes_nothing_more() {
+        let mut o = outbox(2);
+        put(&mut o, "e1", A);
+        put(&mut o, "e2", A);
+        put(&mut o, "e3", B);
+        assert_eq!(ids(&o.mark_gone(A)), vec!["e1", "e2"]);
+        assert!(o.is_gone(A));
+        assert!(o.mark_gone(A).is_empty());
+        assert!(o.mark_gone(LaneId::DeadLetter).is_empty());
+        assert!(matches!(
+            o.enqueue(delivery("e4", A, b"", 0), false),
+            Err(Refused::WebhookGone(_))
+        ));
+        assert_eq!(o.queued(), 1);
     }
 
     #[test]

@@ -44,6 +44,8 @@ const CLAIM_BATCH: u64 = 16;
 const OWNERS_PER_SCAN: usize = 16;
 /// Live owners and gone webhooks listed at most (more is far past any deployment).
 const LIST_LIMIT: u64 = 100_000;
+/// Gone webhooks listed at most per scan.
+const GONE_LIMIT: u64 = 10_000;
 /// A callout to etcd gives up after this long.
 pub const REQUEST_TIMEOUT_MS: u64 = 5_000;
 
@@ -105,8 +107,8 @@ pub enum Notice {
     Unreadable { key: String, why: String },
     /// The number of records this owner holds in etcd moved by this much.
     RecordsDelta(i64),
-    /// A webhook answered 410 Gone to some proxy of the journal.
-    EndpointGone(String),
+    /// A webhook answered 410 Gone to some proxy of the journal, at this URL.
+    EndpointGone { webhook_id: String, url: Vec<u8> },
 }
 
 #[derive(Debug)]
@@ -157,7 +159,7 @@ pub struct Journal {
     writes_paused_until_ms: u64,
     scan: Scan,
     reserved: Room,
-    gone_seen: HashSet<String>,
+    gone_seen: HashSet<(String, Vec<u8>)>,
     outgoing: Vec<Request>,
     notices: Vec<Notice>,
 }
@@ -286,13 +288,15 @@ impl Journal {
         self.touch(event_id);
     }
 
-    /// Tells every proxy of the journal that `webhook_id` answered 410 Gone.
-    pub fn publish_gone(&mut self, webhook_id: &str) {
-        self.gone_seen.insert(webhook_id.to_string());
+    /// Tells every proxy of the journal that `webhook_id` answered 410 Gone at `url` (a new URL
+    /// is a new endpoint, which the 410 does not concern).
+    pub fn publish_gone(&mut self, webhook_id: &str, url: &[u8]) {
+        self.gone_seen
+            .insert((webhook_id.to_string(), url.to_vec()));
         let key = self.key(&format!("endpoints/gone/{webhook_id}"));
         self.outgoing.push(Request {
             path: etcd::PUT,
-            body: etcd::put(&key, b"410", None),
+            body: etcd::put(&key, url, None),
             purpose: Purpose::PublishGone,
         });
     }
@@ -446,7 +450,7 @@ impl Journal {
         let gone = self.key("endpoints/gone/");
         self.outgoing.push(Request {
             path: etcd::RANGE,
-            body: etcd::range_prefix(&gone, LIST_LIMIT, true),
+            body: etcd::range_prefix(&gone, GONE_LIMIT, false),
             purpose: Purpose::ListGone,
         });
     }
@@ -623,8 +627,11 @@ impl Journal {
                         let Ok(id) = std::str::from_utf8(id) else {
                             continue;
                         };
-                        if self.gone_seen.insert(id.to_string()) {
-                            self.notices.push(Notice::EndpointGone(id.to_string()));
+                        if self.gone_seen.insert((id.to_string(), kv.value.clone())) {
+                            self.notices.push(Notice::EndpointGone {
+                                webhook_id: id.to_string(),
+                                url: kv.value.clone(),
+                            });
                         }
                     }
                 }

@@ -381,19 +381,35 @@ fn a_lost_claim_race_and_the_end_of_the_walk() {
 #[test]
 fn gone_endpoints_are_published_and_read() {
     let mut j = live();
-    j.publish_gone(HOOK_A);
+    j.publish_gone(HOOK_A, b"https://a.example/h");
     let mut out = j.poll(10);
     let publish = take(&mut out, |p| matches!(p, Purpose::PublishGone));
     assert_eq!(key_of(&publish), format!("wh/endpoints/gone/{HOOK_A}"));
+    assert_eq!(
+        B64.decode(body(&publish)["value"].as_str().expect("value"))
+            .expect("b64"),
+        b"https://a.example/h"
+    );
     let list = take(&mut out, |p| matches!(p, Purpose::ListGone));
     let answer = range_answer(&[
-        (&format!("wh/endpoints/gone/{HOOK_A}"), b"410", 1),
-        (&format!("wh/endpoints/gone/{HOOK_B}"), b"410", 2),
+        (
+            &format!("wh/endpoints/gone/{HOOK_A}"),
+            b"https://a.example/h",
+            1,
+        ),
+        (
+            &format!("wh/endpoints/gone/{HOOK_B}"),
+            b"https://b.example/h",
+            2,
+        ),
     ]);
     j.on_answer(list.purpose, Ok(&answer), 11, ROOM);
     // Only what this journal did not know yet.
     assert_eq!(
         j.take_notices(),
-        vec![Notice::EndpointGone(HOOK_B.to_string())]
+        vec![Notice::EndpointGone {
+            webhook_id: HOOK_B.to_string(),
+            url: b"https://b.example/h".to_vec()
+        }]
     );
 }
