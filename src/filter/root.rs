@@ -10,6 +10,7 @@ use super::worker::{Attempt, Worker};
 use crate::config::Plan;
 use crate::delivery::AttemptOutcome;
 use crate::headers;
+use crate::journal::Purpose as JournalRequest;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
@@ -20,6 +21,14 @@ use std::time::Duration;
 
 /// Retries and probes are driven by this tick; new events wake the root at once (the doorbell).
 const TICK: Duration = Duration::from_millis(50);
+/// A journal answer larger than this is not read (a claim batch of the largest records fits).
+const MAX_JOURNAL_ANSWER_BYTES: usize = 32 << 20;
+
+/// A callout out: a delivery attempt, or a request to the journal's etcd.
+enum Out {
+    Delivery(Attempt),
+    Journal(JournalRequest),
+}
 
 pub type SharedWorker = Rc<RefCell<Worker>>;
 
@@ -33,7 +42,7 @@ thread_local! {
 pub struct EmitterRoot {
     worker: Option<SharedWorker>,
     /// Callouts out, by token.
-    callouts: HashMap<u32, Attempt>,
+    callouts: HashMap<u32, Out>,
     /// Envoy asked this root to finish (`on_done`) while callouts were still out.
     draining: bool,
 }
@@ -94,19 +103,17 @@ impl EmitterRoot {
             return;
         };
         let sent = worker.borrow_mut().pump(&ProxyHost, now_ms());
-        self.callouts.extend(sent);
+        self.callouts
+            .extend(sent.into_iter().map(|(t, a)| (t, Out::Delivery(a))));
+        let journal = worker.borrow_mut().journal_poll(&ProxyHost, now_ms());
+        self.callouts
+            .extend(journal.into_iter().map(|(t, r)| (t, Out::Journal(r))));
     }
 }
 
 impl Context for EmitterRoot {
-    fn on_http_call_response(
-        &mut self,
-        token: u32,
-        headers: usize,
-        _body: usize,
-        _trailers: usize,
-    ) {
-        let Some(attempt) = self.callouts.remove(&token) else {
+    fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _trailers: usize) {
+        let Some(out) = self.callouts.remove(&token) else {
             return;
         };
         let Some(worker) = self.worker.clone() else {
@@ -119,9 +126,29 @@ impl Context for EmitterRoot {
             .flatten();
         let pairs = map.as_deref().and_then(headers::parse_map);
         let outcome = AttemptOutcome::from_answer(headers, pairs.as_deref());
-        worker
-            .borrow_mut()
-            .on_answer(&ProxyHost, attempt, &outcome, now_ms());
+        match out {
+            Out::Delivery(attempt) => {
+                worker
+                    .borrow_mut()
+                    .on_answer(&ProxyHost, attempt, &outcome, now_ms())
+            }
+            Out::Journal(request) => {
+                let status = match outcome {
+                    AttemptOutcome::Status { code, .. } => Some(code),
+                    AttemptOutcome::NoResponse { .. } => None,
+                };
+                let answer = (body <= MAX_JOURNAL_ANSWER_BYTES)
+                    .then(|| abi::buffer(BufferType::HttpCallResponseBody, 0, body))
+                    .flatten();
+                worker.borrow_mut().journal_answer(
+                    &ProxyHost,
+                    request,
+                    status,
+                    answer.as_deref(),
+                    now_ms(),
+                );
+            }
+        }
         if self.draining && self.callouts.is_empty() {
             self.done();
         } else {

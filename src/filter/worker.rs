@@ -17,6 +17,9 @@ use crate::stream::{NoEvent, StreamOutcome};
 use crate::url::WebhookUrl;
 use std::rc::Rc;
 
+// The write-ahead journal's hooks (`journal_*`) live in worker/journal.rs.
+mod journal;
+
 pub const USER_AGENT: &str = concat!("webhook-emitter/", env!("CARGO_PKG_VERSION"));
 /// How the dead-letter lane is named in log lines.
 pub const DEAD_LETTER_NAME: &str = "dead-letter";
@@ -93,11 +96,14 @@ pub struct Worker {
     doorbell: Option<u32>,
     doorbell_rung: bool,
     reported: Reported,
+    /// The write-ahead journal in etcd (`delivery.journal`).
+    journal: Option<crate::journal::Journal>,
 }
 
 impl Worker {
     pub fn new(host: &dyn Host, plan: Plan, doorbell: Option<u32>) -> Self {
         let outbox = Outbox::new(plan.webhooks.len(), plan.delivery.outbox.clone());
+        let journal = journal::open(host, &plan);
         Worker {
             plan: Rc::new(plan),
             outbox,
@@ -105,6 +111,7 @@ impl Worker {
             doorbell,
             doorbell_rung: false,
             reported: Reported::default(),
+            journal,
         }
     }
 
@@ -209,6 +216,7 @@ impl Worker {
         let event_id: Rc<str> = Rc::from(event.id_hex.as_str());
         let payload = Rc::new(Payload::Event(event.envelope));
         let mut accepted = 0;
+        let mut journaled = Vec::with_capacity(subscribers.len());
         for &w in subscribers {
             let delivery = Delivery::new(
                 Rc::clone(&event_id),
@@ -219,6 +227,7 @@ impl Worker {
             match self.outbox.enqueue(delivery, accepted > 0) {
                 Ok(evicted) => {
                     accepted += 1;
+                    journaled.push(w);
                     for d in evicted {
                         self.drop_evicted(host, d, now_ms);
                     }
@@ -227,6 +236,7 @@ impl Worker {
             }
         }
         if accepted > 0 {
+            self.journal_track(&event_id, &payload, &journaled, now_ms);
             self.ring(host);
         }
         self.report_gauges(host);
@@ -234,6 +244,7 @@ impl Worker {
 
     fn drop_evicted(&mut self, host: &dyn Host, d: Delivery, now_ms: u64) {
         self.metrics.deliveries_dropped_over_share.inc(host);
+        self.journal_settled(&Rc::clone(&self.plan), &d.event_id, d.lane);
         let name = lane_name(&self.plan, d.lane).to_string();
         log(host, LogLevel::Error, || {
             format!(
@@ -271,6 +282,7 @@ impl Worker {
             self.dead_letter_lost(host, &d, &format!("reason={why}"));
             return;
         }
+        self.journal_settled(&Rc::clone(&self.plan), &d.event_id, d.lane);
         metric.inc(host);
         let name = lane_name(&self.plan, d.lane).to_string();
         log(host, LogLevel::Error, || {
@@ -494,6 +506,7 @@ impl Worker {
                 });
             }
             Verdict::Delivered { latency_ms } => {
+                self.journal_settled(&plan, &event_id, lane);
                 m.deliveries_succeeded.inc(host);
                 m.delivery_latency_ms.record(host, latency_ms);
                 // A first-attempt success is a debug line: at info, one line per delivery costs
@@ -508,6 +521,7 @@ impl Worker {
                 });
             }
             Verdict::Retry { at_ms } => {
+                self.journal_scheduled(&event_id, lane, attempts, at_ms);
                 m.deliveries_failed.inc(host);
                 m.deliveries_retried.inc(host);
                 log(host, LogLevel::Info, || {
@@ -522,6 +536,7 @@ impl Worker {
                 self.dead_letter_lost(host, &failed, &format!("last={last}"));
             }
             Verdict::Exhausted(failed) => {
+                self.journal_settled(&plan, &event_id, lane);
                 m.deliveries_failed.inc(host);
                 m.deliveries_exhausted.inc(host);
                 log(host, LogLevel::Error, || {
@@ -530,12 +545,14 @@ impl Worker {
                 self.dead_letter(host, &failed, DeadLetterReason::Exhausted, now_ms);
             }
             Verdict::Gone { dropped } => {
+                self.journal_publish_gone(lane);
                 m.deliveries_failed.inc(host);
                 m.webhooks_disabled_gone.inc(host);
                 log(host, LogLevel::Warn, || {
                     format!("webhook {name} answered 410 Gone: disabled until the configuration changes")
                 });
                 for d in &dropped {
+                    self.journal_settled(&plan, &d.event_id, d.lane);
                     m.deliveries_dropped_webhook_gone.inc(host);
                     log(host, LogLevel::Error, || {
                         format!("delivery dropped: event={} webhook={name} reason=the webhook answered 410 Gone", d.event_id)
@@ -580,6 +597,7 @@ impl Worker {
                 });
             }
             (true, LaneKey::Webhook(id)) => {
+                self.journal_settled_id(event_id, id);
                 let latency_ms = now_ms.saturating_sub(delivery.created_at_ms);
                 m.deliveries_succeeded.inc(host);
                 m.delivery_latency_ms.record(host, latency_ms);
@@ -599,6 +617,7 @@ impl Worker {
                 );
             }
             (false, LaneKey::Webhook(id)) => {
+                self.journal_settled_id(event_id, id);
                 m.deliveries_failed.inc(host);
                 m.deliveries_dropped_webhook_removed.inc(host);
                 log(host, LogLevel::Warn, || {
@@ -627,6 +646,7 @@ impl Worker {
                 .reconfigure(plan.webhooks.len(), new_index, plan.delivery.outbox.clone());
         for d in dropped {
             self.metrics.deliveries_dropped_webhook_removed.inc(host);
+            self.journal_settled(&old, &d.event_id, d.lane);
             let name = lane_name(&old, d.lane).to_string();
             log(host, LogLevel::Warn, || {
                 format!(
@@ -644,6 +664,7 @@ impl Worker {
                 );
             }
         }
+        self.journal_adopt(host, &plan);
         self.plan = Rc::new(plan);
         self.ring(host);
         self.report_gauges(host);
