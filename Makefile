@@ -23,12 +23,13 @@ $(VENV)/.installed: tests/requirements.txt
 
 venv: $(VENV)/.installed
 
-# Debian tools some tests use: skopeo (inspects the OCI image) and docker-compose (validates the compose file).
+# Debian tools some tests use: skopeo (inspects the OCI image), docker-compose (validates the compose file) and
+# etcd-server (the journal's store; the journal tests start their own members on loopback).
 tools:
-	@command -v skopeo >/dev/null && command -v docker-compose >/dev/null || { \
+	@command -v skopeo >/dev/null && command -v docker-compose >/dev/null && command -v etcd >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq skopeo docker-compose >/dev/null); \
-	  else echo "note: skopeo/docker-compose missing and not root; the tests that use them will say so"; fi; }
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq skopeo docker-compose etcd-server >/dev/null); \
+	  else echo "note: skopeo/docker-compose/etcd missing and not root; the tests that use them will say so"; fi; }
 
 wasm: $(TARGET_STAMP)
 	cargo build --release --target wasm32-wasip1 --lib

@@ -3,7 +3,7 @@
 The bootstrap is rendered as JSON into a fresh directory. Envoy gets port 0 for its listener and its admin
 interface; the real ports are read back through --admin-address-path and GET /listeners?format=json, so
 several Envoys can run at once and no port can collide. Hot restart is disabled (--disable-hot-restart), so
-Envoys need no shared-memory base id of their own.
+Envoys need no shared-memory base id of their own, unless a test asks for it (Envoy(hot_restart=(base_id, epoch))).
 """
 
 from __future__ import annotations
@@ -183,13 +183,16 @@ class Envoy:
     """One Envoy process. `with Envoy(bootstrap) as e:` starts it, waits until it serves, and always stops it."""
 
     def __init__(self, bootstrap: dict, name: str = "envoy", log_level: str = "info", extra_args: Iterable = (),
-                 env: Optional[dict] = None, lds: bool = False):
+                 env: Optional[dict] = None, lds: bool = False, hot_restart: Optional[tuple] = None):
         self.bootstrap = bootstrap
         # lds=True: the bootstrap's static listeners are served to Envoy through LDS from a file instead
         # (dynamic_resources.lds_config: path_config_source + watched_directory), so set_listeners() can
         # swap them in the running Envoy (for example to give the filter a new plugin configuration).
         self.lds = lds
         self.lds_dir = None
+        # hot_restart=(base_id, epoch): this Envoy takes part in a hot restart (epoch 0 first, then epoch 1
+        # with the same base id takes over from it) instead of running with --disable-hot-restart.
+        self.hot_restart = hot_restart
         self.name = name
         self.log_level = log_level
         self.extra_args = list(extra_args)
@@ -206,9 +209,15 @@ class Envoy:
     # -- lifecycle --------------------------------------------------------------------------------------------
     def start(self, wait: bool = True, timeout: float = 30.0) -> "Envoy":
         self.config_path.write_text(json.dumps(self._rendered_bootstrap(), indent=1))
+        if self.hot_restart is None:
+            restart_args = ["--disable-hot-restart"]
+        else:
+            base_id, epoch = self.hot_restart
+            restart_args = ["--base-id", str(base_id), "--restart-epoch", str(epoch), "--drain-time-s", "1",
+                            "--parent-shutdown-time-s", "3"]
         cmd = [
             str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", "1", "-l", self.log_level,
-            "--disable-hot-restart", "--admin-address-path", str(self.admin_path), *self.extra_args,
+            *restart_args, "--admin-address-path", str(self.admin_path), *self.extra_args,
         ]
         registry.register_log(self.log_path)
         self._log_file = open(self.log_path, "wb")
