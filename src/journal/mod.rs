@@ -34,8 +34,10 @@ pub struct JournalSettings {
     pub lease_seconds: u64,
 }
 
-/// Journal requests out at once for records (puts and deletes); the rest wait for the next poll.
-const MAX_WRITES_IN_FLIGHT: usize = 64;
+/// Record writes (puts and deletes) out at once; the rest wait for the next poll. An event whose
+/// deliveries all succeed while its put waits here is never written at all, so keep it well above
+/// the writes a worker has out at its event rate (the journal cluster's circuit breakers too).
+const MAX_WRITES_IN_FLIGHT: usize = 512;
 /// After a failed request, the journal waits this long before writing again.
 const RETRY_AFTER_FAILURE_MS: u64 = 1_000;
 /// Records read from one dead owner per scan step.
@@ -275,14 +277,16 @@ impl Journal {
     }
 
     /// Nothing more is owed to `webhook_id` for this event (delivered, exhausted, or dropped
-    /// with a log line). Once every webhook is settled, the record is deleted.
+    /// with a log line). Once every webhook is settled, the record is deleted. Until then the
+    /// record is not rewritten for this alone: a webhook it still lists would at worst get the
+    /// event twice after a crash (at least once), and a write per settled webhook is saved.
     pub fn settled(&mut self, event_id: &str, webhook_id: &str) {
         let Some(t) = self.tracked.get_mut(event_id) else {
             return;
         };
         let before = t.pending.len();
         t.pending.retain(|p| p.webhook_id != webhook_id);
-        if t.pending.len() == before {
+        if t.pending.len() == before || !t.pending.is_empty() {
             return;
         }
         self.touch(event_id);

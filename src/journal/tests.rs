@@ -129,18 +129,34 @@ fn a_record_is_put_then_deleted_once_every_webhook_settled() {
     // Both deliveries succeed while the put is out: the delete waits for the put's answer, so
     // that it cannot overtake it.
     j.settled(&id, HOOK_A);
-    j.settled(&id, HOOK_B);
-    assert!(writes(&mut j, 6).is_empty());
     let put = put.into_iter().next().expect("put");
-    j.on_answer(put.purpose, Ok(OK), 7, ROOM);
+    j.on_answer(put.purpose, Ok(OK), 6, ROOM);
     assert_eq!(j.take_notices(), vec![Notice::RecordsDelta(1)]);
-    let delete = writes(&mut j, 7);
-    assert_eq!(delete.len(), 1);
-    assert_eq!(delete[0].path, etcd::DELETE_RANGE);
-    assert_eq!(key_of(&delete[0]), format!("wh/records/{OWNER}/{id}"));
-    let delete = delete.into_iter().next().expect("delete");
-    j.on_answer(delete.purpose, Ok(OK), 8, ROOM);
-    assert_eq!(j.take_notices(), vec![Notice::RecordsDelta(-1)]);
+    assert!(
+        writes(&mut j, 6).is_empty(),
+        "one webhook settled of two: no rewrite"
+    );
+    let (id2, p2) = payload(1_700_000_001);
+    j.track(&id2, &p2, 5, pending(&[HOOK_A, HOOK_B], 5), false);
+    let put = writes(&mut j, 6).into_iter().next().expect("put");
+    j.settled(&id2, HOOK_A);
+    j.settled(&id2, HOOK_B);
+    assert!(writes(&mut j, 6).is_empty());
+    j.on_answer(put.purpose, Ok(OK), 7, ROOM);
+    j.settled(&id, HOOK_B);
+    assert_eq!(j.take_notices(), vec![Notice::RecordsDelta(1)]);
+    let deletes = writes(&mut j, 7);
+    assert_eq!(deletes.len(), 2);
+    assert!(deletes.iter().all(|d| d.path == etcd::DELETE_RANGE));
+    assert_eq!(key_of(&deletes[0]), format!("wh/records/{OWNER}/{id2}"));
+    assert_eq!(key_of(&deletes[1]), format!("wh/records/{OWNER}/{id}"));
+    for delete in deletes {
+        j.on_answer(delete.purpose, Ok(OK), 8, ROOM);
+    }
+    assert_eq!(
+        j.take_notices(),
+        vec![Notice::RecordsDelta(-1), Notice::RecordsDelta(-1)]
+    );
     assert_eq!(j.tracked(), 0);
     assert!(writes(&mut j, 9).is_empty());
 }

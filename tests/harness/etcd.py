@@ -180,6 +180,22 @@ class Etcd:
         return {base64.b64decode(kv["key"]).decode(errors="replace"): base64.b64decode(kv.get("value", ""))
                 for kv in doc.get("kvs", [])}
 
+    def rpc_counts(self) -> dict:
+        """{grpc method: calls handled} summed over the running members (their /metrics), whatever the code."""
+        import re
+
+        counts: dict = {}
+        rx = re.compile(r'^grpc_server_handled_total\{[^}]*grpc_method="(\w+)"[^}]*\} (\S+)$')
+        for m in self.members:
+            if not m.running:
+                continue
+            r = http_request(m.client_port, "GET", "/metrics", timeout=5)
+            for line in r.body.decode(errors="replace").splitlines():
+                hit = rx.match(line)
+                if hit:
+                    counts[hit.group(1)] = counts.get(hit.group(1), 0) + int(float(hit.group(2)))
+        return counts
+
     # -- Envoy ------------------------------------------------------------------------------------------------
     def envoy_cluster(self, name: str = "etcd") -> dict:
         """The Envoy cluster the journal's callouts use: every member, health-checked on /health so that a
