@@ -474,6 +474,23 @@ impl Outbox {
         drained
     }
 
+    /// Opens a lane's circuit because another proxy found its endpoint failing: its queue waits
+    /// and one probe goes out per period, as after failures of its own. Nothing happens when the
+    /// breaker is off, the lane is gone, or its circuit is already open. Returns whether it opened.
+    pub fn open_circuit(&mut self, lane: LaneId, now_ms: u64, random: u32) -> bool {
+        if self.settings.circuit_failures.is_none() || lane == LaneId::DeadLetter {
+            return false;
+        }
+        let retry = self.settings.retry.clone();
+        match self.lane_mut(lane) {
+            Some(l) if !l.gone && l.probe_at_ms.is_none() => {
+                l.probe_at_ms = Some(now_ms + retry.probe_period_ms(l.failed_probes, random));
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Turns a lane off because its webhook answered 410 Gone to another proxy; its queued
     /// deliveries are handed back (each must be logged, counted and dead-lettered).
     pub fn mark_gone(&mut self, lane: LaneId) -> Vec<Delivery> {
@@ -592,6 +609,21 @@ mod tests {
         assert!(o.take_due(4_999).is_empty());
         let d = o.take_due(5_000).pop().unwrap();
         assert_eq!(d.attempts, 3);
+    }
+
+    #[test]
+    fn a_circuit_opened_from_outside_holds_the_queue_behind_one_probe() {
+        let mut o = Outbox::new(1, settings(100, 4, Some(3)));
+        put(&mut o, "e1", A);
+        put(&mut o, "e2", A);
+        assert!(o.open_circuit(A, 1_000, 200));
+        assert!(!o.open_circuit(A, 1_000, 200), "already open");
+        assert!(o.circuit_open(A));
+        assert!(o.take_due(1_000).is_empty());
+        let due = o.take_due(1_000 + 200);
+        assert_eq!(ids(&due), vec!["e1"], "one probe");
+        let mut off = Outbox::new(1, settings(100, 4, None));
+        assert!(!off.open_circuit(A, 0, 0), "the breaker is off");
     }
 
     #[test]

@@ -563,14 +563,18 @@ impl Worker {
         }
         match self.outbox.take_circuit_change() {
             Some(CircuitChange::Opened) => {
+                self.journal_publish_circuit(lane, true);
                 m.circuits_opened.inc(host);
                 log(host, LogLevel::Warn, || {
                     format!("circuit opened for webhook {name}: its queue waits, one probe per backoff period")
                 });
             }
-            Some(CircuitChange::Closed) => log(host, LogLevel::Info, || {
-                format!("circuit closed for webhook {name}")
-            }),
+            Some(CircuitChange::Closed) => {
+                self.journal_publish_circuit(lane, false);
+                log(host, LogLevel::Info, || {
+                    format!("circuit closed for webhook {name}")
+                })
+            }
             None => {}
         }
         self.report_gauges(host);

@@ -8,7 +8,9 @@
 //! - `alive/<owner>`: tied to the owner's lease, kept alive on the root's tick;
 //! - `records/<owner>/<event id>`: one record per event ([`record`]), tied to nothing;
 //! - `unreadable/<old key>`: records no proxy can read, moved aside (logged, counted);
-//! - `endpoints/gone/<webhook id>`: webhooks that answered 410 Gone, for every proxy.
+//! - `endpoints/gone/<webhook id>`: webhooks that answered 410 Gone, for every proxy;
+//! - `endpoints/circuit/<webhook id>`: webhooks whose circuit is open at some proxy, tied to that
+//!   proxy's lease (a dead proxy's open circuit goes with it).
 //!
 //! [`Journal`] is a pure state machine: it is told what the worker decides (events tracked,
 //! retries scheduled, webhooks settled) and hands out etcd requests; the glue sends them as
@@ -65,6 +67,8 @@ pub enum Purpose {
     Quarantine,
     PublishGone,
     ListGone,
+    PublishCircuit,
+    ListCircuits,
 }
 
 /// One etcd request: a POST of `body` to `path` on the journal's cluster.
@@ -111,6 +115,8 @@ pub enum Notice {
     RecordsDelta(i64),
     /// A webhook answered 410 Gone to some proxy of the journal, at this URL.
     EndpointGone { webhook_id: String, url: Vec<u8> },
+    /// Some proxy of the journal opened the circuit of this webhook (at this URL).
+    EndpointCircuitOpen { webhook_id: String, url: Vec<u8> },
 }
 
 #[derive(Debug)]
@@ -162,6 +168,8 @@ pub struct Journal {
     scan: Scan,
     reserved: Room,
     gone_seen: HashSet<(String, Vec<u8>)>,
+    /// Open circuits listed on the last scan (and those this journal published).
+    circuits_seen: HashSet<(String, Vec<u8>)>,
     outgoing: Vec<Request>,
     notices: Vec<Notice>,
 }
@@ -184,6 +192,7 @@ impl Journal {
                 bytes: 0,
             },
             gone_seen: HashSet::new(),
+            circuits_seen: HashSet::new(),
             outgoing: Vec::new(),
             notices: Vec::new(),
         }
@@ -302,6 +311,27 @@ impl Journal {
             path: etcd::PUT,
             body: etcd::put(&key, url, None),
             purpose: Purpose::PublishGone,
+        });
+    }
+
+    /// Tells every proxy of the journal that the circuit of `webhook_id` (at `url`) opened here, or
+    /// that it closed. The key lives on this owner's lease: when this proxy dies, it goes too.
+    pub fn publish_circuit(&mut self, webhook_id: &str, url: &[u8], open: bool) {
+        let key = self.key(&format!("endpoints/circuit/{webhook_id}"));
+        let body = match (open, self.lease.id.filter(|_| self.lease.live)) {
+            (true, Some(lease)) => {
+                self.circuits_seen
+                    .insert((webhook_id.to_string(), url.to_vec()));
+                etcd::put(&key, url, Some(lease))
+            }
+            // Without a live lease the key could outlive this proxy: it is not written.
+            (true, None) => return,
+            (false, _) => etcd::delete(&key),
+        };
+        self.outgoing.push(Request {
+            path: if open { etcd::PUT } else { etcd::DELETE_RANGE },
+            body,
+            purpose: Purpose::PublishCircuit,
         });
     }
 
@@ -456,6 +486,12 @@ impl Journal {
             path: etcd::RANGE,
             body: etcd::range_prefix(&gone, GONE_LIMIT, false),
             purpose: Purpose::ListGone,
+        });
+        let circuits = self.key("endpoints/circuit/");
+        self.outgoing.push(Request {
+            path: etcd::RANGE,
+            body: etcd::range_prefix(&circuits, GONE_LIMIT, false),
+            purpose: Purpose::ListCircuits,
         });
     }
 
@@ -614,7 +650,7 @@ impl Journal {
                     Err(why) => self.failed(format!("claiming a record: {why}"), now_ms),
                 }
             }
-            Purpose::Quarantine | Purpose::PublishGone => {
+            Purpose::Quarantine | Purpose::PublishGone | Purpose::PublishCircuit => {
                 match answer.and_then(|a| etcd::parse_ok(a).map_err(|e| e.0)) {
                     Ok(()) => self.succeeded(),
                     Err(why) => self.failed(format!("journal write: {why}"), now_ms),
@@ -641,6 +677,32 @@ impl Journal {
                 }
                 Err(why) => self.failed(format!("listing gone endpoints: {why}"), now_ms),
             },
+            Purpose::ListCircuits => {
+                match answer.and_then(|a| etcd::parse_range(a).map_err(|e| e.0)) {
+                    Ok(range) => {
+                        self.succeeded();
+                        let prefix = self.key("endpoints/circuit/");
+                        let mut listed = HashSet::new();
+                        for kv in &range.kvs {
+                            let id = kv.key.strip_prefix(prefix.as_slice());
+                            let Some(Ok(id)) = id.map(std::str::from_utf8) else {
+                                continue;
+                            };
+                            let entry = (id.to_string(), kv.value.clone());
+                            if !self.circuits_seen.contains(&entry) {
+                                self.notices.push(Notice::EndpointCircuitOpen {
+                                    webhook_id: entry.0.clone(),
+                                    url: entry.1.clone(),
+                                });
+                            }
+                            listed.insert(entry);
+                        }
+                        // One that closes and opens again is news again.
+                        self.circuits_seen = listed;
+                    }
+                    Err(why) => self.failed(format!("listing open circuits: {why}"), now_ms),
+                }
+            }
         }
     }
 

@@ -429,3 +429,54 @@ fn gone_endpoints_are_published_and_read() {
         }]
     );
 }
+
+#[test]
+fn open_circuits_are_published_on_the_lease_and_read() {
+    let mut j = live();
+    j.publish_circuit(HOOK_A, b"https://a.example/h", true);
+    j.publish_circuit(HOOK_A, b"https://a.example/h", false);
+    let mut out = j.poll(10);
+    let open = take(&mut out, |p| matches!(p, Purpose::PublishCircuit));
+    assert_eq!(open.path, etcd::PUT);
+    assert_eq!(key_of(&open), format!("wh/endpoints/circuit/{HOOK_A}"));
+    assert_eq!(body(&open)["lease"], "77", "tied to this owner's lease");
+    let closed = take(&mut out, |p| matches!(p, Purpose::PublishCircuit));
+    assert_eq!(closed.path, etcd::DELETE_RANGE);
+    let list = take(&mut out, |p| matches!(p, Purpose::ListCircuits));
+    let answer = range_answer(&[
+        (
+            &format!("wh/endpoints/circuit/{HOOK_A}"),
+            b"https://a.example/h",
+            1,
+        ),
+        (
+            &format!("wh/endpoints/circuit/{HOOK_B}"),
+            b"https://b.example/h",
+            2,
+        ),
+    ]);
+    j.on_answer(list.purpose, Ok(&answer), 11, ROOM);
+    assert_eq!(
+        j.take_notices(),
+        vec![Notice::EndpointCircuitOpen {
+            webhook_id: HOOK_B.to_string(),
+            url: b"https://b.example/h".to_vec()
+        }]
+    );
+    // Listed again: not news. Gone from the list and back: news again.
+    j.on_answer(Purpose::ListCircuits, Ok(&answer), 12, ROOM);
+    assert!(j.take_notices().is_empty());
+    j.on_answer(Purpose::ListCircuits, Ok(br#"{"header":{}}"#), 13, ROOM);
+    j.on_answer(Purpose::ListCircuits, Ok(&answer), 14, ROOM);
+    assert_eq!(j.take_notices().len(), 2);
+}
+
+#[test]
+fn no_open_circuit_is_published_without_a_live_lease() {
+    let mut j = Journal::new(settings(), OWNER.into());
+    j.publish_circuit(HOOK_A, b"https://a.example/h", true);
+    assert!(!j
+        .poll(0)
+        .iter()
+        .any(|r| matches!(r.purpose, Purpose::PublishCircuit)));
+}

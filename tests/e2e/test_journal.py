@@ -308,6 +308,38 @@ def test_a_410_seen_by_one_proxy_turns_the_webhook_off_in_another(job_service, r
     records_gone(etcd, prefix)
 
 
+def test_a_circuit_opened_by_one_proxy_opens_in_another(job_service, rc, envoys, wasm, etcd):
+    prefix = new_prefix()
+    config, org = journal_config(rc, prefix, hooks=1)
+    config.delivery["circuitBreaker"] = {"failures": 3}
+    clusters = [etcd.envoy_cluster()]
+    a = harness.envoy_with_filter(job_service, rc, config, wasm=wasm, name="journal-circuit-a",
+                                  extra_clusters=clusters)
+    envoys.append(a)
+    b = harness.envoy_with_filter(job_service, rc, config, wasm=wasm, name="journal-circuit-b",
+                                  extra_clusters=clusters)
+    envoys.append(b)
+    hook = config.hooks[0]
+    rc.always(hook.path, 503)
+    wait_for_log(b, r"journal: owner \w+ is live")
+    for _ in range(3):
+        complete_job(a, org)
+    wait_for_log(a, f"circuit opened for webhook {hook.id}: its queue waits")
+    wait_until(lambda: etcd.keys(prefix + "endpoints/circuit/") == [prefix + "endpoints/circuit/" + hook.id], 30,
+               desc="the open circuit published in etcd")
+    wait_for_log(b, f"circuit opened for webhook {hook.id}: another proxy of the journal found it failing",
+                 timeout=30)
+    # B holds its new event behind the circuit instead of sending it at once.
+    sent_before = len(rc.requests_to(hook.path))
+    complete_job(b, org)
+    wait_until(lambda: b.custom_stats().get(METRIC + "outbox_depth", 0) >= 1, 10, desc="B holds the event")
+    assert len(rc.requests_to(hook.path)) - sent_before <= 1, "more than A's probe went out"
+    # The circuit closes at A once the endpoint answers again; its key goes.
+    rc.always(hook.path, 200)
+    wait_for_log(a, f"circuit closed for webhook {hook.id}", timeout=30)
+    wait_until(lambda: etcd.keys(prefix + "endpoints/circuit/") == [], 30, desc="the closed circuit's key deleted")
+
+
 def test_a_three_member_etcd_loses_a_member_under_load_and_nothing_is_lost(job_service, rc, envoys, wasm):
     """2,000 events x 2 webhooks (JOURNAL_LOAD_EVENTS sets another count)."""
     events = int(os.environ.get("JOURNAL_LOAD_EVENTS", "2000"))

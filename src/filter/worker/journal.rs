@@ -96,6 +96,15 @@ impl Worker {
         }
     }
 
+    /// A circuit opened or closed here: every proxy of the journal learns it.
+    pub(super) fn journal_publish_circuit(&mut self, lane: LaneId, open: bool) {
+        if let (Some(j), LaneId::Webhook(i)) = (&mut self.journal, lane) {
+            if let Some(w) = self.plan.webhooks.get(i) {
+                j.publish_circuit(&w.id, &endpoint(&w.url), open);
+            }
+        }
+    }
+
     /// A new plan: the journal stays when its settings did not change; otherwise this worker
     /// starts over as a new owner (its old records are claimed once its old lease expires, so
     /// deliveries in memory may arrive twice).
@@ -237,6 +246,9 @@ impl Worker {
                 Notice::EndpointGone { webhook_id, url } => {
                     self.apply_remote_gone(host, &webhook_id, &url, now_ms)
                 }
+                Notice::EndpointCircuitOpen { webhook_id, url } => {
+                    self.apply_remote_circuit(host, &webhook_id, &url, now_ms)
+                }
                 Notice::Claimed(record) => {
                     m.journal_records_claimed.inc(host);
                     self.restore(host, record, now_ms);
@@ -301,6 +313,27 @@ impl Worker {
         }
         self.ring(host);
         self.report_gauges(host);
+    }
+
+    /// Another proxy of the journal opened the circuit of this webhook (at this URL): it opens
+    /// here too, so that this proxy probes the failing endpoint instead of sending its queue.
+    fn apply_remote_circuit(&mut self, host: &dyn Host, webhook_id: &str, url: &[u8], now_ms: u64) {
+        let plan = Rc::clone(&self.plan);
+        let Some(i) = plan.webhook_index(webhook_id) else {
+            return;
+        };
+        if plan.webhooks.get(i).map(|w| endpoint(&w.url)).as_deref() != Some(url) {
+            return;
+        }
+        if self
+            .outbox
+            .open_circuit(LaneId::Webhook(i), now_ms, host.random_u32())
+        {
+            self.metrics.circuits_opened.inc(host);
+            log(host, LogLevel::Warn, || {
+                format!("circuit opened for webhook {webhook_id}: another proxy of the journal found it failing; its queue waits, one probe per backoff period")
+            });
+        }
     }
 
     /// Another proxy of the journal got 410 Gone from this webhook (at this URL): it is turned off
