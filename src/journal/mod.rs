@@ -44,8 +44,10 @@ const MAX_WRITES_IN_FLIGHT: usize = 512;
 const RETRY_AFTER_FAILURE_MS: u64 = 1_000;
 /// Records read from one dead owner per scan step.
 const CLAIM_BATCH: u64 = 16;
-/// Dead owners visited per scan.
-const OWNERS_PER_SCAN: usize = 16;
+/// Range requests of the walk per scan (an owner skipped, a batch of records read): the cost of
+/// a scan stays bounded however many owners there are, and the next scan resumes where this one
+/// stopped.
+const STEPS_PER_SCAN: usize = 64;
 /// Live owners and gone webhooks listed at most (more is far past any deployment).
 const LIST_LIMIT: u64 = 100_000;
 /// Gone webhooks listed at most per scan.
@@ -141,7 +143,7 @@ enum Scan {
     Listing,
     Walking {
         alive: HashSet<String>,
-        owners_left: usize,
+        steps_left: usize,
     },
 }
 
@@ -166,6 +168,8 @@ pub struct Journal {
     healthy: bool,
     writes_paused_until_ms: u64,
     scan: Scan,
+    /// Where the walk over the owners with records resumes (None: from the start).
+    walk_from: Option<Vec<u8>>,
     reserved: Room,
     gone_seen: HashSet<(String, Vec<u8>)>,
     /// Open circuits listed on the last scan (and those this journal published).
@@ -187,6 +191,7 @@ impl Journal {
             healthy: true,
             writes_paused_until_ms: 0,
             scan: Scan::Idle { at_ms: 0 },
+            walk_from: None,
             reserved: Room {
                 deliveries: 0,
                 bytes: 0,
@@ -592,10 +597,10 @@ impl Journal {
                             .collect();
                         self.scan = Scan::Walking {
                             alive,
-                            owners_left: OWNERS_PER_SCAN,
+                            steps_left: STEPS_PER_SCAN,
                         };
-                        let root = self.records_root();
-                        self.next_owner(&root);
+                        let from = self.walk_from.take().unwrap_or_else(|| self.records_root());
+                        self.next_owner(&from, now_ms);
                     }
                     Err(why) => {
                         self.failed(format!("listing live owners: {why}"), now_ms);
@@ -619,13 +624,22 @@ impl Journal {
                 match answer.and_then(|a| etcd::parse_range(a).map_err(|e| e.0)) {
                     Ok(range) => {
                         self.succeeded();
-                        if self.claim_batch(&owner, range.kvs, room) {
+                        let prefix = self.key(&format!("records/{owner}/"));
+                        let next_batch = range.kvs.last().map(|kv| {
+                            let mut after = kv.key.clone();
+                            after.push(0);
+                            after
+                        });
+                        if !self.claim_batch(&owner, range.kvs, room) {
+                            // The outbox is full: the rest waits in etcd for a later scan.
+                            self.walk_from = Some(prefix);
+                            self.scan_done(now_ms);
+                        } else if let Some(from) = next_batch.filter(|_| range.more) {
+                            self.read_orphans(owner, from, now_ms);
+                        } else {
                             let mut cursor = self.key(&format!("records/{owner}"));
                             cursor.push(b'/' + 1);
-                            self.next_owner(&cursor);
-                        } else {
-                            // The outbox is full: the rest waits in etcd for a later scan.
-                            self.scan_done(now_ms);
+                            self.next_owner(&cursor, now_ms);
                         }
                     }
                     Err(why) => {
@@ -761,13 +775,44 @@ impl Journal {
         };
     }
 
+    /// Takes one step of the walk; false (and the scan ends, to resume at `from`) when this
+    /// scan has taken all its steps.
+    fn step(&mut self, from: &[u8], now_ms: u64) -> bool {
+        let Scan::Walking { steps_left, .. } = &mut self.scan else {
+            return false;
+        };
+        if *steps_left == 0 {
+            self.walk_from = Some(from.to_vec());
+            self.scan_done(now_ms);
+            return false;
+        }
+        *steps_left -= 1;
+        true
+    }
+
     /// The first record key from `from` on, to find the next owner with records.
-    fn next_owner(&mut self, from: &[u8]) {
+    fn next_owner(&mut self, from: &[u8], now_ms: u64) {
+        if !self.step(from, now_ms) {
+            return;
+        }
         let end = etcd::prefix_end(&self.records_root());
         self.outgoing.push(Request {
             path: etcd::RANGE,
             body: etcd::range(from, &end, 1, true),
             purpose: Purpose::NextOwner,
+        });
+    }
+
+    /// A batch of a dead owner's records, from the key `from` on.
+    fn read_orphans(&mut self, owner: String, from: Vec<u8>, now_ms: u64) {
+        if !self.step(&from, now_ms) {
+            return;
+        }
+        let end = etcd::prefix_end(&self.key(&format!("records/{owner}/")));
+        self.outgoing.push(Request {
+            path: etcd::RANGE,
+            body: etcd::range(&from, &end, CLAIM_BATCH, false),
+            purpose: Purpose::Orphans { owner },
         });
     }
 
@@ -779,31 +824,24 @@ impl Journal {
             .and_then(|k| k.strip_prefix(root.as_slice()))
             .map(|rest| rest.split(|&b| b == b'/').next().unwrap_or(rest));
         let Some(owner) = owner.filter(|o| !o.is_empty()) else {
+            // The end of the walk: the next scan starts from the first owner again.
+            self.walk_from = None;
             self.scan_done(now_ms);
             return;
         };
         let mut cursor = root.clone();
         cursor.extend_from_slice(owner);
         cursor.push(b'/' + 1);
-        let Scan::Walking { alive, owners_left } = &mut self.scan else {
+        let Scan::Walking { alive, .. } = &self.scan else {
             return;
         };
         let owner = String::from_utf8_lossy(owner).into_owned();
         if owner == self.owner || alive.contains(&owner) {
-            self.next_owner(&cursor);
+            self.next_owner(&cursor, now_ms);
             return;
         }
-        if *owners_left == 0 {
-            self.scan_done(now_ms);
-            return;
-        }
-        *owners_left -= 1;
         let prefix = self.key(&format!("records/{owner}/"));
-        self.outgoing.push(Request {
-            path: etcd::RANGE,
-            body: etcd::range_prefix(&prefix, CLAIM_BATCH, false),
-            purpose: Purpose::Orphans { owner },
-        });
+        self.read_orphans(owner, prefix, now_ms);
     }
 
     /// Claims what fits of a dead owner's records. False when the outbox is full.

@@ -480,3 +480,66 @@ fn no_open_circuit_is_published_without_a_live_lease() {
         .iter()
         .any(|r| matches!(r.purpose, Purpose::PublishCircuit)));
 }
+
+#[test]
+fn a_long_backlog_is_claimed_batch_after_batch_and_the_walk_resumes_where_it_stopped() {
+    let mut j = live();
+    let mut out = j.poll(10);
+    let list_alive = take(&mut out, |p| matches!(p, Purpose::ListAlive));
+    j.on_answer(list_alive.purpose, Ok(br#"{"header":{}}"#), 11, ROOM);
+    let first = take(&mut j.poll(11), |p| matches!(p, Purpose::NextOwner));
+    let dd = range_answer(&[("wh/records/00000000000000dd/e1", b"", 3)]);
+    j.on_answer(first.purpose, Ok(&dd), 12, ROOM);
+    let orphans = take(&mut j.poll(12), |p| matches!(p, Purpose::Orphans { .. }));
+    // A full batch with more behind it: the next batch follows at once, after its last key.
+    let (id, p) = payload(1_700_000_001);
+    let Payload::Event(env) = &*p else {
+        unreachable!()
+    };
+    let value = record::encode(&id, 1, env, &pending(&[HOOK_A], 9));
+    let key = format!("wh/records/00000000000000dd/{id}");
+    let mut answer: Value =
+        serde_json::from_slice(&range_answer(&[(&key, &value, 5)])).expect("json");
+    answer["more"] = json!(true);
+    j.on_answer(orphans.purpose, Ok(answer.to_string().as_bytes()), 13, ROOM);
+    let mut out = j.poll(13);
+    assert!(out
+        .iter()
+        .any(|r| matches!(r.purpose, Purpose::Claim { .. })));
+    let next = take(&mut out, |p| matches!(p, Purpose::Orphans { .. }));
+    let from = B64
+        .decode(body(&next)["key"].as_str().expect("key"))
+        .expect("b64");
+    assert_eq!(from, format!("{key}\0").into_bytes());
+
+    // Walking past owners that are not dead takes steps too: after STEPS_PER_SCAN requests the
+    // scan ends, and the next scan starts from where it stopped. (Three steps are taken: the first
+    // owner and two batches; the one owner found from here on is this journal's own.)
+    j.on_answer(next.purpose, Ok(br#"{"header":{}}"#), 14, ROOM);
+    let mine = range_answer(&[(&format!("wh/records/{OWNER}/e"), b"", 1)]);
+    let mut walked = 0;
+    let mut at = 14;
+    while let Some(r) = j
+        .poll(at)
+        .into_iter()
+        .find(|r| matches!(r.purpose, Purpose::NextOwner))
+    {
+        walked += 1;
+        j.on_answer(r.purpose, Ok(&mine), at, ROOM);
+        at += 1;
+        assert!(walked < 1000, "the walk never ends");
+    }
+    assert_eq!(walked, STEPS_PER_SCAN - 3);
+    let out = j.poll(at + 5_000);
+    let list = out
+        .into_iter()
+        .find(|r| matches!(r.purpose, Purpose::ListAlive))
+        .expect("the next scan");
+    j.on_answer(list.purpose, Ok(br#"{"header":{}}"#), at + 5_001, ROOM);
+    let resumed = take(&mut j.poll(at + 5_001), |p| matches!(p, Purpose::NextOwner));
+    assert_eq!(
+        key_of(&resumed),
+        format!("wh/records/{OWNER}0"),
+        "from where the last scan stopped"
+    );
+}

@@ -147,15 +147,17 @@ def test_a_live_peer_delivers_a_dead_envoys_queue_within_the_lease(job_service, 
     doomed = harness.envoy_with_filter(job_service, rc, config, wasm=wasm, name="journal-doomed",
                                        extra_clusters=clusters)
     envoys.append(doomed)
-    ids = queue_failing_events(doomed, etcd, rc, config, org, prefix, events=10)
+    # 200 events: more than one batch of records (16) is claimed from the dead owner.
+    ids = queue_failing_events(doomed, etcd, rc, config, org, prefix, events=200)
     succeeding(rc, config)
     sigkill(doomed)
     killed_at = time.monotonic()
     wait_all_delivered(rc, config, ids, timeout=LEASE_SECONDS + 15)
     took = time.monotonic() - killed_at
-    print(f"\npeer delivered a dead Envoy's queue {took:.1f}s after SIGKILL (lease {LEASE_SECONDS}s)")
+    print(f"\npeer delivered a dead Envoy's queue of 200 events x 2 webhooks {took:.1f}s after SIGKILL "
+          f"(lease {LEASE_SECONDS}s)")
     records_gone(etcd, prefix)
-    assert peer.custom_stats().get(METRIC + "journal_records_claimed", 0) == 10
+    assert peer.custom_stats().get(METRIC + "journal_records_claimed", 0) == 200
 
 
 def test_a_vm_rebuild_through_lds_loses_nothing(job_service, rc, envoys, wasm, etcd):
