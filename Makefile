@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WASM := target/wasm32-wasip1/release/webhook_emitter.wasm
 TARGET_STAMP := target/.wasm32-wasip1-installed
 
-.PHONY: all wasm demo test lint unit wasm-unit e2e venv toolchain tools clean oci bench
+.PHONY: all wasm demo test lint unit wasm-unit static e2e venv toolchain tools clean oci bench
 
 all: wasm
 
@@ -24,12 +24,14 @@ $(VENV)/.installed: tests/requirements.txt
 venv: $(VENV)/.installed
 
 # Debian tools some tests use: skopeo (inspects the OCI image), docker-compose (validates the compose file) and
-# etcd-server (the journal's store; the journal tests start their own members on loopback).
+# curl (the HTTP/2 client of the gateway tests) and etcd-server (the journal's store; the journal tests start their
+# own members on loopback).
 tools:
-	@command -v skopeo >/dev/null && command -v docker-compose >/dev/null && command -v etcd >/dev/null || { \
+	@command -v skopeo >/dev/null && command -v docker-compose >/dev/null && command -v curl >/dev/null \
+	  && command -v etcd >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq skopeo docker-compose etcd-server >/dev/null); \
-	  else echo "note: skopeo/docker-compose/etcd missing and not root; the tests that use them will say so"; fi; }
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq skopeo docker-compose curl etcd-server >/dev/null); \
+	  else echo "note: skopeo/docker-compose/curl/etcd missing and not root; the tests that use them will say so"; fi; }
 
 wasm: $(TARGET_STAMP)
 	cargo build --release --target wasm32-wasip1 --lib
@@ -50,16 +52,22 @@ unit:
 wasm-unit: $(TARGET_STAMP)
 	cargo test --target wasm32-wasip1 --lib
 
+# Checks of the shipped files that start no Envoy: the plugin schema against the validator, the Istio
+# manifests against Istio's CRD schemas (../shared/istio-crds/), the example configurations.
+static: venv
+	$(PY) -m pytest tests/static -q
+
 e2e: wasm venv tools
 	$(PY) -m pytest tests/e2e -q --wasm $(WASM)
 
-test: lint unit wasm-unit e2e
+test: lint unit wasm-unit static e2e
 
-# The .wasm as an OCI image for Istio's WasmPlugin (oci://…), as an OCI layout and archive, no Docker.
+# The .wasm as an OCI image for Istio's WasmPlugin (oci://…), as an OCI layout and archive, no Docker; and
+# target/oci/wasmplugin.yaml, the WasmPlugin with its url (OCI_REPOSITORY=…) and digest filled in.
 oci: wasm venv
-	$(PY) envoy/oci/build_oci.py --wasm $(WASM) --out target/oci
+	$(PY) envoy/oci/build_oci.py --wasm $(WASM) --out target/oci $(if $(OCI_REPOSITORY),--repository $(OCI_REPOSITORY))
 
-# Benchmark (issue #4): data-path cost and delivery speed of the filter, against no filter and a Lua peer, in one
+# Benchmark: data-path cost and delivery speed of the filter, against no filter and a Lua peer, in one
 # run (bench/README.md). Knobs from the environment: BENCH_WASM (another build; then nothing is built),
 # BENCH_DURATION (seconds per step), BENCH_ROUNDS, BENCH_OUT (default bench/results). Installs h2load and matplotlib.
 bench: venv

@@ -1,10 +1,13 @@
-//! The event envelope of the seed, event ids and RFC 3339 timestamps.
+//! The event envelope of the product's webhook documentation (its "Event Payload": the fields and their
+//! order below) and event ids.
 //!
 //! Envelope, byte for byte what is signed and sent:
 //! `{"id","webhookId","organisationId","eventType","dateTime","data":{"object":{…}},"version":1}`.
 
 use serde_json::{Map, Value};
 use std::fmt::Write as _;
+
+use crate::time::rfc3339_utc;
 
 pub const ENVELOPE_VERSION: u32 = 1;
 
@@ -15,7 +18,7 @@ pub struct EventId([u8; 12]);
 impl EventId {
     pub fn new(unix_seconds: u64, random: [u8; 8]) -> Self {
         let mut bytes = [0u8; 12];
-        // The id holds 32 bits of seconds, as the seed's ids do; it wraps in 2106.
+        // The id holds 32 bits of seconds, as the documented sample ids do; it wraps in 2106.
         bytes[..4].copy_from_slice(&(unix_seconds as u32).to_be_bytes());
         bytes[4..].copy_from_slice(&random);
         EventId(bytes)
@@ -28,44 +31,6 @@ impl EventId {
         }
         out
     }
-}
-
-/// Formats Unix milliseconds as RFC 3339 UTC with a `Z`, to whole seconds like the seed's sample.
-pub fn rfc3339_utc(unix_millis: u64) -> String {
-    let secs = unix_millis / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (year, month, day) = civil_from_days(days as i64);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
-pub fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-/// (year, month, day) to days since 1970-01-01; the inverse of [`civil_from_days`].
-pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let year = year - i64::from(month <= 2);
-    let era = year.div_euclid(400);
-    let yoe = year.rem_euclid(400);
-    let mp = i64::from((month + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// One event, before fan-out.
@@ -180,23 +145,7 @@ mod tests {
     }
 
     #[test]
-    fn rfc3339_matches_known_instants() {
-        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339_utc(1_728_086_400_000), "2024-10-05T00:00:00Z");
-        assert_eq!(rfc3339_utc(951_782_400_999), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339_utc(4_102_444_799_000), "2099-12-31T23:59:59Z");
-    }
-
-    #[test]
-    fn civil_days_round_trip() {
-        for days in (-800_000..800_000).step_by(97) {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days);
-        }
-    }
-
-    #[test]
-    fn envelope_has_exactly_the_seed_fields() {
+    fn envelope_has_exactly_the_documented_fields() {
         let object: Map<String, Value> =
             serde_json::from_str(r#"{"id":"j1","status":"completed","objectType":"spoofed"}"#)
                 .unwrap();
@@ -220,7 +169,7 @@ mod tests {
             "version": 1
         });
         assert_eq!(parsed, expected);
-        // Field order is the seed's.
+        // Field order is the documentation's.
         let text = String::from_utf8(body).unwrap();
         let order: Vec<usize> = [
             "\"id\"",

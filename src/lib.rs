@@ -15,4 +15,5 @@ pub mod journal;
 pub mod rules;
 pub mod signature;
 pub mod stream;
+pub mod time;
 pub mod url;

@@ -3,7 +3,7 @@
 
 Starts, all on 127.0.0.1 with ports chosen by the OS: a job service, an HTTPS webhook receiver (its certificate
 for `localhost` is signed by a CA made for this run), and Envoy with the webhook-emitter filter, delivering
-through one dynamic_forward_proxy egress cluster that validates the receiver against that CA. Completes one job
+through the egress of envoy/envoy.yaml (a dynamic_forward_proxy) that validates the receiver against that CA. Completes one job
 through Envoy, waits for the delivery, prints it and checks its signature with the standardwebhooks package.
 Stops everything. Exit code 0 when the signature is valid.
 
@@ -23,8 +23,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import harness  # noqa: E402
 from harness.checks import signature_valid  # noqa: E402
-from harness.config import PluginConfig, delivery_section, make_hook, new_id  # noqa: E402
-from harness.tls import Pki, TlsReceiver, dynamic_egress_cluster, without_envoy_headers  # noqa: E402
+from harness.config import (  # noqa: E402
+    BODY_ORGANISATION,
+    PluginConfig,
+    delivery_section,
+    job_completed_rule,
+    make_hook,
+    new_id,
+)
+from harness.egress import shipped_egress  # noqa: E402
+from harness.tls import Pki, TlsReceiver  # noqa: E402
 
 KEY_VAR = "DEMO_WEBHOOK_KEY"
 
@@ -48,10 +56,14 @@ def run(wasm: Path, pki: Pki, timeout: float) -> int:
         org = new_id()
         hook = make_hook(receiver.port, org, ["job.completed"], env_var=KEY_VAR, name="Billing")
         hook.url = receiver.url(hook.path)  # https://localhost:<port>/hooks/<id>
-        config = PluginConfig(hooks=[hook], delivery=delivery_section(cluster="webhooks_egress"))
-        egress = without_envoy_headers(dynamic_egress_cluster("webhooks_egress", pki.ca))
-        envoy = harness.envoy_with_filter(jobs, None, config, wasm=wasm, name="demo", start=False,
-                                          extra_clusters=[egress])
+        # The organisation comes from the job service's answer (its own record of the job), never from
+        # anything the client sends.
+        config = PluginConfig(hooks=[hook], events=[job_completed_rule(organisation=BODY_ORGANISATION)],
+                              delivery=delivery_section(cluster="webhooks_egress"))
+        # The egress of envoy/envoy.yaml, trusting this run's CA; the receiver is on loopback, so the
+        # resolved-address filter is off (as delivery.allowPrivateNetworks is on).
+        egress = shipped_egress(ca=pki.ca, refuse_private=False)
+        envoy = harness.envoy_with_filter(jobs, None, config, wasm=wasm, name="demo", start=False, egress=egress)
         try:
             try:
                 envoy.start()
@@ -65,10 +77,10 @@ def run(wasm: Path, pki: Pki, timeout: float) -> int:
             print(f"  TLS          the receiver's certificate is checked against a CA made for this run ({pki.ca})")
             print()
 
-            job_id = new_id()
+            job_id = jobs.own(new_id(), org)
             path = f"/jobs/{job_id}/complete"
-            resp = envoy.request("POST", path, {"x-organisation-id": org, "content-type": "application/json"}, b"{}")
-            print(f"client  -> POST {path}  x-organisation-id: {org}")
+            resp = envoy.request("POST", path, {"content-type": "application/json"}, b"{}")
+            print(f"client  -> POST {path}  (the job service knows job {job_id} belongs to organisation {org})")
             print(f"client  <- {resp.status} {resp.body.decode(errors='replace')}")
             print()
 

@@ -39,6 +39,10 @@ TESTS = Path(os.environ.get("WEBHOOK_EMITTER_TESTS", HERE.parents[1] / "tests"))
 SIGNATURE_TOLERANCE_S = 300
 
 
+# The organisation of envoy/compose/envoy.yaml's webhook.
+DEMO_ORGANISATION = "657bf08c202997ba9d127922"
+
+
 def log(**fields) -> None:
     print(json.dumps(fields, separators=(",", ":")), flush=True)
 
@@ -64,12 +68,12 @@ def job_service_server(host: str, port: int) -> Server:
         """The harness keeps every request for the tests' assertions; a long-running demo logs them instead."""
 
         def _record(self, method, path, headers, body):
-            log(event="request", service="jobs", method=method, path=path,
-                organisation=headers.get("x-organisation-id"), bytes=len(body))
+            log(event="request", service="jobs", method=method, path=path, bytes=len(body))
 
     server = Server((host, port), JobService.handler_class)
     # The harness's handler finds its service here (tests/harness/servers.py, _BackgroundServer.start).
-    server.owner = LoggingJobService()
+    # Every job of the demo belongs to the demo organisation; the answer says so in its organisationId.
+    server.owner = LoggingJobService(default_owner=DEMO_ORGANISATION)
     return server
 
 

@@ -13,6 +13,7 @@ Output, under --out (default target/oci):
 
   layout/                    an OCI image layout: oci-layout, index.json, blobs/sha256/<digest>...
   webhook-emitter-oci.tar    the same layout as one tar archive (skopeo's oci-archive: transport)
+  wasmplugin.yaml            envoy/istio/wasmplugin.yaml with this image's url and manifest digest filled in
 
 The build is deterministic: fixed mtimes, owners and modes, sorted entries, gzip header mtime 0 and no file
 name, canonical JSON. The same .wasm always gives the same manifest digest (with the same zlib; Python uses the
@@ -31,6 +32,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -47,6 +49,8 @@ WASM_NAME = "plugin.wasm"  # the file name the compat variant requires (and Isti
 ARCHIVE_NAME = "webhook-emitter-oci.tar"
 LAYOUT_DIR = "layout"
 DEFAULT_REPOSITORY = "registry.example.com/rapidlogix/webhook-emitter"
+WASMPLUGIN = REPO / "envoy" / "istio" / "wasmplugin.yaml"
+WASMPLUGIN_OUT = "wasmplugin.yaml"
 
 # Fixed metadata for every tar entry, so the bytes depend on the content only.
 FIXED_MTIME = 0
@@ -181,6 +185,19 @@ def write_layout(image: dict, layout: Path) -> None:
             path.write_bytes(data)
 
 
+def filled_wasmplugin(template: str, ref: str, manifest_digest: str) -> str:
+    """The shipped WasmPlugin with `url` and `sha256` set for this image; comments and layout kept. The shipped
+    file's `sha256` is a placeholder the CRD refuses, so only a filled copy can be applied."""
+    text, urls = re.subn(r"(?m)^(  url: )oci://\S+$", lambda m: f"{m.group(1)}oci://{ref}", template)
+    text, digests = re.subn(r"(?m)^(  sha256: ).*$", lambda m: f'{m.group(1)}"{manifest_digest.split(":", 1)[1]}"',
+                            text)
+    if urls != 1 or digests != 1:
+        raise ValueError(f"{WASMPLUGIN}: expected one `url: oci://…` and one `sha256:` line under spec")
+    header = (f"# Written by `make oci` from {WASMPLUGIN.relative_to(REPO)}: `url` and `sha256` below are those of the\n"
+              f"# image it built ({manifest_digest}). Apply this file after pushing the image.\n")
+    return header + text
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--wasm", required=True, type=Path, help="the built webhook_emitter.wasm")
@@ -212,8 +229,17 @@ def main(argv=None) -> int:
     tmp.write_bytes(deterministic_tar(layout_entries(image)))
     os.replace(tmp, archive)
 
+    ref = f"{args.repository}:{tag}"
+    wasmplugin = out / WASMPLUGIN_OUT
+    try:
+        wasmplugin.write_text(filled_wasmplugin(WASMPLUGIN.read_text(), ref, image["manifest_digest"]))
+    except (OSError, ValueError) as e:
+        print(f"build_oci: {e}", file=sys.stderr)
+        return 1
+
     summary = {
         "tag": tag,
+        "wasmplugin": str(wasmplugin),
         "layout": str(layout),
         "archive": str(archive),
         "manifest_digest": image["manifest_digest"],
@@ -226,7 +252,6 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    ref = f"{args.repository}:{tag}"
     print(f"""OCI image (Wasm compat variant, one layer holding {WASM_NAME}) for webhook-emitter {tag}
   layout:           {layout}
   archive:          {archive}
@@ -234,9 +259,11 @@ def main(argv=None) -> int:
   layer digest:     {image['layer_digest']}
   wasm sha256:      {image['wasm_sha256']}  ({image['wasm_size']} bytes)
 
-WasmPlugin (envoy/istio/wasmplugin.yaml), for url: oci://{ref}
+WasmPlugin for url: oci://{ref}
   sha256: {summary['wasmplugin_sha256']}
   (for oci:// Istio checks the manifest digest; the wasm sha256 above is for file:// or https:// urls)
+  written into {wasmplugin}: apply that file after the push (envoy/istio/wasmplugin.yaml's placeholder is
+  refused by the CRD)
 
 Push it (any one of these; each keeps the manifest digest):
   skopeo copy --preserve-digests oci-archive:{archive}:{tag} docker://{ref}

@@ -1,136 +1,139 @@
 //! `webhook-emitter`: the command line for the people who register webhooks and receive them.
 //! It uses exactly the filter's own code for validation and signing.
+//!
+//! Exit status: 0 on success, 1 when the input is invalid (a configuration with errors, a bad
+//! signature, an unreadable file), 2 for a usage error (clap's convention).
 
+#[path = "cli/check.rs"]
+mod check;
+
+use clap::{Args, Parser, Subcommand};
 use std::io::Read;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
-use webhook_emitter::config::Plan;
 use webhook_emitter::signature::SigningKey;
 
-const USAGE: &str = "usage:
-  webhook-emitter check CONFIG.json
-      Validate a plugin configuration exactly as the filter does; print every error with its
-      JSON path. {\"env\": \"VAR\"} keys are read from this process's environment.
-  webhook-emitter keygen [--bytes N]
-      Print a fresh whsec_ API key (N random bytes, 24 to 64, default 32). Store it now: it is
-      shown only once.
-  webhook-emitter verify (--key KEY | --key-env VAR) --id ID --timestamp TS --signature SIG
-                         [--tolerance SECONDS] < BODY
-      Check a delivery's Standard Webhooks signature. The timestamp must be within the tolerance
-      of now (default 300 s; 0 turns the check off).";
+#[derive(Parser)]
+#[command(
+    name = "webhook-emitter",
+    version,
+    about = "The webhook-emitter filter's command line: check configurations, make keys, verify deliveries",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// One variant per subcommand; a group of subcommands is one variant holding its own
+/// `clap::Subcommand` enum (`#[command(subcommand)] Group(group::GroupCommand)`).
+#[derive(Subcommand)]
+enum Command {
+    Check(check::CheckArgs),
+    Keygen(KeygenArgs),
+    Verify(VerifyArgs),
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("check") => check(&args[1..]),
-        Some("keygen") => keygen(&args[1..]),
-        Some("verify") => verify(&args[1..]),
-        Some("-h" | "--help" | "help") => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        _ => Err(format!("unknown or missing command\n{USAGE}")),
+    // Usage errors exit 2, --help and --version exit 0; clap prints them.
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check(args) => check::run(&args),
+        Command::Keygen(args) => keygen(&args),
+        Command::Verify(args) => verify(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
-            eprintln!("{message}");
+            if !message.is_empty() {
+                eprintln!("{message}");
+            }
             ExitCode::FAILURE
         }
     }
 }
 
-fn check(args: &[String]) -> Result<(), String> {
-    let [path] = args else {
-        return Err(format!("check takes one file\n{USAGE}"));
-    };
-    let json = std::fs::read(path).map_err(|e| format!("{path}: {e}"))?;
-    match Plan::from_json(&json, &|name| std::env::var(name).ok()) {
-        Ok(plan) => {
-            println!(
-                "{path}: valid ({} event rules, {} webhooks)",
-                plan.rules.len(),
-                plan.webhooks.len()
-            );
-            Ok(())
-        }
-        Err(errors) => {
-            for e in &errors {
-                eprintln!("{path}: {e}");
-            }
-            Err(format!("{path}: {} error(s)", errors.len()))
-        }
-    }
+/// Print a fresh whsec_ API key. Store it now: it is shown only once.
+#[derive(Args)]
+struct KeygenArgs {
+    /// Random bytes in the key
+    #[arg(long, value_name = "N", default_value_t = 32,
+          value_parser = clap::value_parser!(u8).range(24..=64))]
+    bytes: u8,
 }
 
-fn keygen(args: &[String]) -> Result<(), String> {
-    let bytes = match args {
-        [] => 32,
-        [flag, n] if flag == "--bytes" => n
-            .parse::<usize>()
-            .map_err(|_| format!("--bytes: {n:?} is not a number"))?,
-        _ => return Err(format!("keygen takes only --bytes N\n{USAGE}")),
-    };
-    if !(24..=64).contains(&bytes) {
-        return Err("--bytes must be from 24 to 64".into());
-    }
-    let mut secret = vec![0u8; bytes];
+fn keygen(args: &KeygenArgs) -> Result<(), String> {
+    let mut secret = vec![0u8; usize::from(args.bytes)];
     getrandom::fill(&mut secret).map_err(|e| format!("no randomness from the OS: {e}"))?;
     println!("{}", SigningKey::format_key(&secret));
     Ok(())
 }
 
-fn verify(args: &[String]) -> Result<(), String> {
-    let mut key = None;
-    let (mut id, mut timestamp, mut signature, mut tolerance) = (None, None, None, 300u64);
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--key" => key = Some(value.clone()),
-            "--key-env" => {
-                key = Some(
-                    std::env::var(value).map_err(|_| format!("--key-env: {value} is not set"))?,
-                )
-            }
-            "--id" => id = Some(value.clone()),
-            "--timestamp" => {
-                timestamp = Some(
-                    value
-                        .parse::<u64>()
-                        .map_err(|_| "--timestamp must be Unix seconds")?,
-                )
-            }
-            "--signature" => signature = Some(value.clone()),
-            "--tolerance" => {
-                tolerance = value.parse().map_err(|_| "--tolerance must be seconds")?
-            }
-            other => return Err(format!("unknown option {other}\n{USAGE}")),
+/// Check a delivery's Standard Webhooks signature; the body is read from a file or standard input.
+#[derive(Args)]
+#[command(group = clap::ArgGroup::new("secret").required(true).args(["key", "key_env"]))]
+struct VerifyArgs {
+    /// The webhook's whsec_ key (visible to other local users in the process list: prefer --key-env)
+    #[arg(long, value_name = "KEY")]
+    key: Option<String>,
+    /// The name of an environment variable holding the whsec_ key
+    #[arg(long, value_name = "VAR")]
+    key_env: Option<String>,
+    /// The webhook-id header
+    #[arg(long)]
+    id: String,
+    /// The webhook-timestamp header (Unix seconds)
+    #[arg(long, value_name = "SECONDS")]
+    timestamp: u64,
+    /// The webhook-signature header (one or more space-separated v1,… signatures)
+    #[arg(long)]
+    signature: String,
+    /// How far the timestamp may be from now, in seconds; 0 turns the check off
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    tolerance: u64,
+    /// The body as received, byte for byte; `-` is standard input
+    #[arg(long, value_name = "FILE", default_value = "-")]
+    body: String,
+}
+
+fn verify(args: &VerifyArgs) -> Result<(), String> {
+    let key = match (&args.key, &args.key_env) {
+        (Some(key), _) => key.clone(),
+        (None, Some(var)) => {
+            std::env::var(var).map_err(|_| format!("--key-env: {var} is not set"))?
         }
-    }
-    let (Some(key), Some(id), Some(timestamp), Some(signature)) = (key, id, timestamp, signature)
-    else {
-        return Err(format!(
-            "verify needs a key, --id, --timestamp and --signature\n{USAGE}"
-        ));
+        (None, None) => return Err("a key is needed: --key or --key-env".into()),
     };
     let key = SigningKey::parse(key.trim()).map_err(|e| format!("key: {e}"))?;
-    let mut body = Vec::new();
-    std::io::stdin()
-        .read_to_end(&mut body)
-        .map_err(|e| format!("reading the body from stdin: {e}"))?;
-    if tolerance > 0 {
+    let body = read_input(&args.body)?;
+    if args.tolerance > 0 {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        if now.abs_diff(timestamp) > tolerance {
-            return Err(format!("signature INVALID: timestamp {timestamp} is more than {tolerance} s from now ({now})"));
+        if now.abs_diff(args.timestamp) > args.tolerance {
+            return Err(format!(
+                "signature INVALID: timestamp {} is more than {} s from now ({now})",
+                args.timestamp, args.tolerance
+            ));
         }
     }
-    if key.verify(&id, timestamp, &body, &signature) {
+    if key.verify(&args.id, args.timestamp, &body, &args.signature) {
         println!("signature valid");
         Ok(())
     } else {
         Err("signature INVALID".into())
+    }
+}
+
+/// A file's bytes, or standard input's for `-`.
+pub(crate) fn read_input(path: &str) -> Result<Vec<u8>, String> {
+    if path == "-" {
+        let mut bytes = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("reading standard input: {e}"))?;
+        Ok(bytes)
+    } else {
+        std::fs::read(path).map_err(|e| format!("{path}: {e}"))
     }
 }

@@ -35,8 +35,8 @@ pub fn dead_letter_body(
         "webhookId": webhook_id,
         "attempts": delivery.attempts,
         "lastFailure": delivery.last_failure,
-        "createdAt": crate::event::rfc3339_utc(delivery.created_at_ms),
-        "failedAt": crate::event::rfc3339_utc(now_ms),
+        "createdAt": crate::time::rfc3339_utc(delivery.created_at_ms),
+        "failedAt": crate::time::rfc3339_utc(now_ms),
     });
     // The envelope is embedded byte for byte (it is always our own JSON), so the store keeps
     // exactly what was signed.
@@ -56,7 +56,7 @@ mod tests {
 
     #[test]
     fn the_body_holds_the_facts_and_the_envelope_as_sent() {
-        let payload = Rc::new(Payload::Raw(br#"{"id":"e1","version":1}"#.to_vec()));
+        let payload = Rc::new(Payload::raw(br#"{"id":"e1","version":1}"#.to_vec()));
         let mut d = Delivery::new("e1".into(), LaneId::Webhook(0), payload, 1_728_086_400_000);
         d.attempts = 4;
         d.last_failure = Some("status 500".into());

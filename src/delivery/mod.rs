@@ -7,14 +7,16 @@
 pub mod dead_letter;
 pub mod outbox;
 pub mod policy;
+pub mod shared;
 
 pub use dead_letter::{dead_letter_body, DeadLetterReason};
-pub use outbox::{Bound, CircuitChange, Outbox, OutboxSettings, Refused, Verdict};
+pub use outbox::{Bound, CircuitChange, Others, Outbox, OutboxSettings, Refused, Verdict};
 pub use policy::RetryPolicy;
 
 use crate::event::Envelope;
 use crate::headers;
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::rc::Rc;
 
 /// Where a delivery goes: a webhook (its index in the plan's `webhooks`) or the dead-letter store.
@@ -26,7 +28,14 @@ pub enum LaneId {
 
 /// The bytes a delivery sends, held once however many deliveries share them.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Payload {
+pub struct Payload {
+    body: Body,
+    /// Deliveries in the outbox's custody that hold this payload: its bytes count while any does.
+    holders: Cell<usize>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Body {
     /// An event's envelope; each webhook's body adds its own `webhookId`.
     Event(Envelope),
     /// A body sent as it is (dead letters).
@@ -34,25 +43,63 @@ pub enum Payload {
 }
 
 impl Payload {
+    pub fn event(envelope: Envelope) -> Self {
+        Payload {
+            body: Body::Event(envelope),
+            holders: Cell::new(0),
+        }
+    }
+
+    pub fn raw(bytes: Vec<u8>) -> Self {
+        Payload {
+            body: Body::Raw(bytes),
+            holders: Cell::new(0),
+        }
+    }
+
     /// The exact body of an attempt for the webhook `webhook_id`.
     pub fn body_for(&self, webhook_id: &str) -> Cow<'_, [u8]> {
-        match self {
-            Payload::Event(envelope) => Cow::Owned(envelope.for_webhook(webhook_id)),
-            Payload::Raw(bytes) => Cow::Borrowed(bytes),
+        match &self.body {
+            Body::Event(envelope) => Cow::Owned(envelope.for_webhook(webhook_id)),
+            Body::Raw(bytes) => Cow::Borrowed(bytes),
+        }
+    }
+
+    /// The event's envelope (None for a raw body), as the journal records it.
+    pub fn envelope(&self) -> Option<&Envelope> {
+        match &self.body {
+            Body::Event(envelope) => Some(envelope),
+            Body::Raw(_) => None,
         }
     }
 
     /// Bytes held for this payload (what `delivery.maxQueuedBytes` bounds).
     pub fn held_bytes(&self) -> usize {
-        match self {
-            Payload::Event(envelope) => envelope.held_bytes(),
-            Payload::Raw(bytes) => bytes.len(),
+        match &self.body {
+            Body::Event(envelope) => envelope.held_bytes(),
+            Body::Raw(bytes) => bytes.len(),
         }
+    }
+
+    /// One more holder; true when it is the first (its bytes start to count).
+    fn hold(&self) -> bool {
+        self.holders.set(self.holders.get() + 1);
+        self.holders.get() == 1
+    }
+
+    /// One holder less; true when it was the last (its bytes stop counting).
+    fn let_go(&self) -> bool {
+        self.holders.set(self.holders.get().saturating_sub(1));
+        self.holders.get() == 0
+    }
+
+    fn is_held(&self) -> bool {
+        self.holders.get() > 0
     }
 }
 
-/// One event on its way to one lane. Not `Clone`: the outbox counts the bytes of a payload
-/// until its last delivery leaves, which a stray copy would hide.
+/// One event on its way to one lane. Not `Clone`: a delivery is in the outbox's custody or not,
+/// and its payload's bytes count while any delivery in custody holds it.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Delivery {
     pub event_id: Rc<str>,

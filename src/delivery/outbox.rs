@@ -12,10 +12,10 @@
 //! hanging endpoint can fill the outbox while nobody else needs it, but never keeps a healthy
 //! endpoint's deliveries out.
 
-use super::policy::{honours_retry_after, parse_retry_after, RetryPolicy};
-use super::{AttemptOutcome, Delivery, LaneId, Payload};
+use super::policy::{honours_retry_after, RetryPolicy};
+use super::{AttemptOutcome, Delivery, LaneId};
+use crate::time::parse_retry_after;
 use std::collections::VecDeque;
-use std::rc::Rc;
 
 /// The outbox's limits, from `delivery` in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +49,19 @@ pub enum Verdict {
     },
 }
 
+/// A webhook's attempts out may hold at most this fraction of `maxQueuedBytes` (its first attempt
+/// always goes): Envoy keeps a copy of every callout body until the attempt ends, so a hanging
+/// endpoint with large events would otherwise cost `maxInFlightPerWebhook` copies of each.
+pub const ATTEMPT_BYTES_SHARE: usize = 16;
+
+/// What the proxy's other live workers hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Others {
+    pub queued: usize,
+    pub queued_bytes: usize,
+    pub workers: usize,
+}
+
 /// Which bound of the outbox was reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bound {
@@ -80,6 +93,8 @@ struct Lane {
     /// Deliveries waiting for their retry time.
     waiting: Vec<Delivery>,
     attempts_out: usize,
+    /// Payload bytes of the attempts out: Envoy holds a copy of each callout's body until it ends.
+    attempts_out_bytes: usize,
     /// Deliveries of this lane held, waiting or in flight, and the bytes of their payloads (a
     /// payload shared with other lanes counts fully in each: it is what the lane would cost alone).
     queued: usize,
@@ -123,6 +138,9 @@ pub struct Outbox {
     /// Attempts out, over all lanes (orphans of a reconfiguration included until answered).
     attempts_out: usize,
     circuit_change: Option<CircuitChange>,
+    /// What the proxy's other live workers hold (deliveries, bytes), as they last said, and how
+    /// many they are: the bounds are the proxy's, not one worker's.
+    others: Others,
 }
 
 /// Admission of a new delivery: accepted, with the deliveries evicted to make room for it.
@@ -138,7 +156,39 @@ impl Outbox {
             queued_bytes: 0,
             attempts_out: 0,
             circuit_change: None,
+            others: Others::default(),
         }
+    }
+
+    /// What the proxy's other live workers hold now.
+    pub fn set_others(&mut self, others: Others) {
+        self.others = others;
+    }
+
+    /// What this worker may hold: what the others leave of the proxy's bounds, and at least an
+    /// equal split of them (so that a worker never waits for another to make room; the tick's
+    /// [`Outbox::trim`] brings an overshoot back within the bounds).
+    fn capacity(&self) -> (usize, usize) {
+        let workers = self.others.workers + 1;
+        let s = &self.settings;
+        (
+            s.max_queued
+                .saturating_sub(self.others.queued)
+                .max(s.max_queued / workers),
+            s.max_queued_bytes
+                .saturating_sub(self.others.queued_bytes)
+                .max(s.max_queued_bytes / workers),
+        )
+    }
+
+    /// What this worker can still take before a bound is reached: deliveries and bytes (what
+    /// the journal may claim from dead proxies).
+    pub fn room(&self) -> (usize, usize) {
+        let (max_queued, max_bytes) = self.capacity();
+        (
+            max_queued.saturating_sub(self.queued),
+            max_bytes.saturating_sub(self.queued_bytes),
+        )
     }
 
     /// Deliveries held, waiting or in flight.
@@ -195,20 +245,12 @@ impl Outbox {
         self.circuit_change.take()
     }
 
-    /// Bytes a payload adds to the outbox: none when a held delivery already shares it.
-    fn new_bytes(payload: &Rc<Payload>, counted: bool) -> usize {
-        if counted {
-            0
-        } else {
-            payload.held_bytes()
-        }
-    }
-
     /// The bound a new delivery adding `extra_bytes` would pass, if any.
     fn bound_reached(&self, extra_bytes: usize) -> Option<Bound> {
-        if self.queued >= self.settings.max_queued {
+        let (max_queued, max_bytes) = self.capacity();
+        if self.queued >= max_queued {
             Some(Bound::Count)
-        } else if self.queued_bytes.saturating_add(extra_bytes) > self.settings.max_queued_bytes {
+        } else if self.queued_bytes.saturating_add(extra_bytes) > max_bytes {
             Some(Bound::Bytes)
         } else {
             None
@@ -217,11 +259,9 @@ impl Outbox {
 
     /// Accepts a new delivery, unless its webhook answered 410, or the outbox is full and the
     /// lane already holds its fair share. Returns the deliveries evicted to make room (each must
-    /// be logged, counted and dead-lettered by the caller).
-    ///
-    /// `shared` says whether another held delivery already holds this payload (fan-out of one
-    /// event to several lanes); its bytes then count once.
-    pub fn enqueue(&mut self, delivery: Delivery, shared: bool) -> Result<Admitted, Refused> {
+    /// be logged, counted and dead-lettered by the caller). A payload already held by another
+    /// delivery (one event fanned out to several lanes) adds no bytes.
+    pub fn enqueue(&mut self, delivery: Delivery) -> Result<Admitted, Refused> {
         let lane_id = delivery.lane;
         match self.lane(lane_id) {
             None => return Err(Refused::WebhookGone(delivery)),
@@ -229,7 +269,7 @@ impl Outbox {
             Some(_) => {}
         }
         let size = delivery.payload.held_bytes();
-        let extra = Self::new_bytes(&delivery.payload, shared);
+        let extra = if delivery.payload.is_held() { 0 } else { size };
         let mut evicted = Vec::new();
         if let Some(bound) = self.bound_reached(extra) {
             if !self.below_fair_share(lane_id, size) {
@@ -243,7 +283,9 @@ impl Outbox {
             }
         }
         self.queued += 1;
-        self.queued_bytes += extra;
+        if delivery.payload.hold() {
+            self.queued_bytes += size;
+        }
         if let Some(lane) = self.lane_mut(lane_id) {
             lane.add(size);
             // A delivery with attempts behind it (read back from the journal) waits for its
@@ -255,6 +297,31 @@ impl Outbox {
             }
         }
         Ok(evicted)
+    }
+
+    /// Brings the proxy back within its bounds after workers overshot them together: while the
+    /// proxy holds more than its bounds and this worker more than its equal split, the newest
+    /// queued deliveries of lanes over their share go (each must be logged, counted and
+    /// dead-lettered).
+    pub fn trim(&mut self) -> Vec<Delivery> {
+        let workers = self.others.workers + 1;
+        let s = &self.settings;
+        let (split_queued, split_bytes) = (s.max_queued / workers, s.max_queued_bytes / workers);
+        let mut evicted = Vec::new();
+        loop {
+            let over_count = self.queued + self.others.queued > self.settings.max_queued
+                && self.queued > split_queued;
+            let over_bytes = self.queued_bytes + self.others.queued_bytes
+                > self.settings.max_queued_bytes
+                && self.queued_bytes > split_bytes;
+            if !(over_count || over_bytes) {
+                return evicted;
+            }
+            match self.evict_one(LaneId::DeadLetter) {
+                Some(d) => evicted.push(d),
+                None => return evicted,
+            }
+        }
     }
 
     /// Lanes that hold something, plus `lane` itself.
@@ -273,21 +340,23 @@ impl Outbox {
     /// both bounds.
     fn below_fair_share(&self, lane: LaneId, size: usize) -> bool {
         let active = self.active_lanes(lane).max(1);
+        let (max_queued, max_bytes) = self.capacity();
         let (count, bytes) = self.lane_queued(lane);
-        count < self.settings.max_queued / active
-            && bytes + size <= self.settings.max_queued_bytes / active
+        count < max_queued / active && bytes + size <= max_bytes / active
     }
 
     /// Evicts the newest queued delivery of the webhook lane furthest over its fair share (never
     /// `except`, never the dead-letter lane, never an attempt in flight).
     fn evict_one(&mut self, except: LaneId) -> Option<Delivery> {
         let active = self.active_lanes(except).max(1);
-        let share_count = (self.settings.max_queued / active).max(1);
-        let share_bytes = (self.settings.max_queued_bytes / active).max(1);
+        let (max_queued, max_bytes) = self.capacity();
+        let share_count = (max_queued / active).max(1);
+        let share_bytes = (max_bytes / active).max(1);
         // Over-share in thousandths of a share, by whichever bound the lane exceeds more.
+        // In u64: bytes times 1000 overflow the wasm32 usize.
         let excess = |l: &Lane| {
-            let by_count = l.queued * 1000 / share_count;
-            let by_bytes = l.queued_bytes * 1000 / share_bytes;
+            let by_count = l.queued as u64 * 1000 / share_count as u64;
+            let by_bytes = l.queued_bytes as u64 * 1000 / share_bytes as u64;
             by_count.max(by_bytes)
         };
         let victim = self
@@ -314,16 +383,14 @@ impl Outbox {
         if let Some(lane) = self.lane_mut(d.lane) {
             lane.remove(size);
         }
-        self.queued = self.queued.saturating_sub(1);
-        if Rc::strong_count(&d.payload) == 1 {
-            self.queued_bytes = self.queued_bytes.saturating_sub(size);
-        }
+        self.let_go(d);
     }
 
     /// Takes the deliveries to attempt now, and counts them as out.
     pub fn take_due(&mut self, now_ms: u64) -> Vec<Delivery> {
         let mut due = Vec::new();
         let max_out = self.settings.max_in_flight_per_webhook.max(1);
+        let max_out_bytes = (self.settings.max_queued_bytes / ATTEMPT_BYTES_SHARE).max(1);
         let lanes = self
             .webhooks
             .iter_mut()
@@ -347,12 +414,20 @@ impl Outbox {
                 Some(_) => 0,
             };
             while lane.attempts_out < cap {
+                let Some(size) = lane.ready.front().map(|d| d.payload.held_bytes()) else {
+                    break;
+                };
+                // The first attempt always goes, however large; more only within the lane's share.
+                if lane.attempts_out > 0 && lane.attempts_out_bytes + size > max_out_bytes {
+                    break;
+                }
                 let Some(mut d) = lane.ready.pop_front() else {
                     break;
                 };
                 d.attempts += 1;
                 d.is_probe = lane.probe_at_ms.is_some();
                 lane.attempts_out += 1;
+                lane.attempts_out_bytes += size;
                 self.attempts_out += 1;
                 due.push(d);
             }
@@ -393,6 +468,9 @@ impl Outbox {
             return Verdict::Exhausted(delivery);
         };
         lane.attempts_out = lane.attempts_out.saturating_sub(1);
+        lane.attempts_out_bytes = lane
+            .attempts_out_bytes
+            .saturating_sub(delivery.payload.held_bytes());
         if outcome.is_success() {
             lane.consecutive_failures = 0;
             lane.failed_probes = 0;
@@ -461,6 +539,36 @@ impl Outbox {
         verdict
     }
 
+    /// The time of an open circuit's next probe.
+    pub fn probe_at(&self, lane: LaneId) -> Option<u64> {
+        self.lane(lane).and_then(|l| l.probe_at_ms)
+    }
+
+    /// Opens (Some) or closes (None) a lane's circuit as another worker found it, without
+    /// counting it as this worker's change.
+    pub fn set_probe_at(&mut self, lane: LaneId, probe_at_ms: Option<u64>) {
+        if let Some(l) = self.lane_mut(lane) {
+            l.probe_at_ms = probe_at_ms;
+            if probe_at_ms.is_none() {
+                l.consecutive_failures = 0;
+                l.failed_probes = 0;
+            }
+        }
+    }
+
+    /// Turns a webhook lane off as another worker found it gone; its queued deliveries come back
+    /// (each must be logged, counted and dead-lettered). Attempts out finish as failures.
+    pub fn mark_gone(&mut self, lane: LaneId) -> Vec<Delivery> {
+        match self.lane_mut(lane) {
+            Some(l) if lane != LaneId::DeadLetter && !l.gone => {
+                l.gone = true;
+                l.probe_at_ms = None;
+            }
+            _ => return Vec::new(),
+        }
+        self.drain_queued(lane)
+    }
+
     /// Takes every queued delivery of a lane out (attempts out are not touched: their answers
     /// come back through [`Outbox::release_orphan`]).
     pub fn drain_queued(&mut self, lane: LaneId) -> Vec<Delivery> {
@@ -491,27 +599,17 @@ impl Outbox {
         }
     }
 
-    /// Turns a lane off because its webhook answered 410 Gone to another proxy; its queued
-    /// deliveries are handed back (each must be logged, counted and dead-lettered).
-    pub fn mark_gone(&mut self, lane: LaneId) -> Vec<Delivery> {
-        match self.lane_mut(lane) {
-            Some(l) if lane != LaneId::DeadLetter && !l.gone => {
-                l.gone = true;
-                l.probe_at_ms = None;
-            }
-            _ => return Vec::new(),
-        }
-        self.drain_queued(lane)
-    }
-
     /// Forgets an attempt whose webhook a new configuration removed while it was out.
     pub fn release_orphan(&mut self, delivery: &Delivery) {
         self.attempts_out = self.attempts_out.saturating_sub(1);
+        self.let_go(delivery);
+    }
+
+    /// A delivery leaves the outbox's custody: its payload's bytes go with the last holder.
+    fn let_go(&mut self, d: &Delivery) {
         self.queued = self.queued.saturating_sub(1);
-        if Rc::strong_count(&delivery.payload) == 1 {
-            self.queued_bytes = self
-                .queued_bytes
-                .saturating_sub(delivery.payload.held_bytes());
+        if d.payload.let_go() {
+            self.queued_bytes = self.queued_bytes.saturating_sub(d.payload.held_bytes());
         }
     }
 
@@ -537,6 +635,7 @@ impl Outbox {
             };
             // Attempts out stay counted in their new lane until they are answered.
             new_lane.attempts_out += lane.attempts_out;
+            new_lane.attempts_out_bytes += lane.attempts_out_bytes;
             new_lane.queued += lane.queued;
             new_lane.queued_bytes += lane.queued_bytes;
             for mut d in lane.ready.into_iter().chain(lane.waiting) {
@@ -545,10 +644,7 @@ impl Outbox {
             }
         }
         for d in &dropped {
-            self.queued = self.queued.saturating_sub(1);
-            if Rc::strong_count(&d.payload) == 1 {
-                self.queued_bytes = self.queued_bytes.saturating_sub(d.payload.held_bytes());
-            }
+            self.let_go(d);
         }
         dropped
     }
@@ -558,6 +654,8 @@ impl Outbox {
 mod tests {
     use super::*;
     use crate::delivery::policy::MAX_RETRY_AFTER_MS;
+    use crate::delivery::Payload;
+    use std::rc::Rc;
 
     const A: LaneId = LaneId::Webhook(0);
     const B: LaneId = LaneId::Webhook(1);
@@ -588,11 +686,11 @@ mod tests {
     }
 
     fn delivery(id: &str, lane: LaneId, body: &[u8], now: u64) -> Delivery {
-        Delivery::new(id.into(), lane, Rc::new(Payload::Raw(body.to_vec())), now)
+        Delivery::new(id.into(), lane, Rc::new(Payload::raw(body.to_vec())), now)
     }
 
     fn put(o: &mut Outbox, id: &str, lane: LaneId) {
-        o.enqueue(delivery(id, lane, b"", 0), false).unwrap();
+        o.enqueue(delivery(id, lane, b"", 0)).unwrap();
     }
 
     fn ids(ds: &[Delivery]) -> Vec<&str> {
@@ -605,7 +703,7 @@ mod tests {
         let mut d = delivery("e1", A, b"{}", 1_000);
         d.attempts = 2;
         d.next_attempt_at_ms = 5_000;
-        o.enqueue(d, false).unwrap();
+        o.enqueue(d).unwrap();
         assert!(o.take_due(4_999).is_empty());
         let d = o.take_due(5_000).pop().unwrap();
         assert_eq!(d.attempts, 3);
@@ -637,7 +735,7 @@ mod tests {
         assert!(o.mark_gone(A).is_empty());
         assert!(o.mark_gone(LaneId::DeadLetter).is_empty());
         assert!(matches!(
-            o.enqueue(delivery("e4", A, b"", 0), false),
+            o.enqueue(delivery("e4", A, b"", 0)),
             Err(Refused::WebhookGone(_))
         ));
         assert_eq!(o.queued(), 1);
@@ -646,7 +744,7 @@ mod tests {
     #[test]
     fn success_after_two_retries() {
         let mut o = outbox(1);
-        o.enqueue(delivery("e1", A, b"{}", 1_000), false).unwrap();
+        o.enqueue(delivery("e1", A, b"{}", 1_000)).unwrap();
         let d = o.take_due(1_000).pop().unwrap();
         assert_eq!(d.attempts, 1);
         assert_eq!(
@@ -722,7 +820,7 @@ mod tests {
         assert_eq!(ids(&dropped), ["e0", "e2"]);
         assert!(o.is_gone(A));
         assert!(matches!(
-            o.enqueue(delivery("e3", A, b"", 0), false),
+            o.enqueue(delivery("e3", A, b"", 0)),
             Err(Refused::WebhookGone(_))
         ));
         // The attempt still in flight is not retried once the webhook is gone.
@@ -798,22 +896,20 @@ mod tests {
         }
         // Full, all of it A's. B holds nothing: its share is 3 of 6, so A's newest queued
         // delivery makes room.
-        let evicted = o.enqueue(delivery("b0", B, b"", 0), false).unwrap();
+        let evicted = o.enqueue(delivery("b0", B, b"", 0)).unwrap();
         assert_eq!(ids(&evicted), ["a5"]);
         for i in 1..3 {
-            let evicted = o
-                .enqueue(delivery(&format!("b{i}"), B, b"", 0), false)
-                .unwrap();
+            let evicted = o.enqueue(delivery(&format!("b{i}"), B, b"", 0)).unwrap();
             assert_eq!(evicted.len(), 1);
         }
         assert_eq!((o.lane_queued(A).0, o.lane_queued(B).0), (3, 3));
         // B now holds its share: a fourth is refused, and A keeps its three.
         assert!(matches!(
-            o.enqueue(delivery("b3", B, b"", 0), false),
+            o.enqueue(delivery("b3", B, b"", 0)),
             Err(Refused::QueueFull(..))
         ));
         assert!(matches!(
-            o.enqueue(delivery("a6", A, b"", 0), false),
+            o.enqueue(delivery("a6", A, b"", 0)),
             Err(Refused::QueueFull(..))
         ));
         assert_eq!(o.queued(), 6);
@@ -827,7 +923,7 @@ mod tests {
         let out = o.take_due(0);
         assert_eq!(out.len(), 2);
         assert!(matches!(
-            o.enqueue(delivery("b0", B, b"", 0), false),
+            o.enqueue(delivery("b0", B, b"", 0)),
             Err(Refused::QueueFull(..))
         ));
     }
@@ -837,42 +933,56 @@ mod tests {
         let mut s = settings(100, 1, None);
         s.max_queued_bytes = 1_000;
         let mut o = Outbox::new(3, s);
-        let payload = Rc::new(Payload::Raw(vec![b'x'; 400]));
-        for (i, lane) in [A, B, LaneId::Webhook(2)].into_iter().enumerate() {
-            let d = Delivery::new("e1".into(), lane, Rc::clone(&payload), 0);
-            o.enqueue(d, i > 0).unwrap();
-        }
-        drop(payload);
+        let lanes = [A, B, LaneId::Webhook(2)];
+        let fan_out = |o: &mut Outbox, id: &str, byte: u8| {
+            let payload = Rc::new(Payload::raw(vec![byte; 400]));
+            lanes
+                .iter()
+                .map(|&lane| o.enqueue(Delivery::new(id.into(), lane, Rc::clone(&payload), 0)))
+                .filter(Result::is_ok)
+                .count()
+        };
+        assert_eq!(fan_out(&mut o, "e1", b'x'), 3);
         assert_eq!(o.queued_bytes(), 400, "one event, three lanes, one copy");
-        // A second event of 400 bytes fits; a third does not, whoever sends it (every lane holds
-        // 800 bytes of a 333-byte share).
-        for (i, lane) in [A, B].into_iter().enumerate() {
-            let d = delivery("e2", lane, &[b'y'; 400], 0);
-            if i == 0 {
-                o.enqueue(d, false).unwrap();
-            } else {
-                let _ = o.enqueue(d, true);
+        assert_eq!(fan_out(&mut o, "e2", b'y'), 3);
+        assert_eq!(o.queued_bytes(), 800);
+        // A third does not fit, whoever it is for: every lane holds 800 bytes of a 333-byte share.
+        assert_eq!(fan_out(&mut o, "e3", b'z'), 0);
+        // Evicting one lane's copy frees nothing while other lanes hold the payload; the bytes go
+        // with the last holder, even if the evicted deliveries are still alive elsewhere.
+        let mut kept = Vec::new();
+        for _ in 0..3 {
+            for d in o.take_due(0) {
+                kept.push(Delivery::new(
+                    d.event_id.clone(),
+                    d.lane,
+                    Rc::clone(&d.payload),
+                    0,
+                ));
+                o.finish(d, &status(200), 1, 0);
             }
         }
-        assert_eq!(o.queued_bytes(), 800);
-        assert!(matches!(
-            o.enqueue(delivery("e3", A, &[b'z'; 400], 0), false),
-            Err(Refused::QueueFull(..))
-        ));
-        // The bytes go when the last lane holding them lets go.
+        assert_eq!((o.queued(), o.queued_bytes()), (0, 0));
+        assert_eq!(kept.len(), 6);
+    }
+
+    #[test]
+    fn attempts_out_of_one_lane_hold_at_most_a_sixteenth_of_the_byte_bound() {
+        let mut s = settings(100, 16, None);
+        s.max_queued_bytes = 16_000;
+        let mut o = Outbox::new(2, s);
+        for i in 0..5 {
+            o.enqueue(delivery(&format!("a{i}"), A, &[b'x'; 400], 0))
+                .unwrap();
+        }
+        o.enqueue(delivery("big", B, &[b'y'; 5_000], 0)).unwrap();
         let due = o.take_due(0);
+        // A: 2 × 400 bytes fit in 1,000; B's 5,000-byte delivery goes alone.
+        assert_eq!(ids(&due), ["a0", "a1", "big"]);
         for d in due {
             o.finish(d, &status(200), 1, 0);
         }
-        let due = o.take_due(1);
-        for d in due {
-            o.finish(d, &status(200), 2, 0);
-        }
-        let due = o.take_due(2);
-        for d in due {
-            o.finish(d, &status(200), 3, 0);
-        }
-        assert_eq!((o.queued(), o.queued_bytes()), (0, 0));
+        assert_eq!(o.take_due(1).len(), 2);
     }
 
     #[test]

@@ -67,45 +67,6 @@ pub fn honours_retry_after(code: u16) -> bool {
     matches!(code, 429 | 503)
 }
 
-/// `Retry-After` as a delay from `now_ms`: delta-seconds, or an IMF-fixdate
-/// (`Sun, 06 Nov 1994 08:49:37 GMT`). Bytes that are not a valid value give None, and the
-/// schedule applies.
-pub fn parse_retry_after(value: &[u8], now_ms: u64) -> Option<u64> {
-    let value = std::str::from_utf8(value).ok()?.trim();
-    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
-        return Some(value.parse::<u64>().ok()?.saturating_mul(1000));
-    }
-    let at_ms = parse_http_date_ms(value)?;
-    Some(at_ms.saturating_sub(now_ms))
-}
-
-fn parse_http_date_ms(value: &str) -> Option<u64> {
-    let (_, rest) = value.split_once(", ")?;
-    let parts: Vec<&str> = rest.split(' ').collect();
-    let [day, month, year, time, "GMT"] = parts.as_slice() else {
-        return None;
-    };
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let month = MONTHS.iter().position(|m| m == month)? as u32 + 1;
-    let day: u32 = day.parse().ok()?;
-    let year: i64 = year.parse().ok()?;
-    let hms: Vec<u64> = time
-        .split(':')
-        .map(|p| p.parse().ok())
-        .collect::<Option<_>>()?;
-    let [h, m, s] = hms.as_slice() else {
-        return None;
-    };
-    if !(1..=31).contains(&day) || *h > 23 || *m > 59 || *s > 60 {
-        return None;
-    }
-    let days = crate::event::days_from_civil(year, month, day);
-    let secs = u64::try_from(days).ok()? * 86_400 + h * 3600 + m * 60 + s;
-    Some(secs * 1000)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,26 +97,5 @@ mod tests {
         assert_eq!(p.probe_period_ms(1, 200), 500);
         assert_eq!(p.probe_period_ms(9, 200), 1000);
         assert_eq!(RetryPolicy::new(vec![]).probe_period_ms(0, 200), 1000);
-    }
-
-    #[test]
-    fn retry_after_formats() {
-        assert_eq!(parse_retry_after(b"120", 0), Some(120_000));
-        assert_eq!(parse_retry_after(b" 3 ", 0), Some(3_000));
-        let date = b"Sun, 06 Nov 1994 08:49:37 GMT";
-        let at = 784_111_777_000;
-        assert_eq!(parse_retry_after(date, at - 5_000), Some(5_000));
-        assert_eq!(parse_retry_after(date, at + 5_000), Some(0));
-        for bad in [
-            &b""[..],
-            b"-1",
-            b"soon",
-            b"Sun, 06 Nov 1994 08:49:37 PST",
-            b"Sun, 32 Nov 1994 08:49:37 GMT",
-            b"1\xff",
-            b"\xe9",
-        ] {
-            assert_eq!(parse_retry_after(bad, 0), None, "{bad:?}");
-        }
     }
 }

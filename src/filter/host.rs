@@ -23,11 +23,12 @@ pub enum MetricKind {
 /// Why Envoy refused to dispatch a callout, from the proxy-wasm status it returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DispatchRefused {
-    /// BadArgument: Envoy 1.40 returns it when the cluster is not known to this Envoy, and also
-    /// when the cluster exists but has no host to send to yet (a dynamic forward proxy cluster
-    /// whose DNS cache has not resolved the host), or when a pseudo-header is missing.
+    /// BadArgument: the cluster is not known to this Envoy (or a pseudo-header is missing, which
+    /// the filter never sends).
     BadArgument,
-    /// InternalFailure: the cluster's circuit breakers or the host refused the request.
+    /// InternalFailure: Envoy's async client ended the request before the call returned: no
+    /// healthy host, a circuit-breaker overflow, or (with a bare dynamic_forward_proxy cluster) a
+    /// host not yet resolved.
     InternalFailure,
     Other(u32),
 }
@@ -36,11 +37,11 @@ impl DispatchRefused {
     /// The reason as a log line says it, pointing at what to check.
     pub fn reason(self, cluster: &str) -> String {
         match self {
-            DispatchRefused::BadArgument => format!(
-                "dispatch refused: cluster {cluster:?} is unknown to this Envoy or has no host for this authority yet (BadArgument)"
-            ),
+            DispatchRefused::BadArgument => {
+                format!("dispatch refused: cluster {cluster:?} is not defined in this Envoy (BadArgument)")
+            }
             DispatchRefused::InternalFailure => format!(
-                "dispatch refused: cluster {cluster:?} refused the request (InternalFailure; circuit breakers or no healthy host)"
+                "dispatch refused: cluster {cluster:?} failed the callout at once: no healthy host, circuit breaker overflow, or host not resolved yet (InternalFailure)"
             ),
             DispatchRefused::Other(status) => {
                 format!("dispatch refused: cluster {cluster:?} (proxy-wasm status {status})")

@@ -4,7 +4,7 @@
 
 use super::abi::{self, BufferType, HeaderMap};
 use super::proxy::{now_ms, random_bytes, ProxyHost};
-use super::root::SharedWorker;
+use super::worker::SharedWorker;
 use crate::config::Plan;
 use crate::stream::{header_pairs, Stream};
 use proxy_wasm::traits::{Context, HttpContext};

@@ -6,7 +6,7 @@ use super::abi::{self, BufferType, HeaderMap};
 use super::host::{Host, LogLevel};
 use super::http::EmitterStream;
 use super::proxy::{now_ms, random_bytes, ProxyHost};
-use super::worker::{Attempt, Worker};
+use super::worker::{Attempt, SharedWorker, Worker};
 use crate::config::Plan;
 use crate::delivery::AttemptOutcome;
 use crate::headers;
@@ -29,8 +29,6 @@ enum Out {
     Delivery(Attempt),
     Journal(JournalRequest),
 }
-
-pub type SharedWorker = Rc<RefCell<Worker>>;
 
 thread_local! {
     /// This thread's worker of each plugin (by plugin name). A new configuration arrives as a new
@@ -85,11 +83,19 @@ impl EmitterRoot {
                 drop(w);
                 worker
             }
-            None => Rc::new(RefCell::new(Worker::new(
-                &ProxyHost,
-                plan,
-                Self::register_doorbell(),
-            ))),
+            None => {
+                let id: String = random_bytes::<8>()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                Rc::new(RefCell::new(Worker::new(
+                    &ProxyHost,
+                    plan,
+                    Self::register_doorbell(),
+                    &key,
+                    id,
+                )))
+            }
         };
         WORKERS.with(|w| w.borrow_mut().insert(key, Rc::downgrade(&worker)));
         self.worker = Some(worker);
@@ -200,6 +206,9 @@ impl RootContext for EmitterRoot {
     }
 
     fn on_tick(&mut self) {
+        if let Some(worker) = self.worker.clone().filter(|_| !self.draining) {
+            worker.borrow_mut().tick(&ProxyHost, now_ms());
+        }
         self.pump();
     }
 

@@ -6,6 +6,7 @@
 use super::host::{log, Callout, Host, LogLevel};
 use super::metrics::Metrics;
 use crate::config::Plan;
+use crate::delivery::shared::{EndpointKey, EndpointState, EndpointTable, HeldByWorker, HeldTable};
 use crate::delivery::{
     dead_letter_body, AttemptOutcome, Bound, CircuitChange, DeadLetterReason, Delivery, LaneId,
     Outbox, Payload, Refused, Verdict,
@@ -15,6 +16,7 @@ use crate::headers;
 use crate::signature::SigningKey;
 use crate::stream::{NoEvent, StreamOutcome};
 use crate::url::WebhookUrl;
+use std::cell::RefCell;
 use std::rc::Rc;
 
 // The write-ahead journal's hooks (`journal_*`) live in worker/journal.rs.
@@ -87,10 +89,22 @@ struct Reported {
     in_flight: i64,
 }
 
+/// The worker as its root context and HTTP contexts share it (one thread, so `Rc<RefCell<…>>`).
+pub type SharedWorker = Rc<RefCell<Worker>>;
+
 pub struct Worker {
     plan: Rc<Plan>,
     outbox: Outbox,
     metrics: Metrics,
+    /// This worker's id among the proxy's workers (random per VM), for the shared held table.
+    id: String,
+    /// Shared-data keys of this plugin: endpoint states and every worker's holdings.
+    endpoints_key: String,
+    held_key: String,
+    /// The CAS token of the endpoint table last applied, so that an unchanged table is not parsed.
+    endpoints_seen: u32,
+    /// What this worker last told the others it holds, and when.
+    held_said: (usize, usize, u64),
     /// A shared queue private to this worker: an HTTP context enqueues to wake the root context
     /// (`on_queue_ready`) so that it dispatches from a root callback.
     doorbell: Option<u32>,
@@ -100,14 +114,36 @@ pub struct Worker {
     journal: Option<crate::journal::Journal>,
 }
 
+/// How often a worker tells the others what it holds even when nothing changed (it is forgotten
+/// after [`HeldTable::STALE_MS`] of silence).
+const HELD_HEARTBEAT_MS: u64 = 1_000;
+/// Attempts at a compare-and-swap update of shared data before giving up until the next tick.
+const CAS_TRIES: usize = 8;
+/// A worker that did not open a circuit probes only if the worker that did (the leader) has not
+/// moved its probe time for this long past it: so one probe per period for the whole proxy, and
+/// still probes if the leader's VM is gone.
+pub const FOLLOWER_GRACE_MS: u64 = 5_000;
+
 impl Worker {
-    pub fn new(host: &dyn Host, plan: Plan, doorbell: Option<u32>) -> Self {
+    /// A worker of the plugin `plugin` (the shared-data namespace), with the random id `id`.
+    pub fn new(
+        host: &dyn Host,
+        plan: Plan,
+        doorbell: Option<u32>,
+        plugin: &str,
+        id: String,
+    ) -> Self {
         let outbox = Outbox::new(plan.webhooks.len(), plan.delivery.outbox.clone());
         let journal = journal::open(host, &plan);
         Worker {
             plan: Rc::new(plan),
             outbox,
             metrics: Metrics::define(host),
+            id,
+            endpoints_key: format!("webhook_emitter.{plugin}.endpoints"),
+            held_key: format!("webhook_emitter.{plugin}.held"),
+            endpoints_seen: 0,
+            held_said: (0, 0, 0),
             doorbell,
             doorbell_rung: false,
             reported: Reported::default(),
@@ -206,6 +242,8 @@ impl Worker {
     /// Fans an event out to the enabled webhooks of its organisation subscribed to its type,
     /// with one shared copy of its envelope, and wakes the root context to dispatch.
     pub fn emit(&mut self, host: &dyn Host, event: Event, now_ms: u64) {
+        // Another worker may have found an endpoint gone or failing since the last tick.
+        self.sync_endpoints(host, now_ms);
         let plan = Rc::clone(&self.plan);
         let subscribers = plan.subscribers(&event.event_type, &event.organisation_id);
         self.metrics.events_emitted.inc(host);
@@ -214,7 +252,7 @@ impl Worker {
             return;
         }
         let event_id: Rc<str> = Rc::from(event.id_hex.as_str());
-        let payload = Rc::new(Payload::Event(event.envelope));
+        let payload = Rc::new(Payload::event(event.envelope));
         let mut accepted = 0;
         let mut journaled = Vec::with_capacity(subscribers.len());
         for &w in subscribers {
@@ -224,7 +262,7 @@ impl Worker {
                 Rc::clone(&payload),
                 now_ms,
             );
-            match self.outbox.enqueue(delivery, accepted > 0) {
+            match self.outbox.enqueue(delivery) {
                 Ok(evicted) => {
                     accepted += 1;
                     journaled.push(w);
@@ -328,10 +366,10 @@ impl Worker {
         let letter = Delivery::new(
             Rc::clone(&delivery.event_id),
             LaneId::DeadLetter,
-            Rc::new(Payload::Raw(body)),
+            Rc::new(Payload::raw(body)),
             now_ms,
         );
-        match self.outbox.enqueue(letter, false) {
+        match self.outbox.enqueue(letter) {
             Ok(evicted) => {
                 for d in evicted {
                     self.drop_evicted(host, d, now_ms);
@@ -491,6 +529,7 @@ impl Worker {
         let plan = Rc::clone(&self.plan);
         let name = lane_name(&plan, lane);
         let (event_id, attempts) = (Rc::clone(&delivery.event_id), delivery.attempts);
+        let was_probe = delivery.is_probe;
         // Jitter is only drawn for a failure (a host call saved on every success).
         let random = if outcome.is_success() {
             0
@@ -546,6 +585,7 @@ impl Worker {
             }
             Verdict::Gone { dropped } => {
                 self.journal_publish_gone(lane);
+                self.publish_endpoint(host, lane, Some(EndpointState::Gone));
                 m.deliveries_failed.inc(host);
                 m.webhooks_disabled_gone.inc(host);
                 log(host, LogLevel::Warn, || {
@@ -564,6 +604,7 @@ impl Worker {
         match self.outbox.take_circuit_change() {
             Some(CircuitChange::Opened) => {
                 self.journal_publish_circuit(lane, true);
+                self.lead_circuit(host, lane, now_ms);
                 m.circuits_opened.inc(host);
                 log(host, LogLevel::Warn, || {
                     format!("circuit opened for webhook {name}: its queue waits, one probe per backoff period")
@@ -571,13 +612,51 @@ impl Worker {
             }
             Some(CircuitChange::Closed) => {
                 self.journal_publish_circuit(lane, false);
+                self.publish_endpoint(host, lane, None);
                 log(host, LogLevel::Info, || {
                     format!("circuit closed for webhook {name}")
-                })
+                });
+            }
+            // A failed probe moved the probe time: the followers wait for the new one.
+            None if was_probe && self.outbox.probe_at(lane).is_some() => {
+                self.lead_circuit(host, lane, now_ms)
             }
             None => {}
         }
         self.report_gauges(host);
+    }
+
+    /// This worker's circuit of `lane` is open: it leads the probing for the proxy, unless another
+    /// live worker already does; then this one follows (holds its queue, probes only if the leader
+    /// falls silent).
+    fn lead_circuit(&mut self, host: &dyn Host, lane: LaneId, now_ms: u64) {
+        let (Some(key), Some(mine)) = (self.endpoint_key(lane), self.outbox.probe_at(lane)) else {
+            return;
+        };
+        for _ in 0..CAS_TRIES {
+            let (bytes, cas) = host.shared_get(&self.endpoints_key).unwrap_or_default();
+            let mut table = EndpointTable::parse(&bytes);
+            match table.entries.get(&key) {
+                Some(EndpointState::Gone) => return,
+                Some(EndpointState::Open {
+                    probe_at_ms,
+                    leader,
+                }) if *leader != self.id && probe_at_ms + FOLLOWER_GRACE_MS > now_ms => {
+                    self.outbox
+                        .set_probe_at(lane, Some(probe_at_ms + FOLLOWER_GRACE_MS));
+                    return;
+                }
+                _ => {}
+            }
+            let state = EndpointState::Open {
+                probe_at_ms: mine,
+                leader: self.id.clone(),
+            };
+            table.set(key.clone(), Some(state));
+            if host.shared_set(&self.endpoints_key, &table.serialize(), cas) {
+                return;
+            }
+        }
     }
 
     /// The answer to an attempt whose lane a new configuration removed or disabled while it was
@@ -633,6 +712,135 @@ impl Worker {
             }
         }
         self.report_gauges(host);
+    }
+
+    /// The tick: what other workers found (endpoints gone or failing, what they hold).
+    pub fn tick(&mut self, host: &dyn Host, now_ms: u64) {
+        self.sync_endpoints(host, now_ms);
+        self.sync_held(host, now_ms);
+    }
+
+    fn endpoint_key(&self, lane: LaneId) -> Option<EndpointKey> {
+        let LaneId::Webhook(i) = lane else {
+            return None;
+        };
+        let w = self.plan.webhooks.get(i)?;
+        let url = format!(
+            "{}://{}{}",
+            if w.url.https { "https" } else { "http" },
+            w.url.authority,
+            w.url.path_and_query
+        );
+        Some(EndpointKey::new(&w.id, &url))
+    }
+
+    /// Tells the proxy's other workers what this one found about an endpoint.
+    fn publish_endpoint(&mut self, host: &dyn Host, lane: LaneId, state: Option<EndpointState>) {
+        let Some(key) = self.endpoint_key(lane) else {
+            return;
+        };
+        for _ in 0..CAS_TRIES {
+            let (bytes, cas) = host.shared_get(&self.endpoints_key).unwrap_or_default();
+            let mut table = EndpointTable::parse(&bytes);
+            table.set(key.clone(), state.clone());
+            if host.shared_set(&self.endpoints_key, &table.serialize(), cas) {
+                return;
+            }
+        }
+        log(host, LogLevel::Warn, || {
+            format!(
+                "could not share the state of webhook {} with the other workers (shared data busy)",
+                key.webhook_id
+            )
+        });
+    }
+
+    /// Applies what other workers found: a webhook gone for them is gone here too (its queued
+    /// deliveries dropped with a trace and dead-lettered); an open circuit holds this worker's
+    /// queue too, and a circuit closed elsewhere opens here again.
+    fn sync_endpoints(&mut self, host: &dyn Host, now_ms: u64) {
+        let Some((bytes, cas)) = host.shared_get(&self.endpoints_key) else {
+            return;
+        };
+        if cas == self.endpoints_seen {
+            return;
+        }
+        self.endpoints_seen = cas;
+        let table = EndpointTable::parse(&bytes);
+        let plan = Rc::clone(&self.plan);
+        for i in 0..plan.webhooks.len() {
+            let lane = LaneId::Webhook(i);
+            let Some(key) = self.endpoint_key(lane) else {
+                continue;
+            };
+            let name = &key.webhook_id;
+            match table.entries.get(&key) {
+                Some(EndpointState::Gone) if !self.outbox.is_gone(lane) => {
+                    let dropped = self.outbox.mark_gone(lane);
+                    log(host, LogLevel::Warn, || {
+                        format!(
+                            "webhook {name} answered 410 Gone to another worker: disabled here too"
+                        )
+                    });
+                    for d in &dropped {
+                        self.metrics.deliveries_dropped_webhook_gone.inc(host);
+                        log(host, LogLevel::Error, || {
+                            format!("delivery dropped: event={} webhook={name} reason=the webhook answered 410 Gone", d.event_id)
+                        });
+                        self.dead_letter(host, d, DeadLetterReason::WebhookGone, now_ms);
+                    }
+                }
+                Some(EndpointState::Open {
+                    probe_at_ms,
+                    leader,
+                }) if *leader != self.id => {
+                    let follow = probe_at_ms + FOLLOWER_GRACE_MS;
+                    if self.outbox.probe_at(lane) != Some(follow) {
+                        self.outbox.set_probe_at(lane, Some(follow));
+                        log(host, LogLevel::Debug, || {
+                            format!("circuit of webhook {name} is open on worker {leader}: holding")
+                        });
+                    }
+                }
+                None if self.outbox.probe_at(lane).is_some() => {
+                    self.outbox.set_probe_at(lane, None);
+                    log(host, LogLevel::Debug, || {
+                        format!("circuit of webhook {name} closed by another worker")
+                    });
+                }
+                _ => {}
+            }
+        }
+        self.report_gauges(host);
+    }
+
+    /// Tells the other workers what this one holds, and learns what they hold, so that
+    /// `maxQueued` and `maxQueuedBytes` bound the whole proxy (to within a tick).
+    fn sync_held(&mut self, host: &dyn Host, now_ms: u64) {
+        let mine = (self.outbox.queued(), self.outbox.queued_bytes());
+        let (said_queued, said_bytes, said_at) = self.held_said;
+        let due = (said_queued, said_bytes) != mine
+            || now_ms.saturating_sub(said_at) >= HELD_HEARTBEAT_MS;
+        let (bytes, cas) = host.shared_get(&self.held_key).unwrap_or_default();
+        let mut table = HeldTable::parse(&bytes);
+        if due {
+            table.update(
+                &self.id,
+                HeldByWorker {
+                    queued: mine.0,
+                    queued_bytes: mine.1,
+                    updated_ms: now_ms,
+                },
+            );
+            // One try: on a CAS mismatch the next tick says it again.
+            if host.shared_set(&self.held_key, &table.serialize(), cas) {
+                self.held_said = (mine.0, mine.1, now_ms);
+            }
+        }
+        self.outbox.set_others(table.others(&self.id, now_ms));
+        for d in self.outbox.trim() {
+            self.drop_evicted(host, d, now_ms);
+        }
     }
 
     /// Moves this worker onto a new plan. Queued deliveries to webhooks that are gone are

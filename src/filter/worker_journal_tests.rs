@@ -86,7 +86,7 @@ fn ok(code: &[u8]) -> AttemptOutcome {
 
 /// A worker whose journal owner key is registered; the host's sent list is empty.
 fn live_worker(host: &FakeHost) -> Worker {
-    let mut worker = Worker::new(host, plan(), Some(1));
+    let mut worker = Worker::new(host, plan(), Some(1), "webhook_emitter", "w1".into());
     let mut out = worker.journal_poll(host, 0);
     let sent = host.take_sent();
     assert_eq!(sent.len(), 1);

@@ -1,6 +1,7 @@
 //! Property test: arbitrary request and response bytes through the pipeline, arbitrary answers
 //! through the worker. Nothing panics, and every delivery ends accounted for: delivered, dropped
 //! or exhausted with a counter, never lost.
+#![allow(clippy::unwrap_used)] // test code (its cfg is not plain `test`, which clippy.toml allows)
 
 use super::host::DispatchRefused;
 use super::testing::{FakeHost, SIGNING_KEY};
@@ -14,7 +15,7 @@ use serde_json::json;
 
 const ORG: &str = "657bf08c202997ba9d127922";
 
-fn plan(max_queued: usize) -> Plan {
+fn plan(max_queued: usize, max_queued_bytes: usize) -> Plan {
     let hooks: Vec<_> = (1..=3)
         .map(|n| {
             json!({
@@ -32,7 +33,7 @@ fn plan(max_queued: usize) -> Plan {
             "object": "", "organisationId": {"header": "x-organisation-id"}
         }],
         "webhooks": hooks,
-        "delivery": {"cluster": "egress", "retrySchedule": ["1s", "1s"], "maxQueued": max_queued,
+        "delivery": {"cluster": "egress", "retrySchedule": ["1s", "1s"], "maxQueued": max_queued, "maxQueuedBytes": max_queued_bytes,
                      "maxInFlightPerWebhook": 2, "maxBodyBytes": 4096},
     });
     Plan::from_json(config.to_string().as_bytes(), &|_| None).unwrap()
@@ -135,9 +136,10 @@ proptest! {
         requests in proptest::collection::vec(request(), 1..12),
         answers in proptest::collection::vec(answer(), 0..40),
         max_queued in 1usize..8,
+        max_queued_bytes in 100usize..2_000,
     ) {
         let host = FakeHost::default();
-        let mut worker = Worker::new(&host, plan(max_queued), None);
+        let mut worker = Worker::new(&host, plan(max_queued, max_queued_bytes), None, "test", "w1".into());
         let plan = worker.plan().clone();
         let mut now = 1_000_000u64;
         let mut answers = answers.into_iter();

@@ -248,7 +248,7 @@ impl Journal {
         pending: Vec<PendingWebhook>,
         stored: bool,
     ) {
-        if !matches!(**payload, Payload::Event(_)) {
+        if payload.envelope().is_none() {
             return;
         }
         if stored {
@@ -425,11 +425,11 @@ impl Journal {
                 continue;
             }
             let payload = t.payload.upgrade();
-            let envelope = match payload.as_deref() {
-                Some(Payload::Event(envelope)) if !t.pending.is_empty() => Some(envelope),
-                // Nothing owed (or no delivery holds the event any more): delete.
-                _ => None,
-            };
+            // Nothing owed (or no delivery holds the event any more): delete.
+            let envelope = payload
+                .as_deref()
+                .and_then(Payload::envelope)
+                .filter(|_| !t.pending.is_empty());
             let request = match envelope {
                 None if !t.stored => {
                     self.tracked.remove(&event_id);

@@ -34,7 +34,7 @@ fn payload(seconds: u64) -> (Rc<str>, Rc<Payload>) {
     );
     (
         Rc::from(e.id_hex.as_str()),
-        Rc::new(Payload::Event(e.envelope)),
+        Rc::new(Payload::event(e.envelope)),
     )
 }
 
@@ -215,7 +215,7 @@ fn a_record_too_large_for_etcd_is_not_written() {
     object.insert("blob".into(), "x".repeat(etcd::MAX_REQUEST_BYTES).into());
     let e = Event::new(EventId::new(1, [3; 8]), "t", "job", "o", object, 1000);
     let id: Rc<str> = Rc::from(e.id_hex.as_str());
-    let p = Rc::new(Payload::Event(e.envelope));
+    let p = Rc::new(Payload::event(e.envelope));
     j.track(&id, &p, 1, pending(&[HOOK_A], 1), false);
     assert!(writes(&mut j, 1).is_empty());
     assert!(matches!(
@@ -300,9 +300,8 @@ fn the_records_of_a_dead_owner_are_claimed_within_the_room_left() {
 
     let (id1, p1) = payload(1_700_000_001);
     let (id2, p2) = payload(1_700_000_002);
-    let rec = |id: &str, p: &Payload, hooks: &[&str]| match p {
-        Payload::Event(env) => record::encode(id, 1, env, &pending(hooks, 99)),
-        Payload::Raw(_) => unreachable!(),
+    let rec = |id: &str, p: &Payload, hooks: &[&str]| {
+        record::encode(id, 1, p.envelope().expect("an event"), &pending(hooks, 99))
     };
     let v1 = rec(&id1, &p1, &[HOOK_A, HOOK_B]);
     let v2 = rec(&id2, &p2, &[HOOK_A]);
@@ -381,9 +380,7 @@ fn a_lost_claim_race_and_the_end_of_the_walk() {
     assert!(out.iter().any(|r| matches!(r.purpose, Purpose::ListAlive)));
     // A claim another proxy won is no event.
     let (id, p) = payload(1);
-    let Payload::Event(env) = &*p else {
-        unreachable!()
-    };
+    let env = p.envelope().expect("an event");
     let record = record::decode(&record::encode(&id, 1, env, &[])).expect("record");
     j.on_answer(
         Purpose::Claim { record, bytes: 10 },
@@ -493,9 +490,7 @@ fn a_long_backlog_is_claimed_batch_after_batch_and_the_walk_resumes_where_it_sto
     let orphans = take(&mut j.poll(12), |p| matches!(p, Purpose::Orphans { .. }));
     // A full batch with more behind it: the next batch follows at once, after its last key.
     let (id, p) = payload(1_700_000_001);
-    let Payload::Event(env) = &*p else {
-        unreachable!()
-    };
+    let env = p.envelope().expect("an event");
     let value = record::encode(&id, 1, env, &pending(&[HOOK_A], 9));
     let key = format!("wh/records/00000000000000dd/{id}");
     let mut answer: Value =

@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/e2e/measure_rss.py [--wasm target/wasm32-wasip1/release/webhook_emitter.wasm] [--events 10000]
 
-One Envoy (--concurrency 1, as in the tests) runs the filter with one webhook whose cluster points at a port
+One Envoy (the harness default of two workers) runs the filter with one webhook whose cluster points at a port
 that is reserved but never listens, so every attempt is refused (Envoy answers 503). maxQueued is above the
 event count and the schedule is long (1h steps), so every delivery stays queued. Reported: VmRSS (and VmHWM)
 from /proc/<pid>/status, and admin /memory (allocated, heap_size) idle, after the events, and the difference

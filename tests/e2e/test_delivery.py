@@ -1,4 +1,4 @@
-"""Issue #2 acceptance: a completed job becomes exactly one signed delivery per enabled, subscribed webhook of
+"""Delivery: a completed job becomes exactly one signed delivery per enabled, subscribed webhook of
 its organisation, and nothing else is delivered. One Envoy with the filter serves the whole module.
 
 Organisations and webhooks (two rules: job.completed on /jobs/{id}/complete, job.started on /jobs/{id}/start):
@@ -32,7 +32,8 @@ def setup(job_service, receiver, envoys, wasm):
         "c1": make_hook(port, org_c, ["job.completed"], env_var="WH_KEY_C1", name="c1"),
     }
     config = PluginConfig(hooks=list(hooks.values()), delivery=delivery_section())
-    envoy = harness.envoy_with_filter(job_service, receiver, config, wasm=wasm, name="delivery")
+    # One worker: control_event() relies on events being handled in order.
+    envoy = harness.envoy_with_filter(job_service, receiver, config, wasm=wasm, name="delivery", concurrency=1)
     envoys.append(envoy)
     return {"envoy": envoy, "hooks": hooks, "config": config, "orgs": {"A": org_a, "B": org_b, "C": org_c}}
 

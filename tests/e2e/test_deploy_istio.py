@@ -156,8 +156,9 @@ def test_wasmplugin_fields_are_istio_fields():
     unknown = set(spec) - WASMPLUGIN_FIELDS
     assert not unknown, f"not WasmPlugin fields (typo?): {unknown}"
     assert spec["url"].startswith("oci://"), spec["url"]
-    assert re.fullmatch(r"[a-f0-9]{64}", str(spec["sha256"])), \
-        "sha256 must be 64 lowercase hex digits: the manifest digest `make oci` prints, without 'sha256:'"
+    # A placeholder the CRD's pattern refuses (tests/static/test_istio_crds.py checks it against the CRD): an
+    # unfinished apply fails instead of installing a plugin Istio cannot verify. `make oci` fills in the digest.
+    assert spec["sha256"] and not re.fullmatch(r"[a-f0-9]{64}", str(spec["sha256"])), spec["sha256"]
     assert spec["failStrategy"] in FAIL_STRATEGIES and spec["failStrategy"] == "FAIL_RELOAD"
     assert spec["phase"] in PHASES and spec["phase"] == "STATS"
     assert spec["type"] == "HTTP"

@@ -1,18 +1,20 @@
-"""HTTPS deliveries (issue #5, items 1 and 2): TLS receivers with certificates from a CA made at test time.
+"""HTTPS deliveries: TLS receivers with certificates from a CA made at test time.
 
 - Through a per-webhook cluster that originates TLS and validates against the CA: the delivery arrives over
   TLS and its signature verifies.
 - A receiver whose certificate the CA did not sign gets no event data; the attempt fails, is counted and retried.
-- One dynamic_forward_proxy cluster (auto_sni, auto_san_validation) carries deliveries to two different https
-  URLs by their host, with no cluster per webhook; its upstream header_mutation filter strips Envoy's x-envoy-*
-  callout headers before they reach a third party.
+- The shipped egress (envoy/envoy.yaml: an internal listener with the dynamic_forward_proxy filter, and a
+  dynamic_forward_proxy cluster with auto_sni, auto_san_validation) carries deliveries to two different https
+  URLs by their host, with no cluster per webhook; its upstream header_mutation filter strips the x-envoy-* and
+  x-forwarded-* headers Envoy puts on callouts before they reach a third party.
 """
 
 import harness
 import pytest
 from harness.checks import check_delivery
 from harness.config import PluginConfig, delivery_section, new_id
-from harness.tls import Pki, TlsReceiver, dynamic_egress_cluster, tls_cluster, without_envoy_headers
+from harness.egress import shipped_egress
+from harness.tls import Pki, TlsReceiver, tls_cluster
 
 METRIC = "wasmcustom.webhook_emitter."
 
@@ -97,18 +99,21 @@ def test_untrusted_certificate_gets_nothing_and_is_retried(static_tls, receivers
 
 def test_one_dynamic_forward_proxy_cluster_reaches_any_https_url(job_service, receivers, pki, envoys, wasm):
     org = new_id()
-    hooks = [https_hook(receivers["good"], org, "egress"), https_hook(receivers["good2"], org, "egress")]
+    hooks = [https_hook(receivers["good"], org, "webhooks_egress"),
+             https_hook(receivers["good2"], org, "webhooks_egress")]
     config = PluginConfig(hooks=hooks, delivery=delivery_section(retrySchedule=["300ms"] * 5))
     envoy = harness.envoy_with_filter(job_service, None, with_clusters(config), wasm=wasm, name="tls-dfp",
-                                      extra_clusters=[without_envoy_headers(dynamic_egress_cluster("egress", pki["trusted"].ca))])
+                                      egress=shipped_egress(ca=pki["trusted"].ca, refuse_private=False))
     envoys.append(envoy)
     job_id = complete(envoy, org)
     for hook, receiver in zip(hooks, (receivers["good"], receivers["good2"])):
         [delivery] = receiver.wait_for(lambda d, h=hook: d.object_id() == job_id and d.path == h.path, timeout=20)
         check_delivery(delivery, hook, "job.completed", harness.completed_job(job_id))
-        # The shipped egress cluster strips the headers Envoy adds to callouts.
-        assert not [h for h in delivery.headers if h.startswith("x-envoy")], delivery.headers
+        # The shipped egress strips the headers Envoy adds to callouts.
+        assert not [h for h in delivery.headers if h.startswith("x-envoy") or h.startswith("x-forwarded")
+                    or h == "x-request-id"], delivery.headers
     # Envoy counts a 2xx once the answer is back, which can be just after the receiver recorded the request.
     harness.wait_until(
-        lambda: envoy.stats(r"^cluster\.egress\.upstream_rq_2xx$").get("cluster.egress.upstream_rq_2xx", 0) >= 2,
+        lambda: envoy.stats(r"^cluster\.webhooks_egress_dfp\.upstream_rq_2xx$").get(
+            "cluster.webhooks_egress_dfp.upstream_rq_2xx", 0) >= 2,
         timeout=10, desc="both deliveries to be counted as 2xx on the egress cluster")

@@ -18,46 +18,63 @@ __all__ = [
 ]
 
 
-def _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars, host_env_keys, extra_clusters=()):
-    """The bootstrap of an Envoy whose filter chain holds the webhook-emitter filter with this plugin
-    configuration (a PluginConfig, a dict, or a raw string)."""
-    if isinstance(plugin_config, PluginConfig):
-        env = dict(plugin_config.env_vars())
-        env.update(env_vars or {})
-        cfg = plugin_config.to_dict()
-    else:
-        env, cfg = dict(env_vars or {}), plugin_config
-    wasm_filter = wasm_http_filter(wasm, cfg, env_vars=env or None, host_env_keys=host_env_keys)
-    return build_bootstrap(job_service.port, receiver.port if receiver else None, wasm_filter, extra_clusters)
+def _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars=None, host_env_keys=None,
+                      extra_clusters=(), egress=None, layered_runtime=None):
+    """(bootstrap, environment, host_env_keys) of an Envoy whose filter chain holds the webhook-emitter filter
+    with this plugin configuration (a PluginConfig, a dict, or a raw string). `egress`: a harness.egress.Egress
+    to add (the shipped delivery egress: its listener, clusters and bootstrap extension).
+
+    Keys reach the VM through host_env_keys only: every key made so far (the registry puts them in this
+    process's environment, which Envoy inherits), plus `env_vars` and the variables a PluginConfig's hooks
+    chose, which go into Envoy's environment."""
+    env = dict(plugin_config.env_vars()) if isinstance(plugin_config, PluginConfig) else {}
+    env.update(env_vars or {})
+    cfg = plugin_config.to_dict() if isinstance(plugin_config, PluginConfig) else plugin_config
+    if host_env_keys is None:
+        host_env_keys = registry.key_env_names() + sorted(set(env) - set(registry.key_env_names()))
+    wasm_filter = wasm_http_filter(wasm, cfg, host_env_keys=host_env_keys)
+    listeners, extensions = (), ()
+    if egress is not None:
+        extra_clusters = [*egress.clusters, *extra_clusters]
+        listeners, extensions = egress.listeners, egress.bootstrap_extensions
+    bootstrap = build_bootstrap(job_service.port, receiver.port if receiver else None, wasm_filter, extra_clusters,
+                                extra_listeners=listeners, bootstrap_extensions=extensions,
+                                layered_runtime=layered_runtime)
+    return bootstrap, env, list(host_env_keys)
 
 
 def envoy_with_filter(job_service, receiver, plugin_config, wasm=DEFAULT_WASM, name="envoy", env_vars=None,
-                      host_env_keys=(), extra_clusters=(), start=True, **kwargs):
+                      extra_clusters=(), start=True, egress=None, layered_runtime=None, env=None, **kwargs):
     """An Envoy whose filter chain holds the webhook-emitter filter with this plugin configuration
-    (a PluginConfig, a dict, or a raw string). Started and ready unless start=False."""
-    bootstrap = _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars, host_env_keys, extra_clusters)
-    envoy = Envoy(bootstrap, name=name, **kwargs)
+    (a PluginConfig, a dict, or a raw string). Started and ready unless start=False. `env_vars`: more
+    variables for Envoy's environment, passed on to the VM through host_env_keys."""
+    bootstrap, key_env, host_env_keys = _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars,
+                                                          None, extra_clusters, egress, layered_runtime)
+    envoy = Envoy(bootstrap, name=name, env={**(env or {}), **key_env}, **kwargs)
+    # An update must give the VM the same host_env_keys, or Envoy makes a new VM (update_plugin_config).
+    envoy.host_env_keys = host_env_keys
     return envoy.start() if start else envoy
 
 
-def plugin_listeners(job_service, receiver, plugin_config, wasm=DEFAULT_WASM, env_vars=None, host_env_keys=(),
-                     **kwargs):
+def plugin_listeners(job_service, receiver, plugin_config, wasm=DEFAULT_WASM, host_env_keys=None, **kwargs):
     """The listeners (as envoy_with_filter builds them) for a filter with this plugin configuration: hand them
     to Envoy.set_listeners() of an Envoy started with envoy_with_filter(..., lds=True).
 
-    Keep env_vars and host_env_keys as they were at start: they are part of vm_config, and a changed
+    Give the host_env_keys of that Envoy (envoy.host_env_keys): they are part of vm_config, and a changed
     vm_config makes Envoy start a new VM instead of giving the running one a new root context (which is what
-    lets the filter carry its queued deliveries over to the new configuration)."""
-    bootstrap = _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars, host_env_keys, **kwargs)
+    lets the filter carry its queued deliveries over to the new configuration). So the keys of a new
+    configuration must have been made before that Envoy started."""
+    bootstrap, _, _ = _filter_bootstrap(job_service, receiver, plugin_config, wasm, host_env_keys=host_env_keys,
+                                        **kwargs)
     return bootstrap["static_resources"]["listeners"]
 
 
-def update_plugin_config(envoy, job_service, receiver, plugin_config, wasm=DEFAULT_WASM, env_vars=None,
-                         host_env_keys=(), timeout: float = 30.0, **kwargs) -> None:
+def update_plugin_config(envoy, job_service, receiver, plugin_config, wasm=DEFAULT_WASM, timeout: float = 30.0,
+                         **kwargs) -> None:
     """Give a running Envoy (started with envoy_with_filter(..., lds=True)) a new plugin configuration, by an
     LDS update of its listener; returns once Envoy has applied it."""
-    envoy.set_listeners(plugin_listeners(job_service, receiver, plugin_config, wasm=wasm, env_vars=env_vars,
-                                         host_env_keys=host_env_keys, **kwargs), timeout=timeout)
+    envoy.set_listeners(plugin_listeners(job_service, receiver, plugin_config, wasm=wasm,
+                                         host_env_keys=envoy.host_env_keys, **kwargs), timeout=timeout)
 
 
 __all__ += ["plugin_listeners", "update_plugin_config"]

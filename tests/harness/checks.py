@@ -1,4 +1,4 @@
-"""Checks of a delivered webhook against the contract (design.md "Delivery request", seed envelope).
+"""Checks of a delivered webhook against the contract (the README's "Delivery contract").
 
 Signatures are checked with the `standardwebhooks` package, never with the filter's own code."""
 

@@ -1,6 +1,8 @@
-"""Plugin configurations (the design.md format) for tests: organisations, webhooks, keys, event rules.
+"""Plugin configurations (the README's configuration reference) for tests: organisations, webhooks, keys, event rules.
 
-Every key made here is registered with the secrets registry, so the suite can prove none reaches a log.
+Every key made here is registered with the secrets registry, so the suite can prove none reaches a log, and
+is given an environment variable name there: configurations refer to keys only as {"env": NAME}
+(key_ref), and the harness hands them to Envoy through host_env_keys.
 """
 
 from __future__ import annotations
@@ -17,8 +19,16 @@ DEFAULT_MAX_BODY_BYTES = 1048576
 
 
 def new_key(nbytes: int = 32) -> str:
-    """A Standard Webhooks secret: whsec_ + base64 of random bytes. Registered as a secret."""
-    return registry.register_secret("whsec_" + base64.b64encode(os.urandom(nbytes)).decode())
+    """A Standard Webhooks secret: whsec_ + base64 of random bytes. Registered as a secret, with an environment
+    variable name (key_ref)."""
+    key = registry.register_secret("whsec_" + base64.b64encode(os.urandom(nbytes)).decode())
+    registry.register_env_key(key)
+    return key
+
+
+def key_ref(key: str) -> dict:
+    """How a configuration names a key made by new_key(): {"env": NAME}. Never put the key itself in one."""
+    return {"env": registry.env_name(key)}
 
 
 def new_id() -> str:
@@ -26,14 +36,20 @@ def new_id() -> str:
     return os.urandom(12).hex()
 
 
-def job_completed_rule(path: str = "/jobs/{jobId}/complete") -> dict:
+# Where the shipped configurations take an event's organisation from: the upstream's answer, which it gives
+# only after its own authorisation. Tests that exercise the header source use HEADER_ORGANISATION.
+BODY_ORGANISATION = {"pointer": "/organisationId"}
+HEADER_ORGANISATION = {"header": "x-organisation-id"}
+
+
+def job_completed_rule(path: str = "/jobs/{jobId}/complete", organisation: Optional[dict] = None) -> dict:
     return {
         "type": "job.completed",
         "objectType": "job",
         "match": {"methods": ["POST", "PUT", "PATCH"], "path": path, "status": [200]},
         "when": [{"pointer": "/status", "equals": "completed"}],
         "object": "",
-        "organisationId": {"header": "x-organisation-id"},
+        "organisationId": dict(organisation or HEADER_ORGANISATION),
     }
 
 
@@ -59,7 +75,7 @@ class Hook:
     events: list
     status: str = "enabled"
     name: str = ""
-    env_var: Optional[str] = None  # set when the config says {"env": env_var}
+    env_var: Optional[str] = None  # a variable name of the test's choice (else the registry's name for the key)
 
     @property
     def path(self) -> str:
@@ -74,7 +90,7 @@ class Hook:
             "description": "e2e test webhook",
             "status": self.status,
             "events": list(self.events),
-            "apiKey": {"env": self.env_var} if self.env_var else self.key,
+            "apiKey": {"env": self.env_var} if self.env_var else key_ref(self.key),
         }
 
 
@@ -121,7 +137,8 @@ class PluginConfig:
         }
 
     def env_vars(self) -> dict:
-        """What vm_config.environment_variables.key_values must hold for hooks with {"env": VAR} keys."""
+        """The variables of hooks whose key has a variable name of the test's choice (Envoy's environment must
+        hold them; the registry's names are always there)."""
         return {h.env_var: h.key for h in self.hooks if h.env_var}
 
     def hook(self, hook_id: str) -> Hook:

@@ -84,25 +84,25 @@ def static_cluster(name: str, port: int, large_circuit_breakers: bool = False, c
 def wasm_http_filter(
     wasm_path,
     plugin_config,
-    env_vars: Optional[dict] = None,
-    host_env_keys: Iterable = (),
+    host_env_keys: Optional[Iterable] = None,
     failure_policy: Optional[str] = "FAIL_RELOAD",
 ) -> dict:
     """The envoy.filters.http.wasm entry. `plugin_config` is a dict (serialised to JSON) or a raw string
-    (passed through verbatim, so tests can hand Envoy text that is not JSON)."""
+    (passed through verbatim, so tests can hand Envoy text that is not JSON).
+
+    Keys reach the VM only through `host_env_keys` (copied from Envoy's environment), by default the names of
+    every key the harness made so far (registry): never through `key_values` or inline, which /config_dump
+    and Envoy's debug log show."""
+    if host_env_keys is None:
+        host_env_keys = registry.key_env_names()
     value = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
     vm_config = {
         "vm_id": "webhook_emitter",
         "runtime": "envoy.wasm.runtime.v8",
         "code": {"local": {"filename": str(Path(wasm_path).resolve())}},
     }
-    env = {}
-    if env_vars:
-        env["key_values"] = dict(env_vars)
     if host_env_keys:
-        env["host_env_keys"] = list(host_env_keys)
-    if env:
-        vm_config["environment_variables"] = env
+        vm_config["environment_variables"] = {"host_env_keys": list(host_env_keys)}
     config = {
         "name": "webhook_emitter",
         "root_id": "webhook_emitter",
@@ -117,15 +117,28 @@ def wasm_http_filter(
     }
 
 
+def shipped_runtime() -> dict:
+    """The layered_runtime of envoy/envoy.yaml (its callout answer limit): every Envoy the harness starts runs
+    with it unless a test says otherwise."""
+    import yaml
+
+    return yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())["layered_runtime"]
+
+
 def build_bootstrap(
     job_port: int,
     receiver_port: Optional[int] = None,
     wasm_filter: Optional[dict] = None,
     extra_clusters: Iterable = (),
     route_timeout: str = "60s",
+    extra_listeners: Iterable = (),
+    bootstrap_extensions: Iterable = (),
+    layered_runtime: Optional[dict] = None,
 ) -> dict:
     """listener (port 0) -> HCM -> [wasm filter (optional)] + router -> cluster job_service.
-    Cluster `webhooks` points at the receiver (when given), with large circuit breakers."""
+    Cluster `webhooks` points at the receiver (when given), with large circuit breakers. Extra listeners (for
+    example the shipped internal egress listener, harness.egress) come after the `ingress` one. The runtime is
+    the shipped one unless `layered_runtime` is given ({} for Envoy's defaults)."""
     http_filters = []
     if wasm_filter is not None:
         http_filters.append(wasm_filter)
@@ -152,7 +165,7 @@ def build_bootstrap(
     if receiver_port is not None:
         clusters.append(static_cluster("webhooks", receiver_port, large_circuit_breakers=True))
     clusters.extend(extra_clusters)
-    return {
+    bootstrap = {
         "node": {"id": "webhook-emitter-e2e", "cluster": "webhook-emitter-e2e"},
         "admin": {"address": _address(0)},
         "static_resources": {
@@ -163,11 +176,16 @@ def build_bootstrap(
                     "filter_chains": [
                         {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
                     ],
-                }
+                },
+                *extra_listeners,
             ],
             "clusters": clusters,
         },
     }
+    if bootstrap_extensions:
+        bootstrap["bootstrap_extensions"] = list(bootstrap_extensions)
+    bootstrap["layered_runtime"] = shipped_runtime() if layered_runtime is None else layered_runtime
+    return bootstrap
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -183,8 +201,18 @@ class Envoy:
     """One Envoy process. `with Envoy(bootstrap) as e:` starts it, waits until it serves, and always stops it."""
 
     def __init__(self, bootstrap: dict, name: str = "envoy", log_level: str = "info", extra_args: Iterable = (),
-                 env: Optional[dict] = None, lds: bool = False, hot_restart: Optional[tuple] = None):
+                 env: Optional[dict] = None, lds: bool = False, concurrency: int = 2,
+                 command_prefix: Iterable = (), listeners: Iterable = (LISTENER_NAME,),
+                 workdir: Optional[Path] = None, hot_restart: Optional[tuple] = None):
         self.bootstrap = bootstrap
+        # Two workers by default, as in production: per-worker state (outboxes, circuits, 410s) must not
+        # leak into what a client or a receiver sees. A test that needs one worker says so.
+        self.concurrency = concurrency
+        # A prefix for the command line, for example ("taskset", "-c", "1") to pin Envoy to a core (the bench).
+        self.command_prefix = list(command_prefix)
+        # The listeners whose real ports must be known before Envoy counts as ready (see `ports`).
+        self.listeners = tuple(listeners)
+        self.ports: dict = {}
         # lds=True: the bootstrap's static listeners are served to Envoy through LDS from a file instead
         # (dynamic_resources.lds_config: path_config_source + watched_directory), so set_listeners() can
         # swap them in the running Envoy (for example to give the filter a new plugin configuration).
@@ -197,7 +225,11 @@ class Envoy:
         self.log_level = log_level
         self.extra_args = list(extra_args)
         self.env = env
-        self.workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=session_dir()))
+        if workdir is None:
+            self.workdir = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=session_dir()))
+        else:
+            self.workdir = Path(workdir)
+            self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path = self.workdir / "bootstrap.json"
         self.log_path = self.workdir / "envoy.log"
         self.admin_path = self.workdir / "admin-address"
@@ -209,6 +241,7 @@ class Envoy:
     # -- lifecycle --------------------------------------------------------------------------------------------
     def start(self, wait: bool = True, timeout: float = 30.0) -> "Envoy":
         self.config_path.write_text(json.dumps(self._rendered_bootstrap(), indent=1))
+        self.admin_path.unlink(missing_ok=True)
         if self.hot_restart is None:
             restart_args = ["--disable-hot-restart"]
         else:
@@ -216,7 +249,7 @@ class Envoy:
             restart_args = ["--base-id", str(base_id), "--restart-epoch", str(epoch), "--drain-time-s", "1",
                             "--parent-shutdown-time-s", "3"]
         cmd = [
-            str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", "1", "-l", self.log_level,
+            *self.command_prefix, str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", str(self.concurrency), "-l", self.log_level,
             *restart_args, "--admin-address-path", str(self.admin_path), *self.extra_args,
         ]
         registry.register_log(self.log_path)
@@ -295,6 +328,7 @@ class Envoy:
                                  f"listener_manager stats {stats}; log tail:\n{self.log_tail()}")
             time.sleep(0.02)
         self.listener_port = None
+        self.ports.clear()
         deadline = time.monotonic() + scaled(timeout)
         while not self._probe():
             if time.monotonic() >= deadline:
@@ -324,17 +358,17 @@ class Envoy:
                 return False
             self.admin_port = int(text.rsplit(":", 1)[1])
         try:
-            if self.listener_port is None:
+            if any(name not in self.ports for name in self.listeners):
                 r = http_request(self.admin_port, "GET", "/listeners?format=json", timeout=2)
                 if r.status != 200:
                     return False
                 for status in r.json().get("listener_statuses", []):
-                    if status.get("name") == LISTENER_NAME:
-                        port = status.get("local_address", {}).get("socket_address", {}).get("port_value", 0)
-                        if port:
-                            self.listener_port = int(port)
-                if self.listener_port is None:
+                    port = status.get("local_address", {}).get("socket_address", {}).get("port_value", 0)
+                    if port:
+                        self.ports[status.get("name")] = int(port)
+                if any(name not in self.ports for name in self.listeners):
                     return False
+                self.listener_port = self.ports.get(LISTENER_NAME)
             r = http_request(self.admin_port, "GET", "/ready", timeout=2)
             return r.status == 200
         except (OSError, ValueError):

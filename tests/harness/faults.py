@@ -1,4 +1,4 @@
-"""Receivers that misbehave on purpose, for the reliability tests (issue #3).
+"""Receivers that misbehave on purpose, for the retry, isolation and load tests.
 
 ScriptedReceiver: a Receiver (same recording, same wait_for) whose answer to each request is chosen by a
 per-path script: a status, extra headers (Retry-After), a delay, a gate to wait for, or no answer at all (the

@@ -159,7 +159,7 @@ class _JobHandler(BaseHTTPRequestHandler):
         scenario = query.get("scenario", "")
         m = _COMPLETE.match(split.path)
         if m:
-            status, payload, headers, chunk = JobService.answer(m.group(1), scenario, query)
+            status, payload, headers, chunk = owner.answer(m.group(1), scenario, query)
             self._send(status, payload, headers, chunk)
             return
         m = _START.match(split.path)
@@ -182,10 +182,20 @@ class JobService(_BackgroundServer):
 
     SCENARIOS = ("", "failed", "notfound", "big", "invalid", "gzip", "badgzip", "large")
 
-    def __init__(self) -> None:
+    def __init__(self, default_owner: Optional[str] = None) -> None:
         super().__init__()
         self._lock = threading.Lock()
         self.requests: list = []
+        # The service's own record of which organisation each job belongs to: it answers a completion with the
+        # job's organisationId, as an upstream does once its own authorisation has looked the job up.
+        self.owners: dict = {}
+        self.default_owner = default_owner
+
+    def own(self, job_id: str, organisation_id: str) -> str:
+        """Records that job_id belongs to organisation_id; returns job_id."""
+        with self._lock:
+            self.owners[job_id] = organisation_id
+        return job_id
 
     def _record(self, method, path, headers, body):
         with self._lock:
@@ -195,8 +205,7 @@ class JobService(_BackgroundServer):
         with self._lock:
             return [r for r in self.requests if r["path"].startswith(path_prefix)]
 
-    @classmethod
-    def answer(cls, job_id: str, scenario: str, query: dict):
+    def answer(self, job_id: str, scenario: str, query: dict):
         """(status, body bytes, extra headers, chunk size or 0) for /jobs/{id}/complete?scenario=..."""
         if scenario == "failed":
             job = {"id": job_id, "status": "failed", "error": {"code": "E_TIMEOUT", "message": "worker timed out"}}
@@ -204,7 +213,7 @@ class JobService(_BackgroundServer):
         if scenario == "notfound":
             return 404, json.dumps({"error": "job not found", "id": job_id, "status": "completed"}).encode(), (), 0
         if scenario == "big":
-            return 200, _big_job(job_id, int(query.get("bytes", cls.BIG_BYTES))), (), cls.BIG_CHUNK
+            return 200, _big_job(job_id, int(query.get("bytes", self.BIG_BYTES))), (), self.BIG_CHUNK
         if scenario == "invalid":
             return 200, ('{"id": "%s", "status": "completed", "result": {oops' % job_id).encode(), (), 0
         if scenario == "gzip":
@@ -214,18 +223,16 @@ class JobService(_BackgroundServer):
             raw = gzip.compress(json.dumps(completed_job(job_id)).encode(), mtime=0)
             return 200, raw[:12] + bytes(b ^ 0x5A for b in raw[12:]), (("Content-Encoding", "gzip"),), 0
         if scenario == "large":
-            n = int(query.get("bytes", cls.LARGE_BYTES))
+            n = int(query.get("bytes", self.LARGE_BYTES))
             job = {"id": job_id, "status": "completed", "result": {"blob": "a" * n}}
-            return 200, json.dumps(cls._owned(job, query)).encode(), (), 0
-        return 200, json.dumps(cls._owned(completed_job(job_id), query)).encode(), (), 0
+            return 200, json.dumps(self._owned(job)).encode(), (), 0
+        return 200, json.dumps(self._owned(completed_job(job_id))).encode(), (), 0
 
-    @staticmethod
-    def _owned(job: dict, query: dict) -> dict:
-        """?owner=ORG: the job belongs to ORG, and the answer says so (what an upstream does once its own
-        authorisation has found the job's organisation)."""
-        if "owner" in query:
-            job = {**job, "organisationId": query["owner"]}
-        return job
+    def _owned(self, job: dict) -> dict:
+        """The job with its organisationId, when the service knows the job's organisation."""
+        with self._lock:
+            owner = self.owners.get(job["id"], self.default_owner)
+        return {**job, "organisationId": owner} if owner else job
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """TLS for the end-to-end tests: a throwaway CA and `localhost` server certificates made at test time with the
-openssl CLI, receivers that speak HTTPS, and the Envoy clusters that originate TLS to them (one static cluster
-per receiver, or one dynamic_forward_proxy cluster for any https URL)."""
+openssl CLI, receivers that speak HTTPS, and a static Envoy cluster that originates TLS to one of them (the
+dynamic_forward_proxy egress for any https URL is the shipped one: harness.egress)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ def _openssl(*args: str, cwd: Path) -> None:
 
 
 class Pki:
-    """A CA and one server certificate for `localhost` (DNS) and 127.0.0.1 (IP), signed by that CA."""
+    """A CA and one server certificate for `localhost` and `dns_names` (DNS) and 127.0.0.1 (IP), signed by
+    that CA."""
 
-    def __init__(self, directory: Path, name: str):
+    def __init__(self, directory: Path, name: str, dns_names=()):
         self.dir = directory / name
         self.dir.mkdir(parents=True, exist_ok=True)
         d = self.dir
@@ -31,7 +32,8 @@ class Pki:
                  "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=d)
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-keyout", "server.key",
                  "-out", "server.csr", cwd=d)
-        (d / "ext.cnf").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+        sans = ",".join(f"DNS:{n}" for n in ("localhost", *dns_names))
+        (d / "ext.cnf").write_text(f"subjectAltName={sans},IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
         _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
                  "-days", "2", "-extfile", "ext.cnf", "-out", "server.pem", cwd=d)
 
@@ -100,56 +102,3 @@ def tls_cluster(name: str, port: int, ca: Path) -> dict:
             {"endpoint": {"address": {"socket_address": {"address": LOOPBACK, "port_value": port}}}}]}]},
         "transport_socket": upstream_tls(ca),
     }
-
-
-def dynamic_egress_cluster(name: str, ca: Path) -> dict:
-    """One dynamic_forward_proxy cluster for any https webhook URL: the host comes from the callout's
-    :authority, SNI from the host (auto_sni), and the certificate must carry that host (auto_san_validation)."""
-    return {
-        "name": name,
-        "connect_timeout": "2s",
-        "lb_policy": "CLUSTER_PROVIDED",
-        "cluster_type": {
-            "name": "envoy.clusters.dynamic_forward_proxy",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.clusters.dynamic_forward_proxy.v3.ClusterConfig",
-                "dns_cache_config": {
-                    "name": f"{name}_dns",
-                    "dns_lookup_family": "V4_ONLY",
-                    "typed_dns_resolver_config": {
-                        "name": "envoy.network.dns_resolver.getaddrinfo",
-                        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.getaddrinfo.v3.GetAddrInfoDnsResolverConfig"},
-                    },
-                },
-            },
-        },
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "upstream_http_protocol_options": {"auto_sni": True, "auto_san_validation": True},
-                "explicit_http_config": {"http_protocol_options": {}},
-            }
-        },
-        "circuit_breakers": {"thresholds": [{"max_connections": 10000, "max_pending_requests": 10000,
-                                             "max_requests": 10000}]},
-        "transport_socket": upstream_tls(ca, sni=None, san=None),
-    }
-
-
-def without_envoy_headers(cluster: dict) -> dict:
-    """Adds upstream HTTP filters to a cluster that remove the x-envoy-* headers Envoy puts on callouts, so
-    third-party receivers see only the delivery's own headers."""
-    options = cluster.setdefault("typed_extension_protocol_options", {}).setdefault(
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        {"@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-         "explicit_http_config": {"http_protocol_options": {}}},
-    )
-    options["http_filters"] = [
-        {"name": "envoy.filters.http.header_mutation", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
-            "mutations": {"request_mutations": [{"remove": "x-envoy-internal"},
-                                                {"remove": "x-envoy-expected-rq-timeout-ms"}]}}},
-        {"name": "envoy.filters.http.upstream_codec", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.upstream_codec.v3.UpstreamCodec"}},
-    ]
-    return cluster

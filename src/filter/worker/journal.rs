@@ -122,14 +122,10 @@ impl Worker {
         }
     }
 
+    /// What the outbox can still take (within the proxy's bounds, as this worker sees them).
     fn journal_room(&self) -> Room {
-        let settings = self.outbox.settings();
-        Room {
-            deliveries: settings.max_queued.saturating_sub(self.outbox.queued()),
-            bytes: settings
-                .max_queued_bytes
-                .saturating_sub(self.outbox.queued_bytes()),
-        }
+        let (deliveries, bytes) = self.outbox.room();
+        Room { deliveries, bytes }
     }
 
     /// Sends the journal's requests that are due; returns them by callout token.
@@ -267,7 +263,7 @@ impl Worker {
             pending,
         } = record;
         let event_id: Rc<str> = Rc::from(event_id.as_str());
-        let payload = Rc::new(Payload::Event(envelope));
+        let payload = Rc::new(Payload::event(envelope));
         let plan = Rc::clone(&self.plan);
         let mut kept = Vec::with_capacity(pending.len());
         for p in pending {
@@ -292,7 +288,7 @@ impl Worker {
             );
             delivery.attempts = p.attempts;
             delivery.next_attempt_at_ms = p.next_attempt_at_ms;
-            match self.outbox.enqueue(delivery, !kept.is_empty()) {
+            match self.outbox.enqueue(delivery) {
                 Ok(evicted) => {
                     kept.push(p);
                     for d in evicted {

@@ -81,7 +81,7 @@ fn main() {
         }
     };
     let host = NullHost;
-    let mut worker = Worker::new(&host, plan, None);
+    let mut worker = Worker::new(&host, plan, None, "bench", "w1".into());
     let plan = worker.plan().clone();
     let now: u64 = 1_795_930_480_000;
     let request = serialize_map(&[

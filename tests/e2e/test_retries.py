@@ -1,4 +1,4 @@
-"""Issue #3 ("Reliable delivery"), acceptance, part 1: how each kind of failed attempt is retried, and what
+"""Retries: how each kind of failed attempt is retried, and what
 happens when a delivery finally fails. A real Envoy runs the built filter; receivers are real loopback servers
 that misbehave on purpose (harness.faults); signatures are checked with standardwebhooks.
 
@@ -15,10 +15,11 @@ from email.utils import formatdate
 import harness
 import pytest
 from harness.checks import HEX24, RFC3339_UTC_Z, check_delivery, signature_valid
-from harness.config import PluginConfig, delivery_section, make_hook, new_id, new_key
+from harness.config import PluginConfig, delivery_section, key_ref, make_hook, new_id, new_key
 from harness.envoy import static_cluster
 from harness.faults import LateReceiver, Reply
 from harness.observe import Counters, complete_job, plugin_dict, plugin_log_lines, wait_for_log
+
 
 SHORT = ["200ms", "500ms", "1s"]
 
@@ -152,9 +153,10 @@ def test_410_disables_the_webhook_and_drops_its_queue_other_webhooks_unaffected(
     kept = make_hook(rc.port, org, ["job.completed"], name="kept")
     dead_path = f"/dead-letters/{new_id()}"
     config = PluginConfig(hooks=[gone, kept], delivery=delivery_section(retrySchedule=SHORT))
-    # One attempt in flight per webhook, so the events behind the first one queue in `gone`'s lane.
+    # One attempt in flight per webhook, so the events behind the first one queue in `gone`'s lane; one
+    # worker, so that "in flight" is one lane's (a 410 across workers: test_limits.py).
     envoy = start_envoy(plugin_dict(config, maxInFlightPerWebhook=1,
-                                    deadLetter={"url": rc.url(dead_path), "cluster": "webhooks"}))
+                                    deadLetter={"url": rc.url(dead_path), "cluster": "webhooks"}), concurrency=1)
     gate = threading.Event()
     rc.script(gone.path, [Reply(410, gate=gate)])  # anything after the 410 would be answered 200
     counters = Counters(envoy)
@@ -213,7 +215,7 @@ def test_always_500_is_exhausted_after_the_schedule_and_dead_lettered(rc, start_
     dead_path = f"/dead-letters/{new_id()}"
     dead_key = new_key()
     envoy = start_envoy(plugin_dict(config, deadLetter={"url": rc.url(dead_path), "cluster": "webhooks",
-                                                        "apiKey": dead_key}))
+                                                        "apiKey": key_ref(dead_key)}))
     rc.always(hook.path, 500)
     rc.script(dead_path, [503])  # the dead letter is retried like a delivery: its first attempt fails
     counters = Counters(envoy)
@@ -306,3 +308,85 @@ def test_a_dead_letter_that_cannot_be_stored_is_logged_critical_and_counted(rc, 
     assert counters.deltas("deliveries_exhausted", "dead_letters_delivered") == \
         {"deliveries_exhausted": 1, "dead_letters_delivered": 0}
     assert len(rc.requests_to(dead_path)) == 3
+
+
+METRIC = "wasmcustom.webhook_emitter."
+
+
+@pytest.fixture(scope="module")
+def plain_receiver_setup(job_service, receiver, envoys, wasm):
+    org = new_id()
+    hook = make_hook(receiver.port, org, ["job.completed"], name="retry")
+    config = PluginConfig(hooks=[hook], delivery=delivery_section(retrySchedule=["1s", "1s", "1s"]))
+    envoy = harness.envoy_with_filter(job_service, receiver, config, wasm=wasm, name="retry")
+    envoys.append(envoy)
+    return {"envoy": envoy, "org": org, "hook": hook}
+
+
+def test_failed_attempts_are_retried_with_the_same_id_and_body(plain_receiver_setup, receiver):
+    envoy, hook = plain_receiver_setup["envoy"], plain_receiver_setup["hook"]
+    before = envoy.custom_stats()
+    receiver.plan(hook.path, [503, 500])
+    job_id = new_id()
+    assert envoy.request("POST", f"/jobs/{job_id}/complete", {"x-organisation-id": plain_receiver_setup["org"]}, b"{}").status == 200
+    attempts = receiver.wait_for(lambda d: d.object_id() == job_id, count=3, timeout=30)
+    harness.wait_until(
+        lambda: envoy.custom_stats().get(METRIC + "deliveries_succeeded", 0) >= before.get(METRIC + "deliveries_succeeded", 0) + 1,
+        timeout=10, desc="deliveries_succeeded to go up")
+
+    assert len({d.headers["webhook-id"] for d in attempts}) == 1, [d.headers["webhook-id"] for d in attempts]
+    assert len({d.body for d in attempts}) == 1, "the body changed between attempts"
+    for d in attempts:
+        assert signature_valid(d, hook.key)
+    check_delivery(attempts[-1], hook, "job.completed", harness.completed_job(job_id))
+    gaps = [b.received_at - a.received_at for a, b in zip(attempts, attempts[1:])]
+    assert all(g >= 0.5 for g in gaps), f"retries came too fast for a 1s (±20%) schedule: {gaps}"
+
+    after = envoy.custom_stats()
+    assert after.get(METRIC + "deliveries_failed", 0) - before.get(METRIC + "deliveries_failed", 0) == 2, after
+    assert after.get(METRIC + "deliveries_retried", 0) - before.get(METRIC + "deliveries_retried", 0) == 2, after
+    assert after.get(METRIC + "deliveries_exhausted", 0) == before.get(METRIC + "deliveries_exhausted", 0), after
+
+
+def test_dead_letters_waiting_when_a_new_configuration_removes_the_store_are_lost_loudly(job_service, rc,
+                                                                                         start_envoy):
+    org, hook, config = one_hook(rc, "dead-letter-removed", retrySchedule=["100ms"])
+    dead_path = f"/dead-letters/{new_id()}"
+    with_store = plugin_dict(config, deadLetter={"url": rc.url(dead_path), "cluster": "webhooks"})
+    envoy = start_envoy(with_store, lds=True)
+    rc.always(hook.path, 500)
+    # The store asks to come back in a minute: the dead letters wait in their lane.
+    rc.always(dead_path, Reply(503, headers=(("Retry-After", "60"),)))
+    counters = Counters(envoy)
+    jobs = [complete_job(envoy, org) for _ in range(3)]
+    letters = rc.wait_for(lambda d: d.path == dead_path, count=3, timeout=15)
+    event_ids = {d.json()["eventId"] for d in letters}
+    harness.wait_until(lambda: len([l for l in plugin_log_lines(envoy, "webhook=dead-letter attempts=1 ")]) >= 3,
+                       timeout=10, desc="three dead letters waiting for their retry")
+    harness.update_plugin_config(envoy, job_service, rc, plugin_dict(config))  # deadLetter removed
+    assert counters.wait_delta("dead_letters_failed", 3) == 3
+    lost = wait_for_log(envoy, r"dead letter could not be stored: event=([0-9a-f]{24}) attempts=1 "
+                               r"reason=delivery\.deadLetter was removed by a new configuration$", count=3)
+    assert {m.group(1) for m in lost} == event_ids
+    critical = [l for l in envoy.wasm_log_lines() if "dead letter could not be stored" in l]
+    assert len(critical) == 3 and all("[critical]" in l for l in critical), critical
+    assert len(rc.requests_to(dead_path)) == 3, "a dead letter was sent after its store was removed"
+    assert len(jobs) == 3
+
+
+def test_a_dead_letter_store_that_answers_410_keeps_getting_dead_letters(rc, start_envoy):
+    org, hook, config = one_hook(rc, "dead-letter-410", retrySchedule=["100ms"])
+    dead_path = f"/dead-letters/{new_id()}"
+    envoy = start_envoy(plugin_dict(config, deadLetter={"url": rc.url(dead_path), "cluster": "webhooks"}))
+    rc.always(hook.path, 500)
+    rc.always(dead_path, 410)
+    counters = Counters(envoy)
+    complete_job(envoy, org)
+    assert counters.wait_delta("dead_letters_failed", 1) == 1, "the first dead letter, answered 410 twice"
+    wait_for_log(envoy, r"dead letter could not be stored: event=[0-9a-f]{24} attempts=2 last=status 410$")
+    # The store is ours, not a receiver: a 410 does not turn it off. The next dead letter is sent too.
+    complete_job(envoy, org)
+    assert counters.wait_delta("dead_letters_failed", 2) == 2
+    assert len(rc.requests_to(dead_path)) == 4
+    assert counters.deltas("webhooks_disabled_gone", "deliveries_dropped.webhook_gone") == \
+        {"webhooks_disabled_gone": 0, "deliveries_dropped.webhook_gone": 0}

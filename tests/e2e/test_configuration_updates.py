@@ -1,4 +1,4 @@
-"""Issue #3 ("Reliable delivery"), acceptance, part 3: a new plugin configuration delivered to a running Envoy.
+"""Configuration updates: a new plugin configuration delivered to a running Envoy.
 
 The listener comes from LDS on the filesystem (harness: envoy_with_filter(..., lds=True)); the test swaps it
 for one whose filter has a changed configuration (harness.update_plugin_config). Envoy updates the filter
@@ -96,7 +96,9 @@ def test_an_attempt_in_flight_at_the_update_to_a_webhook_that_goes_away_is_dropp
     org = new_id()
     kept = make_hook(rc.port, org, name="survives")
     going = make_hook(rc.port, org, name=f"{change}-in-flight")
-    envoy = start_envoy(PluginConfig(hooks=[kept, going], delivery=delivery()), lds=True)
+    # One worker: the positive control below relies on the held answer and the later event being handled by
+    # the same worker, in order.
+    envoy = start_envoy(PluginConfig(hooks=[kept, going], delivery=delivery()), lds=True, concurrency=1)
     counters = Counters(envoy)
     gate = threading.Event()
     rc.script(going.path, [Reply(503, gate=gate)], then=503)  # the first attempt is held, then answered 503

@@ -37,13 +37,31 @@ def _delete(path):
 
 def _duplicate_hook(cfg):
     twin = copy.deepcopy(cfg["webhooks"][0])
-    twin["apiKey"] = harness.new_key()
     twin["name"] = "twin"
     cfg["webhooks"].append(twin)
 
 
 def _private_without_permission(cfg):
     cfg["delivery"]["allowPrivateNetworks"] = False  # url stays http://127.0.0.1:<port>/..., insecure http allowed
+
+
+# Literal hosts the SSRF guard refuses without a DNS lookup (names are left to the egress cluster's
+# resolved_address_filter). Each becomes one webhook of one configuration; each must be named by its path.
+RESERVED_HOSTS = [
+    "localhost.", "foo.localhost.", "LOCALHOST", "[::127.0.0.1]", "[::ffff:0:127.0.0.1]", "[::ffff:7f00:1]",
+    "[64:ff9b::a9fe:a9fe]", "[2002:a9fe:a9fe::]", "[fec0::1]", "192.0.0.170", "198.18.0.1", "240.0.0.1",
+]
+
+
+def _reserved_hosts_without_permission(cfg):
+    cfg["delivery"]["allowPrivateNetworks"] = False
+    first = cfg["webhooks"][0]
+    cfg["webhooks"] = []
+    for host in RESERVED_HOSTS:
+        hook = copy.deepcopy(first)
+        hook["id"] = new_id()
+        hook["url"] = f"https://{host}:8443/hooks/{hook['id']}"
+        cfg["webhooks"].append(hook)
 
 
 def _https_required(cfg):
@@ -72,6 +90,7 @@ CASES = {
     "bad-webhook-id": (_set(["webhooks", 0, "id"], "66B2E3DDB97F60B5270D5CE9"), "webhooks[0].id",
                        "must be 24 lowercase hex digits"),
     "loopback-ip": (_private_without_permission, "webhooks[0].url", "private or loopback address"),
+    "reserved-hosts": (_reserved_hosts_without_permission, "webhooks[0].url", "private or loopback address"),
     # A key pasted into the wrong field is refused without being echoed (the secrets check reads these logs).
     "key-as-status": (_set(["webhooks", 0, "status"], harness.new_key()), "webhooks[0].status",
                       'must be "enabled" or "disabled"'),
@@ -141,3 +160,12 @@ def test_bad_config_is_refused_with_its_path_and_message(results, case):
     assert any(line.startswith(f"{path}: ") and message in line.split(": ", 1)[1] for line in rejected), (
         f"expected `{REJECTED}{path}: {message}…`; the filter logged {rejected!r}")
     assert "failed to load" in log, "Envoy did not report the plugin as failing to load"
+
+
+def test_every_reserved_literal_host_is_refused_by_its_own_path(results):
+    envoy = results["reserved-hosts"]["envoy"]
+    rejected = [line.split(REJECTED, 1)[1] for line in envoy.log_text().splitlines() if REJECTED in line]
+    missing = [f"webhooks[{i}].url ({host})" for i, host in enumerate(RESERVED_HOSTS)
+               if not any(line.startswith(f"webhooks[{i}].url: private or loopback address") for line in rejected)]
+    assert not missing, f"not refused: {missing}; the filter logged {rejected!r}"
+    assert results["reserved-hosts"]["rc"] not in (None, 0)

@@ -1,0 +1,92 @@
+"""Memory bounded in bytes for the whole proxy, fair shares, and endpoint state shared by every worker, through
+the real Envoy with two workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import harness
+from harness.config import PluginConfig, delivery_section, make_hook, new_id
+from harness.faults import Reply
+from harness.observe import Counters, complete_job, complete_jobs_concurrently, plugin_log_lines
+
+
+def vm_hwm_mib(envoy) -> float:
+    for line in Path(f"/proc/{envoy.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_large_events_to_endpoints_that_never_answer_stay_within_the_byte_bound(job_service, rc, start_envoy):
+    org, other = new_id(), new_id()
+    hanging = [make_hook(rc.port, org, name=f"never-{i}") for i in range(8)]
+    control = make_hook(rc.port, other, name="other-org")
+    # Retries far away: every delivery that gets in stays held for the whole test.
+    config = PluginConfig(hooks=hanging + [control], delivery=delivery_section(
+        timeoutMs=600000, retrySchedule=["1h"]))
+    envoy = start_envoy(config)
+    for h in hanging:
+        rc.always(h.path, Reply(hang=True))
+    counters = Counters(envoy)
+    idle = vm_hwm_mib(envoy)
+    events = 150
+    for _ in range(events):
+        job_id = new_id()
+        r = envoy.request("POST", f"/jobs/{job_id}/complete?scenario=large&bytes=1000000",
+                          {"x-organisation-id": org}, b"{}", timeout=60)
+        assert r.status == 200 and len(r.body) > 1_000_000, "the client's answer changed"
+    peak = vm_hwm_mib(envoy)
+    emitted = counters.delta("events_emitted")
+    dropped = counters.delta("deliveries_dropped.queue_full") + counters.delta("deliveries_dropped.over_share")
+    # Workers say what they hold on every tick (50 ms): the proxy-wide bound holds to within one.
+    held_bytes = harness.wait_until(lambda: (lambda b: b if b <= 64 * 1048576 else None)(counters.gauge("outbox_bytes")),
+                                    timeout=5, desc="the proxy's outbox back within maxQueuedBytes")
+    print(f"\n{events} events of 1 MB to 8 endpoints that never answer: Envoy VmHWM {idle:.0f} -> {peak:.0f} MiB; "
+          f"{held_bytes / 1048576:.1f} MiB held, {dropped} deliveries dropped")
+    assert emitted == events
+    assert peak < 400, f"Envoy's peak RSS reached {peak:.0f} MiB"
+    assert dropped > 0
+    lines = plugin_log_lines(envoy, "delivery dropped: ")
+    assert len(lines) == dropped, f"{len(lines)} drop lines for {dropped} drops"
+    # Another organisation still gets its event.
+    job_id = complete_job(envoy, other)
+    rc.wait_for(lambda d: d.object_id() == job_id and d.path == control.path, timeout=15)
+
+
+def test_a_hanging_endpoint_never_crowds_out_a_healthy_one(job_service, rc, start_envoy):
+    org = new_id()
+    healthy, hanging = make_hook(rc.port, org, name="fair-healthy"), make_hook(rc.port, org, name="fair-hanging")
+    config = PluginConfig(hooks=[healthy, hanging], delivery=delivery_section(
+        maxQueued=300, timeoutMs=600000, retrySchedule=["1h"]))
+    envoy = start_envoy(config)
+    rc.always(hanging.path, Reply(hang=True))
+    counters = Counters(envoy)
+    jobs = [new_id() for _ in range(2000)]
+    statuses, errors = complete_jobs_concurrently(envoy.listener_port, org, jobs, clients=32)
+    assert not errors and all(s == 200 for s in statuses.values()), errors[:5]
+    job_set = set(jobs)
+    counters.wait_delta("deliveries_succeeded", int(0.99 * len(jobs)), timeout=60)
+    got = {d.object_id() for d in rc.requests_to(healthy.path) if d.object_id() in job_set}
+    print(f"\nhealthy webhook beside a hanging one, maxQueued 300: {len(got)} of {len(jobs)} events; "
+          f"dropped {counters.deltas('deliveries_dropped.queue_full', 'deliveries_dropped.over_share')}")
+    assert len(got) >= 0.99 * len(jobs)
+
+
+def test_a_410_answered_to_one_worker_stops_every_worker(job_service, rc, start_envoy):
+    org = new_id()
+    gone = make_hook(rc.port, org, name="gone-everywhere")
+    config = PluginConfig(hooks=[gone])
+    envoy = start_envoy(config)
+    assert envoy.concurrency == 2
+    rc.always(gone.path, 410)
+    counters = Counters(envoy)
+    complete_job(envoy, org)
+    counters.wait_delta("webhooks_disabled_gone", 1)
+    before = len(rc.requests_to(gone.path))
+    # Fresh connections spread over both workers; none of them sends to the gone endpoint again.
+    for _ in range(30):
+        complete_job(envoy, org)
+    counters.wait_delta("deliveries_dropped.webhook_gone", 31)
+    assert len(rc.requests_to(gone.path)) == before == 1
+    assert counters.delta("webhooks_disabled_gone") == 1
