@@ -165,14 +165,14 @@ def test_a_vm_rebuild_through_lds_loses_nothing(job_service, rc, envoys, wasm, e
     config, org = journal_config(rc, prefix)
     clusters = [etcd.envoy_cluster()]
     envoy = harness.envoy_with_filter(job_service, rc, config, wasm=wasm, name="journal-vm", lds=True,
-                                      extra_clusters=clusters, env_vars={"REBUILD": "1"},
-                                      extra_args=["--drain-time-s", "1"])
+                                      extra_clusters=clusters, extra_args=["--drain-time-s", "1"])
     envoys.append(envoy)
     ids = queue_failing_events(envoy, etcd, rc, config, org, prefix, events=10)
     starts = Counters(envoy).now().get(METRIC + "vm_starts", 0)
-    # A changed environment is a changed vm_config: Envoy builds a new VM.
-    harness.update_plugin_config(envoy, job_service, rc, config, wasm=wasm, env_vars={"REBUILD": "2"},
-                                 extra_clusters=clusters)
+    # One more host environment variable is a changed vm_config: Envoy builds a new VM.
+    keys = [*(envoy.host_env_keys or []), "WEBHOOK_EMITTER_REBUILD"]
+    envoy.set_listeners(harness.plugin_listeners(job_service, rc, config, wasm=wasm, host_env_keys=keys,
+                                                 extra_clusters=clusters))
     wait_until(lambda: envoy.custom_stats().get(METRIC + "vm_starts", 0) > starts, 30, desc="a new VM")
     succeeding(rc, config)
     wait_all_delivered(rc, config, ids)
