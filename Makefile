@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 WASM := target/wasm32-wasip1/release/webhook_emitter.wasm
 TARGET_STAMP := target/.wasm32-wasip1-installed
 
-.PHONY: all wasm demo test lint unit wasm-unit static e2e venv toolchain tools clean oci bench
+.PHONY: all wasm demo test lint unit wasm-unit static e2e venv toolchain tools clean oci bench registry-tools registry-test registry-load
 
 all: wasm
 
@@ -38,6 +38,7 @@ wasm: $(TARGET_STAMP)
 	@echo "built $(WASM) ($$(stat -c %s $(WASM)) bytes)"
 
 demo: wasm venv
+	cargo build --quiet --bin webhook-emitter
 	$(PY) tests/demo.py --wasm $(WASM)
 
 lint: $(TARGET_STAMP)
@@ -60,7 +61,29 @@ static: venv
 e2e: wasm venv tools
 	$(PY) -m pytest tests/e2e -q --wasm $(WASM)
 
-test: lint unit wasm-unit static e2e
+test: lint unit wasm-unit static e2e registry-test
+
+# The webhook registry's suites (tests/registry): the API against SQLite and a real Postgres, the dashboard in
+# headless Chromium. Debian's postgresql, chromium and chromium-driver are installed when missing (as root).
+registry-tools:
+	@missing=""; ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "missing:$$missing; install them (as root) or run make as root"; exit 1; fi; fi
+
+registry-test: venv registry-tools
+	cargo build --bin webhook-emitter
+	$(PY) -m pytest -c tests/registry/pytest.ini tests/registry -q
+
+# The registry API's requests per second on SQLite and on Postgres (a release build; prints the numbers).
+registry-load: venv registry-tools
+	bash bench/ensure-h2load.sh
+	cargo build --release --bin webhook-emitter
+	$(PY) tests/registry/load.py --binary target/release/webhook-emitter
 
 # The .wasm as an OCI image for Istio's WasmPlugin (oci://…), as an OCI layout and archive, no Docker; and
 # target/oci/wasmplugin.yaml, the WasmPlugin with its url (OCI_REPOSITORY=…) and digest filled in.

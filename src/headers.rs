@@ -14,6 +14,9 @@ pub const CONTENT_LENGTH: &str = "content-length";
 pub const CONTENT_ENCODING: &str = "content-encoding";
 pub const USER_AGENT: &str = "user-agent";
 pub const RETRY_AFTER: &str = "retry-after";
+pub const ETAG: &str = "etag";
+pub const IF_NONE_MATCH: &str = "if-none-match";
+pub const AUTHORIZATION: &str = "authorization";
 /// Standard Webhooks headers of a delivery.
 pub const WEBHOOK_ID: &str = "webhook-id";
 pub const WEBHOOK_TIMESTAMP: &str = "webhook-timestamp";

@@ -12,6 +12,9 @@ pub mod event;
 pub mod filter;
 pub mod headers;
 pub mod journal;
+// The webhook registry service: native only, nothing of it in the .wasm.
+#[cfg(not(target_arch = "wasm32"))]
+pub mod registry;
 pub mod rules;
 pub mod signature;
 pub mod stream;

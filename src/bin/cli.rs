@@ -32,12 +32,16 @@ enum Command {
     Check(check::CheckArgs),
     Keygen(KeygenArgs),
     Verify(VerifyArgs),
+    /// The webhook registry: API, dashboard and the proxies' feed.
+    #[command(subcommand)]
+    Registry(webhook_emitter::registry::RegistryCommand),
 }
 
 fn main() -> ExitCode {
     // Usage errors exit 2, --help and --version exit 0; clap prints them.
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Registry(command) => return webhook_emitter::registry::run(command),
         Command::Check(args) => check::run(&args),
         Command::Keygen(args) => keygen(&args),
         Command::Verify(args) => verify(&args),

@@ -5,10 +5,10 @@
 use super::defaults;
 use super::errors::Errors;
 use super::raw::{
-    RawCondition, RawConfig, RawDeadLetter, RawDelivery, RawJournal, RawOrganisation, RawRule,
-    RawWebhook,
+    RawCondition, RawConfig, RawDeadLetter, RawDelivery, RawJournal, RawOrganisation, RawRegistry,
+    RawRule, RawWebhook,
 };
-use super::{DeadLetter, DeliverySettings, Plan, Webhook};
+use super::{DeadLetter, DeliverySettings, Plan, RegistrySettings, Webhook, WebhookRules};
 use crate::delivery::{OutboxSettings, RetryPolicy};
 use crate::journal::JournalSettings;
 use crate::rules::{
@@ -34,16 +34,88 @@ pub(super) fn compile(raw: RawConfig, env: Env, errors: &mut Errors) -> Option<P
         .filter_map(|(i, r)| compile_rule(r, &format!("events[{i}]"), errors))
         .collect();
     let webhooks = compile_webhooks(&raw, env, errors);
+    let registry = raw
+        .registry
+        .as_ref()
+        .and_then(|r| compile_registry(r, env, errors));
     if !errors.is_empty() {
         return None;
     }
     let subscribers = index_subscribers(&webhooks);
     Some(Plan {
         rules,
+        static_webhooks: webhooks.len(),
         webhooks,
         delivery,
+        registry,
+        webhook_rules: WebhookRules {
+            delivery: raw.delivery,
+            emitted: raw.event_types,
+        },
         subscribers,
     })
+}
+
+/// `registry`: the cluster, authority and path of the feed, and the proxy token, read from the
+/// VM's environment like a key.
+fn compile_registry(raw: &RawRegistry, env: Env, errors: &mut Errors) -> Option<RegistrySettings> {
+    let mark = errors.mark();
+    if raw.cluster.is_empty() {
+        errors.push("registry.cluster", "must not be empty");
+    }
+    if raw.authority.is_empty() || raw.authority.contains(['/', ' ', '@']) {
+        errors.push(
+            "registry.authority",
+            "must be a host, optionally with :port",
+        );
+    }
+    if !raw.path.starts_with('/') || raw.path.contains(' ') {
+        errors.push("registry.path", "must start with '/' and hold no spaces");
+    }
+    if !defaults::REGISTRY_POLL_MS_RANGE.contains(&raw.poll_ms) {
+        errors.push(
+            "registry.pollMs",
+            format!("must be from 100 to 3600000, not {}", raw.poll_ms),
+        );
+    }
+    let token = match env(&raw.token_env).map(|t| t.trim().to_string()) {
+        Some(token) if !token.is_empty() => Some(token),
+        Some(_) => {
+            errors.push(
+                "registry.tokenEnv",
+                format!("environment variable {} is empty", raw.token_env),
+            );
+            None
+        }
+        None => {
+            errors.push(
+                "registry.tokenEnv",
+                format!("environment variable {} is not set", raw.token_env),
+            );
+            None
+        }
+    };
+    if !errors.clean_since(mark) {
+        return None;
+    }
+    Some(RegistrySettings {
+        cluster: raw.cluster.clone(),
+        authority: raw.authority.clone(),
+        path: raw.path.clone(),
+        token: token?,
+        poll_ms: raw.poll_ms,
+    })
+}
+
+/// Compiles one webhook the registry holds, with the configuration's rules; its errors are
+/// named from `at`.
+pub(super) fn compile_registry_webhook(
+    raw: &RawWebhook,
+    at: &str,
+    rules: &WebhookRules,
+    errors: &mut Errors,
+) -> Option<Webhook> {
+    compile_webhook(raw, at, &rules.delivery, &rules.emitted, &|_| None, errors)
 }
 
 fn compile_webhooks(raw: &RawConfig, env: Env, errors: &mut Errors) -> Vec<Webhook> {
@@ -63,7 +135,9 @@ fn compile_webhooks(raw: &RawConfig, env: Env, errors: &mut Errors) -> Vec<Webho
 }
 
 /// Event type → organisation → indexes of the enabled webhooks subscribed to it.
-fn index_subscribers(webhooks: &[Webhook]) -> HashMap<String, HashMap<String, Vec<usize>>> {
+pub(super) fn index_subscribers(
+    webhooks: &[Webhook],
+) -> HashMap<String, HashMap<String, Vec<usize>>> {
     let mut subscribers: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
     for (i, w) in webhooks.iter().enumerate().filter(|(_, w)| w.enabled) {
         for event_type in &w.events {
@@ -373,7 +447,7 @@ fn compile_rule(raw: &RawRule, at: &str, errors: &mut Errors) -> Option<EventRul
 }
 
 /// `{resource}.{event}` in lowercase, e.g. `job.completed`.
-fn is_event_type(t: &str) -> bool {
+pub(crate) fn is_event_type(t: &str) -> bool {
     let word = |w: &str| {
         w.starts_with(|c: char| c.is_ascii_lowercase())
             && w.chars()
@@ -525,12 +599,13 @@ fn compile_webhook(
         enabled,
         events: raw.events.clone(),
         key: key?,
+        previous_key: None,
         cluster: cluster?,
     })
 }
 
 /// 24 lowercase hex digits, the shape of the registry's ids.
-fn is_webhook_id(id: &str) -> bool {
+pub(crate) fn is_webhook_id(id: &str) -> bool {
     id.len() == 24
         && id
             .chars()

@@ -29,6 +29,11 @@ pub(super) const CIRCUIT_FAILURES: u32 = 10;
 pub(super) const JOURNAL_PREFIX: &str = "webhook-emitter/";
 pub(super) const JOURNAL_LEASE_SECONDS: u64 = 15;
 
+// ---- registry ----
+
+pub(super) const REGISTRY_PATH: &str = "/v1/registry";
+pub(super) const REGISTRY_POLL_MS: u64 = 2_000;
+
 // ---- bounds: a value outside is an error ----
 
 pub(super) const TIMEOUT_MS_RANGE: RangeInclusive<u64> = 1..=3_600_000;
@@ -39,3 +44,5 @@ pub(super) const MAX_BODY_BYTES_RANGE: RangeInclusive<u64> = 1..=64 << 20;
 pub(super) const MAX_IN_FLIGHT_PER_WEBHOOK_RANGE: RangeInclusive<u64> = 1..=10_000;
 /// etcd refuses a lease shorter than about 1.5 election timeouts (2 s with its defaults).
 pub(super) const JOURNAL_LEASE_SECONDS_RANGE: RangeInclusive<u64> = 2..=3600;
+
+pub(super) const REGISTRY_POLL_MS_RANGE: RangeInclusive<u64> = 100..=3_600_000;

@@ -22,9 +22,14 @@ mod defaults;
 mod errors;
 mod raw;
 mod reader;
+mod registry;
 
 pub use compile::parse_duration_ms;
+// For the registry service (native only), which validates webhooks with the filter's own rules.
+#[cfg(not(target_arch = "wasm32"))]
+pub(crate) use compile::{is_event_type, is_webhook_id};
 pub use errors::ConfigError;
+pub use registry::RegistryUpdate;
 
 /// A registered webhook, as the filter uses it.
 #[derive(Debug, Clone)]
@@ -37,8 +42,62 @@ pub struct Webhook {
     pub enabled: bool,
     pub events: Vec<String>,
     pub key: SigningKey,
+    /// The key before the last rotation, still used to sign until it expires, so that a receiver
+    /// can switch keys without losing a delivery (registry webhooks only).
+    pub previous_key: Option<PreviousKey>,
     /// The Envoy cluster that carries this webhook's deliveries.
     pub cluster: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct PreviousKey {
+    pub key: SigningKey,
+    /// Unix milliseconds after which it no longer signs.
+    pub expires_at_ms: u64,
+}
+
+impl Webhook {
+    /// The keys that sign a delivery at `now_ms`: the current one, and the previous one during
+    /// its grace period.
+    pub fn signing_keys(&self, now_ms: u64) -> impl Iterator<Item = &SigningKey> {
+        std::iter::once(&self.key).chain(
+            self.previous_key
+                .as_ref()
+                .filter(|p| now_ms < p.expires_at_ms)
+                .map(|p| &p.key),
+        )
+    }
+}
+
+/// `registry`: where this proxy pulls registered webhooks from.
+#[derive(Clone)]
+pub struct RegistrySettings {
+    pub cluster: String,
+    pub authority: String,
+    pub path: String,
+    /// The proxy token (a secret: never printed, see the Debug impl).
+    pub token: String,
+    pub poll_ms: u64,
+}
+
+impl std::fmt::Debug for RegistrySettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistrySettings")
+            .field("cluster", &self.cluster)
+            .field("authority", &self.authority)
+            .field("path", &self.path)
+            .field("token", &"<redacted>")
+            .field("poll_ms", &self.poll_ms)
+            .finish()
+    }
+}
+
+/// What registry webhooks are checked against: the configuration's delivery settings and the
+/// event types its rules emit.
+#[derive(Debug, Clone)]
+struct WebhookRules {
+    delivery: raw::RawDelivery,
+    emitted: std::collections::HashSet<String>,
 }
 
 /// Where deliveries that finally failed are POSTed, so that a durable store can keep them.
@@ -64,8 +123,13 @@ pub struct DeliverySettings {
 #[derive(Debug)]
 pub struct Plan {
     pub rules: Vec<EventRule>,
+    /// The configuration's own webhooks first, then the registry's (when one is configured).
     pub webhooks: Vec<Webhook>,
     pub delivery: DeliverySettings,
+    pub registry: Option<RegistrySettings>,
+    /// How many of `webhooks` come from the configuration itself.
+    static_webhooks: usize,
+    webhook_rules: WebhookRules,
     /// Event type → organisation → indexes of the enabled webhooks subscribed to it.
     subscribers: HashMap<String, HashMap<String, Vec<usize>>>,
 }
@@ -99,6 +163,11 @@ impl Plan {
             .get(event_type)
             .and_then(|by_org| by_org.get(organisation))
             .map_or(&[], Vec::as_slice)
+    }
+
+    /// Whether the webhook at `index` came from the registry (not from the configuration).
+    pub fn is_from_registry(&self, index: usize) -> bool {
+        index >= self.static_webhooks
     }
 
     pub fn webhook_index(&self, id: &str) -> Option<usize> {

@@ -11,6 +11,7 @@ pub(super) struct RawConfig {
     pub(super) events: Vec<RawRule>,
     pub(super) webhooks: Vec<RawWebhook>,
     pub(super) delivery: RawDelivery,
+    pub(super) registry: Option<RawRegistry>,
     /// Every `events[].type` that was given, even in a rule that has other errors, so that webhooks
     /// are not also blamed for subscribing to it.
     pub(super) event_types: HashSet<String>,
@@ -58,6 +59,16 @@ pub(super) struct RawWebhook {
     pub(super) cluster: Option<String>,
 }
 
+/// `registry`: where the proxies pull registered webhooks from.
+pub(super) struct RawRegistry {
+    pub(super) cluster: String,
+    pub(super) authority: String,
+    pub(super) path: String,
+    pub(super) token_env: String,
+    pub(super) poll_ms: u64,
+}
+
+#[derive(Debug, Clone)]
 pub(super) struct RawDelivery {
     pub(super) cluster: Option<String>,
     pub(super) timeout_ms: u64,
@@ -73,6 +84,7 @@ pub(super) struct RawDelivery {
     pub(super) journal: Option<RawJournal>,
 }
 
+#[derive(Debug, Clone)]
 pub(super) struct RawJournal {
     pub(super) cluster: String,
     pub(super) authority: Option<String>,
@@ -80,6 +92,7 @@ pub(super) struct RawJournal {
     pub(super) lease_seconds: u64,
 }
 
+#[derive(Debug, Clone)]
 pub(super) struct RawDeadLetter {
     pub(super) url: String,
     pub(super) cluster: Option<String>,
@@ -87,13 +100,25 @@ pub(super) struct RawDeadLetter {
 }
 
 pub(super) fn read_config(value: &Value, errors: &mut Errors) -> Option<RawConfig> {
-    let mut f = fields(value, "", &["events", "webhooks", "delivery"], errors)?;
+    let mut f = fields(
+        value,
+        "",
+        &["events", "webhooks", "delivery", "registry"],
+        errors,
+    )?;
     let events = f.required_array("events");
-    let webhooks = f.required_array("webhooks");
+    // With a registry, the configuration's own webhooks may be empty or absent.
+    let registry_value = f.get("registry");
+    let webhooks = if registry_value.is_some() {
+        f.opt_array("webhooks").or(Some(&NO_WEBHOOKS))
+    } else {
+        f.required_array("webhooks")
+    };
     // A missing section reads like an empty one, so that its defaults come from one place.
     let no_delivery = Value::Object(Map::new());
     let delivery = read_delivery(f.get("delivery").unwrap_or(&no_delivery), f.errors);
     let errors = f.errors;
+    let registry = registry_value.map(|v| read_registry(v, errors));
     let event_types = events
         .into_iter()
         .flatten()
@@ -115,9 +140,37 @@ pub(super) fn read_config(value: &Value, errors: &mut Errors) -> Option<RawConfi
         events: rules,
         webhooks: hooks,
         delivery: delivery?,
+        registry: match registry {
+            Some(r) => Some(r?),
+            None => None,
+        },
         event_types,
     })
     .filter(|_| events.is_some() && webhooks.is_some())
+}
+
+static NO_WEBHOOKS: Vec<Value> = Vec::new();
+
+fn read_registry(value: &Value, errors: &mut Errors) -> Option<RawRegistry> {
+    let at = "registry";
+    let known = ["cluster", "authority", "path", "tokenEnv", "pollMs"];
+    let mark = errors.mark();
+    let mut f = fields(value, at, &known, errors)?;
+    let cluster = f.string("cluster");
+    let authority = f.string("authority");
+    let path = f.opt_string("path");
+    let token_env = f.string("tokenEnv");
+    let poll_ms = f.opt_u64("pollMs");
+    if !f.errors.clean_since(mark) {
+        return None;
+    }
+    Some(RawRegistry {
+        cluster: cluster?,
+        authority: authority?,
+        path: path.unwrap_or_else(|| defaults::REGISTRY_PATH.to_string()),
+        token_env: token_env?,
+        poll_ms: poll_ms.unwrap_or(defaults::REGISTRY_POLL_MS),
+    })
 }
 
 fn read_rule(value: &Value, at: &str, errors: &mut Errors) -> Option<RawRule> {
@@ -236,7 +289,7 @@ fn read_organisation(value: &Value, at: &str, errors: &mut Errors) -> Option<Raw
     })
 }
 
-fn read_webhook(value: &Value, at: &str, errors: &mut Errors) -> Option<RawWebhook> {
+pub(super) fn read_webhook(value: &Value, at: &str, errors: &mut Errors) -> Option<RawWebhook> {
     let known = [
         "id",
         "organisationId",

@@ -592,3 +592,147 @@ fn the_journal() {
         "delivery.journal: must be",
     );
 }
+
+fn with_registry_block() -> Value {
+    let mut c = valid();
+    c["registry"] =
+        json!({"cluster": "registry", "authority": "registry", "tokenEnv": "REGISTRY_TOKEN"});
+    c["webhooks"] = json!([]);
+    c
+}
+
+fn registry_env(name: &str) -> Option<String> {
+    (name == "REGISTRY_TOKEN").then(|| "proxy-token".to_string())
+}
+
+#[test]
+fn a_registry_block_is_checked_and_its_token_read_from_the_environment() {
+    let plan =
+        Plan::from_json(with_registry_block().to_string().as_bytes(), &registry_env).unwrap();
+    let registry = plan.registry.as_ref().unwrap();
+    assert_eq!(
+        (
+            registry.path.as_str(),
+            registry.poll_ms,
+            registry.token.as_str()
+        ),
+        ("/v1/registry", 2_000, "proxy-token")
+    );
+    assert!(
+        !format!("{registry:?}").contains("proxy-token"),
+        "the token stays out of Debug"
+    );
+    // With a registry, `webhooks` may be absent.
+    let mut no_hooks = with_registry_block();
+    no_hooks.as_object_mut().unwrap().remove("webhooks");
+    assert!(Plan::from_json(no_hooks.to_string().as_bytes(), &registry_env).is_ok());
+    // Without one it may not.
+    let mut none = valid();
+    none.as_object_mut().unwrap().remove("webhooks");
+    assert!(errors_of(&none).iter().any(|e| e.starts_with("webhooks:")));
+    for (edit, expected) in [
+        (json!({"pollMs": 5}), "registry.pollMs: must be from 100"),
+        (json!({"path": "v1"}), "registry.path: must start with '/'"),
+        (
+            json!({"cluster": ""}),
+            "registry.cluster: must not be empty",
+        ),
+        (
+            json!({"tokenEnv": "UNSET"}),
+            "registry.tokenEnv: environment variable UNSET is not set",
+        ),
+        (json!({"extra": 1}), "registry.extra: unknown field"),
+    ] {
+        let mut c = with_registry_block();
+        for (k, v) in edit.as_object().unwrap() {
+            c["registry"][k] = v.clone();
+        }
+        let errors = match Plan::from_json(c.to_string().as_bytes(), &registry_env) {
+            Ok(_) => vec![],
+            Err(e) => e.iter().map(ToString::to_string).collect(),
+        };
+        assert!(
+            errors.iter().any(|e| e.starts_with(expected)),
+            "{expected}: {errors:?}"
+        );
+    }
+}
+
+const KEY_B: &str = "whsec_Q2hhbmdlZCBrZXkgZm9yIHRoZSByb3RhdGlvbiB0ZXN0cw==";
+
+fn registry_hook(id: &str, url: &str) -> Value {
+    json!({
+        "id": id, "organisationId": "org-r", "name": "From the registry", "url": url,
+        "description": "", "status": "enabled", "events": ["job.completed"],
+        "apiKeys": [KEY_B], "createdAt": "2026-11-29T00:00:00Z"
+    })
+}
+
+#[test]
+fn registry_webhooks_join_the_configured_ones_and_the_invalid_are_left_out_by_path() {
+    let mut c = with_registry_block();
+    c["webhooks"] = valid()["webhooks"].clone();
+    let base = Plan::from_json(c.to_string().as_bytes(), &registry_env).unwrap();
+    let doc = json!({"revision": 7, "webhooks": [
+        registry_hook("aaaaaaaaaaaaaaaaaaaaaaaa", "https://ok.example.com/in"),
+        registry_hook("bbbbbbbbbbbbbbbbbbbbbbbb", "https://10.0.0.1/in"),
+        registry_hook("66b2e3ddb97f60b5270d5ce9", "https://dup.example.com/in"),
+        {"id": "cccccccccccccccccccccccc", "apiKeys": ["not-a-key"], "name": "x", "url": "https://x.example.com/",
+         "organisationId": "o", "status": "enabled", "events": ["job.completed"]},
+        "not an object"
+    ]});
+    let update = base.with_registry(doc.to_string().as_bytes()).unwrap();
+    assert_eq!(update.revision, Some(7));
+    let ids: Vec<&str> = update.plan.webhooks.iter().map(|w| w.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["66b2e3ddb97f60b5270d5ce9", "aaaaaaaaaaaaaaaaaaaaaaaa"]
+    );
+    assert_eq!(update.plan.subscribers("job.completed", "org-r"), &[1]);
+    let skipped: Vec<String> = update.skipped.iter().map(ToString::to_string).collect();
+    for expected in [
+        "registry.webhooks[1].url:",
+        "registry.webhooks[2].id:",
+        "registry.webhooks[3].apiKey:",
+        "registry.webhooks[4]: must be a JSON object",
+    ] {
+        assert!(
+            skipped.iter().any(|e| e.starts_with(expected)),
+            "{expected}: {skipped:?}"
+        );
+    }
+    assert!(
+        skipped.iter().all(|e| !e.contains(KEY_B)),
+        "a key reached an error: {skipped:?}"
+    );
+    // A new document replaces the previous one; the configuration's own webhook stays.
+    let again = update
+        .plan
+        .with_registry(br#"{"revision": 8, "webhooks": []}"#)
+        .unwrap();
+    assert_eq!(again.plan.webhooks.len(), 1);
+    assert!(base.with_registry(b"\xff not json").is_err());
+    assert!(base.with_registry(br#"{"hooks": []}"#).is_err());
+}
+
+#[test]
+fn a_rotated_key_signs_beside_the_new_one_until_it_expires() {
+    let base =
+        Plan::from_json(with_registry_block().to_string().as_bytes(), &registry_env).unwrap();
+    let mut hook = registry_hook("aaaaaaaaaaaaaaaaaaaaaaaa", "https://ok.example.com/in");
+    hook["apiKeys"] = json!([KEY_B, KEY_A]);
+    hook["previousKeyExpiresAt"] = json!(1_000);
+    let doc = json!({"revision": 1, "webhooks": [hook]});
+    let plan = base.with_registry(doc.to_string().as_bytes()).unwrap().plan;
+    let w = &plan.webhooks[0];
+    assert_eq!(w.signing_keys(999_999).count(), 2);
+    assert_eq!(w.signing_keys(1_000_000).count(), 1);
+    let mut no_expiry = registry_hook("aaaaaaaaaaaaaaaaaaaaaaaa", "https://ok.example.com/in");
+    no_expiry["apiKeys"] = json!([KEY_B, KEY_A]);
+    let doc = json!({"webhooks": [no_expiry]});
+    let update = base.with_registry(doc.to_string().as_bytes()).unwrap();
+    assert!(update.plan.webhooks.is_empty());
+    assert!(update.skipped[0]
+        .to_string()
+        .starts_with("registry.webhooks[0].previousKeyExpiresAt"));
+}

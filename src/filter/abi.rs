@@ -19,7 +19,7 @@ pub enum HeaderMap {
 #[repr(u32)]
 pub enum BufferType {
     HttpResponseBody = 1,
-    HttpCallResponseBody = 4,
+    CalloutResponseBody = 4,
     PluginConfiguration = 7,
 }
 

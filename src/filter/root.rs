@@ -6,7 +6,7 @@ use super::abi::{self, BufferType, HeaderMap};
 use super::host::{Host, LogLevel};
 use super::http::EmitterStream;
 use super::proxy::{now_ms, random_bytes, ProxyHost};
-use super::worker::{Attempt, SharedWorker, Worker};
+use super::worker::{Attempt, RegistryAnswer, SharedWorker, Worker};
 use crate::config::Plan;
 use crate::delivery::AttemptOutcome;
 use crate::headers;
@@ -24,16 +24,18 @@ const TICK: Duration = Duration::from_millis(50);
 /// A journal answer larger than this is not read (a claim batch of the largest records fits).
 const MAX_JOURNAL_ANSWER_BYTES: usize = 32 << 20;
 
-/// A callout out: a delivery attempt, or a request to the journal's etcd.
-enum Out {
-    Delivery(Attempt),
-    Journal(JournalRequest),
-}
-
 thread_local! {
     /// This thread's worker of each plugin (by plugin name). A new configuration arrives as a new
     /// root context in the same VM; it adopts the worker, so queued deliveries survive it.
     static WORKERS: RefCell<HashMap<String, Weak<RefCell<Worker>>>> = RefCell::new(HashMap::new());
+}
+
+/// What a callout was for: a delivery attempt, a registry poll, or a request to the journal's
+/// etcd.
+enum Out {
+    Delivery(Attempt),
+    RegistryPoll,
+    Journal(JournalRequest),
 }
 
 #[derive(Default)]
@@ -117,6 +119,27 @@ impl EmitterRoot {
     }
 }
 
+/// A registry poll's answer, read as bytes; a callout that failed has no headers to read.
+fn registry_answer(header_count: usize, body_size: usize) -> RegistryAnswer {
+    let map = (header_count > 0)
+        .then(|| abi::header_map(HeaderMap::CalloutResponse))
+        .flatten();
+    let pairs = map.as_deref().and_then(headers::parse_map);
+    let Some(pairs) = pairs else {
+        return RegistryAnswer::Failed("no answer (connection reset or timeout)".into());
+    };
+    let Some(code) = headers::first(&pairs, headers::STATUS).and_then(headers::parse_status) else {
+        return RegistryAnswer::Failed("answer without a valid :status".into());
+    };
+    let etag = headers::first(&pairs, headers::ETAG).map(<[u8]>::to_vec);
+    let body = if body_size > 0 {
+        abi::buffer(BufferType::CalloutResponseBody, 0, body_size).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    RegistryAnswer::Status { code, etag, body }
+}
+
 impl Context for EmitterRoot {
     fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _trailers: usize) {
         let Some(out) = self.callouts.remove(&token) else {
@@ -125,6 +148,18 @@ impl Context for EmitterRoot {
         let Some(worker) = self.worker.clone() else {
             return;
         };
+        if let Out::RegistryPoll = out {
+            let answer = registry_answer(headers, body);
+            worker
+                .borrow_mut()
+                .on_registry_answer(&ProxyHost, answer, now_ms());
+            if self.draining && self.callouts.is_empty() {
+                self.done();
+            } else {
+                self.pump();
+            }
+            return;
+        }
         // The answer's headers are read as bytes, and only when Envoy says there are some: a
         // callout that failed before or instead of its headers has none to read.
         let map = (headers > 0)
@@ -138,13 +173,14 @@ impl Context for EmitterRoot {
                     .borrow_mut()
                     .on_answer(&ProxyHost, attempt, &outcome, now_ms())
             }
+            Out::RegistryPoll => {}
             Out::Journal(request) => {
                 let status = match outcome {
                     AttemptOutcome::Status { code, .. } => Some(code),
                     AttemptOutcome::NoResponse { .. } => None,
                 };
                 let answer = (body <= MAX_JOURNAL_ANSWER_BYTES)
-                    .then(|| abi::buffer(BufferType::HttpCallResponseBody, 0, body))
+                    .then(|| abi::buffer(BufferType::CalloutResponseBody, 0, body))
                     .flatten();
                 worker.borrow_mut().journal_answer(
                     &ProxyHost,
@@ -207,7 +243,12 @@ impl RootContext for EmitterRoot {
 
     fn on_tick(&mut self) {
         if let Some(worker) = self.worker.clone().filter(|_| !self.draining) {
-            worker.borrow_mut().tick(&ProxyHost, now_ms());
+            let now = now_ms();
+            let mut w = worker.borrow_mut();
+            w.tick(&ProxyHost, now);
+            if let Some(token) = w.registry_poll(&ProxyHost, now) {
+                self.callouts.insert(token, Out::RegistryPoll);
+            }
         }
         self.pump();
     }

@@ -5,7 +5,7 @@
 
 use super::host::{log, Callout, Host, LogLevel};
 use super::metrics::Metrics;
-use crate::config::Plan;
+use crate::config::{Plan, RegistryUpdate};
 use crate::delivery::shared::{EndpointKey, EndpointState, EndpointTable, HeldByWorker, HeldTable};
 use crate::delivery::{
     dead_letter_body, AttemptOutcome, Bound, CircuitChange, DeadLetterReason, Delivery, LaneId,
@@ -17,6 +17,7 @@ use crate::signature::SigningKey;
 use crate::stream::{NoEvent, StreamOutcome};
 use crate::url::WebhookUrl;
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::rc::Rc;
 
 // The write-ahead journal's hooks (`journal_*`) live in worker/journal.rs.
@@ -54,22 +55,23 @@ struct Target<'p> {
     key: LaneKey,
     url: &'p WebhookUrl,
     cluster: &'p str,
-    signing_key: Option<&'p SigningKey>,
+    /// Every key that signs now: a rotated key signs beside the new one during its grace period.
+    signing_keys: Vec<&'p SigningKey>,
 }
 
-fn target(plan: &Plan, lane: LaneId) -> Option<Target<'_>> {
+fn target(plan: &Plan, lane: LaneId, now_ms: u64) -> Option<Target<'_>> {
     match lane {
         LaneId::Webhook(i) => plan.webhooks.get(i).map(|w| Target {
             key: LaneKey::Webhook(w.id.clone()),
             url: &w.url,
             cluster: &w.cluster,
-            signing_key: Some(&w.key),
+            signing_keys: w.signing_keys(now_ms).collect(),
         }),
         LaneId::DeadLetter => plan.delivery.dead_letter.as_ref().map(|dl| Target {
             key: LaneKey::DeadLetter,
             url: &dl.url,
             cluster: &dl.cluster,
-            signing_key: dl.key.as_ref(),
+            signing_keys: dl.key.iter().collect(),
         }),
     }
 }
@@ -110,9 +112,53 @@ pub struct Worker {
     doorbell: Option<u32>,
     doorbell_rung: bool,
     reported: Reported,
+    /// Set when the configuration names a registry to pull webhooks from.
+    registry: Option<RegistryPull>,
     /// The write-ahead journal in etcd (`delivery.journal`).
     journal: Option<crate::journal::Journal>,
 }
+
+/// The registry feed as this worker pulls it.
+struct RegistryPull {
+    /// The plan as configured, without registry webhooks: every document applies to it.
+    base: Rc<Plan>,
+    /// The last document applied, re-applied when a new configuration arrives.
+    document: Option<Vec<u8>>,
+    etag: Option<String>,
+    next_poll_ms: u64,
+    polling: bool,
+    /// The last poll failed: the failure was logged, and the recovery will be.
+    failing: bool,
+    /// Events emitted before the first document arrived: the configured webhooks have them; the
+    /// registry's get them with the first document (bounded like the outbox).
+    waiting: VecDeque<Waiting>,
+    waiting_bytes: usize,
+}
+
+/// An event after fan-out: what a later fan-out needs of it.
+struct Waiting {
+    event_id: Rc<str>,
+    event_type: String,
+    organisation_id: String,
+    payload: Rc<Payload>,
+}
+
+/// A registry poll's answer, as the host reported it.
+#[derive(Debug)]
+pub enum RegistryAnswer {
+    Status {
+        code: u16,
+        etag: Option<Vec<u8>>,
+        body: Vec<u8>,
+    },
+    Failed(String),
+}
+
+/// A registry document without webhooks: the configuration's own webhooks only.
+const NO_REGISTRY_WEBHOOKS: &[u8] = br#"{"webhooks":[]}"#;
+
+/// A registry poll is cut off after this long.
+const REGISTRY_TIMEOUT_MS: u64 = 5_000;
 
 /// How often a worker tells the others what it holds even when nothing changed (it is forgotten
 /// after [`HeldTable::STALE_MS`] of silence).
@@ -133,6 +179,20 @@ impl Worker {
         plugin: &str,
         id: String,
     ) -> Self {
+        let mut worker = Self::without_registry(host, plan, doorbell, plugin, id);
+        if worker.plan.registry.is_some() {
+            worker.registry = Some(RegistryPull::new(Rc::clone(&worker.plan)));
+        }
+        worker
+    }
+
+    fn without_registry(
+        host: &dyn Host,
+        plan: Plan,
+        doorbell: Option<u32>,
+        plugin: &str,
+        id: String,
+    ) -> Self {
         let outbox = Outbox::new(plan.webhooks.len(), plan.delivery.outbox.clone());
         let journal = journal::open(host, &plan);
         Worker {
@@ -147,6 +207,7 @@ impl Worker {
             doorbell,
             doorbell_rung: false,
             reported: Reported::default(),
+            registry: None,
             journal,
         }
     }
@@ -244,22 +305,53 @@ impl Worker {
     pub fn emit(&mut self, host: &dyn Host, event: Event, now_ms: u64) {
         // Another worker may have found an endpoint gone or failing since the last tick.
         self.sync_endpoints(host, now_ms);
-        let plan = Rc::clone(&self.plan);
-        let subscribers = plan.subscribers(&event.event_type, &event.organisation_id);
         self.metrics.events_emitted.inc(host);
-        if subscribers.is_empty() {
+        let waiting_for_registry = self.registry.as_ref().is_some_and(|p| p.document.is_none());
+        let event = Waiting {
+            event_id: Rc::from(event.id_hex.as_str()),
+            event_type: event.event_type,
+            organisation_id: event.organisation_id,
+            payload: Rc::new(Payload::event(event.envelope)),
+        };
+        let sent = self.fan_out(host, &event, now_ms, false);
+        if waiting_for_registry {
+            // The configured webhooks have it; the registry's, not known yet, get it with the first
+            // document.
+            let (max, max_bytes) = (
+                self.plan.delivery.outbox.max_queued,
+                self.plan.delivery.outbox.max_queued_bytes,
+            );
+            if let Some(pull) = self.registry.as_mut() {
+                pull.wait(host, self.metrics, event, max, max_bytes);
+            }
+        } else if sent == 0 {
             self.metrics.events_without_subscribers.inc(host);
-            return;
         }
-        let event_id: Rc<str> = Rc::from(event.id_hex.as_str());
-        let payload = Rc::new(Payload::event(event.envelope));
-        let mut accepted = 0;
-        let mut journaled = Vec::with_capacity(subscribers.len());
+    }
+
+    /// Hands an event to every enabled webhook of its organisation subscribed to its type (only the
+    /// registry's with `registry_only`), one delivery each sharing one payload; returns how many
+    /// webhooks it went to.
+    fn fan_out(
+        &mut self,
+        host: &dyn Host,
+        event: &Waiting,
+        now_ms: u64,
+        registry_only: bool,
+    ) -> usize {
+        let plan = Rc::clone(&self.plan);
+        let subscribers = plan
+            .subscribers(&event.event_type, &event.organisation_id)
+            .iter()
+            .filter(|&&w| !registry_only || plan.is_from_registry(w));
+        let (mut subscribed, mut accepted) = (0, 0);
+        let mut journaled = Vec::new();
         for &w in subscribers {
+            subscribed += 1;
             let delivery = Delivery::new(
-                Rc::clone(&event_id),
+                Rc::clone(&event.event_id),
                 LaneId::Webhook(w),
-                Rc::clone(&payload),
+                Rc::clone(&event.payload),
                 now_ms,
             );
             match self.outbox.enqueue(delivery) {
@@ -274,10 +366,11 @@ impl Worker {
             }
         }
         if accepted > 0 {
-            self.journal_track(&event_id, &payload, &journaled, now_ms);
+            self.journal_track(&event.event_id, &event.payload, &journaled, now_ms);
             self.ring(host);
         }
         self.report_gauges(host);
+        subscribed
     }
 
     fn drop_evicted(&mut self, host: &dyn Host, d: Delivery, now_ms: u64) {
@@ -420,7 +513,7 @@ impl Worker {
         now_ms: u64,
     ) -> Option<(u32, Attempt)> {
         let plan = Rc::clone(&self.plan);
-        let Some(target) = target(&plan, delivery.lane) else {
+        let Some(target) = target(&plan, delivery.lane, now_ms) else {
             // Only the dead-letter lane can lose its target (a new configuration without
             // deadLetter); adopt() hands those back before this can happen.
             self.outbox.release_orphan(&delivery);
@@ -433,9 +526,16 @@ impl Worker {
         };
         let timestamp = (now_ms / 1000).to_string();
         let body = delivery.payload.body_for(target.key.name());
-        let signature = target
-            .signing_key
-            .map(|k| k.sign(&delivery.event_id, now_ms / 1000, &body));
+        // Several signatures are separated by spaces (Standard Webhooks); a receiver accepts the
+        // delivery if any one verifies under its key.
+        let signature = (!target.signing_keys.is_empty()).then(|| {
+            target
+                .signing_keys
+                .iter()
+                .map(|k| k.sign(&delivery.event_id, now_ms / 1000, &body))
+                .collect::<Vec<_>>()
+                .join(" ")
+        });
         let length = body.len().to_string();
         let mut callout_headers = vec![
             (headers::METHOD, "POST"),
@@ -847,6 +947,36 @@ impl Worker {
     /// dropped, and queued dead letters with no dead-letter endpoint left are lost: each is
     /// logged and counted.
     pub fn adopt(&mut self, host: &dyn Host, plan: Plan) {
+        // A new configuration: the registry's webhooks (the last document) apply to it too.
+        let plan = if plan.registry.is_some() {
+            let base = Rc::new(plan);
+            let mut pull = self
+                .registry
+                .take()
+                .unwrap_or_else(|| RegistryPull::new(Rc::clone(&base)));
+            pull.base = Rc::clone(&base);
+            let document = pull.document.as_deref().unwrap_or(NO_REGISTRY_WEBHOOKS);
+            let combined = base
+                .with_registry(document)
+                .or_else(|_| base.with_registry(NO_REGISTRY_WEBHOOKS));
+            self.registry = Some(pull);
+            match combined {
+                Ok(update) => update.plan,
+                Err(why) => {
+                    log(host, LogLevel::Critical, || {
+                        format!("new configuration not applied: {why}")
+                    });
+                    return;
+                }
+            }
+        } else {
+            self.registry = None;
+            plan
+        };
+        self.adopt_plan(host, plan);
+    }
+
+    fn adopt_plan(&mut self, host: &dyn Host, plan: Plan) {
         let old = Rc::clone(&self.plan);
         let new_index = |i: usize| {
             let id = &old.webhooks.get(i)?.id;
@@ -880,5 +1010,179 @@ impl Worker {
         self.plan = Rc::new(plan);
         self.ring(host);
         self.report_gauges(host);
+    }
+}
+
+impl RegistryPull {
+    fn new(base: Rc<Plan>) -> Self {
+        RegistryPull {
+            base,
+            document: None,
+            etag: None,
+            next_poll_ms: 0,
+            polling: false,
+            failing: false,
+            waiting: VecDeque::new(),
+            waiting_bytes: 0,
+        }
+    }
+
+    /// Keeps an event until the first document arrives, within the outbox's bounds.
+    fn wait(
+        &mut self,
+        host: &dyn Host,
+        metrics: Metrics,
+        event: Waiting,
+        max: usize,
+        max_bytes: usize,
+    ) {
+        let size = event.payload.held_bytes();
+        if self.waiting.len() >= max || self.waiting_bytes + size > max_bytes {
+            metrics.events_dropped_registry_not_loaded.inc(host);
+            log(host, LogLevel::Error, || {
+                format!(
+                    "event dropped for the registry's webhooks: event={} reason=the registry has not answered yet and the events waiting for it fill the outbox's bounds",
+                    event.event_id
+                )
+            });
+            return;
+        }
+        self.waiting_bytes += size;
+        self.waiting.push_back(event);
+    }
+}
+
+impl Worker {
+    /// Polls the registry when it is time: one GET at a time, with the last ETag. Returns the
+    /// callout's token.
+    pub fn registry_poll(&mut self, host: &dyn Host, now_ms: u64) -> Option<u32> {
+        let pull = self.registry.as_mut()?;
+        let settings = self.plan.registry.as_ref()?;
+        if pull.polling || now_ms < pull.next_poll_ms {
+            return None;
+        }
+        pull.next_poll_ms = now_ms + settings.poll_ms;
+        let authorization = format!("Bearer {}", settings.token);
+        let mut callout_headers = vec![
+            (headers::METHOD, "GET"),
+            (headers::PATH, settings.path.as_str()),
+            (headers::AUTHORITY, settings.authority.as_str()),
+            (headers::SCHEME, "http"),
+            (headers::USER_AGENT, USER_AGENT),
+            (headers::AUTHORIZATION, authorization.as_str()),
+        ];
+        if let Some(etag) = &pull.etag {
+            callout_headers.push((headers::IF_NONE_MATCH, etag.as_str()));
+        }
+        let result = host.dispatch(Callout {
+            cluster: &settings.cluster,
+            headers: callout_headers,
+            body: &[],
+            timeout_ms: REGISTRY_TIMEOUT_MS,
+        });
+        match result {
+            Ok(token) => {
+                pull.polling = true;
+                Some(token)
+            }
+            Err(refused) => {
+                let reason = refused.reason(&settings.cluster);
+                self.on_registry_answer(host, RegistryAnswer::Failed(reason), now_ms);
+                None
+            }
+        }
+    }
+
+    /// A registry poll's answer: a new document applies at once (queued deliveries of webhooks
+    /// that stay are kept, those of removed or disabled ones are dropped with a trace); anything
+    /// else leaves the last good copy in force.
+    pub fn on_registry_answer(&mut self, host: &dyn Host, answer: RegistryAnswer, now_ms: u64) {
+        let Some(pull) = self.registry.as_mut() else {
+            return;
+        };
+        pull.polling = false;
+        let failure = match answer {
+            RegistryAnswer::Status { code: 304, .. } if pull.document.is_some() => None,
+            RegistryAnswer::Status {
+                code: 200,
+                etag,
+                body,
+            } => match pull.base.with_registry(&body) {
+                Ok(update) => {
+                    let first = pull.document.is_none();
+                    pull.document = Some(body);
+                    pull.etag = etag
+                        .and_then(|e| String::from_utf8(e).ok())
+                        .filter(|e| e.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
+                    let waiting: Vec<Waiting> = pull.waiting.drain(..).collect();
+                    pull.waiting_bytes = 0;
+                    self.apply_registry(host, update, first);
+                    for event in &waiting {
+                        if self.fan_out(host, event, now_ms, true) == 0
+                            && self
+                                .plan
+                                .subscribers(&event.event_type, &event.organisation_id)
+                                .is_empty()
+                        {
+                            self.metrics.events_without_subscribers.inc(host);
+                        }
+                    }
+                    None
+                }
+                Err(why) => Some(format!("unreadable registry document: {why}")),
+            },
+            RegistryAnswer::Status { code, .. } => Some(format!("the registry answered {code}")),
+            RegistryAnswer::Failed(why) => Some(why),
+        };
+        let Some(pull) = self.registry.as_mut() else {
+            return;
+        };
+        match failure {
+            Some(why) => {
+                self.metrics.registry_fetch_failed.inc(host);
+                let first = !pull.failing;
+                pull.failing = true;
+                let level = if first {
+                    LogLevel::Warn
+                } else {
+                    LogLevel::Debug
+                };
+                let loaded = pull.document.is_some();
+                log(host, level, || {
+                    if loaded {
+                        format!("registry poll failed ({why}): the last good copy stays in force")
+                    } else {
+                        format!("registry poll failed ({why}): events wait for its first answer")
+                    }
+                });
+            }
+            None if pull.failing => {
+                pull.failing = false;
+                log(host, LogLevel::Info, || {
+                    "registry reachable again".to_string()
+                });
+            }
+            None => {}
+        }
+    }
+
+    fn apply_registry(&mut self, host: &dyn Host, update: RegistryUpdate, first: bool) {
+        for e in &update.skipped {
+            self.metrics.registry_webhooks_skipped.inc(host);
+            log(host, LogLevel::Warn, || {
+                format!("registry webhook skipped: {e}")
+            });
+        }
+        self.metrics.registry_updates.inc(host);
+        let count = update.plan.webhooks.len();
+        let revision = update.revision.map_or("?".to_string(), |r| r.to_string());
+        log(host, LogLevel::Info, || {
+            format!(
+                "registry revision {revision} applied{}: {count} webhooks in force, {} skipped",
+                if first { " (first)" } else { "" },
+                update.skipped.len()
+            )
+        });
+        self.adopt_plan(host, update.plan);
     }
 }

@@ -633,3 +633,303 @@ fn large_events_to_hanging_endpoints_are_trimmed_back_within_the_proxy_byte_boun
     let total: usize = workers.iter().map(|w| w.outbox().queued_bytes()).sum();
     assert!(total <= 8_000_000, "{total}");
 }
+
+mod registry {
+    use super::*;
+    use crate::filter::worker::RegistryAnswer;
+    use crate::signature::SigningKey;
+
+    const PROXY_TOKEN: &str = "proxy-token-value";
+    const NEW_KEY: &str = "whsec_Q2hhbmdlZCBrZXkgZm9yIHRoZSByb3RhdGlvbiB0ZXN0cw==";
+
+    fn registry_config() -> Value {
+        let mut c = config(vec![], json!({}));
+        c["registry"] = json!({"cluster": "registry", "authority": "registry.internal",
+                               "tokenEnv": "REGISTRY_TOKEN", "pollMs": 1000});
+        c
+    }
+
+    fn worker(host: &FakeHost) -> Worker {
+        let plan = Plan::from_json(registry_config().to_string().as_bytes(), &|name| {
+            (name == "REGISTRY_TOKEN").then(|| PROXY_TOKEN.to_string())
+        })
+        .unwrap();
+        Worker::new(host, plan, None, "p", "w1".into())
+    }
+
+    fn document(revision: u64, status: &str, keys: Value, expires: Option<u64>) -> Vec<u8> {
+        let mut hook = webhook(7, ORG);
+        hook.as_object_mut().unwrap().remove("apiKey");
+        hook["status"] = json!(status);
+        hook["apiKeys"] = keys;
+        if let Some(e) = expires {
+            hook["previousKeyExpiresAt"] = json!(e);
+        }
+        json!({"revision": revision, "webhooks": [hook]})
+            .to_string()
+            .into_bytes()
+    }
+
+    fn ok(body: Vec<u8>, etag: &str) -> RegistryAnswer {
+        RegistryAnswer::Status {
+            code: 200,
+            etag: Some(etag.as_bytes().to_vec()),
+            body,
+        }
+    }
+
+    #[test]
+    fn the_poll_carries_the_proxy_token_and_the_last_etag() {
+        let host = FakeHost::default();
+        let mut w = worker(&host);
+        assert!(w.registry_poll(&host, 0).is_some());
+        assert!(w.registry_poll(&host, 10).is_none(), "one poll at a time");
+        let sent = host.take_sent();
+        let header = |s: &super::super::testing::SentCallout, name: &str| {
+            s.headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        assert_eq!(sent[0].cluster, "registry");
+        assert_eq!(
+            header(&sent[0], "authorization").as_deref(),
+            Some("Bearer proxy-token-value")
+        );
+        assert_eq!(header(&sent[0], "if-none-match"), None);
+        w.on_registry_answer(
+            &host,
+            ok(document(1, "enabled", json!([SIGNING_KEY]), None), "\"r1\""),
+            5,
+        );
+        assert!(w.registry_poll(&host, 500).is_none(), "not before pollMs");
+        assert!(w.registry_poll(&host, 1_000).is_some());
+        let sent = host.take_sent();
+        assert_eq!(header(&sent[0], "if-none-match").as_deref(), Some("\"r1\""));
+        assert!(host
+            .logs
+            .borrow()
+            .iter()
+            .all(|(_, m)| !m.contains(PROXY_TOKEN)));
+    }
+
+    #[test]
+    fn events_before_the_first_document_wait_for_it_then_go_to_its_webhooks() {
+        let host = FakeHost::default();
+        let mut w = worker(&host);
+        complete(
+            &host,
+            &mut w,
+            ORG.as_bytes(),
+            br#"{"status":"completed"}"#,
+            0,
+        );
+        complete(
+            &host,
+            &mut w,
+            ORG.as_bytes(),
+            br#"{"status":"completed"}"#,
+            0,
+        );
+        assert!(w.pump(&host, 0).is_empty());
+        assert_eq!(
+            host.metric("events_without_subscribers"),
+            0,
+            "nothing is lost while waiting"
+        );
+        w.registry_poll(&host, 0);
+        w.on_registry_answer(
+            &host,
+            ok(document(1, "enabled", json!([SIGNING_KEY]), None), "\"r1\""),
+            10,
+        );
+        assert_eq!(w.pump(&host, 10).len(), 2);
+        assert_eq!(host.metric("registry_updates"), 1);
+        assert_eq!(
+            host.logged(
+                LogLevel::Info,
+                "registry revision 1 applied (first): 1 webhooks"
+            ),
+            1
+        );
+    }
+
+    #[test]
+    fn failures_keep_the_last_good_copy_and_are_logged_once_until_recovery() {
+        let host = FakeHost::default();
+        let mut w = worker(&host);
+        w.registry_poll(&host, 0);
+        w.on_registry_answer(
+            &host,
+            ok(document(1, "enabled", json!([SIGNING_KEY]), None), "\"r1\""),
+            1,
+        );
+        for now in [1_000, 2_000, 3_000] {
+            w.registry_poll(&host, now);
+            w.on_registry_answer(
+                &host,
+                RegistryAnswer::Failed("connection refused".into()),
+                now,
+            );
+        }
+        w.registry_poll(&host, 4_000);
+        w.on_registry_answer(
+            &host,
+            RegistryAnswer::Status {
+                code: 500,
+                etag: None,
+                body: vec![],
+            },
+            4_000,
+        );
+        assert_eq!(host.metric("registry_fetch_failed"), 4);
+        assert_eq!(
+            host.logged(LogLevel::Warn, "the last good copy stays in force"),
+            1
+        );
+        complete(
+            &host,
+            &mut w,
+            ORG.as_bytes(),
+            br#"{"status":"completed"}"#,
+            4_100,
+        );
+        assert_eq!(
+            w.pump(&host, 4_100).len(),
+            1,
+            "deliveries go on from the last good copy"
+        );
+        w.registry_poll(&host, 5_000);
+        w.on_registry_answer(
+            &host,
+            RegistryAnswer::Status {
+                code: 304,
+                etag: None,
+                body: vec![],
+            },
+            5_000,
+        );
+        assert_eq!(host.logged(LogLevel::Info, "registry reachable again"), 1);
+        // A document that is not readable is a failure too, and changes nothing.
+        w.registry_poll(&host, 6_000);
+        w.on_registry_answer(&host, ok(b"\xff{".to_vec(), "\"bad\""), 6_000);
+        assert_eq!(host.metric("registry_fetch_failed"), 5);
+        assert_eq!(w.plan().webhooks.len(), 1);
+    }
+
+    #[test]
+    fn a_disabled_webhook_gets_nothing_more_and_a_rotated_key_signs_beside_the_new_one() {
+        let host = FakeHost::default();
+        let mut w = worker(&host);
+        w.registry_poll(&host, 0);
+        w.on_registry_answer(
+            &host,
+            ok(document(1, "enabled", json!([SIGNING_KEY]), None), "\"r1\""),
+            1,
+        );
+        // Rotation: the new key first, the old one until its expiry (Unix seconds).
+        w.registry_poll(&host, 1_000);
+        w.on_registry_answer(
+            &host,
+            ok(
+                document(2, "enabled", json!([NEW_KEY, SIGNING_KEY]), Some(100)),
+                "\"r2\"",
+            ),
+            1_000,
+        );
+        complete(
+            &host,
+            &mut w,
+            ORG.as_bytes(),
+            br#"{"status":"completed"}"#,
+            2_000,
+        );
+        host.take_sent();
+        let (_, attempt) = w.pump(&host, 2_000).remove(0);
+        let sent = host.take_sent().remove(0);
+        let signature = sent
+            .headers
+            .iter()
+            .find(|(k, _)| k == "webhook-signature")
+            .unwrap()
+            .1
+            .clone();
+        let timestamp: u64 = sent
+            .headers
+            .iter()
+            .find(|(k, _)| k == "webhook-timestamp")
+            .unwrap()
+            .1
+            .parse()
+            .unwrap();
+        let id = &sent
+            .headers
+            .iter()
+            .find(|(k, _)| k == "webhook-id")
+            .unwrap()
+            .1;
+        for key in [NEW_KEY, SIGNING_KEY] {
+            let key = SigningKey::parse(key).unwrap();
+            assert!(
+                key.verify(id, timestamp, &sent.body, &signature),
+                "{signature}"
+            );
+        }
+        w.on_answer(&host, attempt, &answer(b"200"), 2_001);
+        // Disabled: nothing more is sent to it.
+        w.registry_poll(&host, 3_000);
+        w.on_registry_answer(
+            &host,
+            ok(document(3, "disabled", json!([NEW_KEY]), None), "\"r3\""),
+            3_000,
+        );
+        complete(
+            &host,
+            &mut w,
+            ORG.as_bytes(),
+            br#"{"status":"completed"}"#,
+            3_100,
+        );
+        assert!(w.pump(&host, 3_100).is_empty());
+        assert_eq!(host.metric("events_without_subscribers"), 1);
+    }
+
+    #[test]
+    fn configured_webhooks_do_not_wait_for_the_registry() {
+        let host = FakeHost::default();
+        let mut c = registry_config();
+        c["webhooks"] = json!([webhook(1, ORG)]);
+        let plan = Plan::from_json(c.to_string().as_bytes(), &|name| {
+            (name == "REGISTRY_TOKEN").then(|| PROXY_TOKEN.to_string())
+        })
+        .unwrap();
+        let mut w = Worker::new(&host, plan, None, "p", "w1".into());
+        complete(
+            &host,
+            &mut w,
+            ORG.as_bytes(),
+            br#"{"status":"completed"}"#,
+            0,
+        );
+        let first = w.pump(&host, 0);
+        assert_eq!(first.len(), 1, "the configured webhook has it at once");
+        for (_, attempt) in first {
+            w.on_answer(&host, attempt, &answer(b"200"), 1);
+        }
+        w.registry_poll(&host, 0);
+        w.on_registry_answer(
+            &host,
+            ok(document(1, "enabled", json!([SIGNING_KEY]), None), "\"r1\""),
+            10,
+        );
+        let later = w.pump(&host, 10);
+        assert_eq!(
+            later.len(),
+            1,
+            "the registry's webhook gets it with the first document, once"
+        );
+        let sent = host.take_sent();
+        let v: Value = serde_json::from_slice(&sent.last().unwrap().body).unwrap();
+        assert_eq!(v["webhookId"], format!("{:024x}", 7));
+    }
+}

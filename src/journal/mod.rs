@@ -251,6 +251,20 @@ impl Journal {
         if payload.envelope().is_none() {
             return;
         }
+        // A later fan-out of the same event (to webhooks that arrived since) adds to its record.
+        if let Some(t) = self.tracked.get_mut(&**event_id) {
+            let known: Vec<String> = t.pending.iter().map(|p| p.webhook_id.clone()).collect();
+            let before = t.pending.len();
+            t.pending.extend(
+                pending
+                    .into_iter()
+                    .filter(|p| !known.contains(&p.webhook_id)),
+            );
+            if t.pending.len() > before {
+                self.touch(event_id);
+            }
+            return;
+        }
         if stored {
             self.notices.push(Notice::RecordsDelta(1));
         }

@@ -538,3 +538,25 @@ fn a_long_backlog_is_claimed_batch_after_batch_and_the_walk_resumes_where_it_sto
         "from where the last scan stopped"
     );
 }
+
+#[test]
+fn a_later_fan_out_of_the_same_event_adds_its_webhooks_to_the_record() {
+    let mut j = live();
+    let (id, p) = payload(1_700_000_000);
+    j.track(&id, &p, 5, pending(&[HOOK_A], 5), false);
+    let put = writes(&mut j, 5).into_iter().next().expect("put");
+    j.on_answer(put.purpose, Ok(OK), 6, ROOM);
+    j.track(&id, &p, 5, pending(&[HOOK_A, HOOK_B], 7), false);
+    let update = writes(&mut j, 7);
+    assert_eq!(update.len(), 1);
+    let value = B64
+        .decode(body(&update[0])["value"].as_str().expect("value"))
+        .expect("base64");
+    let ids: Vec<String> = record::decode(&value)
+        .expect("record")
+        .pending
+        .into_iter()
+        .map(|p| p.webhook_id)
+        .collect();
+    assert_eq!(ids, vec![HOOK_A.to_string(), HOOK_B.to_string()]);
+}

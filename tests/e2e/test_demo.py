@@ -1,5 +1,6 @@
-"""`make demo` stays true: the demo script runs end to end (HTTPS delivery, signature checked by
-standardwebhooks), prints the delivered event, and exits 0."""
+"""`make demo` stays true: the demo script runs the product's flow end to end (a webhook registered through the
+registry's API, its key shown once, an HTTPS delivery through Envoy, the signature checked by standardwebhooks
+under that key), prints the delivered event, and exits 0."""
 
 import json
 import subprocess
@@ -14,6 +15,7 @@ def test_demo_delivers_over_https_and_the_signature_is_valid(wasm):
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "signature valid" in out and "INVALID" not in out, out
+    assert "<- 201, webhook " in out and "API key whsec_" in out and "shown this once" in out, out
     assert "(over HTTPS)" in out and "host: localhost:" in out, out
     body = json.loads(out[out.index("\n{\n") + 1: out.index("\n}\n") + 2])
     assert body["eventType"] == "job.completed" and body["data"]["object"]["objectType"] == "job", body

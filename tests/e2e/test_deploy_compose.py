@@ -27,12 +27,15 @@ from standardwebhooks import Webhook
 
 import harness
 from harness import registry
+from harness.registry_service import free_port
 
 ENVOY_DIR = harness.REPO / "envoy"
 COMPOSE_FILE = ENVOY_DIR / "docker-compose.yaml"
 COMPOSE_ENVOY = ENVOY_DIR / "compose" / "envoy.yaml"
 SERVE = ENVOY_DIR / "compose" / "serve.py"
 KEY_VAR = "BILLING_WEBHOOK_KEY"
+TOKEN_VAR = "REGISTRY_PROXY_TOKEN"
+TOKEN = "compose-proxy-token-for-the-loopback-run"
 WASM_FILTER = "envoy.filters.http.wasm"
 ORG = "657bf08c202997ba9d127922"
 
@@ -127,7 +130,7 @@ def compose_tool():
 def test_compose_file_wires_envoy_module_config_and_demo_servers():
     doc = compose_doc()
     services = doc["services"]
-    assert set(services) == {"envoy", "jobs", "receiver", "etcd"}
+    assert set(services) == {"envoy", "jobs", "receiver", "registry", "etcd"}
 
     envoy = services["envoy"]
     assert re.fullmatch(r"(\$\{ENVOY_IMAGE:-)?envoyproxy/envoy:v1\.40(\.\d+|-latest)\}?", envoy["image"]), envoy["image"]
@@ -141,7 +144,7 @@ def test_compose_file_wires_envoy_module_config_and_demo_servers():
     assert KEY_VAR in envoy["environment"] and "${" + KEY_VAR in envoy["environment"][KEY_VAR], \
         "the key must come from the caller's environment, not be written into the compose file"
     assert KEY_VAR in wasm_cfg["vm_config"]["environment_variables"]["host_env_keys"]
-    assert set(envoy.get("depends_on", [])) == {"jobs", "receiver", "etcd"}
+    assert set(envoy.get("depends_on", [])) == {"jobs", "receiver", "registry", "etcd"}
     # The journal's cluster reaches the etcd service, which compacts its history.
     journal = json.loads(plugin_json(envoy_doc()))["delivery"]["journal"]
     ep = endpoint(clusters(envoy_doc())[journal["cluster"]])
@@ -175,6 +178,8 @@ def test_compose_tool_accepts_the_file(key):
         pytest.skip("no compose tool: install Debian's `docker-compose` (apt-get install -y docker-compose) or the "
                     "Docker CLI compose plugin; the rest of this file's checks still ran")
     env = {k: v for k, v in os.environ.items() if k not in (KEY_VAR, "ENVOY_IMAGE")}
+    # The registry's secrets (tests/registry/test_deploy.py checks its service).
+    env.update({name: "set-by-the-test" for name in ("REGISTRY_MAIN_KEY", "REGISTRY_JWT_SECRET", "REGISTRY_PROXY_TOKEN")})
     base = [*tool, "-f", str(COMPOSE_FILE)]
     ok = subprocess.run([*base, "config", "-q"], capture_output=True, text=True, timeout=60,
                         env={**env, KEY_VAR: key}, cwd=harness.REPO)
@@ -215,16 +220,17 @@ def test_compose_envoy_config_has_the_filter_before_the_router():
 
 def test_compose_plugin_config_passes_the_filters_validator(cli, key, tmp_path):
     text = plugin_json(envoy_doc())
-    ok = run_check(cli, text, tmp_path, {KEY_VAR: key})
+    ok = run_check(cli, text, tmp_path, {KEY_VAR: key, TOKEN_VAR: TOKEN})
     assert ok.returncode == 0, ok.stderr
     assert "valid (1 event rules, 1 webhooks)" in ok.stdout
     # The demo receiver is plain HTTP on the compose network: only allowed because the file says so.
     plugin = json.loads(text)
     del plugin["delivery"]["allowInsecureHttp"]
-    bad = run_check(cli, json.dumps(plugin), tmp_path, {KEY_VAR: key})
+    bad = run_check(cli, json.dumps(plugin), tmp_path, {KEY_VAR: key, TOKEN_VAR: TOKEN})
     assert bad.returncode != 0 and "webhooks[0].url: must be an https URL" in bad.stderr, bad.stderr
     missing = run_check(cli, text, tmp_path, {})
     assert missing.returncode != 0 and f"environment variable {KEY_VAR} is not set" in missing.stderr
+    assert f"registry.tokenEnv: environment variable {TOKEN_VAR} is not set" in missing.stderr
 
 
 # ---- the same configuration and servers, run for real on loopback -------------------------------------------------
@@ -286,6 +292,8 @@ def loopback_bootstrap(wasm: Path, jobs_port: int, receiver_port: int, etcd_port
     known = clusters(b)
     endpoint(known["job_service"]).update(address="127.0.0.1", port_value=jobs_port)
     endpoint(known["receiver"]).update(address="127.0.0.1", port_value=receiver_port)
+    # No registry runs here: the configured webhook is delivered without waiting for it.
+    endpoint(known["registry"]).update(address="127.0.0.1", port_value=free_port())
     endpoint(known["etcd"]).update(address="127.0.0.1", port_value=etcd_port)
     return b
 
@@ -299,7 +307,7 @@ def test_compose_config_and_servers_deliver_a_signed_event_on_loopback(wasm, key
     etcd = Etcd(1, name="etcd-compose").start()
     try:
         envoy = harness.Envoy(loopback_bootstrap(wasm, jobs.port, receiver.port, etcd.members[0].client_port),
-                              name="compose-envoy", env={KEY_VAR: key})
+                              name="compose-envoy", env={KEY_VAR: key, TOKEN_VAR: TOKEN})
         envoys.append(envoy)
         envoy.start()
         wait_for_log(envoy, r"journal: owner \w+ is live")

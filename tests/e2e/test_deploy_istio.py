@@ -33,6 +33,10 @@ EXPECTED = {
     ("networking.istio.io/v1", "ServiceEntry", "billing-webhook"),
     ("networking.istio.io/v1", "DestinationRule", "billing-webhook"),
     ("extensions.istio.io/v1alpha1", "WasmPlugin", "webhook-emitter"),
+    ("v1", "Service", "webhook-registry"),
+    ("v1", "PersistentVolumeClaim", "webhook-registry-data"),
+    ("apps/v1", "Deployment", "webhook-registry"),
+    ("v1", "Secret", "webhook-registry"),
 }
 # The fields of istio.extensions.v1alpha1.WasmPlugin (istio/api extensions/v1alpha1/wasm.proto), in JSON names.
 WASMPLUGIN_FIELDS = {
@@ -88,8 +92,9 @@ def load_docs() -> list:
     return docs
 
 
-def one(kind: str) -> dict:
-    found = [doc for _, doc in load_docs() if doc.get("kind") == kind]
+def one(kind: str, name: str = None) -> dict:
+    found = [doc for _, doc in load_docs()
+             if doc.get("kind") == kind and name in (None, (doc.get("metadata") or {}).get("name"))]
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
 
@@ -236,8 +241,8 @@ def test_struct_conversion_keeps_integers():
 
 def test_secret_reaches_the_vm_through_the_sidecar_env(cli, tmp_path):
     plugin = one("WasmPlugin")["spec"]
-    deployment = one("Deployment")
-    secret = one("Secret")
+    deployment = one("Deployment", "jobs")
+    secret = one("Secret", "billing-webhook-key")
     pod = deployment["spec"]["template"]
     labels = pod["metadata"]["labels"]
     for k, v in plugin["selector"]["matchLabels"].items():

@@ -1,0 +1,606 @@
+//! The HTTP side: the organisation admins' API, the proxies' feed (`GET /v1/registry`) and the dashboard.
+
+use super::auth::{Caller, ProxyToken, Verifier};
+use super::keys::{new_api_key, new_webhook_id, Sealer};
+use super::store::{Audit, Store, StoredWebhook};
+use super::validate::{read_fields, FieldError, Policy};
+use super::{log, now_ms, rfc3339};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::sync::{Arc, Mutex};
+
+const MAX_BODY: usize = 64 * 1024;
+const DASHBOARD_HTML: &str = include_str!("dashboard/index.html");
+const DASHBOARD_JS: &str = include_str!("dashboard/dashboard.js");
+const DASHBOARD_CSS: &str = include_str!("dashboard/dashboard.css");
+const DASHBOARD_CSP: &str =
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; \
+    img-src 'self'; form-action 'none'; frame-ancestors 'none'; base-uri 'none'";
+
+pub struct App {
+    pub store: Store,
+    pub verifier: Verifier,
+    pub proxy_token: ProxyToken,
+    pub sealer: Sealer,
+    pub policy: Policy,
+    /// How long the previous key is still served after a rotation.
+    pub rotation_grace_ms: i64,
+    feed: Mutex<Option<Feed>>,
+}
+
+/// The last registry document built, reused while the revision is the same and no previous key has expired.
+struct Feed {
+    revision: i64,
+    valid_until_ms: i64,
+    etag: String,
+    body: Bytes,
+}
+
+impl App {
+    pub fn new(
+        store: Store,
+        verifier: Verifier,
+        proxy_token: ProxyToken,
+        sealer: Sealer,
+        policy: Policy,
+        rotation_grace_ms: i64,
+    ) -> Self {
+        App {
+            store,
+            verifier,
+            proxy_token,
+            sealer,
+            policy,
+            rotation_grace_ms,
+            feed: Mutex::new(None),
+        }
+    }
+
+    fn authorize(&self, headers: &HeaderMap, organisation: &str) -> Result<Caller, ApiError> {
+        let caller = self
+            .verifier
+            .caller(
+                headers
+                    .get(header::AUTHORIZATION)
+                    .map(HeaderValue::as_bytes),
+            )
+            .map_err(ApiError::Unauthorized)?;
+        if !is_organisation_id(organisation) {
+            return Err(ApiError::NotFound);
+        }
+        if caller.may_manage(organisation) {
+            Ok(caller)
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "role {:?} of organisation {:?} may not manage the webhooks of organisation {organisation:?}",
+                caller.role.as_str(),
+                caller.organisation_id
+            )))
+        }
+    }
+}
+
+/// Organisation ids come from the tokens and the paths: 1 to 128 characters, none of them a control character.
+fn is_organisation_id(id: &str) -> bool {
+    (1..=128).contains(&id.chars().count()) && !id.chars().any(char::is_control)
+}
+
+// Webhook ids are the filter's (24 lowercase hex digits); anything else is not looked up.
+use crate::config::is_webhook_id;
+
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/", get(dashboard_html))
+        .route("/dashboard.js", get(dashboard_js))
+        .route("/dashboard.css", get(dashboard_css))
+        .route("/healthz", get(health))
+        .route("/v1/event-types", get(event_types))
+        .route("/v1/registry", get(registry_feed))
+        .route(
+            "/v1/organisations/{org}/webhooks",
+            get(list_webhooks).post(create_webhook),
+        )
+        .route(
+            "/v1/organisations/{org}/webhooks/{id}",
+            get(get_webhook)
+                .patch(update_webhook)
+                .delete(delete_webhook),
+        )
+        .route(
+            "/v1/organisations/{org}/webhooks/{id}/rotate-key",
+            post(rotate_key),
+        )
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(request_deadline))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(app)
+}
+
+/// A request (its body included) must be read and answered within this time.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+async fn request_deadline(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(REQUEST_TIMEOUT, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => json_response(
+            StatusCode::REQUEST_TIMEOUT,
+            &errors_body(&[FieldError::new("", "the request took too long")]),
+        ),
+    }
+}
+
+pub enum ApiError {
+    Unauthorized(String),
+    Forbidden(String),
+    NotFound,
+    Conflict,
+    Invalid(Vec<FieldError>),
+    Internal,
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        log(&format!("database error: {e}"));
+        ApiError::Internal
+    }
+}
+
+fn errors_body(errors: &[FieldError]) -> Value {
+    json!({"errors": errors.iter().map(|e| json!({"path": e.path, "message": e.message})).collect::<Vec<_>>()})
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let one = |status: StatusCode, path: &str, message: &str| {
+            json_response(status, &errors_body(&[FieldError::new(path, message)]))
+        };
+        match self {
+            ApiError::Unauthorized(why) => {
+                let mut r = one(StatusCode::UNAUTHORIZED, "authorization", &why);
+                r.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                r
+            }
+            ApiError::Forbidden(why) => one(StatusCode::FORBIDDEN, "authorization", &why),
+            ApiError::NotFound => one(StatusCode::NOT_FOUND, "", "no such webhook"),
+            ApiError::Conflict => one(
+                StatusCode::CONFLICT,
+                "",
+                "the webhook changed meanwhile; read it again and retry",
+            ),
+            ApiError::Invalid(errors) => {
+                json_response(StatusCode::UNPROCESSABLE_ENTITY, &errors_body(&errors))
+            }
+            ApiError::Internal => one(StatusCode::INTERNAL_SERVER_ERROR, "", "internal error"),
+        }
+    }
+}
+
+fn json_response(status: StatusCode, value: &Value) -> Response {
+    (
+        status,
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            // Answers may hold a key: no cache keeps them.
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+fn public(w: &StoredWebhook) -> Value {
+    json!({
+        "id": w.id,
+        "organisationId": w.organisation_id,
+        "name": w.name,
+        "url": w.url,
+        "description": w.description,
+        "status": w.status,
+        "events": w.events,
+        "createdAt": rfc3339(w.created_ms),
+        "updatedAt": rfc3339(w.updated_ms),
+        "keyRotatedAt": w.key_rotated_ms.map(rfc3339),
+    })
+}
+
+fn audit_line(caller: &Caller, action: &str, organisation: &str, id: &str) {
+    log(&format!(
+        "{action} webhook {id} of organisation {organisation:?} by {:?} ({})",
+        caller.sub,
+        caller.role.as_str()
+    ));
+}
+
+fn internal(what: &str) -> impl Fn(String) -> ApiError + '_ {
+    move |e| {
+        log(&format!("{what}: {e}"));
+        ApiError::Internal
+    }
+}
+
+async fn list_webhooks(
+    State(app): State<Arc<App>>,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    app.authorize(&headers, &org)?;
+    let webhooks = app.store.list(&org).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"webhooks": webhooks.iter().map(public).collect::<Vec<_>>()}),
+    ))
+}
+
+async fn get_webhook(
+    State(app): State<Arc<App>>,
+    Path((org, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    app.authorize(&headers, &org)?;
+    if !is_webhook_id(&id) {
+        return Err(ApiError::NotFound);
+    }
+    let webhook = app.store.get(&org, &id).await?.ok_or(ApiError::NotFound)?;
+    Ok(json_response(StatusCode::OK, &public(&webhook)))
+}
+
+async fn create_webhook(
+    State(app): State<Arc<App>>,
+    Path(org): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let caller = app.authorize(&headers, &org)?;
+    let fields = read_fields(&body, &app.policy, true).map_err(ApiError::Invalid)?;
+    let id = new_webhook_id().map_err(internal("new webhook id"))?;
+    let key = new_api_key().map_err(internal("new API key"))?;
+    let now = now_ms();
+    let webhook = StoredWebhook {
+        key_sealed: app.sealer.seal(&id, &key).map_err(internal("sealing"))?,
+        id,
+        organisation_id: org.clone(),
+        name: fields.name.unwrap_or_default(),
+        url: fields.url.unwrap_or_default(),
+        description: fields.description.unwrap_or_default(),
+        status: fields.status.unwrap_or_default(),
+        events: fields.events.unwrap_or_default(),
+        previous_key_sealed: None,
+        previous_key_expires_ms: None,
+        key_rotated_ms: None,
+        created_ms: now,
+        updated_ms: now,
+    };
+    let detail = json!({"name": webhook.name, "url": webhook.url, "status": webhook.status, "events": webhook.events});
+    app.store
+        .put(
+            &webhook,
+            None,
+            Audit {
+                at_ms: now,
+                actor: &caller.sub,
+                role: caller.role.as_str(),
+                action: "create",
+                detail: detail.to_string(),
+            },
+        )
+        .await?;
+    audit_line(&caller, "created", &org, &webhook.id);
+    let mut answer = public(&webhook);
+    answer["apiKey"] = Value::String(key);
+    Ok(json_response(StatusCode::CREATED, &answer))
+}
+
+/// Written, or why not: gone (404) or changed by a concurrent request (409).
+async fn put_existing(
+    app: &App,
+    webhook: &StoredWebhook,
+    old_key: &str,
+    audit: Audit<'_>,
+) -> Result<(), ApiError> {
+    if app.store.put(webhook, Some(old_key), audit).await? {
+        Ok(())
+    } else if app
+        .store
+        .get(&webhook.organisation_id, &webhook.id)
+        .await?
+        .is_some()
+    {
+        Err(ApiError::Conflict)
+    } else {
+        Err(ApiError::NotFound)
+    }
+}
+
+async fn update_webhook(
+    State(app): State<Arc<App>>,
+    Path((org, id)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let caller = app.authorize(&headers, &org)?;
+    if !is_webhook_id(&id) {
+        return Err(ApiError::NotFound);
+    }
+    let old = app.store.get(&org, &id).await?.ok_or(ApiError::NotFound)?;
+    let fields = read_fields(&body, &app.policy, false).map_err(ApiError::Invalid)?;
+    let mut webhook = old.clone();
+    let mut changed = serde_json::Map::new();
+    if let Some(v) = fields.name {
+        changed.insert("name".into(), json!(v));
+        webhook.name = v;
+    }
+    if let Some(v) = fields.url {
+        changed.insert("url".into(), json!(v));
+        webhook.url = v;
+    }
+    if let Some(v) = fields.description {
+        changed.insert("description".into(), json!(v));
+        webhook.description = v;
+    }
+    if let Some(v) = fields.status {
+        changed.insert("status".into(), json!(v));
+        webhook.status = v;
+    }
+    if let Some(v) = fields.events {
+        changed.insert("events".into(), json!(v));
+        webhook.events = v;
+    }
+    let now = now_ms();
+    webhook.updated_ms = now;
+    put_existing(
+        &app,
+        &webhook,
+        &old.key_sealed,
+        Audit {
+            at_ms: now,
+            actor: &caller.sub,
+            role: caller.role.as_str(),
+            action: "update",
+            detail: Value::Object(changed).to_string(),
+        },
+    )
+    .await?;
+    audit_line(&caller, "updated", &org, &id);
+    Ok(json_response(StatusCode::OK, &public(&webhook)))
+}
+
+async fn delete_webhook(
+    State(app): State<Arc<App>>,
+    Path((org, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = app.authorize(&headers, &org)?;
+    if !is_webhook_id(&id) {
+        return Err(ApiError::NotFound);
+    }
+    let audit = Audit {
+        at_ms: now_ms(),
+        actor: &caller.sub,
+        role: caller.role.as_str(),
+        action: "delete",
+        detail: "{}".into(),
+    };
+    if !app.store.delete(&org, &id, audit).await? {
+        return Err(ApiError::NotFound);
+    }
+    audit_line(&caller, "deleted", &org, &id);
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn rotate_key(
+    State(app): State<Arc<App>>,
+    Path((org, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = app.authorize(&headers, &org)?;
+    if !is_webhook_id(&id) {
+        return Err(ApiError::NotFound);
+    }
+    let old = app.store.get(&org, &id).await?.ok_or(ApiError::NotFound)?;
+    let key = new_api_key().map_err(internal("new API key"))?;
+    let now = now_ms();
+    let expires = now.saturating_add(app.rotation_grace_ms);
+    let mut webhook = old.clone();
+    webhook.key_sealed = app.sealer.seal(&id, &key).map_err(internal("sealing"))?;
+    // The key being replaced is still served to the proxies until `expires`; one rotated out earlier is dropped.
+    webhook.previous_key_sealed = Some(old.key_sealed.clone());
+    webhook.previous_key_expires_ms = Some(expires);
+    webhook.key_rotated_ms = Some(now);
+    webhook.updated_ms = now;
+    put_existing(
+        &app,
+        &webhook,
+        &old.key_sealed,
+        Audit {
+            at_ms: now,
+            actor: &caller.sub,
+            role: caller.role.as_str(),
+            action: "rotate-key",
+            detail: json!({"previousKeyExpiresAt": rfc3339(expires)}).to_string(),
+        },
+    )
+    .await?;
+    audit_line(&caller, "rotated the key of", &org, &id);
+    let mut answer = public(&webhook);
+    answer["apiKey"] = Value::String(key);
+    answer["previousKeyExpiresAt"] = Value::String(rfc3339(expires));
+    Ok(json_response(StatusCode::OK, &answer))
+}
+
+/// `GET /v1/registry`: every webhook with its key(s), for the proxies. The ETag is the revision and a digest of
+/// the document, so it also changes when a previous key expires without any write.
+async fn registry_feed(
+    State(app): State<Arc<App>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if !app.proxy_token.admits(
+        headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+    ) {
+        return Err(ApiError::Unauthorized(
+            "the registry feed needs the proxies' bearer token".into(),
+        ));
+    }
+    let now = now_ms();
+    let revision = app.store.revision().await?;
+    let cached = app.feed.lock().ok().and_then(|feed| {
+        feed.as_ref()
+            .filter(|f| f.revision == revision && now < f.valid_until_ms)
+            .map(|f| (f.etag.clone(), f.body.clone()))
+    });
+    let (etag, body) = match cached {
+        Some(hit) => hit,
+        None => {
+            let feed = build_feed(&app, now).await?;
+            let hit = (feed.etag.clone(), feed.body.clone());
+            if let Ok(mut slot) = app.feed.lock() {
+                *slot = Some(feed);
+            }
+            hit
+        }
+    };
+    let etag_value = HeaderValue::from_str(&etag).map_err(|_| ApiError::Internal)?;
+    if if_none_match(&headers, &etag) {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
+    }
+    Ok((
+        StatusCode::OK,
+        [
+            (header::ETAG, etag_value),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+async fn build_feed(app: &App, now: i64) -> Result<Feed, ApiError> {
+    let (revision, webhooks) = app.store.snapshot().await?;
+    let mut valid_until_ms = i64::MAX;
+    let mut entries = Vec::with_capacity(webhooks.len());
+    for w in &webhooks {
+        let current = match app.sealer.open(&w.id, &w.key_sealed) {
+            Ok(key) => key,
+            Err(e) => {
+                // One unreadable key must not take every other webhook off the proxies.
+                log(&format!("registry feed: skipped: {e}"));
+                continue;
+            }
+        };
+        let mut entry = json!({
+            "id": w.id,
+            "organisationId": w.organisation_id,
+            "name": w.name,
+            "url": w.url,
+            "description": w.description,
+            "status": w.status,
+            "events": w.events,
+            "apiKeys": [current],
+        });
+        if let (Some(previous), Some(expires)) = (&w.previous_key_sealed, w.previous_key_expires_ms)
+        {
+            if now < expires {
+                match app.sealer.open(&w.id, previous) {
+                    Ok(key) => {
+                        if let Some(Value::Array(keys)) = entry.get_mut("apiKeys") {
+                            keys.push(Value::String(key));
+                        }
+                        entry["previousKeyExpiresAt"] = json!(expires / 1000);
+                        valid_until_ms = valid_until_ms.min(expires);
+                    }
+                    Err(e) => log(&format!("registry feed: previous key left out: {e}")),
+                }
+            }
+        }
+        entries.push(entry);
+    }
+    let body = json!({"revision": revision, "webhooks": entries}).to_string();
+    let digest = Sha256::digest(body.as_bytes());
+    let etag = format!(
+        "\"{revision}-{}\"",
+        digest[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+    Ok(Feed {
+        revision,
+        valid_until_ms,
+        etag,
+        body: Bytes::from(body),
+    })
+}
+
+fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers.get_all(header::IF_NONE_MATCH).iter().any(|value| {
+        value.as_bytes().split(|b| *b == b',').any(|candidate| {
+            let candidate = candidate.trim_ascii();
+            let candidate = candidate.strip_prefix(b"W/").unwrap_or(candidate);
+            candidate == b"*" || candidate == etag.as_bytes()
+        })
+    })
+}
+
+async fn health(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
+    let revision = app.store.revision().await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"status": "ok", "revision": revision}),
+    ))
+}
+
+async fn event_types(State(app): State<Arc<App>>) -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({"eventTypes": app.policy.event_types}),
+    )
+}
+
+async fn not_found() -> Response {
+    json_response(
+        StatusCode::NOT_FOUND,
+        &errors_body(&[FieldError::new("", "no such resource")]),
+    )
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CONTENT_SECURITY_POLICY, DASHBOARD_CSP),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn dashboard_html() -> Response {
+    asset("text/html; charset=utf-8", DASHBOARD_HTML)
+}
+
+async fn dashboard_js() -> Response {
+    asset("text/javascript; charset=utf-8", DASHBOARD_JS)
+}
+
+async fn dashboard_css() -> Response {
+    asset("text/css; charset=utf-8", DASHBOARD_CSS)
+}

@@ -1,0 +1,315 @@
+//! The registry's database: SQLite (a file, the default) or Postgres (several replicas), through sqlx's `Any`
+//! driver so both run the same statements. Every change bumps the single `revision` and writes an audit row in the
+//! same transaction; the first statement of each change takes the write lock, so SQLite never has to upgrade a
+//! read lock.
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS registry_state (id INTEGER PRIMARY KEY, revision BIGINT NOT NULL)",
+    "INSERT INTO registry_state (id, revision) VALUES (1, 0) ON CONFLICT (id) DO NOTHING",
+    "CREATE TABLE IF NOT EXISTS webhooks (
+        id TEXT PRIMARY KEY,
+        organisation_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        url TEXT NOT NULL,
+        description TEXT NOT NULL,
+        status TEXT NOT NULL,
+        events TEXT NOT NULL,
+        key_sealed TEXT NOT NULL,
+        previous_key_sealed TEXT,
+        previous_key_expires_ms BIGINT,
+        key_rotated_ms BIGINT,
+        created_ms BIGINT NOT NULL,
+        updated_ms BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS webhooks_by_organisation ON webhooks (organisation_id, created_ms)",
+    "CREATE TABLE IF NOT EXISTS audit (
+        at_ms BIGINT NOT NULL,
+        actor TEXT NOT NULL,
+        role TEXT NOT NULL,
+        organisation_id TEXT NOT NULL,
+        action TEXT NOT NULL,
+        webhook_id TEXT NOT NULL,
+        detail TEXT NOT NULL)",
+];
+
+const COLUMNS: &str = "id, organisation_id, name, url, description, status, events, key_sealed, \
+    previous_key_sealed, previous_key_expires_ms, key_rotated_ms, created_ms, updated_ms";
+
+/// A stored webhook; keys stay sealed here.
+#[derive(Debug, Clone)]
+pub struct StoredWebhook {
+    pub id: String,
+    pub organisation_id: String,
+    pub name: String,
+    pub url: String,
+    pub description: String,
+    pub status: String,
+    pub events: Vec<String>,
+    pub key_sealed: String,
+    pub previous_key_sealed: Option<String>,
+    pub previous_key_expires_ms: Option<i64>,
+    pub key_rotated_ms: Option<i64>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+/// Who changed what, for the audit table. Never a key.
+pub struct Audit<'a> {
+    pub at_ms: i64,
+    pub actor: &'a str,
+    pub role: &'a str,
+    pub action: &'a str,
+    pub detail: String,
+}
+
+pub struct Store {
+    pool: AnyPool,
+    postgres: bool,
+}
+
+type Result<T> = std::result::Result<T, sqlx::Error>;
+
+fn row_to_webhook(row: &AnyRow) -> Result<StoredWebhook> {
+    let events: String = row.try_get("events")?;
+    Ok(StoredWebhook {
+        id: row.try_get("id")?,
+        organisation_id: row.try_get("organisation_id")?,
+        name: row.try_get("name")?,
+        url: row.try_get("url")?,
+        description: row.try_get("description")?,
+        status: row.try_get("status")?,
+        events: serde_json::from_str(&events).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+        key_sealed: row.try_get("key_sealed")?,
+        previous_key_sealed: row.try_get("previous_key_sealed")?,
+        previous_key_expires_ms: row.try_get("previous_key_expires_ms")?,
+        key_rotated_ms: row.try_get("key_rotated_ms")?,
+        created_ms: row.try_get("created_ms")?,
+        updated_ms: row.try_get("updated_ms")?,
+    })
+}
+
+/// `sqlite:PATH` gains `mode=rwc`, so the file is created on first start.
+pub fn connect_url(database: &str) -> std::result::Result<String, String> {
+    if database.starts_with("postgres://") || database.starts_with("postgresql://") {
+        Ok(database.to_string())
+    } else if let Some(path) = database.strip_prefix("sqlite:") {
+        if path.is_empty() || path.contains(":memory:") || path.contains("mode=memory") {
+            return Err(format!(
+                "--database {database:?}: give a file (sqlite:PATH); an in-memory database is lost on exit"
+            ));
+        }
+        Ok(if path.contains('?') {
+            database.to_string()
+        } else {
+            format!("{database}?mode=rwc")
+        })
+    } else {
+        Err(format!(
+            "--database {:?} must be sqlite:PATH or postgres://…",
+            database.split(':').next().unwrap_or_default()
+        ))
+    }
+}
+
+impl Store {
+    pub async fn open(database: &str) -> std::result::Result<Store, String> {
+        sqlx::any::install_default_drivers();
+        let url = connect_url(database)?;
+        let sqlite = url.starts_with("sqlite:");
+        let pool = AnyPoolOptions::new()
+            .max_connections(if sqlite { 4 } else { 8 })
+            .connect(&url)
+            .await
+            .map_err(|e| format!("--database: cannot open the database: {e}"))?;
+        if sqlite {
+            // Readers (the proxies' polls) go on while a change is written.
+            sqlx::query("PRAGMA journal_mode=WAL")
+                .execute(&pool)
+                .await
+                .map_err(|e| format!("--database: {e}"))?;
+        }
+        let store = Store {
+            pool,
+            postgres: !sqlite,
+        };
+        store
+            .migrate()
+            .await
+            .map_err(|e| format!("--database: creating the tables failed: {e}"))?;
+        Ok(store)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        if self.postgres {
+            // Replicas starting together would race on CREATE TABLE IF NOT EXISTS: one migrates at a time.
+            sqlx::query("SELECT pg_advisory_xact_lock(7215860413)")
+                .execute(&mut *tx)
+                .await?;
+        }
+        for statement in SCHEMA {
+            sqlx::query(statement).execute(&mut *tx).await?;
+        }
+        tx.commit().await
+    }
+
+    pub async fn revision(&self) -> Result<i64> {
+        sqlx::query("SELECT revision FROM registry_state WHERE id = 1")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("revision")
+    }
+
+    pub async fn list(&self, organisation: &str) -> Result<Vec<StoredWebhook>> {
+        let sql = format!(
+            "SELECT {COLUMNS} FROM webhooks WHERE organisation_id = $1 ORDER BY created_ms, id"
+        );
+        sqlx::query(&sql)
+            .bind(organisation)
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(row_to_webhook)
+            .collect()
+    }
+
+    pub async fn get(&self, organisation: &str, id: &str) -> Result<Option<StoredWebhook>> {
+        let sql = format!("SELECT {COLUMNS} FROM webhooks WHERE organisation_id = $1 AND id = $2");
+        sqlx::query(&sql)
+            .bind(organisation)
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(row_to_webhook)
+            .transpose()
+    }
+
+    /// Every webhook and the revision they are at, read in one transaction.
+    pub async fn snapshot(&self) -> Result<(i64, Vec<StoredWebhook>)> {
+        let mut tx = self.pool.begin().await?;
+        let revision: i64 = sqlx::query("SELECT revision FROM registry_state WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?
+            .try_get("revision")?;
+        let sql =
+            format!("SELECT {COLUMNS} FROM webhooks ORDER BY organisation_id, created_ms, id");
+        let rows = sqlx::query(&sql).fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok((
+            revision,
+            rows.iter().map(row_to_webhook).collect::<Result<_>>()?,
+        ))
+    }
+
+    /// Writes a new webhook (`replacing` None), or replaces one whose sealed key is still `replacing` (so an edit
+    /// never writes back a key that a concurrent rotation replaced); bumps the revision and audits. Returns false
+    /// when nothing was written: the webhook is gone or changed meanwhile.
+    pub async fn put(
+        &self,
+        webhook: &StoredWebhook,
+        replacing: Option<&str>,
+        audit: Audit<'_>,
+    ) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE registry_state SET revision = revision + 1 WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        let events =
+            serde_json::to_string(&webhook.events).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+        let written = if let Some(old_key) = replacing {
+            sqlx::query(
+                "UPDATE webhooks SET name = $1, url = $2, description = $3, status = $4, events = $5, \
+                 key_sealed = $6, previous_key_sealed = $7, previous_key_expires_ms = $8, key_rotated_ms = $9, \
+                 updated_ms = $10 WHERE id = $11 AND organisation_id = $12 AND key_sealed = $13",
+            )
+            .bind(&webhook.name)
+            .bind(&webhook.url)
+            .bind(&webhook.description)
+            .bind(&webhook.status)
+            .bind(&events)
+            .bind(&webhook.key_sealed)
+            .bind(&webhook.previous_key_sealed)
+            .bind(webhook.previous_key_expires_ms)
+            .bind(webhook.key_rotated_ms)
+            .bind(webhook.updated_ms)
+            .bind(&webhook.id)
+            .bind(&webhook.organisation_id)
+            .bind(old_key)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+        } else {
+            sqlx::query(&format!(
+                "INSERT INTO webhooks ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+            ))
+            .bind(&webhook.id)
+            .bind(&webhook.organisation_id)
+            .bind(&webhook.name)
+            .bind(&webhook.url)
+            .bind(&webhook.description)
+            .bind(&webhook.status)
+            .bind(&events)
+            .bind(&webhook.key_sealed)
+            .bind(&webhook.previous_key_sealed)
+            .bind(webhook.previous_key_expires_ms)
+            .bind(webhook.key_rotated_ms)
+            .bind(webhook.created_ms)
+            .bind(webhook.updated_ms)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+        };
+        if written != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        insert_audit(&mut tx, &webhook.organisation_id, &webhook.id, &audit).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub async fn delete(&self, organisation: &str, id: &str, audit: Audit<'_>) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("UPDATE registry_state SET revision = revision + 1 WHERE id = 1")
+            .execute(&mut *tx)
+            .await?;
+        let deleted = sqlx::query("DELETE FROM webhooks WHERE organisation_id = $1 AND id = $2")
+            .bind(organisation)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if deleted != 1 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        insert_audit(&mut tx, organisation, id, &audit).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+}
+
+async fn insert_audit(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    organisation: &str,
+    id: &str,
+    audit: &Audit<'_>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO audit (at_ms, actor, role, organisation_id, action, webhook_id, detail) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7)",
+    )
+    .bind(audit.at_ms)
+    .bind(audit.actor)
+    .bind(audit.role)
+    .bind(organisation)
+    .bind(audit.action)
+    .bind(id)
+    .bind(&audit.detail)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,149 @@
+"""The filter pulls the registry, through the real Envoy (two workers) and the real `registry serve`: a webhook
+registered through the API is delivered to and verified with the key the API returned once; disabling it stops
+its deliveries; after a key rotation each delivery verifies under the old and the new key; with the registry
+down, deliveries go on from the last good copy; events emitted before the first document wait for it."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import harness
+import pytest
+from harness.checks import signature_valid
+from harness.config import BODY_ORGANISATION, PluginConfig, delivery_section, job_completed_rule, new_id
+from harness.envoy import static_cluster
+from harness.observe import Counters, wait_for_log
+from harness.registry_service import RegistryService, free_port
+
+POLL_MS = 500
+
+
+@pytest.fixture(scope="module")
+def cli_built():
+    subprocess.run(["cargo", "build", "--quiet", "--bin", "webhook-emitter"], cwd=harness.REPO, check=True,
+                   timeout=900)
+
+
+@pytest.fixture
+def registry(cli_built, tmp_path):
+    service = RegistryService(tmp_path / "registry", port=free_port())
+    yield service
+    service.stop()
+
+
+def envoy_pulling(job_service, rc, registry, envoys, wasm, name):
+    config = PluginConfig(hooks=[], events=[job_completed_rule(organisation=BODY_ORGANISATION)],
+                          delivery=delivery_section()).to_dict()
+    config["registry"] = {"cluster": "registry", "authority": "registry", "tokenEnv": "REGISTRY_TOKEN",
+                          "pollMs": POLL_MS}
+    envoy = harness.envoy_with_filter(job_service, rc, config, wasm=wasm, name=name,
+                                      env_vars={"REGISTRY_TOKEN": registry.proxy_token},
+                                      extra_clusters=[static_cluster("registry", registry.port)])
+    envoys.append(envoy)
+    return envoy
+
+
+def complete(envoy, job_service, org) -> str:
+    job_id = job_service.own(new_id(), org)
+    assert envoy.request("POST", f"/jobs/{job_id}/complete", {}, b"{}").status == 200
+    return job_id
+
+
+def applied_everywhere(counters, before: int):
+    """Every root context of the proxy (two workers and the main thread) applied one more document."""
+    counters.wait_delta("registry_updates", before + 3, timeout=15)
+
+
+def test_registered_through_the_api_delivered_and_verified_with_the_key_shown_once(
+        job_service, rc, registry, envoys, wasm):
+    envoy = envoy_pulling(job_service, rc, registry, envoys, wasm, "registry-pull")
+    counters = Counters(envoy)
+    applied_everywhere(counters, 0)
+    org = new_id()
+    path = f"/hooks/{new_id()}"
+    registered_at = time.time()
+    webhook, key = registry.register(org, rc.url(path))
+    # Jobs complete until one is delivered: the time from registration to the first delivery.
+    first = None
+    while first is None and time.time() < registered_at + POLL_MS / 1000 + 10:
+        job_id = complete(envoy, job_service, org)
+        try:
+            (first,) = rc.wait_for(lambda d, j=job_id: d.object_id() == j, timeout=0.3)
+        except harness.WaitTimeout:
+            pass
+    assert first is not None, "no delivery within pollMs + 10 s of the registration"
+    print(f"\nregistration to first delivery: {(first.received_at - registered_at) * 1000:.0f} ms (pollMs {POLL_MS})")
+    assert first.path == path and first.json()["webhookId"] == webhook["id"]
+    assert signature_valid(first, key)
+
+
+def test_disable_stops_deliveries_and_rotation_signs_with_both_keys(job_service, rc, registry, envoys, wasm):
+    envoy = envoy_pulling(job_service, rc, registry, envoys, wasm, "registry-lifecycle")
+    counters = Counters(envoy)
+    org = new_id()
+    kept_path, off_path = f"/hooks/{new_id()}", f"/hooks/{new_id()}"
+    kept, kept_key = registry.register(org, rc.url(kept_path), name="kept")
+    off, _ = registry.register(org, rc.url(off_path), name="to be disabled")
+    applied_everywhere(counters, 0)
+    job = complete(envoy, job_service, org)
+    rc.wait_for(lambda d: d.object_id() == job, count=2, timeout=15)
+
+    before = counters.delta("registry_updates")
+    token = registry.token(org=org)
+    answer = registry.request("PATCH", f"/v1/organisations/{org}/webhooks/{off['id']}", token=token,
+                              body={"status": "disabled"})
+    assert answer.status == 200, answer
+    rotated = registry.request("POST", f"/v1/organisations/{org}/webhooks/{kept['id']}/rotate-key", token=token)
+    assert rotated.status == 200, rotated
+    new_key = harness.registry.register_secret(rotated.json()["apiKey"])
+    # Both changes reached every root context (one document may carry both).
+    counters.wait_delta("registry_updates", before + 3, timeout=15)
+    harness.wait_until(lambda: registry.feed().json()["revision"] >= 4, timeout=5, desc="the feed's revision")
+    wait_for_log(envoy, r"registry revision \d+ applied: 2 webhooks in force", count=1)
+
+    jobs = [complete(envoy, job_service, org) for _ in range(5)]
+    got = rc.wait_for(lambda d: d.object_id() in jobs and d.path == kept_path, count=5, timeout=15)
+    for d in got:
+        # standardwebhooks accepts a delivery when one of its signatures verifies: each key alone must.
+        assert signature_valid(d, kept_key), "the old key no longer verifies during the grace period"
+        assert signature_valid(d, new_key), "the new key does not verify"
+        assert len(d.headers["webhook-signature"].split(" ")) == 2
+    assert not [d for d in rc.requests_to(off_path) if d.object_id() in jobs], "a disabled webhook got a delivery"
+
+
+def test_with_the_registry_down_deliveries_go_on_from_the_last_good_copy(job_service, rc, registry, envoys, wasm):
+    envoy = envoy_pulling(job_service, rc, registry, envoys, wasm, "registry-down")
+    counters = Counters(envoy)
+    org = new_id()
+    path = f"/hooks/{new_id()}"
+    registry.register(org, rc.url(path))
+    applied_everywhere(counters, 0)
+    registry.stop()
+    stopped = time.monotonic()
+    delivered = 0
+    while time.monotonic() - stopped < 10:  # the scenario: 10 s without the registry
+        job = complete(envoy, job_service, org)
+        rc.wait_for(lambda d, j=job: d.object_id() == j and d.path == path, timeout=15)
+        delivered += 1
+        time.sleep(0.5)
+    assert counters.delta("registry_fetch_failed") >= 3
+    wait_for_log(envoy, r"registry poll failed \(.*\): the last good copy stays in force")
+    registry.start()
+    wait_for_log(envoy, r"registry reachable again")
+    print(f"\nregistry down 10 s: {delivered} events delivered meanwhile")
+
+
+def test_events_before_the_first_document_wait_for_it(job_service, rc, registry, envoys, wasm):
+    org = new_id()
+    path = f"/hooks/{new_id()}"
+    registry.register(org, rc.url(path))
+    registry.stop()
+    envoy = envoy_pulling(job_service, rc, registry, envoys, wasm, "registry-late")
+    counters = Counters(envoy)
+    jobs = [complete(envoy, job_service, org) for _ in range(4)]
+    wait_for_log(envoy, r"registry poll failed \(.*\): events wait for its first answer")
+    assert not [d for d in rc.requests_to(path) if d.object_id() in jobs]
+    registry.start()
+    rc.wait_for(lambda d: d.object_id() in jobs and d.path == path, count=4, timeout=15)
+    assert counters.delta("events_without_subscribers") == 0
