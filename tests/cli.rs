@@ -396,7 +396,11 @@ fn check_reads_every_filter_of_the_shipped_envoy_configs() {
         let out = cli_env(
             &["check", &repo_file(file)],
             b"",
-            &[("BILLING_WEBHOOK_KEY", KEY)],
+            // The compose configuration also pulls the registry with its proxy token.
+            &[
+                ("BILLING_WEBHOOK_KEY", KEY),
+                ("REGISTRY_PROXY_TOKEN", "proxy-token"),
+            ],
         );
         assert_eq!(code(&out), 0, "{file}: {}", text(&out.stderr));
         assert!(

@@ -62,6 +62,11 @@ pub struct Others {
     pub workers: usize,
 }
 
+/// A lane whose attempts are out with no answer for this long counts as stalled (a hanging
+/// endpoint): when the outbox is full, the lanes that make progress take its queued deliveries'
+/// place first, whatever the shares.
+pub const STALLED_MS: u64 = 1_000;
+
 /// Which bound of the outbox was reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Bound {
@@ -104,9 +109,20 @@ struct Lane {
     /// Set while the circuit is open: the lane holds its queue and sends one probe at this time.
     probe_at_ms: Option<u64>,
     failed_probes: u32,
+    /// When the lane last made progress: an attempt answered, or its first attempt out.
+    progress_ms: u64,
 }
 
 impl Lane {
+    /// Attempts are out and none has been answered for [`STALLED_MS`]: the endpoint hangs.
+    fn stalled(&self, now_ms: u64) -> bool {
+        self.attempts_out > 0 && now_ms.saturating_sub(self.progress_ms) >= STALLED_MS
+    }
+
+    fn evictable(&self) -> bool {
+        !self.ready.is_empty() || !self.waiting.is_empty()
+    }
+
     fn add(&mut self, bytes: usize) {
         self.queued += 1;
         self.queued_bytes += bytes;
@@ -141,6 +157,8 @@ pub struct Outbox {
     /// What the proxy's other live workers hold (deliveries, bytes), as they last said, and how
     /// many they are: the bounds are the proxy's, not one worker's.
     others: Others,
+    /// The latest time the outbox was told (by `take_due` and `finish`), for stall checks.
+    clock_ms: u64,
 }
 
 /// Admission of a new delivery: accepted, with the deliveries evicted to make room for it.
@@ -157,6 +175,7 @@ impl Outbox {
             attempts_out: 0,
             circuit_change: None,
             others: Others::default(),
+            clock_ms: 0,
         }
     }
 
@@ -272,11 +291,26 @@ impl Outbox {
         let extra = if delivery.payload.is_held() { 0 } else { size };
         let mut evicted = Vec::new();
         if let Some(bound) = self.bound_reached(extra) {
-            if !self.below_fair_share(lane_id, size) {
+            let now = self.clock_ms;
+            let progressing = self.lane(lane_id).is_some_and(|l| !l.stalled(now));
+            let below_share = self.below_fair_share(lane_id, size);
+            let stalled_victim = progressing && self.stalled_victim(lane_id).is_some();
+            if !below_share && !stalled_victim {
                 return Err(Refused::QueueFull(delivery, bound));
             }
             while let Some(bound) = self.bound_reached(extra) {
-                match self.evict_one(lane_id) {
+                let victim = if progressing {
+                    self.stalled_victim(lane_id)
+                } else {
+                    None
+                };
+                // A stalled lane only ever takes the place of another stalled lane.
+                let victim = victim.or_else(|| {
+                    below_share
+                        .then(|| self.over_share_victim(lane_id, !progressing))
+                        .flatten()
+                });
+                match victim.and_then(|v| self.evict_from(v)) {
                     Some(d) => evicted.push(d),
                     None => return Err(Refused::QueueFull(delivery, bound)),
                 }
@@ -317,7 +351,10 @@ impl Outbox {
             if !(over_count || over_bytes) {
                 return evicted;
             }
-            match self.evict_one(LaneId::DeadLetter) {
+            let victim = self
+                .stalled_victim(LaneId::DeadLetter)
+                .or_else(|| self.over_share_victim(LaneId::DeadLetter, false));
+            match victim.and_then(|v| self.evict_from(v)) {
                 Some(d) => evicted.push(d),
                 None => return evicted,
             }
@@ -345,9 +382,21 @@ impl Outbox {
         count < max_queued / active && bytes + size <= max_bytes / active
     }
 
-    /// Evicts the newest queued delivery of the webhook lane furthest over its fair share (never
-    /// `except`, never the dead-letter lane, never an attempt in flight).
-    fn evict_one(&mut self, except: LaneId) -> Option<Delivery> {
+    /// The stalled webhook lane holding the most queued deliveries (never `except`).
+    fn stalled_victim(&self, except: LaneId) -> Option<usize> {
+        let now = self.clock_ms;
+        self.webhooks
+            .iter()
+            .enumerate()
+            .filter(|(i, l)| LaneId::Webhook(*i) != except && l.stalled(now) && l.evictable())
+            .max_by_key(|(_, l)| l.queued)
+            .map(|(i, _)| i)
+    }
+
+    /// The webhook lane furthest over its fair share (never `except`, never the dead-letter lane;
+    /// only stalled lanes with `stalled_only`).
+    fn over_share_victim(&self, except: LaneId, stalled_only: bool) -> Option<usize> {
+        let now = self.clock_ms;
         let active = self.active_lanes(except).max(1);
         let (max_queued, max_bytes) = self.capacity();
         let share_count = (max_queued / active).max(1);
@@ -359,19 +408,22 @@ impl Outbox {
             let by_bytes = l.queued_bytes as u64 * 1000 / share_bytes as u64;
             by_count.max(by_bytes)
         };
-        let victim = self
-            .webhooks
+        self.webhooks
             .iter()
             .enumerate()
             .filter(|(i, l)| {
                 LaneId::Webhook(*i) != except
                     && excess(l) > 1000
-                    && (!l.ready.is_empty() || !l.waiting.is_empty())
+                    && l.evictable()
+                    && (!stalled_only || l.stalled(now))
             })
             .max_by_key(|(_, l)| excess(l))
-            .map(|(i, _)| i)?;
-        let lane = self.webhooks.get_mut(victim)?;
-        let d = lane.pop_newest()?;
+            .map(|(i, _)| i)
+    }
+
+    /// Evicts the newest queued (not in flight) delivery of webhook lane `index`.
+    fn evict_from(&mut self, index: usize) -> Option<Delivery> {
+        let d = self.webhooks.get_mut(index)?.pop_newest()?;
         self.release(&d);
         Some(d)
     }
@@ -388,6 +440,7 @@ impl Outbox {
 
     /// Takes the deliveries to attempt now, and counts them as out.
     pub fn take_due(&mut self, now_ms: u64) -> Vec<Delivery> {
+        self.clock_ms = self.clock_ms.max(now_ms);
         let mut due = Vec::new();
         let max_out = self.settings.max_in_flight_per_webhook.max(1);
         let max_out_bytes = (self.settings.max_queued_bytes / ATTEMPT_BYTES_SHARE).max(1);
@@ -426,6 +479,9 @@ impl Outbox {
                 };
                 d.attempts += 1;
                 d.is_probe = lane.probe_at_ms.is_some();
+                if lane.attempts_out == 0 {
+                    lane.progress_ms = now_ms;
+                }
                 lane.attempts_out += 1;
                 lane.attempts_out_bytes += size;
                 self.attempts_out += 1;
@@ -460,6 +516,7 @@ impl Outbox {
         random: u32,
     ) -> Verdict {
         self.attempts_out = self.attempts_out.saturating_sub(1);
+        self.clock_ms = self.clock_ms.max(now_ms);
         let retry = self.settings.retry.clone();
         let circuit_failures = self.settings.circuit_failures;
         let lane_id = delivery.lane;
@@ -468,6 +525,7 @@ impl Outbox {
             return Verdict::Exhausted(delivery);
         };
         lane.attempts_out = lane.attempts_out.saturating_sub(1);
+        lane.progress_ms = now_ms;
         lane.attempts_out_bytes = lane
             .attempts_out_bytes
             .saturating_sub(delivery.payload.held_bytes());
@@ -913,6 +971,45 @@ mod tests {
             Err(Refused::QueueFull(..))
         ));
         assert_eq!(o.queued(), 6);
+    }
+
+    #[test]
+    fn a_lane_that_makes_progress_takes_the_place_of_a_stalled_one_whatever_the_shares() {
+        let mut o = Outbox::new(2, settings(8, 2, None));
+        for i in 0..4 {
+            put(&mut o, &format!("a{i}"), A);
+            put(&mut o, &format!("b{i}"), B);
+        }
+        // Both lanes send two attempts; only B's are answered.
+        let due = o.take_due(0);
+        for d in due.into_iter().filter(|d| d.lane == B) {
+            o.finish(d, &status(200), 10, 0);
+        }
+        put(&mut o, "b4", B);
+        put(&mut o, "b5", B);
+        assert_eq!(o.lane_queued(B).0, 4, "B at its share of 8 / 2");
+        // Before A counts as stalled, B at its share is refused.
+        assert!(matches!(
+            o.enqueue(delivery("b6", B, b"", 0)),
+            Err(Refused::QueueFull(..))
+        ));
+        // A has not answered for STALLED_MS: B takes its queued deliveries' place (not its attempts).
+        o.take_due(10 + STALLED_MS);
+        let evicted = o.enqueue(delivery("b7", B, b"", 0)).unwrap();
+        assert_eq!(ids(&evicted), ["a3"]);
+        o.enqueue(delivery("b8", B, b"", 0)).unwrap();
+        assert!(
+            matches!(
+                o.enqueue(delivery("b9", B, b"", 0)),
+                Err(Refused::QueueFull(..))
+            ),
+            "A's attempts out stay"
+        );
+        // A stalled lane never takes a progressing lane's place.
+        assert!(matches!(
+            o.enqueue(delivery("a9", A, b"", 0)),
+            Err(Refused::QueueFull(..))
+        ));
     }
 
     #[test]

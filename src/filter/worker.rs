@@ -685,27 +685,51 @@ impl Worker {
             }
             Verdict::Gone { dropped } => {
                 self.journal_publish_gone(lane);
-                self.publish_endpoint(host, lane, Some(EndpointState::Gone));
                 m.deliveries_failed.inc(host);
-                m.webhooks_disabled_gone.inc(host);
-                log(host, LogLevel::Warn, || {
-                    format!("webhook {name} answered 410 Gone: disabled until the configuration changes")
-                });
-                for d in &dropped {
-                    self.journal_settled(&plan, &d.event_id, d.lane);
-                    m.deliveries_dropped_webhook_gone.inc(host);
-                    log(host, LogLevel::Error, || {
-                        format!("delivery dropped: event={} webhook={name} reason=the webhook answered 410 Gone", d.event_id)
-                    });
-                    self.dead_letter(host, d, DeadLetterReason::WebhookGone, now_ms);
-                }
+                self.webhook_gone(host, lane, &dropped, now_ms);
             }
         }
+        self.after_circuit_change(host, lane, was_probe, now_ms);
+        self.report_gauges(host);
+    }
+
+    /// A webhook answered 410: it is off for the whole proxy, and what it had queued is dropped,
+    /// each with a trace, and dead-lettered.
+    fn webhook_gone(&mut self, host: &dyn Host, lane: LaneId, dropped: &[Delivery], now_ms: u64) {
+        let m = self.metrics;
+        self.publish_endpoint(host, lane, Some(EndpointState::Gone));
+        m.webhooks_disabled_gone.inc(host);
+        let plan = Rc::clone(&self.plan);
+        let name = lane_name(&plan, lane);
+        log(host, LogLevel::Warn, || {
+            format!("webhook {name} answered 410 Gone: disabled for this proxy until its URL changes or Envoy restarts")
+        });
+        for d in dropped {
+            self.journal_settled(&plan, &d.event_id, d.lane);
+            m.deliveries_dropped_webhook_gone.inc(host);
+            log(host, LogLevel::Error, || {
+                format!("delivery dropped: event={} webhook={name} reason=the webhook answered 410 Gone", d.event_id)
+            });
+            self.dead_letter(host, d, DeadLetterReason::WebhookGone, now_ms);
+        }
+    }
+
+    /// What the last outcome did to the lane's circuit: logged, counted, and told to the other
+    /// workers.
+    fn after_circuit_change(
+        &mut self,
+        host: &dyn Host,
+        lane: LaneId,
+        was_probe: bool,
+        now_ms: u64,
+    ) {
+        let plan = Rc::clone(&self.plan);
+        let name = lane_name(&plan, lane);
         match self.outbox.take_circuit_change() {
             Some(CircuitChange::Opened) => {
                 self.journal_publish_circuit(lane, true);
                 self.lead_circuit(host, lane, now_ms);
-                m.circuits_opened.inc(host);
+                self.metrics.circuits_opened.inc(host);
                 log(host, LogLevel::Warn, || {
                     format!("circuit opened for webhook {name}: its queue waits, one probe per backoff period")
                 });
@@ -723,7 +747,6 @@ impl Worker {
             }
             None => {}
         }
-        self.report_gauges(host);
     }
 
     /// This worker's circuit of `lane` is open: it leads the probing for the proxy, unless another

@@ -67,7 +67,10 @@ def test_a_hanging_endpoint_never_crowds_out_a_healthy_one(job_service, rc, star
     statuses, errors = complete_jobs_concurrently(envoy.listener_port, org, jobs, clients=32)
     assert not errors and all(s == 200 for s in statuses.values()), errors[:5]
     job_set = set(jobs)
-    counters.wait_delta("deliveries_succeeded", int(0.99 * len(jobs)), timeout=60)
+    try:
+        counters.wait_delta("deliveries_succeeded", int(0.99 * len(jobs)), timeout=60)
+    except harness.WaitTimeout as e:
+        raise AssertionError(f"{e}; counters {counters.deltas('deliveries_succeeded', 'deliveries_dropped.queue_full', 'deliveries_dropped.over_share', 'deliveries_attempted', 'events_emitted')}")
     got = {d.object_id() for d in rc.requests_to(healthy.path) if d.object_id() in job_set}
     print(f"\nhealthy webhook beside a hanging one, maxQueued 300: {len(got)} of {len(jobs)} events; "
           f"dropped {counters.deltas('deliveries_dropped.queue_full', 'deliveries_dropped.over_share')}")
