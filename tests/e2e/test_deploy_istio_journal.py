@@ -61,7 +61,7 @@ def test_the_sidecar_originates_mutual_tls_to_etcd():
     selector = rule["spec"]["workloadSelector"]["matchLabels"]
     plugin_selector = one("WasmPlugin")["spec"]["selector"]["matchLabels"]
     assert selector == plugin_selector
-    assert rule["metadata"]["namespace"] == one("Deployment")["metadata"]["namespace"]
+    assert rule["metadata"]["namespace"] == one("WasmPlugin")["metadata"]["namespace"]
 
 
 def test_etcd_requires_client_certificates_and_compacts_by_revision():
