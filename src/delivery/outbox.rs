@@ -65,7 +65,7 @@ pub struct Others {
 /// A lane whose attempts are out with no answer for this long counts as stalled (a hanging
 /// endpoint): when the outbox is full, the lanes that make progress take its queued deliveries'
 /// place first, whatever the shares.
-pub const STALLED_MS: u64 = 1_000;
+pub const STALLED_MS: u64 = 250;
 
 /// Which bound of the outbox was reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
