@@ -306,7 +306,7 @@ impl Worker {
         // Another worker may have found an endpoint gone or failing since the last tick.
         self.sync_endpoints(host, now_ms);
         self.metrics.events_emitted.inc(host);
-        let waiting_for_registry = self.registry.as_ref().is_some_and(|p| p.document.is_none());
+        let waiting_for_registry = self.waiting_for_registry();
         let event = Waiting {
             event_id: Rc::from(event.id_hex.as_str()),
             event_type: event.event_type,
@@ -327,6 +327,11 @@ impl Worker {
         } else if sent == 0 {
             self.metrics.events_without_subscribers.inc(host);
         }
+    }
+
+    /// The registry's webhooks are not known yet (its first document has not arrived).
+    fn waiting_for_registry(&self) -> bool {
+        self.registry.as_ref().is_some_and(|p| p.document.is_none())
     }
 
     /// Hands an event to every enabled webhook of its organisation subscribed to its type (only the

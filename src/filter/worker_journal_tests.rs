@@ -4,7 +4,7 @@
 
 use super::host::LogLevel;
 use super::testing::{FakeHost, SentCallout, SIGNING_KEY};
-use super::worker::Worker;
+use super::worker::{RegistryAnswer, Worker};
 use crate::config::Plan;
 use crate::delivery::AttemptOutcome;
 use crate::event::{Event, EventId};
@@ -22,7 +22,18 @@ const HOOK: &str = "000000000000000000000001";
 const OWNER: &str = "000000c8000000c8";
 
 fn plan() -> Plan {
-    let config = json!({
+    plan_from(config())
+}
+
+fn plan_from(config: Value) -> Plan {
+    Plan::from_json(config.to_string().as_bytes(), &|name| {
+        (name == "REGISTRY_TOKEN").then(|| "proxy-token".to_string())
+    })
+    .expect("valid test config")
+}
+
+fn config() -> Value {
+    json!({
         "events": [{
             "type": "job.completed",
             "objectType": "job",
@@ -45,8 +56,7 @@ fn plan() -> Plan {
             "retrySchedule": ["1s", "2s"],
             "journal": {"cluster": "etcd", "authority": "etcd.local", "prefix": "wh/", "leaseSeconds": 3},
         },
-    });
-    Plan::from_json(config.to_string().as_bytes(), &|_| None).expect("valid test config")
+    })
 }
 
 fn header<'a>(c: &'a SentCallout, name: &str) -> &'a str {
@@ -86,7 +96,11 @@ fn ok(code: &[u8]) -> AttemptOutcome {
 
 /// A worker whose journal owner key is registered; the host's sent list is empty.
 fn live_worker(host: &FakeHost) -> Worker {
-    let mut worker = Worker::new(host, plan(), Some(1), "webhook_emitter", "w1".into());
+    live_worker_with(host, plan())
+}
+
+fn live_worker_with(host: &FakeHost, plan: Plan) -> Worker {
+    let mut worker = Worker::new(host, plan, Some(1), "webhook_emitter", "w1".into());
     let mut out = worker.journal_poll(host, 0);
     let sent = host.take_sent();
     assert_eq!(sent.len(), 1);
@@ -221,4 +235,35 @@ fn a_claimed_record_resumes_at_its_next_attempt_signed_afresh_with_the_same_id()
     let key = SigningKey::parse(SIGNING_KEY).expect("key");
     let signature = key.sign(&e.id_hex, 50, &attempt.body);
     assert_eq!(header(attempt, "webhook-signature"), signature);
+}
+
+#[test]
+fn a_proxy_that_pulls_the_registry_claims_nothing_before_its_first_document() {
+    let host = FakeHost::default();
+    let mut c = config();
+    c["registry"] =
+        json!({"cluster": "registry", "authority": "registry", "tokenEnv": "REGISTRY_TOKEN"});
+    let mut worker = live_worker_with(&host, plan_from(c));
+    let scans = |host: &FakeHost| {
+        host.take_sent()
+            .iter()
+            .filter(|c| c.cluster == "etcd" && header(c, ":path") == "/v3/kv/range")
+            .count()
+    };
+    let _ = worker.journal_poll(&host, 10_000);
+    assert_eq!(scans(&host), 0, "no dead owner is looked for yet");
+    worker.on_registry_answer(
+        &host,
+        RegistryAnswer::Status {
+            code: 200,
+            etag: None,
+            body: br#"{"webhooks":[]}"#.to_vec(),
+        },
+        10_001,
+    );
+    let _ = worker.journal_poll(&host, 10_002);
+    assert!(
+        scans(&host) > 0,
+        "the scan starts once the webhooks are known"
+    );
 }

@@ -386,12 +386,15 @@ impl Journal {
     // ---- requests out ----
 
     /// The requests to send now: the lease, due writes, the scan for dead owners, claims.
-    pub fn poll(&mut self, now_ms: u64) -> Vec<Request> {
+    /// `may_claim` is false while this proxy does not know all its webhooks yet (the registry's
+    /// first document has not arrived): records of dead owners then wait, rather than being
+    /// claimed and dropped for naming webhooks not known here.
+    pub fn poll(&mut self, now_ms: u64, may_claim: bool) -> Vec<Request> {
         self.poll_lease(now_ms);
         if self.lease.live && now_ms >= self.writes_paused_until_ms {
             self.poll_writes();
         }
-        if self.lease.live {
+        if self.lease.live && may_claim {
             self.poll_scan(now_ms);
         }
         std::mem::take(&mut self.outgoing)

@@ -12,6 +12,17 @@ const ROOM: Room = Room {
     bytes: 1 << 30,
 };
 
+/// Polls as a proxy that knows all its webhooks.
+trait PollAll {
+    fn poll_all(&mut self, now: u64) -> Vec<Request>;
+}
+
+impl PollAll for Journal {
+    fn poll_all(&mut self, now: u64) -> Vec<Request> {
+        self.poll(now, true)
+    }
+}
+
 fn settings() -> JournalSettings {
     JournalSettings {
         cluster: "etcd".into(),
@@ -66,13 +77,13 @@ const OK: &[u8] = br#"{"header":{"revision":"2"}}"#;
 /// A journal whose owner key is registered.
 fn live() -> Journal {
     let mut j = Journal::new(settings(), OWNER.into());
-    let grant = j.poll(0);
+    let grant = j.poll_all(0);
     assert_eq!(grant.len(), 1);
     assert_eq!(grant[0].path, etcd::LEASE_GRANT);
     assert_eq!(body(&grant[0])["TTL"], "15");
     let g = grant.into_iter().next().expect("grant");
     j.on_answer(g.purpose, Ok(br#"{"ID":"77","TTL":"15"}"#), 0, ROOM);
-    let register = j.poll(0);
+    let register = j.poll_all(0);
     assert_eq!(register.len(), 1);
     assert_eq!(key_of(&register[0]), format!("wh/alive/{OWNER}"));
     assert_eq!(body(&register[0])["lease"], "77");
@@ -89,7 +100,7 @@ fn live() -> Journal {
 
 /// Polls, answering nothing, and returns the requests (the scan's are left out).
 fn writes(j: &mut Journal, now: u64) -> Vec<Request> {
-    j.poll(now)
+    j.poll_all(now)
         .into_iter()
         .filter(|r| matches!(r.purpose, Purpose::Write { .. }))
         .collect()
@@ -100,15 +111,15 @@ fn nothing_is_written_before_the_owner_key_is_live() {
     let mut j = Journal::new(settings(), OWNER.into());
     let (id, p) = payload(1_700_000_000);
     j.track(&id, &p, 0, pending(&[HOOK_A], 0), false);
-    let out = j.poll(0);
+    let out = j.poll_all(0);
     assert!(out
         .iter()
         .all(|r| !matches!(r.purpose, Purpose::Write { .. })));
     // A peer that saw a record before its owner key would claim it at once.
     let grant = out.into_iter().next().expect("grant");
     j.on_answer(grant.purpose, Err("no answer".into()), 0, ROOM);
-    assert!(j.poll(500).is_empty(), "a failed grant waits a second");
-    assert_eq!(j.poll(1000)[0].path, etcd::LEASE_GRANT);
+    assert!(j.poll_all(500).is_empty(), "a failed grant waits a second");
+    assert_eq!(j.poll_all(1000)[0].path, etcd::LEASE_GRANT);
 }
 
 #[test]
@@ -236,7 +247,7 @@ fn a_lost_lease_is_granted_again_and_records_rewritten() {
     j.on_answer(put.purpose, Ok(OK), 6, ROOM);
     j.take_notices();
     let keepalive = j
-        .poll(5_000)
+        .poll_all(5_000)
         .into_iter()
         .find(|r| r.path == etcd::LEASE_KEEPALIVE)
         .expect("keepalive at a third of the TTL");
@@ -248,12 +259,12 @@ fn a_lost_lease_is_granted_again_and_records_rewritten() {
         ROOM,
     );
     assert_eq!(j.take_notices(), vec![Notice::LeaseLost]);
-    let out = j.poll(5_002);
+    let out = j.poll_all(5_002);
     assert_eq!(out.len(), 1, "only the grant until the owner key is back");
     assert_eq!(out[0].path, etcd::LEASE_GRANT);
     let grant = out.into_iter().next().expect("grant");
     j.on_answer(grant.purpose, Ok(br#"{"ID":"78","TTL":"15"}"#), 5_003, ROOM);
-    let register = j.poll(5_003).into_iter().next().expect("register");
+    let register = j.poll_all(5_003).into_iter().next().expect("register");
     j.on_answer(register.purpose, Ok(OK), 5_004, ROOM);
     let rewrite = writes(&mut j, 5_005);
     assert_eq!(rewrite.len(), 1);
@@ -276,24 +287,24 @@ fn take(out: &mut Vec<Request>, pred: impl Fn(&Purpose) -> bool) -> Request {
 #[test]
 fn the_records_of_a_dead_owner_are_claimed_within_the_room_left() {
     let mut j = live();
-    let mut out = j.poll(10);
+    let mut out = j.poll_all(10);
     let list_alive = take(&mut out, |p| matches!(p, Purpose::ListAlive));
     assert_eq!(key_of(&list_alive), "wh/alive/");
     let alive = range_answer(&[("wh/alive/00000000000000bb", b"", 1)]);
     j.on_answer(list_alive.purpose, Ok(&alive), 11, ROOM);
 
     // The walk: the live owner bb is skipped, the dead owner cc is read.
-    let mut out = j.poll(11);
+    let mut out = j.poll_all(11);
     let first = take(&mut out, |p| matches!(p, Purpose::NextOwner));
     assert_eq!(key_of(&first), "wh/records/");
     let bb = range_answer(&[("wh/records/00000000000000bb/e1", b"", 3)]);
     j.on_answer(first.purpose, Ok(&bb), 12, ROOM);
-    let mut out = j.poll(12);
+    let mut out = j.poll_all(12);
     let next = take(&mut out, |p| matches!(p, Purpose::NextOwner));
     assert_eq!(key_of(&next), "wh/records/00000000000000bb0");
     let cc = range_answer(&[("wh/records/00000000000000cc/e1", b"", 3)]);
     j.on_answer(next.purpose, Ok(&cc), 13, ROOM);
-    let mut out = j.poll(13);
+    let mut out = j.poll_all(13);
     let orphans = take(&mut out, |p| matches!(p, Purpose::Orphans { .. }));
     assert_eq!(key_of(&orphans), "wh/records/00000000000000cc/");
     assert!(body(&orphans).get("keys_only").is_none());
@@ -320,7 +331,7 @@ fn the_records_of_a_dead_owner_are_claimed_within_the_room_left() {
     assert!(notices
         .iter()
         .any(|n| matches!(n, Notice::Unreadable { key, .. } if key.ends_with("/bad"))));
-    let mut out = j.poll(14);
+    let mut out = j.poll_all(14);
     let claims: Vec<&Request> = out
         .iter()
         .filter(|r| matches!(r.purpose, Purpose::Claim { .. }))
@@ -368,15 +379,15 @@ fn the_records_of_a_dead_owner_are_claimed_within_the_room_left() {
 #[test]
 fn a_lost_claim_race_and_the_end_of_the_walk() {
     let mut j = live();
-    let mut out = j.poll(10);
+    let mut out = j.poll_all(10);
     let list_alive = take(&mut out, |p| matches!(p, Purpose::ListAlive));
     j.on_answer(list_alive.purpose, Ok(br#"{"header":{}}"#), 11, ROOM);
-    let first = take(&mut j.poll(11), |p| matches!(p, Purpose::NextOwner));
+    let first = take(&mut j.poll_all(11), |p| matches!(p, Purpose::NextOwner));
     // No record at all: the scan ends and starts again a period later.
     j.on_answer(first.purpose, Ok(br#"{"header":{}}"#), 12, ROOM);
-    let out = j.poll(12);
+    let out = j.poll_all(12);
     assert!(!out.iter().any(|r| matches!(r.purpose, Purpose::ListAlive)));
-    let out = j.poll(12 + 5_000);
+    let out = j.poll_all(12 + 5_000);
     assert!(out.iter().any(|r| matches!(r.purpose, Purpose::ListAlive)));
     // A claim another proxy won is no event.
     let (id, p) = payload(1);
@@ -395,7 +406,7 @@ fn a_lost_claim_race_and_the_end_of_the_walk() {
 fn gone_endpoints_are_published_and_read() {
     let mut j = live();
     j.publish_gone(HOOK_A, b"https://a.example/h");
-    let mut out = j.poll(10);
+    let mut out = j.poll_all(10);
     let publish = take(&mut out, |p| matches!(p, Purpose::PublishGone));
     assert_eq!(key_of(&publish), format!("wh/endpoints/gone/{HOOK_A}"));
     assert_eq!(
@@ -432,7 +443,7 @@ fn open_circuits_are_published_on_the_lease_and_read() {
     let mut j = live();
     j.publish_circuit(HOOK_A, b"https://a.example/h", true);
     j.publish_circuit(HOOK_A, b"https://a.example/h", false);
-    let mut out = j.poll(10);
+    let mut out = j.poll_all(10);
     let open = take(&mut out, |p| matches!(p, Purpose::PublishCircuit));
     assert_eq!(open.path, etcd::PUT);
     assert_eq!(key_of(&open), format!("wh/endpoints/circuit/{HOOK_A}"));
@@ -473,7 +484,7 @@ fn no_open_circuit_is_published_without_a_live_lease() {
     let mut j = Journal::new(settings(), OWNER.into());
     j.publish_circuit(HOOK_A, b"https://a.example/h", true);
     assert!(!j
-        .poll(0)
+        .poll_all(0)
         .iter()
         .any(|r| matches!(r.purpose, Purpose::PublishCircuit)));
 }
@@ -481,13 +492,15 @@ fn no_open_circuit_is_published_without_a_live_lease() {
 #[test]
 fn a_long_backlog_is_claimed_batch_after_batch_and_the_walk_resumes_where_it_stopped() {
     let mut j = live();
-    let mut out = j.poll(10);
+    let mut out = j.poll_all(10);
     let list_alive = take(&mut out, |p| matches!(p, Purpose::ListAlive));
     j.on_answer(list_alive.purpose, Ok(br#"{"header":{}}"#), 11, ROOM);
-    let first = take(&mut j.poll(11), |p| matches!(p, Purpose::NextOwner));
+    let first = take(&mut j.poll_all(11), |p| matches!(p, Purpose::NextOwner));
     let dd = range_answer(&[("wh/records/00000000000000dd/e1", b"", 3)]);
     j.on_answer(first.purpose, Ok(&dd), 12, ROOM);
-    let orphans = take(&mut j.poll(12), |p| matches!(p, Purpose::Orphans { .. }));
+    let orphans = take(&mut j.poll_all(12), |p| {
+        matches!(p, Purpose::Orphans { .. })
+    });
     // A full batch with more behind it: the next batch follows at once, after its last key.
     let (id, p) = payload(1_700_000_001);
     let env = p.envelope().expect("an event");
@@ -497,7 +510,7 @@ fn a_long_backlog_is_claimed_batch_after_batch_and_the_walk_resumes_where_it_sto
         serde_json::from_slice(&range_answer(&[(&key, &value, 5)])).expect("json");
     answer["more"] = json!(true);
     j.on_answer(orphans.purpose, Ok(answer.to_string().as_bytes()), 13, ROOM);
-    let mut out = j.poll(13);
+    let mut out = j.poll_all(13);
     assert!(out
         .iter()
         .any(|r| matches!(r.purpose, Purpose::Claim { .. })));
@@ -515,7 +528,7 @@ fn a_long_backlog_is_claimed_batch_after_batch_and_the_walk_resumes_where_it_sto
     let mut walked = 0;
     let mut at = 14;
     while let Some(r) = j
-        .poll(at)
+        .poll_all(at)
         .into_iter()
         .find(|r| matches!(r.purpose, Purpose::NextOwner))
     {
@@ -525,13 +538,15 @@ fn a_long_backlog_is_claimed_batch_after_batch_and_the_walk_resumes_where_it_sto
         assert!(walked < 1000, "the walk never ends");
     }
     assert_eq!(walked, STEPS_PER_SCAN - 3);
-    let out = j.poll(at + 5_000);
+    let out = j.poll_all(at + 5_000);
     let list = out
         .into_iter()
         .find(|r| matches!(r.purpose, Purpose::ListAlive))
         .expect("the next scan");
     j.on_answer(list.purpose, Ok(br#"{"header":{}}"#), at + 5_001, ROOM);
-    let resumed = take(&mut j.poll(at + 5_001), |p| matches!(p, Purpose::NextOwner));
+    let resumed = take(&mut j.poll_all(at + 5_001), |p| {
+        matches!(p, Purpose::NextOwner)
+    });
     assert_eq!(
         key_of(&resumed),
         format!("wh/records/{OWNER}0"),
@@ -559,4 +574,20 @@ fn a_later_fan_out_of_the_same_event_adds_its_webhooks_to_the_record() {
         .map(|p| p.webhook_id)
         .collect();
     assert_eq!(ids, vec![HOOK_A.to_string(), HOOK_B.to_string()]);
+}
+
+#[test]
+fn no_dead_owner_is_looked_for_until_this_proxy_knows_its_webhooks() {
+    let mut j = live();
+    let out = j.poll(10, false);
+    assert!(!out.iter().any(|r| matches!(r.purpose, Purpose::ListAlive)));
+    // The lease is still kept alive meanwhile.
+    assert!(j
+        .poll(5_000, false)
+        .iter()
+        .any(|r| r.path == etcd::LEASE_KEEPALIVE));
+    assert!(j
+        .poll_all(5_001)
+        .iter()
+        .any(|r| matches!(r.purpose, Purpose::ListAlive)));
 }

@@ -131,11 +131,12 @@ impl Worker {
     /// Sends the journal's requests that are due; returns them by callout token.
     pub fn journal_poll(&mut self, host: &dyn Host, now_ms: u64) -> Vec<(u32, Purpose)> {
         let room = self.journal_room();
+        let may_claim = !self.waiting_for_registry();
         let Some(j) = &mut self.journal else {
             return Vec::new();
         };
         let mut out = Vec::new();
-        for request in j.poll(now_ms) {
+        for request in j.poll(now_ms, may_claim) {
             let settings = j.settings();
             let length = request.body.len().to_string();
             let result = host.dispatch(Callout {
