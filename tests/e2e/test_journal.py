@@ -255,8 +255,12 @@ def test_an_event_delivered_at_once_costs_two_etcd_writes(job_service, rc, envoy
         delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
         writes = delta.get("Put", 0) + delta.get("DeleteRange", 0)
         print(f"\netcd requests for {events} events x 2 webhooks delivered at once: {delta}")
-        assert delta.get("Put", 0) == events and delta.get("DeleteRange", 0) == events, delta
-        assert writes == 2 * events
+        # Owners (each worker's and the main thread's) may still put their lease key meanwhile: at most
+        # one put each besides the records'.
+        owners = len(plugin_log_lines(envoy, " on cluster "))
+        assert delta.get("DeleteRange", 0) == events, delta
+        assert events <= delta.get("Put", 0) <= events + owners, (delta, owners)
+        assert writes <= 2 * events + owners
         envoy.stop()
 
 
