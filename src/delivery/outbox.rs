@@ -63,9 +63,12 @@ pub struct Others {
 }
 
 /// A lane whose attempts are out with no answer for this long counts as stalled (a hanging
-/// endpoint): when the outbox is full, the lanes that make progress take its queued deliveries'
-/// place first, whatever the shares.
+/// endpoint): it only ever takes the place of another stalled lane.
 pub const STALLED_MS: u64 = 250;
+/// When the outbox is full, a lane takes the place of the queued deliveries of a lane whose
+/// attempts have been out, unanswered, since at least this long before its own last progress,
+/// whatever the shares: the endpoint that answers goes before the one that hangs.
+pub const STUCK_MARGIN_MS: u64 = 50;
 
 /// Which bound of the outbox was reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +120,15 @@ impl Lane {
     /// Attempts are out and none has been answered for [`STALLED_MS`]: the endpoint hangs.
     fn stalled(&self, now_ms: u64) -> bool {
         self.attempts_out > 0 && now_ms.saturating_sub(self.progress_ms) >= STALLED_MS
+    }
+
+    /// When the lane last made progress; an idle lane (nothing out) is not stuck: now.
+    fn last_progress(&self, now_ms: u64) -> u64 {
+        if self.attempts_out == 0 {
+            now_ms
+        } else {
+            self.progress_ms
+        }
     }
 
     fn evictable(&self) -> bool {
@@ -292,18 +304,15 @@ impl Outbox {
         let mut evicted = Vec::new();
         if let Some(bound) = self.bound_reached(extra) {
             let now = self.clock_ms;
-            let progressing = self.lane(lane_id).is_some_and(|l| !l.stalled(now));
+            let (progressing, progress) = self
+                .lane(lane_id)
+                .map_or((false, 0), |l| (!l.stalled(now), l.last_progress(now)));
             let below_share = self.below_fair_share(lane_id, size);
-            let stalled_victim = progressing && self.stalled_victim(lane_id).is_some();
-            if !below_share && !stalled_victim {
+            if !below_share && self.stuck_victim(lane_id, progress).is_none() {
                 return Err(Refused::QueueFull(delivery, bound));
             }
             while let Some(bound) = self.bound_reached(extra) {
-                let victim = if progressing {
-                    self.stalled_victim(lane_id)
-                } else {
-                    None
-                };
+                let victim = self.stuck_victim(lane_id, progress);
                 // A stalled lane only ever takes the place of another stalled lane.
                 let victim = victim.or_else(|| {
                     below_share
@@ -352,7 +361,7 @@ impl Outbox {
                 return evicted;
             }
             let victim = self
-                .stalled_victim(LaneId::DeadLetter)
+                .stuck_victim(LaneId::DeadLetter, self.clock_ms)
                 .or_else(|| self.over_share_victim(LaneId::DeadLetter, false));
             match victim.and_then(|v| self.evict_from(v)) {
                 Some(d) => evicted.push(d),
@@ -382,14 +391,19 @@ impl Outbox {
         count < max_queued / active && bytes + size <= max_bytes / active
     }
 
-    /// The stalled webhook lane holding the most queued deliveries (never `except`).
-    fn stalled_victim(&self, except: LaneId) -> Option<usize> {
-        let now = self.clock_ms;
+    /// The webhook lane stuck for longest, by more than [`STUCK_MARGIN_MS`] before `progress`
+    /// (the incoming lane's last progress), that has queued deliveries (never `except`).
+    fn stuck_victim(&self, except: LaneId, progress: u64) -> Option<usize> {
         self.webhooks
             .iter()
             .enumerate()
-            .filter(|(i, l)| LaneId::Webhook(*i) != except && l.stalled(now) && l.evictable())
-            .max_by_key(|(_, l)| l.queued)
+            .filter(|(i, l)| {
+                LaneId::Webhook(*i) != except
+                    && l.attempts_out > 0
+                    && l.progress_ms.saturating_add(STUCK_MARGIN_MS) <= progress
+                    && l.evictable()
+            })
+            .min_by_key(|(_, l)| l.progress_ms)
             .map(|(i, _)| i)
     }
 
