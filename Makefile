@@ -24,12 +24,14 @@ $(VENV)/.installed: tests/requirements.txt
 venv: $(VENV)/.installed
 
 # Debian tools some tests use: skopeo (inspects the OCI image), docker-compose (validates the compose file) and
-# curl (the HTTP/2 client of the gateway tests).
+# curl (the HTTP/2 client of the gateway tests) and etcd-server (the journal's store; the journal tests start their
+# own members on loopback).
 tools:
-	@command -v skopeo >/dev/null && command -v docker-compose >/dev/null && command -v curl >/dev/null || { \
+	@command -v skopeo >/dev/null && command -v docker-compose >/dev/null && command -v curl >/dev/null \
+	  && command -v etcd >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq skopeo docker-compose curl >/dev/null); \
-	  else echo "note: skopeo/docker-compose/curl missing and not root; the tests that use them will say so"; fi; }
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq skopeo docker-compose curl etcd-server >/dev/null); \
+	  else echo "note: skopeo/docker-compose/curl/etcd missing and not root; the tests that use them will say so"; fi; }
 
 wasm: $(TARGET_STAMP)
 	cargo build --release --target wasm32-wasip1 --lib

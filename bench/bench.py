@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make bench`: the data-path cost and the delivery speed of webhook-emitter, side by side, in one run.
 
-Five configurations of the same Envoy binary (.venv/bin/envoy, --concurrency 1, pinned with taskset to one core)
+Six configurations of the same Envoy binary (.venv/bin/envoy, --concurrency 1, pinned with taskset to one core)
 run for the whole run against the same backend Envoy and receivers (pinned, with h2load and the Python probe, to
 the other core), all on 127.0.0.1:
 
@@ -12,6 +12,7 @@ the other core), all on 127.0.0.1:
   4  the peer: Envoy's Lua filter doing the same job plainly (bench/peer.lua), 1 webhook, no signing
   5  webhook-emitter behind the shipped gate (envoy/envoy.yaml), traffic that matches no rule
   6  the floor: a Lua filter that makes one bare asynchronous httpCall per response (bench/bare-callout.lua)
+  7  as 2, with the write-ahead journal in a local single-member etcd (Debian's etcd-server, on the load core)
 
 Phases, each interleaving the configurations (the order rotates every round), so every ratio is taken within one
 run and, for saturation and the fixed rate, within one round:
@@ -67,11 +68,12 @@ CONFIGS = {
     4: "Lua peer, job completions, 1 webhook (unsigned)",
     5: "webhook-emitter gated, traffic matching no rule",
     6: "Lua, bare callout per request (the floor)",
+    7: "webhook-emitter, job completions, 1 webhook + journal (etcd)",
 }
-HOOKS = {0: 0, 1: 1, 2: 1, 3: 10, 4: 1, 5: 1, 6: 1}
-DELIVERING = (2, 3, 4, 6)
+HOOKS = {0: 0, 1: 1, 2: 1, 3: 10, 4: 1, 5: 1, 6: 1, 7: 1}
+DELIVERING = (2, 3, 4, 6, 7)
 # Configurations whose events the probe can follow (the bare callout sends a fixed body, not the job).
-PROBED = (2, 3, 4)
+PROBED = (2, 3, 4, 7)
 PASSTHROUGH = (1, 5)
 CURVE_CONFIGS = (0, 1, 2, 4)
 CURVE_FRACTIONS = (0.25, 0.75, 0.9)
@@ -148,13 +150,15 @@ class Bench:
                                               "warning").start()
         self.backend.wait_ready(["jobs", "hooks"])
         jobs_port, hooks_port = self.backend.ports["jobs"], self.backend.ports["hooks"]
+        self.etcd = topology.start_etcd(self.work, s["load_cpu"])
         for c in CONFIGS:
             if HOOKS[c]:
                 self.webhooks[c] = topology.Webhooks(HOOKS[c], hooks_port, self.probe_receiver.port)
         for c in CONFIGS:
             filters = topology.filters_for(c, self.wasm, self.webhooks)
             boot = topology.under_test_bootstrap(f"config{c}", filters, jobs_port, hooks_port,
-                                                 self.probe_jobs.port, self.probe_receiver.port)
+                                                 self.probe_jobs.port, self.probe_receiver.port,
+                                                 etcd=self.etcd if c in topology.JOURNALED else None)
             self.envoys[c] = envoyproc.EnvoyProcess(f"config{c}", boot, self.work, s["envoy_cpu"],
                                                     s["log_level"]).start()
         for c, e in self.envoys.items():
@@ -164,6 +168,8 @@ class Bench:
         for e in [*self.envoys.values(), self.backend]:
             if e is not None:
                 e.stop()
+        if getattr(self, "etcd", None) is not None:
+            self.etcd.stop()
         for srv in (getattr(self, "probe_jobs", None), getattr(self, "probe_receiver", None)):
             if srv is not None:
                 srv.stop()

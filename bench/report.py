@@ -217,7 +217,7 @@ def targets(results: dict) -> list:
     add("2 vs 0 throughput at saturation", "≥ 85%", summ.get("2_vs_0_sat_rps"), lambda v: v >= 0.85, pct)
     add("2 vs 4 (Lua) throughput at saturation", "≥ 1.3×", both("ab_2_vs_4_sat_rps", "2_vs_4_sat_rps"),
         lambda v: v >= 1.3, note("ab_2_vs_4_sat_rps", "2_vs_4_sat_rps", times))
-    for c in ("2", "3", "4"):
+    for c in ("2", "3", "4", "7"):
         p = per.get(c, {})
         add(f"config {c}: event-to-receiver p99 at half its own saturation", "≤ 20 ms", p.get("own_half_e2r_p99_ms"),
             lambda v: v <= 20, lambda v: f"{v:.1f} ms")
@@ -276,7 +276,7 @@ def table(results: dict) -> str:
         f"| at saturation: deliveries/s, delivered/expected, drain (s) | dropped (queue full) |",
         "|---|---|---|---|---|",
     ]
-    for c in ("2", "3", "4", "6"):
+    for c in ("2", "3", "4", "6", "7"):
         p = per.get(c)
         if not p:
             continue

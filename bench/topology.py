@@ -14,11 +14,13 @@ uses cluster `probe_receiver` (the Python probe receiver).
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 from harness.config import delivery_section, job_completed_rule, make_hook, new_id
 from harness import gate
 from harness.envoy import static_cluster, wasm_http_filter
+from harness.etcd import journal_section
 from harness.servers import completed_job
 
 BENCH = Path(__file__).resolve().parent
@@ -117,8 +119,23 @@ def lua_filter(webhooks: Webhooks) -> dict:
                              "default_source_code": {"inline_string": code}}}
 
 
+# Configurations whose filter journals to etcd (bench.py CONFIGS).
+JOURNALED = (7,)
+
+
+def start_etcd(work: Path, cpu: int):
+    """A single-member etcd for the journal configuration, pinned to the load core like the backend."""
+    from harness.etcd import Etcd
+
+    etcd = Etcd(1, name="bench-etcd")
+    etcd.start()
+    for m in etcd.members:
+        subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(m.proc.pid)], capture_output=True)
+    return etcd
+
+
 def under_test_bootstrap(name: str, http_filters: list, backend_jobs_port: int, backend_hooks_port: int,
-                         probe_jobs_port: int, probe_receiver_port: int) -> dict:
+                         probe_jobs_port: int, probe_receiver_port: int, etcd=None) -> dict:
     routes = [
         {"match": {"prefix": "/", "headers": [{"name": "x-bench-probe", "present_match": True}]},
          "route": {"cluster": "probe_jobs", "timeout": "30s"}},
@@ -130,6 +147,8 @@ def under_test_bootstrap(name: str, http_filters: list, backend_jobs_port: int, 
         static_cluster("webhooks", backend_hooks_port, large_circuit_breakers=True),
         static_cluster("probe_receiver", probe_receiver_port, large_circuit_breakers=True),
     ]
+    if etcd is not None:
+        clusters.append(etcd.envoy_cluster())
     return _bootstrap(f"bench-{name}", [_listener("ingress", "ingress", routes, http_filters)], clusters)
 
 
@@ -149,7 +168,7 @@ def bare_callout_filter(webhooks: Webhooks) -> dict:
 
 
 def filters_for(config: int, wasm: Path, webhooks_by_config: dict) -> list:
-    """The HTTP filters of configuration 0..6 (see bench.py CONFIGS)."""
+    """The HTTP filters of configuration 0..7 (see bench.py CONFIGS)."""
     if config == 0:
         return []
     if config in (1, 2, 3):
@@ -161,4 +180,8 @@ def filters_for(config: int, wasm: Path, webhooks_by_config: dict) -> list:
         return [gate.gated(wasm_http_filter(wasm, plugin), gate.predicate(plugin))]
     if config == 6:
         return [bare_callout_filter(webhooks_by_config[config])]
+    if config in JOURNALED:
+        plugin = webhooks_by_config[config].plugin_config()
+        plugin["delivery"]["journal"] = journal_section(f"bench-{new_id()[:8]}/", lease_seconds=15)
+        return [wasm_http_filter(wasm, plugin)]
     raise ValueError(config)

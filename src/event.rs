@@ -68,6 +68,22 @@ impl Envelope {
     }
 
     /// Bytes held for this envelope.
+    /// The envelope around the webhook id, as a journal record stores it.
+    pub fn parts(&self) -> (&str, &str) {
+        (&self.head, &self.tail)
+    }
+
+    /// An envelope read back from its parts (a journal record). None unless the parts make a
+    /// JSON object around a webhook id: the record may come from anywhere.
+    pub fn from_parts(head: String, tail: String) -> Option<Envelope> {
+        let envelope = Envelope { head, tail };
+        let sample = envelope.for_webhook("");
+        match serde_json::from_slice::<Value>(&sample) {
+            Ok(Value::Object(_)) => Some(envelope),
+            _ => None,
+        }
+    }
+
     pub fn held_bytes(&self) -> usize {
         self.head.len() + self.tail.len()
     }

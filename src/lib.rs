@@ -12,6 +12,7 @@ pub mod event;
 pub mod filter;
 pub mod gate;
 pub mod headers;
+pub mod journal;
 pub mod json;
 // The webhook registry service: native only, nothing of it in the .wasm.
 #[cfg(not(target_arch = "wasm32"))]

@@ -5,11 +5,12 @@
 use super::defaults;
 use super::errors::Errors;
 use super::raw::{
-    RawCondition, RawConfig, RawDeadLetter, RawDelivery, RawOrganisation, RawRegistry, RawRule,
-    RawWebhook,
+    RawCondition, RawConfig, RawDeadLetter, RawDelivery, RawJournal, RawOrganisation, RawRegistry,
+    RawRule, RawWebhook,
 };
 use super::{DeadLetter, DeliverySettings, Plan, RegistrySettings, Webhook, WebhookRules};
 use crate::delivery::{OutboxSettings, RetryPolicy};
+use crate::journal::JournalSettings;
 use crate::rules::{
     validate_json_pointer, Check, Condition, EventRule, MethodSet, OrganisationSource, PathTemplate,
 };
@@ -167,6 +168,10 @@ fn compile_delivery(raw: &RawDelivery, env: Env, errors: &mut Errors) -> Deliver
         .dead_letter
         .as_ref()
         .and_then(|dl| compile_dead_letter(dl, raw, env, errors));
+    let journal = raw
+        .journal
+        .as_ref()
+        .and_then(|j| compile_journal(j, errors));
     DeliverySettings {
         timeout_ms: raw.timeout_ms,
         max_body_bytes: to_usize(raw.max_body_bytes),
@@ -178,7 +183,42 @@ fn compile_delivery(raw: &RawDelivery, env: Env, errors: &mut Errors) -> Deliver
             circuit_failures: (raw.circuit_failures > 0).then_some(raw.circuit_failures),
         },
         dead_letter,
+        journal,
     }
+}
+
+fn compile_journal(raw: &RawJournal, errors: &mut Errors) -> Option<JournalSettings> {
+    let mark = errors.mark();
+    if raw.cluster.is_empty() {
+        errors.push("delivery.journal.cluster", "must not be empty");
+    }
+    let authority = raw.authority.clone().unwrap_or_else(|| raw.cluster.clone());
+    if authority.is_empty() || !authority.bytes().all(|b| b.is_ascii_graphic()) {
+        errors.push(
+            "delivery.journal.authority",
+            "must be a host name (printable ASCII, no spaces)",
+        );
+    }
+    // The prefix goes into every key and into log lines: printable ASCII only.
+    if raw.prefix.is_empty() || !raw.prefix.bytes().all(|b| b.is_ascii_graphic()) {
+        errors.push(
+            "delivery.journal.prefix",
+            "must be printable ASCII without spaces, and not empty",
+        );
+    }
+    let range = defaults::JOURNAL_LEASE_SECONDS_RANGE;
+    if !range.contains(&raw.lease_seconds) {
+        errors.push(
+            "delivery.journal.leaseSeconds",
+            format!("must be between {} and {}", range.start(), range.end()),
+        );
+    }
+    errors.clean_since(mark).then(|| JournalSettings {
+        cluster: raw.cluster.clone(),
+        authority,
+        prefix: raw.prefix.clone(),
+        lease_seconds: raw.lease_seconds,
+    })
 }
 
 fn compile_retry_schedule(steps: &[String], errors: &mut Errors) -> Vec<u64> {

@@ -25,6 +25,10 @@ pub(super) const ALLOW_PRIVATE_NETWORKS: bool = false;
 /// `circuitBreaker.failures`.
 pub(super) const CIRCUIT_FAILURES: u32 = 10;
 
+/// `journal.prefix` and `journal.leaseSeconds`.
+pub(super) const JOURNAL_PREFIX: &str = "webhook-emitter/";
+pub(super) const JOURNAL_LEASE_SECONDS: u64 = 15;
+
 // ---- registry ----
 
 pub(super) const REGISTRY_PATH: &str = "/v1/registry";
@@ -38,4 +42,7 @@ pub(super) const MAX_QUEUED_RANGE: RangeInclusive<u64> = 1..=10_000_000;
 pub(super) const MAX_QUEUED_BYTES_RANGE: RangeFrom<u64> = 1..;
 pub(super) const MAX_BODY_BYTES_RANGE: RangeInclusive<u64> = 1..=64 << 20;
 pub(super) const MAX_IN_FLIGHT_PER_WEBHOOK_RANGE: RangeInclusive<u64> = 1..=10_000;
+/// etcd refuses a lease shorter than about 1.5 election timeouts (2 s with its defaults).
+pub(super) const JOURNAL_LEASE_SECONDS_RANGE: RangeInclusive<u64> = 2..=3600;
+
 pub(super) const REGISTRY_POLL_MS_RANGE: RangeInclusive<u64> = 100..=3_600_000;

@@ -9,6 +9,7 @@
 //! - `errors`: [`ConfigError`], key redaction, and the sink that collects errors.
 
 use crate::delivery::OutboxSettings;
+use crate::journal::JournalSettings;
 use crate::rules::EventRule;
 use crate::signature::SigningKey;
 use crate::url::WebhookUrl;
@@ -114,6 +115,8 @@ pub struct DeliverySettings {
     pub max_body_bytes: usize,
     pub outbox: OutboxSettings,
     pub dead_letter: Option<DeadLetter>,
+    /// The write-ahead journal in etcd, when configured.
+    pub journal: Option<JournalSettings>,
 }
 
 /// The validated, immutable configuration, shared by the root and HTTP contexts of a worker.

@@ -81,6 +81,15 @@ pub(super) struct RawDelivery {
     pub(super) allow_private_networks: bool,
     pub(super) circuit_failures: u32,
     pub(super) dead_letter: Option<RawDeadLetter>,
+    pub(super) journal: Option<RawJournal>,
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct RawJournal {
+    pub(super) cluster: String,
+    pub(super) authority: Option<String>,
+    pub(super) prefix: String,
+    pub(super) lease_seconds: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -333,6 +342,7 @@ fn read_delivery(value: &Value, errors: &mut Errors) -> Option<RawDelivery> {
         "allowPrivateNetworks",
         "circuitBreaker",
         "deadLetter",
+        "journal",
     ];
     let mark = errors.mark();
     let mut f = fields(value, "delivery", &known, errors)?;
@@ -362,14 +372,17 @@ fn read_delivery(value: &Value, errors: &mut Errors) -> Option<RawDelivery> {
             .unwrap_or(defaults::ALLOW_PRIVATE_NETWORKS),
         circuit_failures: defaults::CIRCUIT_FAILURES,
         dead_letter: None,
+        journal: None,
     };
     let breaker = f.get("circuitBreaker");
     let dead_letter = f.get("deadLetter");
+    let journal = f.get("journal");
     let errors = f.errors;
     if let Some(failures) = breaker.and_then(|v| read_circuit_breaker(v, errors)) {
         delivery.circuit_failures = failures;
     }
     delivery.dead_letter = dead_letter.and_then(|v| read_dead_letter(v, errors));
+    delivery.journal = journal.and_then(|v| read_journal(v, errors));
     errors.clean_since(mark).then_some(delivery)
 }
 
@@ -399,5 +412,29 @@ fn read_dead_letter(value: &Value, errors: &mut Errors) -> Option<RawDeadLetter>
         url: url?,
         cluster,
         api_key,
+    })
+}
+
+/// `delivery.journal`: where the write-ahead journal lives.
+fn read_journal(value: &Value, errors: &mut Errors) -> Option<RawJournal> {
+    let mut f = fields(
+        value,
+        "delivery.journal",
+        &["cluster", "authority", "prefix", "leaseSeconds"],
+        errors,
+    )?;
+    let cluster = f.string("cluster");
+    let authority = f.opt_string("authority");
+    let prefix = f
+        .opt_string("prefix")
+        .unwrap_or_else(|| defaults::JOURNAL_PREFIX.to_string());
+    let lease_seconds = f
+        .opt_u64("leaseSeconds")
+        .unwrap_or(defaults::JOURNAL_LEASE_SECONDS);
+    Some(RawJournal {
+        cluster: cluster?,
+        authority,
+        prefix,
+        lease_seconds,
     })
 }

@@ -542,6 +542,57 @@ fn tenancy_index_only_holds_enabled_subscribed_webhooks() {
     );
 }
 
+#[test]
+fn the_journal() {
+    let plan = Plan::from_json(valid().to_string().as_bytes(), &no_env).unwrap();
+    assert!(plan.delivery.journal.is_none());
+    let config = valid_with(|c| c["delivery"]["journal"] = json!({"cluster": "etcd"}));
+    let plan = Plan::from_json(config.to_string().as_bytes(), &no_env).unwrap();
+    let j = plan.delivery.journal.as_ref().unwrap();
+    assert_eq!(
+        (
+            j.cluster.as_str(),
+            j.authority.as_str(),
+            j.prefix.as_str(),
+            j.lease_seconds
+        ),
+        ("etcd", "etcd", "webhook-emitter/", 15)
+    );
+    let config = valid_with(
+        |c| c["delivery"]["journal"] = json!({"cluster": "etcd", "authority": "etcd.db.svc", "prefix": "a/b/", "leaseSeconds": 5}),
+    );
+    let plan = Plan::from_json(config.to_string().as_bytes(), &no_env).unwrap();
+    let j = plan.delivery.journal.as_ref().unwrap();
+    assert_eq!(
+        (j.authority.as_str(), j.prefix.as_str(), j.lease_seconds),
+        ("etcd.db.svc", "a/b/", 5)
+    );
+    rejects(
+        |c| c["delivery"]["journal"] = json!({"prefix": "x/"}),
+        "delivery.journal.cluster: missing required field",
+    );
+    rejects(
+        |c| c["delivery"]["journal"] = json!({"cluster": ""}),
+        "delivery.journal.cluster: must not be empty",
+    );
+    rejects(
+        |c| c["delivery"]["journal"] = json!({"cluster": "etcd", "prefix": "a b"}),
+        "delivery.journal.prefix: must be printable ASCII",
+    );
+    rejects(
+        |c| c["delivery"]["journal"] = json!({"cluster": "etcd", "leaseSeconds": 1}),
+        "delivery.journal.leaseSeconds: must be between 2 and 3600",
+    );
+    rejects(
+        |c| c["delivery"]["journal"] = json!({"cluster": "etcd", "leaseSecond": 5}),
+        "delivery.journal.leaseSecond: unknown field",
+    );
+    rejects(
+        |c| c["delivery"]["journal"] = json!("etcd"),
+        "delivery.journal: must be",
+    );
+}
+
 fn with_registry_block() -> Value {
     let mut c = valid();
     c["registry"] =

@@ -65,6 +65,14 @@ impl Payload {
         }
     }
 
+    /// The event's envelope (None for a raw body), as the journal records it.
+    pub fn envelope(&self) -> Option<&Envelope> {
+        match &self.body {
+            Body::Event(envelope) => Some(envelope),
+            Body::Raw(_) => None,
+        }
+    }
+
     /// Bytes held for this payload (what `delivery.maxQueuedBytes` bounds).
     pub fn held_bytes(&self) -> usize {
         match &self.body {

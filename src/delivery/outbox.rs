@@ -212,6 +212,16 @@ impl Outbox {
         )
     }
 
+    /// What this worker can still take before a bound is reached: deliveries and bytes (what
+    /// the journal may claim from dead proxies).
+    pub fn room(&self) -> (usize, usize) {
+        let (max_queued, max_bytes) = self.capacity();
+        (
+            max_queued.saturating_sub(self.queued),
+            max_bytes.saturating_sub(self.queued_bytes),
+        )
+    }
+
     /// Deliveries held, waiting or in flight.
     pub fn queued(&self) -> usize {
         self.queued
@@ -321,7 +331,13 @@ impl Outbox {
         }
         if let Some(lane) = self.lane_mut(lane_id) {
             lane.add(size);
-            lane.ready.push_back(delivery);
+            // A delivery with attempts behind it (read back from the journal) waits for its
+            // next attempt time.
+            if delivery.attempts > 0 {
+                lane.waiting.push(delivery);
+            } else {
+                lane.ready.push_back(delivery);
+            }
         }
         Ok(evicted)
     }
@@ -638,6 +654,23 @@ impl Outbox {
         drained
     }
 
+    /// Opens a lane's circuit because another proxy found its endpoint failing: its queue waits
+    /// and one probe goes out per period, as after failures of its own. Nothing happens when the
+    /// breaker is off, the lane is gone, or its circuit is already open. Returns whether it opened.
+    pub fn open_circuit(&mut self, lane: LaneId, now_ms: u64, random: u32) -> bool {
+        if self.settings.circuit_failures.is_none() || lane == LaneId::DeadLetter {
+            return false;
+        }
+        let retry = self.settings.retry.clone();
+        match self.lane_mut(lane) {
+            Some(l) if !l.gone && l.probe_at_ms.is_none() => {
+                l.probe_at_ms = Some(now_ms + retry.probe_period_ms(l.failed_probes, random));
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Forgets an attempt whose webhook a new configuration removed while it was out.
     pub fn release_orphan(&mut self, delivery: &Delivery) {
         self.attempts_out = self.attempts_out.saturating_sub(1);
@@ -734,6 +767,50 @@ mod tests {
 
     fn ids(ds: &[Delivery]) -> Vec<&str> {
         ds.iter().map(|d| &*d.event_id).collect()
+    }
+
+    #[test]
+    fn a_restored_delivery_waits_for_its_next_attempt_time() {
+        let mut o = outbox(1);
+        let mut d = delivery("e1", A, b"{}", 1_000);
+        d.attempts = 2;
+        d.next_attempt_at_ms = 5_000;
+        o.enqueue(d).unwrap();
+        assert!(o.take_due(4_999).is_empty());
+        let d = o.take_due(5_000).pop().unwrap();
+        assert_eq!(d.attempts, 3);
+    }
+
+    #[test]
+    fn a_circuit_opened_from_outside_holds_the_queue_behind_one_probe() {
+        let mut o = Outbox::new(1, settings(100, 4, Some(3)));
+        put(&mut o, "e1", A);
+        put(&mut o, "e2", A);
+        assert!(o.open_circuit(A, 1_000, 200));
+        assert!(!o.open_circuit(A, 1_000, 200), "already open");
+        assert!(o.circuit_open(A));
+        assert!(o.take_due(1_000).is_empty());
+        let due = o.take_due(1_000 + 200);
+        assert_eq!(ids(&due), vec!["e1"], "one probe");
+        let mut off = Outbox::new(1, settings(100, 4, None));
+        assert!(!off.open_circuit(A, 0, 0), "the breaker is off");
+    }
+
+    #[test]
+    fn a_lane_marked_gone_hands_its_queue_back_and_takes_nothing_more() {
+        let mut o = outbox(2);
+        put(&mut o, "e1", A);
+        put(&mut o, "e2", A);
+        put(&mut o, "e3", B);
+        assert_eq!(ids(&o.mark_gone(A)), vec!["e1", "e2"]);
+        assert!(o.is_gone(A));
+        assert!(o.mark_gone(A).is_empty());
+        assert!(o.mark_gone(LaneId::DeadLetter).is_empty());
+        assert!(matches!(
+            o.enqueue(delivery("e4", A, b"", 0)),
+            Err(Refused::WebhookGone(_))
+        ));
+        assert_eq!(o.queued(), 1);
     }
 
     #[test]

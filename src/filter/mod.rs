@@ -9,6 +9,8 @@ pub mod worker;
 
 #[cfg(test)]
 mod testing;
+#[cfg(test)]
+mod worker_journal_tests;
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod worker_props;
 #[cfg(test)]

@@ -10,6 +10,7 @@ use super::worker::{Attempt, RegistryAnswer, SharedWorker, Worker};
 use crate::config::Plan;
 use crate::delivery::AttemptOutcome;
 use crate::headers;
+use crate::journal::Purpose as JournalRequest;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
@@ -20,6 +21,8 @@ use std::time::Duration;
 
 /// Retries and probes are driven by this tick; new events wake the root at once (the doorbell).
 const TICK: Duration = Duration::from_millis(50);
+/// A journal answer larger than this is not read (a claim batch of the largest records fits).
+const MAX_JOURNAL_ANSWER_BYTES: usize = 32 << 20;
 
 thread_local! {
     /// This thread's worker of each plugin (by plugin name). A new configuration arrives as a new
@@ -27,10 +30,12 @@ thread_local! {
     static WORKERS: RefCell<HashMap<String, Weak<RefCell<Worker>>>> = RefCell::new(HashMap::new());
 }
 
-/// What a callout was for.
+/// What a callout was for: a delivery attempt, a registry poll, or a request to the journal's
+/// etcd.
 enum Out {
     Delivery(Attempt),
     RegistryPoll,
+    Journal(JournalRequest),
 }
 
 #[derive(Default)]
@@ -107,7 +112,10 @@ impl EmitterRoot {
         };
         let sent = worker.borrow_mut().pump(&ProxyHost, now_ms());
         self.callouts
-            .extend(sent.into_iter().map(|(token, a)| (token, Out::Delivery(a))));
+            .extend(sent.into_iter().map(|(t, a)| (t, Out::Delivery(a))));
+        let journal = worker.borrow_mut().journal_poll(&ProxyHost, now_ms());
+        self.callouts
+            .extend(journal.into_iter().map(|(t, r)| (t, Out::Journal(r))));
     }
 }
 
@@ -140,21 +148,18 @@ impl Context for EmitterRoot {
         let Some(worker) = self.worker.clone() else {
             return;
         };
-        let attempt = match out {
-            Out::Delivery(attempt) => attempt,
-            Out::RegistryPoll => {
-                let answer = registry_answer(headers, body);
-                worker
-                    .borrow_mut()
-                    .on_registry_answer(&ProxyHost, answer, now_ms());
-                if self.draining && self.callouts.is_empty() {
-                    self.done();
-                } else {
-                    self.pump();
-                }
-                return;
+        if let Out::RegistryPoll = out {
+            let answer = registry_answer(headers, body);
+            worker
+                .borrow_mut()
+                .on_registry_answer(&ProxyHost, answer, now_ms());
+            if self.draining && self.callouts.is_empty() {
+                self.done();
+            } else {
+                self.pump();
             }
-        };
+            return;
+        }
         // The answer's headers are read as bytes, and only when Envoy says there are some: a
         // callout that failed before or instead of its headers has none to read.
         let map = (headers > 0)
@@ -162,9 +167,30 @@ impl Context for EmitterRoot {
             .flatten();
         let pairs = map.as_deref().and_then(headers::parse_map);
         let outcome = AttemptOutcome::from_answer(headers, pairs.as_deref());
-        worker
-            .borrow_mut()
-            .on_answer(&ProxyHost, attempt, &outcome, now_ms());
+        match out {
+            Out::Delivery(attempt) => {
+                worker
+                    .borrow_mut()
+                    .on_answer(&ProxyHost, attempt, &outcome, now_ms())
+            }
+            Out::RegistryPoll => {}
+            Out::Journal(request) => {
+                let status = match outcome {
+                    AttemptOutcome::Status { code, .. } => Some(code),
+                    AttemptOutcome::NoResponse { .. } => None,
+                };
+                let answer = (body <= MAX_JOURNAL_ANSWER_BYTES)
+                    .then(|| abi::buffer(BufferType::CalloutResponseBody, 0, body))
+                    .flatten();
+                worker.borrow_mut().journal_answer(
+                    &ProxyHost,
+                    request,
+                    status,
+                    answer.as_deref(),
+                    now_ms(),
+                );
+            }
+        }
         if self.draining && self.callouts.is_empty() {
             self.done();
         } else {

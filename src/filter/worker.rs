@@ -20,6 +20,9 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::rc::Rc;
 
+// The write-ahead journal's hooks (`journal_*`) live in worker/journal.rs.
+mod journal;
+
 pub const USER_AGENT: &str = concat!("webhook-emitter/", env!("CARGO_PKG_VERSION"));
 /// How the dead-letter lane is named in log lines.
 pub const DEAD_LETTER_NAME: &str = "dead-letter";
@@ -111,6 +114,8 @@ pub struct Worker {
     reported: Reported,
     /// Set when the configuration names a registry to pull webhooks from.
     registry: Option<RegistryPull>,
+    /// The write-ahead journal in etcd (`delivery.journal`).
+    journal: Option<crate::journal::Journal>,
 }
 
 /// The registry feed as this worker pulls it.
@@ -189,6 +194,7 @@ impl Worker {
         id: String,
     ) -> Self {
         let outbox = Outbox::new(plan.webhooks.len(), plan.delivery.outbox.clone());
+        let journal = journal::open(host, &plan);
         Worker {
             plan: Rc::new(plan),
             outbox,
@@ -202,6 +208,7 @@ impl Worker {
             doorbell_rung: false,
             reported: Reported::default(),
             registry: None,
+            journal,
         }
     }
 
@@ -299,7 +306,7 @@ impl Worker {
         // Another worker may have found an endpoint gone or failing since the last tick.
         self.sync_endpoints(host, now_ms);
         self.metrics.events_emitted.inc(host);
-        let waiting_for_registry = self.registry.as_ref().is_some_and(|p| p.document.is_none());
+        let waiting_for_registry = self.waiting_for_registry();
         let event = Waiting {
             event_id: Rc::from(event.id_hex.as_str()),
             event_type: event.event_type,
@@ -322,6 +329,11 @@ impl Worker {
         }
     }
 
+    /// The registry's webhooks are not known yet (its first document has not arrived).
+    fn waiting_for_registry(&self) -> bool {
+        self.registry.as_ref().is_some_and(|p| p.document.is_none())
+    }
+
     /// Hands an event to every enabled webhook of its organisation subscribed to its type (only the
     /// registry's with `registry_only`), one delivery each sharing one payload; returns how many
     /// webhooks it went to.
@@ -338,6 +350,7 @@ impl Worker {
             .iter()
             .filter(|&&w| !registry_only || plan.is_from_registry(w));
         let (mut subscribed, mut accepted) = (0, 0);
+        let mut journaled = Vec::new();
         for &w in subscribers {
             subscribed += 1;
             let delivery = Delivery::new(
@@ -349,6 +362,7 @@ impl Worker {
             match self.outbox.enqueue(delivery) {
                 Ok(evicted) => {
                     accepted += 1;
+                    journaled.push(w);
                     for d in evicted {
                         self.drop_evicted(host, d, now_ms);
                     }
@@ -357,6 +371,7 @@ impl Worker {
             }
         }
         if accepted > 0 {
+            self.journal_track(&event.event_id, &event.payload, &journaled, now_ms);
             self.ring(host);
         }
         self.report_gauges(host);
@@ -365,6 +380,7 @@ impl Worker {
 
     fn drop_evicted(&mut self, host: &dyn Host, d: Delivery, now_ms: u64) {
         self.metrics.deliveries_dropped_over_share.inc(host);
+        self.journal_settled(&Rc::clone(&self.plan), &d.event_id, d.lane);
         let name = lane_name(&self.plan, d.lane).to_string();
         log(host, LogLevel::Error, || {
             format!(
@@ -402,6 +418,7 @@ impl Worker {
             self.dead_letter_lost(host, &d, &format!("reason={why}"));
             return;
         }
+        self.journal_settled(&Rc::clone(&self.plan), &d.event_id, d.lane);
         metric.inc(host);
         let name = lane_name(&self.plan, d.lane).to_string();
         log(host, LogLevel::Error, || {
@@ -632,6 +649,7 @@ impl Worker {
                 });
             }
             Verdict::Delivered { latency_ms } => {
+                self.journal_settled(&plan, &event_id, lane);
                 m.deliveries_succeeded.inc(host);
                 m.delivery_latency_ms.record(host, latency_ms);
                 // A first-attempt success is a debug line: at info, one line per delivery costs
@@ -646,6 +664,7 @@ impl Worker {
                 });
             }
             Verdict::Retry { at_ms } => {
+                self.journal_scheduled(&event_id, lane, attempts, at_ms);
                 m.deliveries_failed.inc(host);
                 m.deliveries_retried.inc(host);
                 log(host, LogLevel::Info, || {
@@ -660,6 +679,7 @@ impl Worker {
                 self.dead_letter_lost(host, &failed, &format!("last={last}"));
             }
             Verdict::Exhausted(failed) => {
+                self.journal_settled(&plan, &event_id, lane);
                 m.deliveries_failed.inc(host);
                 m.deliveries_exhausted.inc(host);
                 log(host, LogLevel::Error, || {
@@ -668,6 +688,7 @@ impl Worker {
                 self.dead_letter(host, &failed, DeadLetterReason::Exhausted, now_ms);
             }
             Verdict::Gone { dropped } => {
+                self.journal_publish_gone(lane);
                 m.deliveries_failed.inc(host);
                 self.webhook_gone(host, lane, &dropped, now_ms);
             }
@@ -688,6 +709,7 @@ impl Worker {
             format!("webhook {name} answered 410 Gone: disabled for this proxy until its URL changes or Envoy restarts")
         });
         for d in dropped {
+            self.journal_settled(&plan, &d.event_id, d.lane);
             m.deliveries_dropped_webhook_gone.inc(host);
             log(host, LogLevel::Error, || {
                 format!("delivery dropped: event={} webhook={name} reason=the webhook answered 410 Gone", d.event_id)
@@ -709,6 +731,7 @@ impl Worker {
         let name = lane_name(&plan, lane);
         match self.outbox.take_circuit_change() {
             Some(CircuitChange::Opened) => {
+                self.journal_publish_circuit(lane, true);
                 self.lead_circuit(host, lane, now_ms);
                 self.metrics.circuits_opened.inc(host);
                 log(host, LogLevel::Warn, || {
@@ -716,6 +739,7 @@ impl Worker {
                 });
             }
             Some(CircuitChange::Closed) => {
+                self.journal_publish_circuit(lane, false);
                 self.publish_endpoint(host, lane, None);
                 log(host, LogLevel::Info, || {
                     format!("circuit closed for webhook {name}")
@@ -783,6 +807,7 @@ impl Worker {
                 });
             }
             (true, LaneKey::Webhook(id)) => {
+                self.journal_settled_id(event_id, id);
                 let latency_ms = now_ms.saturating_sub(delivery.created_at_ms);
                 m.deliveries_succeeded.inc(host);
                 m.delivery_latency_ms.record(host, latency_ms);
@@ -802,6 +827,7 @@ impl Worker {
                 );
             }
             (false, LaneKey::Webhook(id)) => {
+                self.journal_settled_id(event_id, id);
                 m.deliveries_failed.inc(host);
                 m.deliveries_dropped_webhook_removed.inc(host);
                 log(host, LogLevel::Warn, || {
@@ -989,6 +1015,7 @@ impl Worker {
                 .reconfigure(plan.webhooks.len(), new_index, plan.delivery.outbox.clone());
         for d in dropped {
             self.metrics.deliveries_dropped_webhook_removed.inc(host);
+            self.journal_settled(&old, &d.event_id, d.lane);
             let name = lane_name(&old, d.lane).to_string();
             log(host, LogLevel::Warn, || {
                 format!(
@@ -1006,6 +1033,7 @@ impl Worker {
                 );
             }
         }
+        self.journal_adopt(host, &plan);
         self.plan = Rc::new(plan);
         self.ring(host);
         self.report_gauges(host);

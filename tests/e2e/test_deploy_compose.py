@@ -131,7 +131,7 @@ def compose_tool():
 def test_compose_file_wires_envoy_module_config_and_demo_servers():
     doc = compose_doc()
     services = doc["services"]
-    assert set(services) == {"envoy", "jobs", "receiver", "registry"}
+    assert set(services) == {"envoy", "jobs", "receiver", "registry", "etcd"}
 
     envoy = services["envoy"]
     assert re.fullmatch(r"(\$\{ENVOY_IMAGE:-)?envoyproxy/envoy:v1\.40(\.\d+|-latest)\}?", envoy["image"]), envoy["image"]
@@ -145,7 +145,14 @@ def test_compose_file_wires_envoy_module_config_and_demo_servers():
     assert KEY_VAR in envoy["environment"] and "${" + KEY_VAR in envoy["environment"][KEY_VAR], \
         "the key must come from the caller's environment, not be written into the compose file"
     assert KEY_VAR in wasm_cfg["vm_config"]["environment_variables"]["host_env_keys"]
-    assert set(envoy.get("depends_on", [])) == {"jobs", "receiver", "registry"}
+    assert set(envoy.get("depends_on", [])) == {"jobs", "receiver", "registry", "etcd"}
+    # The journal's cluster reaches the etcd service, which compacts its history.
+    journal = json.loads(plugin_json(envoy_doc()))["delivery"]["journal"]
+    ep = endpoint(clusters(envoy_doc())[journal["cluster"]])
+    assert (ep["address"], ep["port_value"]) == ("etcd", 2379)
+    etcd_cmd = services["etcd"]["command"]
+    assert "--listen-client-urls=http://0.0.0.0:2379" in etcd_cmd
+    assert "--auto-compaction-mode=revision" in etcd_cmd
 
     bootstrap_clusters = clusters(envoy_doc())
     for name, cluster_name in (("jobs", "job_service"), ("receiver", "receiver")):
@@ -278,7 +285,7 @@ class Served:
                 self.proc.wait(10)
 
 
-def loopback_bootstrap(wasm: Path, jobs_port: int, receiver_port: int) -> dict:
+def loopback_bootstrap(wasm: Path, jobs_port: int, receiver_port: int, etcd_port: int) -> dict:
     """compose/envoy.yaml with loopback addresses and free ports in place of the compose network's."""
     b = copy.deepcopy(envoy_doc())
     b["admin"]["address"]["socket_address"].update(address="127.0.0.1", port_value=0)
@@ -289,17 +296,23 @@ def loopback_bootstrap(wasm: Path, jobs_port: int, receiver_port: int) -> dict:
     endpoint(known["receiver"]).update(address="127.0.0.1", port_value=receiver_port)
     # No registry runs here: the configured webhook is delivered without waiting for it.
     endpoint(known["registry"]).update(address="127.0.0.1", port_value=free_port())
+    endpoint(known["etcd"]).update(address="127.0.0.1", port_value=etcd_port)
     return b
 
 
 def test_compose_config_and_servers_deliver_a_signed_event_on_loopback(wasm, key, envoys):
+    from harness.etcd import Etcd
+    from harness.observe import wait_for_log
+
     jobs = Served("jobs", {})
     receiver = Served("receiver", {KEY_VAR: key})
+    etcd = Etcd(1, name="etcd-compose").start()
     try:
-        envoy = harness.Envoy(loopback_bootstrap(wasm, jobs.port, receiver.port), name="compose-envoy",
-                              env={KEY_VAR: key, TOKEN_VAR: TOKEN})
+        envoy = harness.Envoy(loopback_bootstrap(wasm, jobs.port, receiver.port, etcd.members[0].client_port),
+                              name="compose-envoy", env={KEY_VAR: key, TOKEN_VAR: TOKEN})
         envoys.append(envoy)
         envoy.start()
+        wait_for_log(envoy, r"journal: owner \w+ is live")
         job_id = "job-" + uuid.uuid4().hex[:12]
         # A client naming another organisation changes nothing: the organisation is the job service's answer.
         r = envoy.request("POST", f"/jobs/{job_id}/complete", headers={"x-organisation-id": "f" * 24}, body=b"{}")
@@ -317,9 +330,13 @@ def test_compose_config_and_servers_deliver_a_signed_event_on_loopback(wasm, key
         event = Webhook(key).verify(d["body"], headers)  # an implementation other than ours
         assert event["data"]["object"] == {**harness.completed_job(job_id), "organisationId": ORG, "objectType": "job"}
         assert d["userAgent"].startswith("webhook-emitter/")
+        # The record written ahead of the delivery is deleted once it is delivered.
+        harness.wait_until(lambda: etcd.keys("webhook-emitter/records/") == [], 10,
+                           desc="the delivered event's record deleted from etcd")
     finally:
         receiver.stop()
         jobs.stop()
+        etcd.stop()
     text = "".join(receiver.raw) + "".join(jobs.raw)
     assert key not in text, "serve.py printed the key"
 

@@ -39,7 +39,8 @@ def test_reference_config_shape():
                    "failure_policy: FAIL_RELOAD", '"apiKey": { "env": "BILLING_WEBHOOK_KEY" }',
                    "host_env_keys: [BILLING_WEBHOOK_KEY]", "max_pending_requests", "name: job_service",
                    '"cluster": "webhooks_egress"', "envoy.clusters.dynamic_forward_proxy", "auto_san_validation: true",
-                   "remove: x-envoy-internal", "resolved_address_filter", "internal_listener: {}"):
+                   "remove: x-envoy-internal", "resolved_address_filter", "internal_listener: {}",
+                   '"journal": { "cluster": "etcd"', "- name: etcd"):
         assert needle in text, f"envoy/envoy.yaml lacks {needle!r}"
     assert "whsec_" not in text.replace("whsec_...", ""), "a key is written into the reference config"
 

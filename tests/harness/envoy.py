@@ -3,7 +3,7 @@
 The bootstrap is rendered as JSON into a fresh directory. Envoy gets port 0 for its listener and its admin
 interface; the real ports are read back through --admin-address-path and GET /listeners?format=json, so
 several Envoys can run at once and no port can collide. Hot restart is disabled (--disable-hot-restart), so
-Envoys need no shared-memory base id of their own.
+Envoys need no shared-memory base id of their own, unless a test asks for it (Envoy(hot_restart=(base_id, epoch))).
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ class Envoy:
     def __init__(self, bootstrap: dict, name: str = "envoy", log_level: str = "info", extra_args: Iterable = (),
                  env: Optional[dict] = None, lds: bool = False, concurrency: int = 2,
                  command_prefix: Iterable = (), listeners: Iterable = (LISTENER_NAME,),
-                 workdir: Optional[Path] = None):
+                 workdir: Optional[Path] = None, hot_restart: Optional[tuple] = None):
         self.bootstrap = bootstrap
         # Two workers by default, as in production: per-worker state (outboxes, circuits, 410s) must not
         # leak into what a client or a receiver sees. A test that needs one worker says so.
@@ -218,6 +218,9 @@ class Envoy:
         # swap them in the running Envoy (for example to give the filter a new plugin configuration).
         self.lds = lds
         self.lds_dir = None
+        # hot_restart=(base_id, epoch): this Envoy takes part in a hot restart (epoch 0 first, then epoch 1
+        # with the same base id takes over from it) instead of running with --disable-hot-restart.
+        self.hot_restart = hot_restart
         self.name = name
         self.log_level = log_level
         self.extra_args = list(extra_args)
@@ -239,9 +242,15 @@ class Envoy:
     def start(self, wait: bool = True, timeout: float = 30.0) -> "Envoy":
         self.config_path.write_text(json.dumps(self._rendered_bootstrap(), indent=1))
         self.admin_path.unlink(missing_ok=True)
+        if self.hot_restart is None:
+            restart_args = ["--disable-hot-restart"]
+        else:
+            base_id, epoch = self.hot_restart
+            restart_args = ["--base-id", str(base_id), "--restart-epoch", str(epoch), "--drain-time-s", "1",
+                            "--parent-shutdown-time-s", "3"]
         cmd = [
             *self.command_prefix, str(ENVOY_BIN), "-c", str(self.config_path), "--concurrency", str(self.concurrency), "-l", self.log_level,
-            "--disable-hot-restart", "--admin-address-path", str(self.admin_path), *self.extra_args,
+            *restart_args, "--admin-address-path", str(self.admin_path), *self.extra_args,
         ]
         registry.register_log(self.log_path)
         self._log_file = open(self.log_path, "wb")

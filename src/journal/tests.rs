@@ -1,0 +1,600 @@
+use super::*;
+use crate::event::{Event, EventId};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
+
+const OWNER: &str = "00000000000000aa";
+const HOOK_A: &str = "66b2e3ddb97f60b5270d5ce9";
+const HOOK_B: &str = "66b2e3ddb97f60b5270d5cea";
+const ROOM: Room = Room {
+    deliveries: 1000,
+    bytes: 1 << 30,
+};
+
+/// Polls as a proxy that knows all its webhooks.
+trait PollAll {
+    fn poll_all(&mut self, now: u64) -> Vec<Request>;
+}
+
+impl PollAll for Journal {
+    fn poll_all(&mut self, now: u64) -> Vec<Request> {
+        self.poll(now, true)
+    }
+}
+
+fn settings() -> JournalSettings {
+    JournalSettings {
+        cluster: "etcd".into(),
+        authority: "etcd".into(),
+        prefix: "wh/".into(),
+        lease_seconds: 15,
+    }
+}
+
+fn payload(seconds: u64) -> (Rc<str>, Rc<Payload>) {
+    let mut object = Map::new();
+    object.insert("id".into(), "job-1".into());
+    let e = Event::new(
+        EventId::new(seconds, [2; 8]),
+        "job.completed",
+        "job",
+        "657bf08c202997ba9d127922",
+        crate::json::Object::Tree(&object),
+        seconds * 1000,
+    );
+    (
+        Rc::from(e.id_hex.as_str()),
+        Rc::new(Payload::event(e.envelope)),
+    )
+}
+
+fn pending(ids: &[&str], now: u64) -> Vec<PendingWebhook> {
+    ids.iter()
+        .map(|id| PendingWebhook {
+            webhook_id: id.to_string(),
+            attempts: 0,
+            next_attempt_at_ms: now,
+        })
+        .collect()
+}
+
+fn body(r: &Request) -> Value {
+    serde_json::from_slice(&r.body).expect("request body is JSON")
+}
+
+fn key_of(r: &Request) -> String {
+    let k = body(r)["key"].as_str().expect("key").to_string();
+    String::from_utf8(B64.decode(k).expect("base64")).expect("utf-8")
+}
+
+fn b64(s: &[u8]) -> String {
+    B64.encode(s)
+}
+
+const OK: &[u8] = br#"{"header":{"revision":"2"}}"#;
+
+/// A journal whose owner key is registered.
+fn live() -> Journal {
+    let mut j = Journal::new(settings(), OWNER.into());
+    let grant = j.poll_all(0);
+    assert_eq!(grant.len(), 1);
+    assert_eq!(grant[0].path, etcd::LEASE_GRANT);
+    assert_eq!(body(&grant[0])["TTL"], "15");
+    let g = grant.into_iter().next().expect("grant");
+    j.on_answer(g.purpose, Ok(br#"{"ID":"77","TTL":"15"}"#), 0, ROOM);
+    let register = j.poll_all(0);
+    assert_eq!(register.len(), 1);
+    assert_eq!(key_of(&register[0]), format!("wh/alive/{OWNER}"));
+    assert_eq!(body(&register[0])["lease"], "77");
+    let r = register.into_iter().next().expect("register");
+    j.on_answer(r.purpose, Ok(OK), 0, ROOM);
+    assert_eq!(
+        j.take_notices(),
+        vec![Notice::OwnerLive {
+            owner: OWNER.into()
+        }]
+    );
+    j
+}
+
+/// Polls, answering nothing, and returns the requests (the scan's are left out).
+fn writes(j: &mut Journal, now: u64) -> Vec<Request> {
+    j.poll_all(now)
+        .into_iter()
+        .filter(|r| matches!(r.purpose, Purpose::Write { .. }))
+        .collect()
+}
+
+#[test]
+fn nothing_is_written_before_the_owner_key_is_live() {
+    let mut j = Journal::new(settings(), OWNER.into());
+    let (id, p) = payload(1_700_000_000);
+    j.track(&id, &p, 0, pending(&[HOOK_A], 0), false);
+    let out = j.poll_all(0);
+    assert!(out
+        .iter()
+        .all(|r| !matches!(r.purpose, Purpose::Write { .. })));
+    // A peer that saw a record before its owner key would claim it at once.
+    let grant = out.into_iter().next().expect("grant");
+    j.on_answer(grant.purpose, Err("no answer".into()), 0, ROOM);
+    assert!(j.poll_all(500).is_empty(), "a failed grant waits a second");
+    assert_eq!(j.poll_all(1000)[0].path, etcd::LEASE_GRANT);
+}
+
+#[test]
+fn a_record_is_put_then_deleted_once_every_webhook_settled() {
+    let mut j = live();
+    let (id, p) = payload(1_700_000_000);
+    j.track(&id, &p, 5, pending(&[HOOK_A, HOOK_B], 5), false);
+    let put = writes(&mut j, 5);
+    assert_eq!(put.len(), 1);
+    assert_eq!(put[0].path, etcd::PUT);
+    assert_eq!(key_of(&put[0]), format!("wh/records/{OWNER}/{id}"));
+    let value = B64
+        .decode(body(&put[0])["value"].as_str().expect("value"))
+        .expect("base64");
+    let record = record::decode(&value).expect("a record");
+    assert_eq!(record.pending.len(), 2);
+
+    // Both deliveries succeed while the put is out: the delete waits for the put's answer, so
+    // that it cannot overtake it.
+    j.settled(&id, HOOK_A);
+    let put = put.into_iter().next().expect("put");
+    j.on_answer(put.purpose, Ok(OK), 6, ROOM);
+    assert_eq!(j.take_notices(), vec![Notice::RecordsDelta(1)]);
+    assert!(
+        writes(&mut j, 6).is_empty(),
+        "one webhook settled of two: no rewrite"
+    );
+    let (id2, p2) = payload(1_700_000_001);
+    j.track(&id2, &p2, 5, pending(&[HOOK_A, HOOK_B], 5), false);
+    let put = writes(&mut j, 6).into_iter().next().expect("put");
+    j.settled(&id2, HOOK_A);
+    j.settled(&id2, HOOK_B);
+    assert!(writes(&mut j, 6).is_empty());
+    j.on_answer(put.purpose, Ok(OK), 7, ROOM);
+    j.settled(&id, HOOK_B);
+    assert_eq!(j.take_notices(), vec![Notice::RecordsDelta(1)]);
+    let deletes = writes(&mut j, 7);
+    assert_eq!(deletes.len(), 2);
+    assert!(deletes.iter().all(|d| d.path == etcd::DELETE_RANGE));
+    assert_eq!(key_of(&deletes[0]), format!("wh/records/{OWNER}/{id2}"));
+    assert_eq!(key_of(&deletes[1]), format!("wh/records/{OWNER}/{id}"));
+    for delete in deletes {
+        j.on_answer(delete.purpose, Ok(OK), 8, ROOM);
+    }
+    assert_eq!(
+        j.take_notices(),
+        vec![Notice::RecordsDelta(-1), Notice::RecordsDelta(-1)]
+    );
+    assert_eq!(j.tracked(), 0);
+    assert!(writes(&mut j, 9).is_empty());
+}
+
+#[test]
+fn a_retry_updates_the_record() {
+    let mut j = live();
+    let (id, p) = payload(1_700_000_000);
+    j.track(&id, &p, 5, pending(&[HOOK_A], 5), false);
+    let put = writes(&mut j, 5).into_iter().next().expect("put");
+    j.on_answer(put.purpose, Ok(OK), 6, ROOM);
+    j.scheduled(&id, HOOK_A, 1, 30_000);
+    let update = writes(&mut j, 7);
+    assert_eq!(update.len(), 1);
+    let value = B64
+        .decode(body(&update[0])["value"].as_str().expect("value"))
+        .expect("base64");
+    let record = record::decode(&value).expect("a record");
+    assert_eq!(record.pending[0].attempts, 1);
+    assert_eq!(record.pending[0].next_attempt_at_ms, 30_000);
+    // Unknown events and webhooks (dead letters, say) change nothing.
+    j.scheduled("ffff", HOOK_A, 1, 1);
+    j.settled(&id, "abcdef");
+    assert!(writes(&mut j, 8).is_empty());
+}
+
+#[test]
+fn an_unreachable_etcd_is_reported_once_and_writes_are_retried() {
+    let mut j = live();
+    let (id, p) = payload(1_700_000_000);
+    j.track(&id, &p, 5, pending(&[HOOK_A], 5), false);
+    let put = writes(&mut j, 5).into_iter().next().expect("put");
+    j.on_answer(put.purpose, Err("status 503".into()), 10, ROOM);
+    let notices = j.take_notices();
+    assert!(notices.contains(&Notice::RequestFailed));
+    assert!(notices
+        .iter()
+        .any(|n| matches!(n, Notice::Unavailable(why) if why.contains("503"))));
+    assert!(
+        writes(&mut j, 500).is_empty(),
+        "writes pause after a failure"
+    );
+    let again = writes(&mut j, 1010).into_iter().next().expect("retried");
+    j.on_answer(again.purpose, Err("no answer".into()), 1020, ROOM);
+    assert_eq!(j.take_notices(), vec![Notice::RequestFailed]);
+    let again = writes(&mut j, 2020).into_iter().next().expect("retried");
+    j.on_answer(again.purpose, Ok(OK), 2030, ROOM);
+    // The failed put may have landed, so the record already counted once.
+    assert_eq!(j.take_notices(), vec![Notice::Recovered]);
+}
+
+#[test]
+fn a_record_too_large_for_etcd_is_not_written() {
+    let mut j = live();
+    let mut object = Map::new();
+    object.insert("blob".into(), "x".repeat(etcd::MAX_REQUEST_BYTES).into());
+    let e = Event::new(
+        EventId::new(1, [3; 8]),
+        "t",
+        "job",
+        "o",
+        crate::json::Object::Tree(&object),
+        1000,
+    );
+    let id: Rc<str> = Rc::from(e.id_hex.as_str());
+    let p = Rc::new(Payload::event(e.envelope));
+    j.track(&id, &p, 1, pending(&[HOOK_A], 1), false);
+    assert!(writes(&mut j, 1).is_empty());
+    assert!(matches!(
+        j.take_notices().as_slice(),
+        [Notice::TooLarge { bytes, .. }] if *bytes > etcd::MAX_REQUEST_BYTES
+    ));
+    j.settled(&id, HOOK_A);
+    assert_eq!(j.tracked(), 0);
+    assert!(writes(&mut j, 2).is_empty());
+}
+
+#[test]
+fn a_lost_lease_is_granted_again_and_records_rewritten() {
+    let mut j = live();
+    let (id, p) = payload(1_700_000_000);
+    j.track(&id, &p, 5, pending(&[HOOK_A], 5), false);
+    let put = writes(&mut j, 5).into_iter().next().expect("put");
+    j.on_answer(put.purpose, Ok(OK), 6, ROOM);
+    j.take_notices();
+    let keepalive = j
+        .poll_all(5_000)
+        .into_iter()
+        .find(|r| r.path == etcd::LEASE_KEEPALIVE)
+        .expect("keepalive at a third of the TTL");
+    assert_eq!(body(&keepalive)["ID"], "77");
+    j.on_answer(
+        keepalive.purpose,
+        Ok(br#"{"result":{"ID":"77"}}"#),
+        5_001,
+        ROOM,
+    );
+    assert_eq!(j.take_notices(), vec![Notice::LeaseLost]);
+    let out = j.poll_all(5_002);
+    assert_eq!(out.len(), 1, "only the grant until the owner key is back");
+    assert_eq!(out[0].path, etcd::LEASE_GRANT);
+    let grant = out.into_iter().next().expect("grant");
+    j.on_answer(grant.purpose, Ok(br#"{"ID":"78","TTL":"15"}"#), 5_003, ROOM);
+    let register = j.poll_all(5_003).into_iter().next().expect("register");
+    j.on_answer(register.purpose, Ok(OK), 5_004, ROOM);
+    let rewrite = writes(&mut j, 5_005);
+    assert_eq!(rewrite.len(), 1);
+    assert_eq!(key_of(&rewrite[0]), format!("wh/records/{OWNER}/{id}"));
+}
+
+fn range_answer(kvs: &[(&str, &[u8], i64)]) -> Vec<u8> {
+    let kvs: Vec<Value> = kvs
+        .iter()
+        .map(|(k, v, rev)| json!({"key": b64(k.as_bytes()), "value": b64(v), "mod_revision": rev.to_string()}))
+        .collect();
+    json!({"header": {}, "kvs": kvs}).to_string().into_bytes()
+}
+
+fn take(out: &mut Vec<Request>, pred: impl Fn(&Purpose) -> bool) -> Request {
+    let i = out.iter().position(|r| pred(&r.purpose)).expect("request");
+    out.remove(i)
+}
+
+#[test]
+fn the_records_of_a_dead_owner_are_claimed_within_the_room_left() {
+    let mut j = live();
+    let mut out = j.poll_all(10);
+    let list_alive = take(&mut out, |p| matches!(p, Purpose::ListAlive));
+    assert_eq!(key_of(&list_alive), "wh/alive/");
+    let alive = range_answer(&[("wh/alive/00000000000000bb", b"", 1)]);
+    j.on_answer(list_alive.purpose, Ok(&alive), 11, ROOM);
+
+    // The walk: the live owner bb is skipped, the dead owner cc is read.
+    let mut out = j.poll_all(11);
+    let first = take(&mut out, |p| matches!(p, Purpose::NextOwner));
+    assert_eq!(key_of(&first), "wh/records/");
+    let bb = range_answer(&[("wh/records/00000000000000bb/e1", b"", 3)]);
+    j.on_answer(first.purpose, Ok(&bb), 12, ROOM);
+    let mut out = j.poll_all(12);
+    let next = take(&mut out, |p| matches!(p, Purpose::NextOwner));
+    assert_eq!(key_of(&next), "wh/records/00000000000000bb0");
+    let cc = range_answer(&[("wh/records/00000000000000cc/e1", b"", 3)]);
+    j.on_answer(next.purpose, Ok(&cc), 13, ROOM);
+    let mut out = j.poll_all(13);
+    let orphans = take(&mut out, |p| matches!(p, Purpose::Orphans { .. }));
+    assert_eq!(key_of(&orphans), "wh/records/00000000000000cc/");
+    assert!(body(&orphans).get("keys_only").is_none());
+
+    let (id1, p1) = payload(1_700_000_001);
+    let (id2, p2) = payload(1_700_000_002);
+    let rec = |id: &str, p: &Payload, hooks: &[&str]| {
+        record::encode(id, 1, p.envelope().expect("an event"), &pending(hooks, 99))
+    };
+    let v1 = rec(&id1, &p1, &[HOOK_A, HOOK_B]);
+    let v2 = rec(&id2, &p2, &[HOOK_A]);
+    let records = range_answer(&[
+        (&format!("wh/records/00000000000000cc/{id1}"), &v1, 40),
+        ("wh/records/00000000000000cc/bad", b"\xff not a record", 41),
+        (&format!("wh/records/00000000000000cc/{id2}"), &v2, 42),
+    ]);
+    // Room for two deliveries: the first record (two webhooks) fits, the last must wait.
+    let room = Room {
+        deliveries: 2,
+        bytes: 1 << 20,
+    };
+    j.on_answer(orphans.purpose, Ok(&records), 14, room);
+    let notices = j.take_notices();
+    assert!(notices
+        .iter()
+        .any(|n| matches!(n, Notice::Unreadable { key, .. } if key.ends_with("/bad"))));
+    let mut out = j.poll_all(14);
+    let claims: Vec<&Request> = out
+        .iter()
+        .filter(|r| matches!(r.purpose, Purpose::Claim { .. }))
+        .collect();
+    assert_eq!(claims.len(), 1, "only what fits is claimed");
+    let t = body(claims[0]);
+    assert_eq!(
+        B64.decode(t["compare"][0]["key"].as_str().expect("key"))
+            .expect("b64"),
+        b"wh/alive/00000000000000cc"
+    );
+    assert_eq!(t["compare"][1]["mod_revision"], "40");
+    let moved = B64
+        .decode(t["success"][0]["request_put"]["key"].as_str().expect("key"))
+        .expect("b64");
+    assert_eq!(moved, format!("wh/records/{OWNER}/{id1}").into_bytes());
+    let quarantine = take(&mut out, |p| matches!(p, Purpose::Quarantine));
+    let q = body(&quarantine);
+    assert_eq!(
+        B64.decode(q["success"][0]["request_put"]["key"].as_str().expect("key"))
+            .expect("b64"),
+        b"wh/unreadable/wh/records/00000000000000cc/bad"
+    );
+    // The outbox was full: the scan stopped, and no further owner is looked for.
+    assert!(!out.iter().any(|r| matches!(r.purpose, Purpose::NextOwner)));
+
+    let claim = take(&mut out, |p| matches!(p, Purpose::Claim { .. }));
+    j.on_answer(claim.purpose, Ok(br#"{"succeeded":true}"#), 15, ROOM);
+    match j.take_notices().as_slice() {
+        [Notice::Claimed(record)] => {
+            assert_eq!(record.event_id, *id1);
+            assert_eq!(record.pending.len(), 2);
+        }
+        other => panic!("{other:?}"),
+    }
+    // The claimed record is tracked as stored: nothing is written until something changes.
+    j.track(&id1, &p1, 1, pending(&[HOOK_A, HOOK_B], 99), true);
+    assert_eq!(j.take_notices(), vec![Notice::RecordsDelta(1)]);
+    assert!(writes(&mut j, 16).is_empty());
+    j.settled(&id1, HOOK_A);
+    j.settled(&id1, HOOK_B);
+    assert_eq!(writes(&mut j, 17)[0].path, etcd::DELETE_RANGE);
+}
+
+#[test]
+fn a_lost_claim_race_and_the_end_of_the_walk() {
+    let mut j = live();
+    let mut out = j.poll_all(10);
+    let list_alive = take(&mut out, |p| matches!(p, Purpose::ListAlive));
+    j.on_answer(list_alive.purpose, Ok(br#"{"header":{}}"#), 11, ROOM);
+    let first = take(&mut j.poll_all(11), |p| matches!(p, Purpose::NextOwner));
+    // No record at all: the scan ends and starts again a period later.
+    j.on_answer(first.purpose, Ok(br#"{"header":{}}"#), 12, ROOM);
+    let out = j.poll_all(12);
+    assert!(!out.iter().any(|r| matches!(r.purpose, Purpose::ListAlive)));
+    let out = j.poll_all(12 + 5_000);
+    assert!(out.iter().any(|r| matches!(r.purpose, Purpose::ListAlive)));
+    // A claim another proxy won is no event.
+    let (id, p) = payload(1);
+    let env = p.envelope().expect("an event");
+    let record = record::decode(&record::encode(&id, 1, env, &[])).expect("record");
+    j.on_answer(
+        Purpose::Claim { record, bytes: 10 },
+        Ok(br#"{"header":{}}"#),
+        13,
+        ROOM,
+    );
+    assert!(j.take_notices().is_empty());
+}
+
+#[test]
+fn gone_endpoints_are_published_and_read() {
+    let mut j = live();
+    j.publish_gone(HOOK_A, b"https://a.example/h");
+    let mut out = j.poll_all(10);
+    let publish = take(&mut out, |p| matches!(p, Purpose::PublishGone));
+    assert_eq!(key_of(&publish), format!("wh/endpoints/gone/{HOOK_A}"));
+    assert_eq!(
+        B64.decode(body(&publish)["value"].as_str().expect("value"))
+            .expect("b64"),
+        b"https://a.example/h"
+    );
+    let list = take(&mut out, |p| matches!(p, Purpose::ListGone));
+    let answer = range_answer(&[
+        (
+            &format!("wh/endpoints/gone/{HOOK_A}"),
+            b"https://a.example/h",
+            1,
+        ),
+        (
+            &format!("wh/endpoints/gone/{HOOK_B}"),
+            b"https://b.example/h",
+            2,
+        ),
+    ]);
+    j.on_answer(list.purpose, Ok(&answer), 11, ROOM);
+    // Only what this journal did not know yet.
+    assert_eq!(
+        j.take_notices(),
+        vec![Notice::EndpointGone {
+            webhook_id: HOOK_B.to_string(),
+            url: b"https://b.example/h".to_vec()
+        }]
+    );
+}
+
+#[test]
+fn open_circuits_are_published_on_the_lease_and_read() {
+    let mut j = live();
+    j.publish_circuit(HOOK_A, b"https://a.example/h", true);
+    j.publish_circuit(HOOK_A, b"https://a.example/h", false);
+    let mut out = j.poll_all(10);
+    let open = take(&mut out, |p| matches!(p, Purpose::PublishCircuit));
+    assert_eq!(open.path, etcd::PUT);
+    assert_eq!(key_of(&open), format!("wh/endpoints/circuit/{HOOK_A}"));
+    assert_eq!(body(&open)["lease"], "77", "tied to this owner's lease");
+    let closed = take(&mut out, |p| matches!(p, Purpose::PublishCircuit));
+    assert_eq!(closed.path, etcd::DELETE_RANGE);
+    let list = take(&mut out, |p| matches!(p, Purpose::ListCircuits));
+    let answer = range_answer(&[
+        (
+            &format!("wh/endpoints/circuit/{HOOK_A}"),
+            b"https://a.example/h",
+            1,
+        ),
+        (
+            &format!("wh/endpoints/circuit/{HOOK_B}"),
+            b"https://b.example/h",
+            2,
+        ),
+    ]);
+    j.on_answer(list.purpose, Ok(&answer), 11, ROOM);
+    assert_eq!(
+        j.take_notices(),
+        vec![Notice::EndpointCircuitOpen {
+            webhook_id: HOOK_B.to_string(),
+            url: b"https://b.example/h".to_vec()
+        }]
+    );
+    // Listed again: not news. Gone from the list and back: news again.
+    j.on_answer(Purpose::ListCircuits, Ok(&answer), 12, ROOM);
+    assert!(j.take_notices().is_empty());
+    j.on_answer(Purpose::ListCircuits, Ok(br#"{"header":{}}"#), 13, ROOM);
+    j.on_answer(Purpose::ListCircuits, Ok(&answer), 14, ROOM);
+    assert_eq!(j.take_notices().len(), 2);
+}
+
+#[test]
+fn no_open_circuit_is_published_without_a_live_lease() {
+    let mut j = Journal::new(settings(), OWNER.into());
+    j.publish_circuit(HOOK_A, b"https://a.example/h", true);
+    assert!(!j
+        .poll_all(0)
+        .iter()
+        .any(|r| matches!(r.purpose, Purpose::PublishCircuit)));
+}
+
+#[test]
+fn a_long_backlog_is_claimed_batch_after_batch_and_the_walk_resumes_where_it_stopped() {
+    let mut j = live();
+    let mut out = j.poll_all(10);
+    let list_alive = take(&mut out, |p| matches!(p, Purpose::ListAlive));
+    j.on_answer(list_alive.purpose, Ok(br#"{"header":{}}"#), 11, ROOM);
+    let first = take(&mut j.poll_all(11), |p| matches!(p, Purpose::NextOwner));
+    let dd = range_answer(&[("wh/records/00000000000000dd/e1", b"", 3)]);
+    j.on_answer(first.purpose, Ok(&dd), 12, ROOM);
+    let orphans = take(&mut j.poll_all(12), |p| {
+        matches!(p, Purpose::Orphans { .. })
+    });
+    // A full batch with more behind it: the next batch follows at once, after its last key.
+    let (id, p) = payload(1_700_000_001);
+    let env = p.envelope().expect("an event");
+    let value = record::encode(&id, 1, env, &pending(&[HOOK_A], 9));
+    let key = format!("wh/records/00000000000000dd/{id}");
+    let mut answer: Value =
+        serde_json::from_slice(&range_answer(&[(&key, &value, 5)])).expect("json");
+    answer["more"] = json!(true);
+    j.on_answer(orphans.purpose, Ok(answer.to_string().as_bytes()), 13, ROOM);
+    let mut out = j.poll_all(13);
+    assert!(out
+        .iter()
+        .any(|r| matches!(r.purpose, Purpose::Claim { .. })));
+    let next = take(&mut out, |p| matches!(p, Purpose::Orphans { .. }));
+    let from = B64
+        .decode(body(&next)["key"].as_str().expect("key"))
+        .expect("b64");
+    assert_eq!(from, format!("{key}\0").into_bytes());
+
+    // Walking past owners that are not dead takes steps too: after STEPS_PER_SCAN requests the
+    // scan ends, and the next scan starts from where it stopped. (Three steps are taken: the first
+    // owner and two batches; the one owner found from here on is this journal's own.)
+    j.on_answer(next.purpose, Ok(br#"{"header":{}}"#), 14, ROOM);
+    let mine = range_answer(&[(&format!("wh/records/{OWNER}/e"), b"", 1)]);
+    let mut walked = 0;
+    let mut at = 14;
+    while let Some(r) = j
+        .poll_all(at)
+        .into_iter()
+        .find(|r| matches!(r.purpose, Purpose::NextOwner))
+    {
+        walked += 1;
+        j.on_answer(r.purpose, Ok(&mine), at, ROOM);
+        at += 1;
+        assert!(walked < 1000, "the walk never ends");
+    }
+    assert_eq!(walked, STEPS_PER_SCAN - 3);
+    let out = j.poll_all(at + 5_000);
+    let list = out
+        .into_iter()
+        .find(|r| matches!(r.purpose, Purpose::ListAlive))
+        .expect("the next scan");
+    j.on_answer(list.purpose, Ok(br#"{"header":{}}"#), at + 5_001, ROOM);
+    let resumed = take(&mut j.poll_all(at + 5_001), |p| {
+        matches!(p, Purpose::NextOwner)
+    });
+    assert_eq!(
+        key_of(&resumed),
+        format!("wh/records/{OWNER}0"),
+        "from where the last scan stopped"
+    );
+}
+
+#[test]
+fn a_later_fan_out_of_the_same_event_adds_its_webhooks_to_the_record() {
+    let mut j = live();
+    let (id, p) = payload(1_700_000_000);
+    j.track(&id, &p, 5, pending(&[HOOK_A], 5), false);
+    let put = writes(&mut j, 5).into_iter().next().expect("put");
+    j.on_answer(put.purpose, Ok(OK), 6, ROOM);
+    j.track(&id, &p, 5, pending(&[HOOK_A, HOOK_B], 7), false);
+    let update = writes(&mut j, 7);
+    assert_eq!(update.len(), 1);
+    let value = B64
+        .decode(body(&update[0])["value"].as_str().expect("value"))
+        .expect("base64");
+    let ids: Vec<String> = record::decode(&value)
+        .expect("record")
+        .pending
+        .into_iter()
+        .map(|p| p.webhook_id)
+        .collect();
+    assert_eq!(ids, vec![HOOK_A.to_string(), HOOK_B.to_string()]);
+}
+
+#[test]
+fn no_dead_owner_is_looked_for_until_this_proxy_knows_its_webhooks() {
+    let mut j = live();
+    let out = j.poll(10, false);
+    assert!(!out.iter().any(|r| matches!(r.purpose, Purpose::ListAlive)));
+    // The lease is still kept alive meanwhile.
+    assert!(j
+        .poll(5_000, false)
+        .iter()
+        .any(|r| r.path == etcd::LEASE_KEEPALIVE));
+    assert!(j
+        .poll_all(5_001)
+        .iter()
+        .any(|r| matches!(r.purpose, Purpose::ListAlive)));
+}
