@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make bench`: the data-path cost and the delivery speed of webhook-emitter, side by side, in one run.
 
-Six configurations of the same Envoy binary (.venv/bin/envoy, --concurrency 1, pinned with taskset to one core)
+Eight configurations of the same Envoy binary (.venv/bin/envoy, --concurrency 1, pinned with taskset to one core)
 run for the whole run against the same backend Envoy and receivers (pinned, with h2load and the Python probe, to
 the other core), all on 127.0.0.1:
 
@@ -10,7 +10,9 @@ the other core), all on 127.0.0.1:
   2  webhook-emitter, every request a job completion, 1 subscribed webhook
   3  webhook-emitter, every request a job completion, 10 subscribed webhooks
   4  the peer: Envoy's Lua filter doing the same job plainly (bench/peer.lua), 1 webhook, no signing
-  5  as 2, with the write-ahead journal in a local single-member etcd (Debian's etcd-server, on the load core)
+  5  webhook-emitter behind the shipped gate (envoy/envoy.yaml), traffic that matches no rule
+  6  the floor: a Lua filter that makes one bare asynchronous httpCall per response (bench/bare-callout.lua)
+  7  as 2, with the write-ahead journal in a local single-member etcd (Debian's etcd-server, on the load core)
 
 Phases, each interleaving the configurations (the order rotates every round), so every ratio is taken within one
 run and, for saturation and the fixed rate, within one round:
@@ -20,7 +22,8 @@ run and, for saturation and the fixed rate, within one round:
               for 2-4 the probe measures event-to-receiver latency meanwhile
   own half    configurations 2-4 at half their own saturation, with the probe
   A/B pairs   BENCH_AB_PAIRS pairs of short (BENCH_AB_DURATION) steps alternating 0/1 (closed loop and fixed rate)
-              and 2/4 (closed loop): the tight targets (1 vs 0 within 3% and 50 us, 2 vs 4) need paired samples
+              and 0/5, 2/4, 2/6, 3/4 (closed loop): the headline ratios (Envoy CPU per request, ours over theirs,
+              summary.json) need paired samples
   curve       25%, 75% and 90% of configuration 0's saturation for 0, 1, 2 and 4 (latency.png)
 
 Knobs (environment): BENCH_WASM, BENCH_DURATION (seconds per step), BENCH_ROUNDS, BENCH_CONNECTIONS,
@@ -63,15 +66,20 @@ CONFIGS = {
     2: "webhook-emitter, job completions, 1 webhook",
     3: "webhook-emitter, job completions, 10 webhooks",
     4: "Lua peer, job completions, 1 webhook (unsigned)",
-    5: "webhook-emitter, job completions, 1 webhook + journal (etcd)",
+    5: "webhook-emitter gated, traffic matching no rule",
+    6: "Lua, bare callout per request (the floor)",
+    7: "webhook-emitter, job completions, 1 webhook + journal (etcd)",
 }
-HOOKS = {0: 0, 1: 1, 2: 1, 3: 10, 4: 1, 5: 1}
-DELIVERING = (2, 3, 4, 5)
+HOOKS = {0: 0, 1: 1, 2: 1, 3: 10, 4: 1, 5: 1, 6: 1, 7: 1}
+DELIVERING = (2, 3, 4, 6, 7)
+# Configurations whose events the probe can follow (the bare callout sends a fixed body, not the job).
+PROBED = (2, 3, 4, 7)
+PASSTHROUGH = (1, 5)
 CURVE_CONFIGS = (0, 1, 2, 4)
 CURVE_FRACTIONS = (0.25, 0.75, 0.9)
 FIXED_FRACTION = 0.5
 # A/B pairs for the targets that need the finest comparison: short steps, alternating A-B / B-A, one ratio per pair.
-AB_PAIRS = ((0, 1), (2, 4))
+AB_PAIRS = ((0, 1), (0, 5), (2, 4), (2, 6), (3, 4))
 
 STATS = (r"^(http\.ingress\.downstream_rq_(completed|2xx)|cluster\.(webhooks|probe_receiver)\.upstream_rq_"
          r"(active|pending_active|completed|pending_overflow)|wasmcustom\.webhook_emitter\.(outbox_depth|"
@@ -142,7 +150,7 @@ class Bench:
                                               "warning").start()
         self.backend.wait_ready(["jobs", "hooks"])
         jobs_port, hooks_port = self.backend.ports["jobs"], self.backend.ports["hooks"]
-        self.etcd = topology.start_etcd(self.work, s["load_cpu"])
+        self.etcd = topology.start_etcd(s["load_cpu"])
         for c in CONFIGS:
             if HOOKS[c]:
                 self.webhooks[c] = topology.Webhooks(HOOKS[c], hooks_port, self.probe_receiver.port)
@@ -160,11 +168,11 @@ class Bench:
         for e in [*self.envoys.values(), self.backend]:
             if e is not None:
                 e.stop()
-        if getattr(self, "etcd", None) is not None:
-            self.etcd.stop()
         for srv in (getattr(self, "probe_jobs", None), getattr(self, "probe_receiver", None)):
             if srv is not None:
                 srv.stop()
+        if getattr(self, "etcd", None) is not None:
+            self.etcd.stop()
 
     # -- one step ------------------------------------------------------------------------------------------------
     def hooks_delivered(self) -> int:
@@ -190,7 +198,7 @@ class Bench:
         s = self.s
         e = self.envoys[c]
         duration = duration or s["duration_s"]
-        path = topology.NON_MATCHING_PATH if c == 1 else topology.MATCHING_PATH
+        path = topology.NON_MATCHING_PATH if c in PASSTHROUGH else topology.MATCHING_PATH
         headers = {"content-type": "application/json"}
         if HOOKS[c]:
             headers["x-organisation-id"] = self.webhooks[c].load_org
@@ -232,7 +240,7 @@ class Bench:
         requests = d("http.ingress.downstream_rq_completed")
         ok = d("http.ingress.downstream_rq_2xx")
         probe_jobs = len(pr.sent) if pr else 0
-        jobs = max(0, ok - probe_jobs) if c != 1 and HOOKS[c] else 0
+        jobs = max(0, ok - probe_jobs) if c not in PASSTHROUGH and HOOKS[c] else 0
         expected = jobs * HOOKS[c] if c in DELIVERING else 0
         delivered = hooks1 - hooks0
         cpu = cpu1 - cpu0
@@ -309,8 +317,8 @@ class Bench:
         fixed = round(sat0 * FIXED_FRACTION)
         for rnd in range(s["rounds"]):
             for c in self.rotated(CONFIGS, rnd):
-                self.step("fixed", c, fixed, rnd, probe=c in DELIVERING)
-        for c in self.rotated(DELIVERING, 0):  # half of each one's own saturation: the delivery latency target
+                self.step("fixed", c, fixed, rnd, probe=c in PROBED)
+        for c in self.rotated(PROBED, 0):  # half of each one's own saturation: the delivery latency target
             self.step("own-half", c, round(self.saturation(c) * 0.5), probe=True)
         for a, b in AB_PAIRS:
             for i in range(s["ab_pairs"]):
@@ -420,8 +428,10 @@ def main() -> int:
     if s["plot"]:
         report.plot(results, out / "latency.png")
     (out / "results.md").write_text(report.markdown(results, plotted=s["plot"]))
-    print(f"bench: done in {results['meta']['wall_s']:.0f}s; wrote {out}/results.md, results.json"
+    (out / "summary.json").write_text(json.dumps(report.headline(results), indent=1) + "\n")
+    print(f"bench: done in {results['meta']['wall_s']:.0f}s; wrote {out}/results.md, results.json, summary.json"
           + (", latency.png" if s["plot"] else ""))
+    print(report.headline_table(results))
     print(report.table(results))
     return 0
 

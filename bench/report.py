@@ -126,7 +126,60 @@ def summarise(steps: list, fixed_rate, s: dict) -> dict:
         ratios["ab_2_vs_4_sat_rps"], ratios["ab_2_vs_4_sat_rps_pairs"] = _per_round(steps, "ab-sat-24", 2, 4,
                                                                                   _ratio("rps"))
         ratios["ab_4_vs_2_sat_cpu_per_1k"], _ = _per_round(steps, "ab-sat-24", 4, 2, _ratio("cpu_s_per_1k"))
+    # Envoy CPU per request, ours over theirs: the headline figures (summary.json). The A/B pairs give the
+    # finer figure; the saturation rounds stand in when there are no pairs (the smoke run).
+    for ours, theirs in HEADLINE_PAIRS:
+        a, b = sorted((ours, theirs))
+        ratios[f"{ours}_vs_{theirs}_sat_cpu_per_1k"], _ = _per_round(steps, "saturation", ours, theirs,
+                                                                     _ratio("cpu_s_per_1k"))
+        if any(r["phase"] == f"ab-sat-{a}{b}" for r in steps):
+            ratios[f"ab_{ours}_vs_{theirs}_sat_cpu_per_1k"], ratios[f"ab_{ours}_vs_{theirs}_sat_cpu_per_1k_pairs"] = \
+                _per_round(steps, f"ab-sat-{a}{b}", ours, theirs, _ratio("cpu_s_per_1k"))
+    for c in configs:
+        ab = [r["cpu_s_per_1k"] for r in steps if r["config"] == c and r["phase"].startswith("ab-sat-")]
+        per[str(c)]["ab_cpu_us_per_request"] = None if not ab else _med(ab) * 1000.0
+        sat = per[str(c)]["sat_cpu_s_per_1k"]
+        per[str(c)]["sat_cpu_us_per_request"] = None if sat is None else sat * 1000.0
     return {"per_config": per, "ratios": ratios}
+
+
+# (ours, theirs) for the headline ratios, and their keys in summary.json.
+HEADLINE_PAIRS = ((5, 0), (1, 0), (2, 4), (2, 6), (3, 4))
+HEADLINE_KEYS = {
+    (5, 0): "passthrough_gated_cpu_vs_none",
+    (1, 0): "passthrough_ungated_cpu_vs_none",
+    (2, 4): "event1_cpu_vs_lua_peer",
+    (2, 6): "event1_cpu_vs_bare_callout",
+    (3, 4): "event10_cpu_vs_lua_peer",
+}
+HEADLINE_TARGETS = {
+    "passthrough_gated_cpu_vs_none": 1.03,
+    "event1_cpu_vs_lua_peer": 1.00,
+    "event1_cpu_vs_bare_callout": 1.25,
+    "event_to_receiver_p99_ms": 5.0,
+}
+
+
+def headline(results: dict) -> dict:
+    """summary.json: Envoy CPU per request, ours over theirs (lower is better), medians of the A/B pairs (of the
+    saturation rounds in the smoke run, which has no pairs); event-to-receiver p99 of configuration 2 at half its
+    own saturation (null in the smoke run)."""
+    ratios, per = results["summary"]["ratios"], results["summary"]["per_config"]
+    out = {}
+    for pair, key in HEADLINE_KEYS.items():
+        ab = ratios.get(f"ab_{pair[0]}_vs_{pair[1]}_sat_cpu_per_1k")
+        out[key] = ab if ab is not None else ratios.get(f"{pair[0]}_vs_{pair[1]}_sat_cpu_per_1k")
+    out["event_to_receiver_p99_ms"] = per.get("2", {}).get("own_half_e2r_p99_ms")
+    out["wasm_bytes"] = results["wasm"]["bytes"]
+    out["git_commit"] = results["meta"]["git_commit"]
+    out["ratios_from"] = "A/B pairs" if any(
+        ratios.get(f"ab_{a}_vs_{b}_sat_cpu_per_1k") is not None for a, b in HEADLINE_KEYS) else "saturation rounds"
+    out["cpu_us_per_request"] = {c: (p.get("ab_cpu_us_per_request") or p.get("sat_cpu_us_per_request"))
+                                 for c, p in per.items()}
+    out["configs"] = results["configs"]
+    out["targets"] = HEADLINE_TARGETS
+    out["quick"] = bool(results["settings"]["quick"])
+    return out
 
 
 def targets(results: dict) -> list:
@@ -149,6 +202,14 @@ def targets(results: dict) -> list:
     pct = lambda v: f"{v:.1%}"  # noqa: E731
     us = lambda v: f"{v:+.0f} µs"  # noqa: E731
     times = lambda v: f"{v:.2f}×"  # noqa: E731
+    head = headline(results)
+    for key, names in (("passthrough_gated_cpu_vs_none", "pass-through, gated (5) vs no filter (0)"),
+                       ("event1_cpu_vs_lua_peer", "1 webhook (2) vs the Lua peer (4)"),
+                       ("event1_cpu_vs_bare_callout", "1 webhook (2) vs the bare Lua callout (6)")):
+        goal = HEADLINE_TARGETS[key]
+        add(f"Envoy CPU per request: {names}", f"≤ {goal:.2f}×", head[key], lambda v, g=goal: v <= g, times)
+    add("event-to-receiver p99, 1 webhook (2), at half its saturation", "≤ 5 ms", head["event_to_receiver_p99_ms"],
+        lambda v: v <= 5.0, lambda v: f"{v:.1f} ms")
     add("1 vs 0 throughput at saturation", "≥ 97%", both("ab_1_vs_0_sat_rps", "1_vs_0_sat_rps"),
         lambda v: v >= 0.97, note("ab_1_vs_0_sat_rps", "1_vs_0_sat_rps", pct))
     add("1 vs 0 p99 at the fixed rate", "≤ +50 µs", both("ab_1_minus_0_fixed_p99_us", "1_minus_0_fixed_p99_us"),
@@ -156,7 +217,7 @@ def targets(results: dict) -> list:
     add("2 vs 0 throughput at saturation", "≥ 85%", summ.get("2_vs_0_sat_rps"), lambda v: v >= 0.85, pct)
     add("2 vs 4 (Lua) throughput at saturation", "≥ 1.3×", both("ab_2_vs_4_sat_rps", "2_vs_4_sat_rps"),
         lambda v: v >= 1.3, note("ab_2_vs_4_sat_rps", "2_vs_4_sat_rps", times))
-    for c in ("2", "3", "4", "5"):
+    for c in ("2", "3", "4", "7"):
         p = per.get(c, {})
         add(f"config {c}: event-to-receiver p99 at half its own saturation", "≤ 20 ms", p.get("own_half_e2r_p99_ms"),
             lambda v: v <= 20, lambda v: f"{v:.1f} ms")
@@ -169,12 +230,29 @@ def _f(v, fmt="{:.0f}", none="–"):
     return none if v is None else fmt.format(v)
 
 
+def _us_per_req(s_per_1k):
+    return None if s_per_1k is None else s_per_1k * 1000.0
+
+
+def headline_table(results: dict) -> str:
+    head = headline(results)
+    rat = results["summary"]["ratios"]
+    lines = ["| Envoy CPU per request, ours over theirs | median | pairs |", "|---|---|---|"]
+    for (ours, theirs), key in HEADLINE_KEYS.items():
+        pairs = rat.get(f"ab_{ours}_vs_{theirs}_sat_cpu_per_1k_pairs") or []
+        lines.append(f"| `{key}` ({ours} vs {theirs}) | {_f(head[key], '{:.3f}')}× "
+                     f"| {', '.join(f'{v:.2f}' for v in pairs) or '–'} |")
+    lines += ["", f"Event-to-receiver p99 (configuration 2, half its own saturation): "
+                  f"{_f(head['event_to_receiver_p99_ms'], '{:.1f}')} ms. Ratios from {head['ratios_from']}.", ""]
+    return "\n".join(lines)
+
+
 def table(results: dict) -> str:
     per, rat = results["summary"]["per_config"], results["summary"]["ratios"]
     fixed = results.get("fixed_rate_rps")
     lines = [
         f"| # | configuration | saturation req/s | vs 0 | p50 / p99 at {_f(fixed)} req/s (µs) | p99 − cfg 0 (µs) "
-        f"| p50 / p99 at saturation (µs) | Envoy CPU s / 1k req (fixed / sat) | CPU vs 0 (sat) | RSS (MiB) |",
+        f"| p50 / p99 at saturation (µs) | Envoy CPU µs / req (fixed / sat / A/B) | CPU vs 0 (sat) | RSS (MiB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c, name in results["configs"].items():
@@ -188,7 +266,8 @@ def table(results: dict) -> str:
         lines.append(
             f"| {c} | {name} | {_f(p['sat_rps'])} | {vs0} | {_f(p['fixed_p50_us'])} / {_f(p['fixed_p99_us'])}{mark} "
             f"| {d99} | {_f(p['sat_p50_us'])} / {_f(p['sat_p99_us'])} "
-            f"| {_f(p['fixed_cpu_s_per_1k'], '{:.3f}')} / {_f(p['sat_cpu_s_per_1k'], '{:.3f}')} | {cpu0} "
+            f"| {_f(_us_per_req(p['fixed_cpu_s_per_1k']), '{:.1f}')} / {_f(p.get('sat_cpu_us_per_request'), '{:.1f}')}"
+            f" / {_f(p.get('ab_cpu_us_per_request'), '{:.1f}')} | {cpu0} "
             f"| {_f(p['rss_mib'], '{:.0f}')} (peak {_f(p['peak_rss_mib'], '{:.0f}')}) |")
     lines += [
         "",
@@ -197,7 +276,7 @@ def table(results: dict) -> str:
         f"| at saturation: deliveries/s, delivered/expected, drain (s) | dropped (queue full) |",
         "|---|---|---|---|---|",
     ]
-    for c in ("2", "3", "4", "5"):
+    for c in ("2", "3", "4", "6", "7"):
         p = per.get(c)
         if not p:
             continue
@@ -265,6 +344,7 @@ def markdown(results: dict, plotted: bool) -> str:
         "Medians over the rounds; ratios are taken per round (each configuration against configuration 0 of the "
         "same round) and their median is shown. Latency is client-side (h2load), request start to end of response.",
         "",
+        headline_table(results),
         table(results),
         "",
     ]

@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 from harness.config import delivery_section, job_completed_rule, make_hook, new_id
+from harness import gate
 from harness.envoy import static_cluster, wasm_http_filter
 from harness.etcd import journal_section
 from harness.servers import completed_job
@@ -119,10 +120,10 @@ def lua_filter(webhooks: Webhooks) -> dict:
 
 
 # Configurations whose filter journals to etcd (bench.py CONFIGS).
-JOURNALED = (5,)
+JOURNALED = (7,)
 
 
-def start_etcd(work: Path, cpu: int):
+def start_etcd(cpu: int):
     """A single-member etcd for the journal configuration, pinned to the load core like the backend."""
     from harness.etcd import Etcd
 
@@ -151,14 +152,34 @@ def under_test_bootstrap(name: str, http_filters: list, backend_jobs_port: int, 
     return _bootstrap(f"bench-{name}", [_listener("ingress", "ingress", routes, http_filters)], clusters)
 
 
+def bare_callout_filter(webhooks: Webhooks) -> dict:
+    """The floor: one asynchronous httpCall per response to the load organisation's first webhook, with the
+    headers (5) and about the body size (380 B) of a delivery, and nothing else."""
+    hook = webhooks.load[0]
+    source = (BENCH / "bare-callout.lua").read_text()
+    marker = "local TARGET = {} -- @@TARGET@@"
+    assert marker in source, "bench/bare-callout.lua lost its TARGET marker line"
+    host = hook.url.split("//", 1)[1].split("/", 1)[0]
+    code = source.replace(marker, 'local TARGET = {cluster = "webhooks", authority = "%s", path = "%s"}'
+                          % (host, hook.path))
+    return {"name": "envoy.filters.http.lua",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua",
+                             "default_source_code": {"inline_string": code}}}
+
+
 def filters_for(config: int, wasm: Path, webhooks_by_config: dict) -> list:
-    """The HTTP filters of configuration 0..5 (see bench.py CONFIGS)."""
+    """The HTTP filters of configuration 0..7 (see bench.py CONFIGS)."""
     if config == 0:
         return []
     if config in (1, 2, 3):
         return [wasm_http_filter(wasm, webhooks_by_config[config].plugin_config())]
     if config == 4:
         return [lua_filter(webhooks_by_config[config])]
+    if config == 5:  # as envoy/envoy.yaml ships it: the gate's predicate from `webhook-emitter envoy-matcher`
+        plugin = webhooks_by_config[config].plugin_config()
+        return [gate.gated(wasm_http_filter(wasm, plugin), gate.predicate(plugin))]
+    if config == 6:
+        return [bare_callout_filter(webhooks_by_config[config])]
     if config in JOURNALED:
         plugin = webhooks_by_config[config].plugin_config()
         plugin["delivery"]["journal"] = journal_section(f"bench-{new_id()[:8]}/", lease_seconds=15)

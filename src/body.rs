@@ -2,6 +2,7 @@
 
 use flate2::read::{DeflateDecoder, MultiGzDecoder, ZlibDecoder};
 use serde_json::Value;
+use std::borrow::Cow;
 use std::io::Read;
 
 /// The upstream's `content-encoding`.
@@ -68,33 +69,34 @@ impl BodyBuffer {
         self.too_large
     }
 
-    /// Decodes and parses the body as JSON.
-    pub fn parse(&self, encoding: &Encoding) -> Result<Value, BodyError> {
+    /// The body with its content-encoding undone.
+    pub fn decode(&self, encoding: &Encoding) -> Result<Cow<'_, [u8]>, BodyError> {
         if self.too_large {
             return Err(BodyError::TooLarge);
         }
-        let decoded;
-        let bytes: &[u8] = match encoding {
-            Encoding::Identity => &self.bytes,
+        match encoding {
+            Encoding::Identity => Ok(Cow::Borrowed(&self.bytes)),
             Encoding::Gzip => {
-                decoded = inflate(MultiGzDecoder::new(&self.bytes[..]), self.limit, "gzip")?;
-                &decoded
+                inflate(MultiGzDecoder::new(&self.bytes[..]), self.limit, "gzip").map(Cow::Owned)
             }
             Encoding::Deflate => {
                 // "deflate" is zlib-wrapped by the RFC, raw deflate by some servers.
-                decoded = inflate(ZlibDecoder::new(&self.bytes[..]), self.limit, "deflate")
+                inflate(ZlibDecoder::new(&self.bytes[..]), self.limit, "deflate")
                     .or_else(|_| {
                         inflate(DeflateDecoder::new(&self.bytes[..]), self.limit, "deflate")
-                    })?;
-                &decoded
+                    })
+                    .map(Cow::Owned)
             }
-            Encoding::Unsupported(name) => {
-                return Err(BodyError::Undecodable(format!(
-                    "unsupported content-encoding {name:?}"
-                )))
-            }
-        };
-        serde_json::from_slice(bytes).map_err(|e| BodyError::NotJson(e.to_string()))
+            Encoding::Unsupported(name) => Err(BodyError::Undecodable(format!(
+                "unsupported content-encoding {name:?}"
+            ))),
+        }
+    }
+
+    /// Decodes and parses the body as a JSON tree.
+    pub fn parse(&self, encoding: &Encoding) -> Result<Value, BodyError> {
+        serde_json::from_slice(&self.decode(encoding)?)
+            .map_err(|e| BodyError::NotJson(e.to_string()))
     }
 }
 

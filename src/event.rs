@@ -7,6 +7,7 @@
 use serde_json::{Map, Value};
 use std::fmt::Write as _;
 
+use crate::json::{spliceable, Object};
 use crate::time::rfc3339_utc;
 
 pub const ENVELOPE_VERSION: u32 = 1;
@@ -90,27 +91,71 @@ impl Envelope {
 
 impl Event {
     /// Builds an event from the extracted object. `objectType` is written into the object,
-    /// replacing any value the upstream gave it.
+    /// replacing any value the upstream gave it. An object read raw is spliced in as the
+    /// upstream wrote it, with `objectType` added last, when that is exact (no `objectType` key of
+    /// its own, no repeated key); otherwise it goes through a tree: the upstream's key order is
+    /// kept either way.
     pub fn new(
         id: EventId,
         event_type: &str,
         object_type: &str,
         organisation_id: &str,
-        mut object: Map<String, Value>,
+        object: Object<'_>,
         now_ms: u64,
     ) -> Self {
-        object.insert("objectType".into(), Value::String(object_type.into()));
-        let mut data = Map::new();
-        data.insert("object".into(), Value::Object(object));
         let id_hex = id.to_hex();
+        let object_type_json = json_string(object_type);
+        let spliced = match object {
+            Object::Raw(raw) if spliceable(raw) => raw.get().trim_end().strip_suffix('}'),
+            _ => None,
+        };
+        let object_json = match spliced {
+            Some(open) => {
+                let mut out = String::with_capacity(open.len() + 16 + object_type_json.len());
+                out.push_str(open);
+                // `{` alone, or `{` and members.
+                if open.trim_end() != "{" {
+                    out.push(',');
+                }
+                out.push_str("\"objectType\":");
+                out.push_str(&object_type_json);
+                out.push('}');
+                out
+            }
+            None => {
+                let mut map = match object {
+                    Object::Tree(map) => map.clone(),
+                    // A raw object is valid JSON already: this parse does not fail.
+                    Object::Raw(raw) => match serde_json::from_slice(raw.get().as_bytes()) {
+                        Ok(Value::Object(map)) => map,
+                        _ => Map::new(),
+                    },
+                };
+                map.insert("objectType".into(), Value::String(object_type.into()));
+                Value::Object(map).to_string()
+            }
+        };
         let head = format!("{{\"id\":{},\"webhookId\":", json_string(&id_hex));
-        let tail = format!(
-            ",\"organisationId\":{},\"eventType\":{},\"dateTime\":{},\"data\":{},\"version\":{ENVELOPE_VERSION}}}",
-            json_string(organisation_id),
-            json_string(event_type),
-            json_string(&rfc3339_utc(now_ms)),
-            Value::Object(data)
+        let organisation = json_string(organisation_id);
+        let event_type_json = json_string(event_type);
+        let date = json_string(&rfc3339_utc(now_ms));
+        let mut tail = String::with_capacity(
+            90 + organisation.len() + event_type_json.len() + date.len() + object_json.len(),
         );
+        for part in [
+            ",\"organisationId\":",
+            &organisation,
+            ",\"eventType\":",
+            &event_type_json,
+            ",\"dateTime\":",
+            &date,
+            ",\"data\":{\"object\":",
+            &object_json,
+            "},\"version\":",
+        ] {
+            tail.push_str(part);
+        }
+        let _ = write!(tail, "{ENVELOPE_VERSION}}}");
         Event {
             id,
             id_hex,
@@ -128,7 +173,8 @@ impl Event {
 }
 
 fn json_string(s: &str) -> String {
-    Value::String(s.into()).to_string()
+    // Serialising a str can't fail.
+    serde_json::to_string(s).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -154,7 +200,7 @@ mod tests {
             "job.completed",
             "job",
             "657bf08c202997ba9d127922",
-            object,
+            Object::Tree(&object),
             1_728_086_400_000,
         );
         let body = event.envelope_for("66b2e3ddb97f60b5270d5ce9");
@@ -195,7 +241,7 @@ mod tests {
             "job.completed",
             "job",
             "o",
-            object,
+            Object::Tree(&object),
             0,
         );
         let body = String::from_utf8(event.envelope_for("w")).unwrap();
@@ -214,10 +260,87 @@ mod tests {
             "job.completed",
             "job",
             "org\"\\\n",
-            Map::new(),
+            Object::Tree(&Map::new()),
             0,
         );
         let parsed: Value = serde_json::from_slice(&event.envelope_for("w")).unwrap();
         assert_eq!(parsed["organisationId"], "org\"\\\n");
+    }
+
+    fn raw_envelope(object: &str, webhook: &str) -> String {
+        let mut slot = None;
+        let Ok(crate::json::Document::Raw(raw)) = crate::json::parse(object.as_bytes(), &mut slot)
+        else {
+            panic!("{object} is not read raw");
+        };
+        let event = Event::new(
+            EventId::new(1_728_086_400, [1; 8]),
+            "job.completed",
+            "job",
+            "o1",
+            Object::Raw(raw),
+            1_728_086_400_000,
+        );
+        String::from_utf8(event.envelope_for(webhook)).unwrap()
+    }
+
+    fn tree_envelope(object: &str, webhook: &str) -> String {
+        let map: Map<String, Value> = serde_json::from_str(object).unwrap();
+        let event = Event::new(
+            EventId::new(1_728_086_400, [1; 8]),
+            "job.completed",
+            "job",
+            "o1",
+            Object::Tree(&map),
+            1_728_086_400_000,
+        );
+        String::from_utf8(event.envelope_for(webhook)).unwrap()
+    }
+
+    #[test]
+    fn a_raw_object_is_spliced_as_the_upstream_wrote_it() {
+        let object = r#"{"zeta":1,"alpha":{"y":2,"b":3},"n":1.50,"mid":[]}"#;
+        let body = raw_envelope(object, "w");
+        assert!(
+            body.contains(
+                r#""object":{"zeta":1,"alpha":{"y":2,"b":3},"n":1.50,"mid":[],"objectType":"job"}"#
+            ),
+            "{body}"
+        );
+        // The same envelope as through a tree, but for the number as written.
+        let tree = tree_envelope(object, "w");
+        assert_eq!(body.replace("1.50", "1.5"), tree);
+        let parsed: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(parsed["data"]["object"]["objectType"], "job");
+        assert_eq!(parsed["webhookId"], "w");
+    }
+
+    #[test]
+    fn splicing_keeps_valid_json_for_empty_and_spaced_objects() {
+        for object in ["{}", "{ }", "{\n \"a\" : 1 \n}"] {
+            let body = raw_envelope(object, "w");
+            let parsed: Value =
+                serde_json::from_str(&body).unwrap_or_else(|e| panic!("{body}: {e}"));
+            assert_eq!(parsed["data"]["object"]["objectType"], "job", "{body}");
+        }
+    }
+
+    #[test]
+    fn an_object_with_its_own_object_type_or_repeated_keys_goes_through_a_tree() {
+        for object in [
+            r#"{"objectType":"spoofed","id":"j1"}"#,
+            r#"{"id":"j1","id":"j2"}"#,
+        ] {
+            assert_eq!(
+                raw_envelope(object, "w"),
+                tree_envelope(object, "w"),
+                "{object}"
+            );
+        }
+        let body = raw_envelope(r#"{"objectType":"spoofed","id":"j1"}"#, "w");
+        assert!(
+            body.contains(r#""object":{"objectType":"job","id":"j1"}"#),
+            "{body}"
+        );
     }
 }

@@ -10,8 +10,10 @@ pub mod config;
 pub mod delivery;
 pub mod event;
 pub mod filter;
+pub mod gate;
 pub mod headers;
 pub mod journal;
+pub mod json;
 // The webhook registry service: native only, nothing of it in the .wasm.
 #[cfg(not(target_arch = "wasm32"))]
 pub mod registry;

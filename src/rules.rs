@@ -5,7 +5,8 @@
 //! ([`EventRule::matches_status`]), and only then is the body parsed ([`EventRule::evaluate`]).
 
 use crate::headers::{hex_preview, Lookup};
-use serde_json::{Map, Value};
+use crate::json::{Document, Object};
+use serde_json::Value;
 
 /// `match.path`: literal segments and `{name}` captures of exactly one non-empty segment.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,6 +57,14 @@ impl PathTemplate {
             }
         }
         Ok(PathTemplate { segments })
+    }
+
+    /// The segments in order: `Some(literal)`, or `None` for a capture.
+    pub fn parts(&self) -> impl Iterator<Item = Option<&str>> {
+        self.segments.iter().map(|s| match s {
+            Segment::Literal(lit) => Some(lit.as_str()),
+            Segment::Capture(_) => None,
+        })
     }
 
     pub fn has_capture(&self, name: &str) -> bool {
@@ -118,10 +127,10 @@ pub struct Condition {
 }
 
 impl Condition {
-    pub fn holds(&self, body: &Value) -> bool {
-        let found = body.pointer(&self.pointer);
+    pub fn holds<'a>(&self, body: impl Into<Document<'a>>) -> bool {
+        let found = body.into().pointer(&self.pointer);
         match &self.check {
-            Check::Equals(expected) => found == Some(expected),
+            Check::Equals(expected) => found.and_then(|f| f.to_value()).as_ref() == Some(expected),
             Check::Exists(expected) => found.is_some() == *expected,
         }
     }
@@ -158,6 +167,14 @@ impl MethodSet {
     }
     pub fn contains(&self, method: &str) -> bool {
         Self::bit(method).is_some_and(|b| self.0 & b != 0)
+    }
+    /// The methods in the set, in [`KNOWN_METHODS`] order.
+    pub fn names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        KNOWN_METHODS
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| self.0 & (1 << i) != 0)
+            .map(|(_, m)| *m)
     }
 }
 
@@ -197,10 +214,11 @@ pub enum OrganisationFact {
 
 /// The result of a rule applied to a parsed response body.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Evaluation {
+pub enum Evaluation<'a> {
     Matched {
         organisation_id: String,
-        object: Map<String, Value>,
+        /// Borrowed from the body.
+        object: Object<'a>,
     },
     ConditionsNotMet,
     NoOrganisation,
@@ -246,14 +264,17 @@ impl EventRule {
         RequestFacts { organisation }
     }
 
-    pub fn evaluate(&self, facts: &RequestFacts, body: &Value) -> Evaluation {
+    pub fn evaluate<'a>(
+        &self,
+        facts: &RequestFacts,
+        body: impl Into<Document<'a>>,
+    ) -> Evaluation<'a> {
+        let body = body.into();
         if !self.when.iter().all(|c| c.holds(body)) {
             return Evaluation::ConditionsNotMet;
         }
         let organisation_id = match (&self.organisation, &facts.organisation) {
-            (OrganisationSource::Pointer(p), _) => {
-                body.pointer(p).and_then(Value::as_str).map(str::to_string)
-            }
+            (OrganisationSource::Pointer(p), _) => body.pointer(p).and_then(|f| f.as_string()),
             (_, OrganisationFact::Value(v)) => Some(v.clone()),
             (_, OrganisationFact::NotUtf8(preview)) => {
                 return Evaluation::OrganisationNotUtf8(preview.clone())
@@ -266,11 +287,13 @@ impl EventRule {
         };
         match body.pointer(&self.object_pointer) {
             None => Evaluation::ObjectNotFound,
-            Some(Value::Object(object)) => Evaluation::Matched {
-                organisation_id,
-                object: object.clone(),
+            Some(found) => match found.as_object() {
+                Some(object) => Evaluation::Matched {
+                    organisation_id,
+                    object,
+                },
+                None => Evaluation::ObjectNotAnObject,
             },
-            Some(_) => Evaluation::ObjectNotAnObject,
         }
     }
 }
@@ -363,7 +386,7 @@ mod tests {
             r.evaluate(&facts, &body),
             Evaluation::Matched {
                 organisation_id: "org1".into(),
-                object: body.as_object().unwrap().clone()
+                object: Object::Tree(body.as_object().unwrap())
             }
         );
         assert_eq!(

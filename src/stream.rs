@@ -9,6 +9,7 @@ use crate::body::{BodyBuffer, BodyError, Encoding};
 use crate::config::Plan;
 use crate::event::{Event, EventId};
 use crate::headers::{self, Pairs};
+use crate::json;
 use crate::rules::{Evaluation, RequestFacts};
 
 #[derive(Debug, Default)]
@@ -159,8 +160,8 @@ impl Stream {
         else {
             return Vec::new();
         };
-        let json = match body.parse(&encoding) {
-            Ok(json) => json,
+        let decoded = match body.decode(&encoding) {
+            Ok(decoded) => decoded,
             Err(BodyError::TooLarge) => {
                 return vec![StreamOutcome::NoEvent(NoEvent::BodyTooLarge {
                     limit: plan.delivery.max_body_bytes,
@@ -173,13 +174,18 @@ impl Stream {
                 return vec![StreamOutcome::NoEvent(NoEvent::BodyNotJson(why))]
             }
         };
+        let mut tree = None;
+        let json = match json::parse(&decoded, &mut tree) {
+            Ok(json) => json,
+            Err(why) => return vec![StreamOutcome::NoEvent(NoEvent::BodyNotJson(why))],
+        };
         let mut outcomes = Vec::new();
         for (index, facts) in &rules {
             let Some(rule) = plan.rules.get(*index) else {
                 continue;
             };
             let event_type = || rule.event_type.clone();
-            let outcome = match rule.evaluate(facts, &json) {
+            let outcome = match rule.evaluate(facts, json) {
                 Evaluation::Matched {
                     organisation_id,
                     object,

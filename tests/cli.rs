@@ -404,7 +404,11 @@ fn check_reads_every_filter_of_the_shipped_envoy_configs() {
         );
         assert_eq!(code(&out), 0, "{file}: {}", text(&out.stderr));
         assert!(
-            text(&out.stdout).contains("http_filters[0].typed_config.config.configuration: valid"),
+            // Inside the gate (an ExtensionWithMatcher around the wasm filter).
+            text(&out.stdout).contains(
+                "http_filters[0].typed_config.xds_matcher.matcher_list.matchers[0].on_match.action\
+                 .typed_config.typed_config.typed_config.config.configuration: valid"
+            ),
             "{file}: {}",
             text(&out.stdout)
         );
@@ -557,5 +561,45 @@ fn check_reads_the_wasmplugins_of_a_kubectl_list() {
             .contains("items[1]: WasmPlugin jobs/webhook-emitter: spec.pluginConfig: valid"),
         "{}",
         text(&out.stdout)
+    );
+}
+
+#[test]
+fn envoy_matcher_prints_the_gate_of_the_rules() {
+    let out = cli(
+        &["envoy-matcher", "--format", "json", "-"],
+        VALID.as_bytes(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let rules = webhook_emitter::config::Plan::rules_from_json(VALID.as_bytes()).expect("valid");
+    assert_eq!(printed, webhook_emitter::gate::predicate(&rules));
+    // YAML by default, for pasting into an Envoy configuration.
+    let yaml = cli(&["envoy-matcher", "-"], VALID.as_bytes());
+    assert!(yaml.status.success());
+    assert!(
+        text(&yaml.stdout).contains("regex: (?s)/jobs/[^/?#]+/complete(?:[?#].*)?"),
+        "{}",
+        text(&yaml.stdout)
+    );
+    // An env key that is not set does not matter to the gate.
+    let env_key = VALID.replace(
+        r#""whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw""#,
+        r#"{"env": "WH_CLI_TEST_KEY"}"#,
+    );
+    assert!(cli(&["envoy-matcher", "-"], env_key.as_bytes())
+        .status
+        .success());
+}
+
+#[test]
+fn envoy_matcher_refuses_bad_rules_with_their_path() {
+    let bad = VALID.replace("/jobs/{jobId}/complete", "jobs");
+    let out = cli(&["envoy-matcher", "-"], bad.as_bytes());
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("events[0].match.path"),
+        "{}",
+        text(&out.stderr)
     );
 }

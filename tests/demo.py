@@ -74,9 +74,10 @@ def flow(wasm, registry, jobs, receiver, pki, timeout) -> int:
     # The egress of envoy/envoy.yaml, trusting this run's CA; the receiver is on loopback, so the
     # resolved-address filter is off (as delivery.allowPrivateNetworks is on).
     egress = shipped_egress(ca=pki.ca, refuse_private=False)
+    # Gated as in envoy/envoy.yaml: only requests some rule can match reach the filter.
     envoy = harness.envoy_with_filter(jobs, None, config, wasm=wasm, name="demo", start=False, egress=egress,
                                       env_vars={"REGISTRY_TOKEN": registry.proxy_token},
-                                      extra_clusters=[static_cluster("registry", registry.port)])
+                                      extra_clusters=[static_cluster("registry", registry.port)], gate=True)
     try:
         try:
             envoy.start()

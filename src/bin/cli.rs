@@ -30,6 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Check(check::CheckArgs),
+    EnvoyMatcher(EnvoyMatcherArgs),
     Keygen(KeygenArgs),
     Verify(VerifyArgs),
     /// The webhook registry: API, dashboard and the proxies' feed.
@@ -43,6 +44,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Registry(command) => return webhook_emitter::registry::run(command),
         Command::Check(args) => check::run(&args),
+        Command::EnvoyMatcher(args) => envoy_matcher(&args),
         Command::Keygen(args) => keygen(&args),
         Command::Verify(args) => verify(&args),
     };
@@ -55,6 +57,58 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Print the Envoy gate for a plugin configuration: the predicate of the matcher that lets only
+/// requests some rule can match (by method and path) reach the filter
+#[derive(Args)]
+struct EnvoyMatcherArgs {
+    /// The plugin configuration (JSON); `-` reads standard input
+    #[arg(value_name = "CONFIG.json")]
+    file: String,
+    /// Output: the predicate as YAML (to paste into an Envoy configuration) or JSON
+    #[arg(long, value_enum, default_value_t = MatcherFormat::Yaml)]
+    format: MatcherFormat,
+    /// Print the whole `xds_matcher` of the ExtensionWithMatcher with the action named NAME
+    /// (an ExecuteFilterAction whose filter is left for you to fill in), not only its predicate
+    #[arg(long, value_name = "NAME")]
+    with_action: Option<String>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MatcherFormat {
+    Yaml,
+    Json,
+}
+
+fn envoy_matcher(args: &EnvoyMatcherArgs) -> Result<(), String> {
+    let json = read_input(&args.file)?;
+    let rules = webhook_emitter::config::Plan::rules_from_json(&json).map_err(|errors| {
+        let lines: Vec<String> = errors
+            .iter()
+            .map(|e| format!("configuration rejected: {e}"))
+            .collect();
+        lines.join("\n")
+    })?;
+    let value = match &args.with_action {
+        None => webhook_emitter::gate::predicate(&rules),
+        Some(name) => webhook_emitter::gate::xds_matcher(
+            &rules,
+            serde_json::json!({
+                "name": name,
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction",
+                    "typed_config": {"name": "envoy.filters.http.wasm", "typed_config": {}},
+                },
+            }),
+        ),
+    };
+    let text = match args.format {
+        MatcherFormat::Json => serde_json::to_string_pretty(&value).map_err(|e| e.to_string())?,
+        MatcherFormat::Yaml => serde_yaml_ng::to_string(&value).map_err(|e| e.to_string())?,
+    };
+    println!("{}", text.trim_end());
+    Ok(())
 }
 
 /// Print a fresh whsec_ API key. Store it now: it is shown only once.

@@ -24,15 +24,7 @@ type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 pub(super) fn compile(raw: RawConfig, env: Env, errors: &mut Errors) -> Option<Plan> {
     let delivery = compile_delivery(&raw.delivery, env, errors);
-    if raw.events.is_empty() {
-        errors.push("events", "must list at least one rule");
-    }
-    let rules: Vec<EventRule> = raw
-        .events
-        .iter()
-        .enumerate()
-        .filter_map(|(i, r)| compile_rule(r, &format!("events[{i}]"), errors))
-        .collect();
+    let rules = compile_rules(&raw, errors);
     let webhooks = compile_webhooks(&raw, env, errors);
     let registry = raw
         .registry
@@ -54,6 +46,18 @@ pub(super) fn compile(raw: RawConfig, env: Env, errors: &mut Errors) -> Option<P
         },
         subscribers,
     })
+}
+
+/// The event rules alone (`events[]`).
+pub(super) fn compile_rules(raw: &RawConfig, errors: &mut Errors) -> Vec<EventRule> {
+    if raw.events.is_empty() {
+        errors.push("events", "must list at least one rule");
+    }
+    raw.events
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| compile_rule(r, &format!("events[{i}]"), errors))
+        .collect()
 }
 
 /// `registry`: the cluster, authority and path of the feed, and the proxy token, read from the

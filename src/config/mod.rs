@@ -157,6 +157,27 @@ impl Plan {
         }
     }
 
+    /// Only the event rules of a plugin configuration (what the Envoy-side gate is built from):
+    /// the rest is read for its shape but not compiled, so keys need not be at hand.
+    pub fn rules_from_json(json: &[u8]) -> Result<Vec<EventRule>, Vec<ConfigError>> {
+        let value: Value = serde_json::from_slice(json).map_err(|e| {
+            vec![ConfigError::new(
+                "configuration",
+                format!("invalid JSON ({e})"),
+            )]
+        })?;
+        let mut errors = Errors::default();
+        let rules = match raw::read_config(&value, &mut errors) {
+            Some(raw) if errors.is_empty() => compile::compile_rules(&raw, &mut errors),
+            _ => Vec::new(),
+        };
+        if errors.is_empty() {
+            Ok(rules)
+        } else {
+            Err(errors.into_vec())
+        }
+    }
+
     /// The enabled webhooks of `organisation` subscribed to `event_type`.
     pub fn subscribers(&self, event_type: &str, organisation: &str) -> &[usize] {
         self.subscribers

@@ -24,6 +24,8 @@ pub enum BufferType {
 }
 
 const STATUS_OK: u32 = 0;
+/// Bounds one drain of a queue, so that a host that never says Empty cannot hold the root forever.
+const MAX_DEQUEUES: usize = 4096;
 
 #[link(wasm_import_module = "env")]
 extern "C" {
@@ -38,6 +40,11 @@ extern "C" {
         max_size: usize,
         return_buffer_data: *mut *mut u8,
         return_buffer_size: *mut usize,
+    ) -> u32;
+    fn proxy_dequeue_shared_queue(
+        queue_id: u32,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
     ) -> u32;
     fn proxy_get_property(
         path_data: *const u8,
@@ -95,4 +102,24 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
     // SAFETY: as in `header_map`.
     let bytes = unsafe { take(data, size) };
     (status == STATUS_OK).then_some(bytes)
+}
+
+/// Empties a shared queue; returns how many items it held. Items may be empty (the doorbell's are:
+/// an empty item costs the host no call back into the VM to allocate): Envoy hands an empty item
+/// over as Ok with no data, which the SDK's `dequeue_shared_queue` can't tell from an empty queue,
+/// so the status is read here.
+pub fn drain_queue(queue_id: u32) -> usize {
+    let mut items = 0;
+    while items < MAX_DEQUEUES {
+        let (mut data, mut size) = (null_mut(), 0usize);
+        // SAFETY: as in `header_map`.
+        let status = unsafe { proxy_dequeue_shared_queue(queue_id, &mut data, &mut size) };
+        // SAFETY: as in `header_map`.
+        drop(unsafe { take(data, size) });
+        if status != STATUS_OK {
+            break;
+        }
+        items += 1;
+    }
+    items
 }

@@ -67,7 +67,8 @@ impl Host for ProxyHost {
     }
 
     fn wake(&self, queue: u32) -> bool {
-        hostcalls::enqueue_shared_queue(queue, Some(b"1")).is_ok()
+        // An empty item: the root drains it without the host calling back into the VM to allocate.
+        hostcalls::enqueue_shared_queue(queue, None).is_ok()
     }
 
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {

@@ -254,7 +254,7 @@ impl RootContext for EmitterRoot {
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
-        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+        abi::drain_queue(queue_id);
         if let Some(worker) = &self.worker {
             worker.borrow_mut().doorbell_answered();
         }

@@ -541,7 +541,7 @@ impl Worker {
                 .collect::<Vec<_>>()
                 .join(" ")
         });
-        let length = body.len().to_string();
+        // No content-length: Envoy sets it from the body it is handed.
         let mut callout_headers = vec![
             (headers::METHOD, "POST"),
             (headers::PATH, target.url.path_and_query.as_str()),
@@ -551,7 +551,6 @@ impl Worker {
                 if target.url.https { "https" } else { "http" },
             ),
             (headers::CONTENT_TYPE, "application/json"),
-            (headers::CONTENT_LENGTH, length.as_str()),
             (headers::USER_AGENT, USER_AGENT),
             (headers::WEBHOOK_ID, &delivery.event_id),
             (headers::WEBHOOK_TIMESTAMP, timestamp.as_str()),

@@ -27,6 +27,7 @@ from standardwebhooks import Webhook
 
 import harness
 from harness import registry
+from harness.gate import GATE_NAME, wasm_filter_of
 from harness.registry_service import free_port
 
 ENVOY_DIR = harness.REPO / "envoy"
@@ -75,7 +76,7 @@ def http_filters(bootstrap: dict) -> list:
 
 
 def wasm_config(bootstrap: dict) -> dict:
-    found = [f for f in http_filters(bootstrap) if f["name"] == WASM_FILTER]
+    found = [w for w in map(wasm_filter_of, http_filters(bootstrap)) if w]
     assert len(found) == 1, "exactly one wasm filter expected"
     return found[0]["typed_config"]["config"]
 
@@ -202,10 +203,11 @@ def test_compose_tool_accepts_the_file(key):
 # ---- the Envoy configuration of the compose stack ----------------------------------------------------------------
 
 
-def test_compose_envoy_config_has_the_filter_before_the_router():
+def test_compose_envoy_config_has_the_gated_filter_before_the_router():
     bootstrap = envoy_doc()
     names = [f["name"] for f in http_filters(bootstrap)]
-    assert names == [WASM_FILTER, "envoy.filters.http.router"]
+    assert names == [GATE_NAME, "envoy.filters.http.router"]
+    assert wasm_filter_of(http_filters(bootstrap)[0])["name"] == WASM_FILTER
     cfg = wasm_config(bootstrap)
     assert cfg["failure_policy"] == "FAIL_RELOAD"
     assert cfg["vm_config"]["runtime"] == "envoy.wasm.runtime.v8"

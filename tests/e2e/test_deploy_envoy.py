@@ -7,6 +7,7 @@ import subprocess
 
 import harness
 from harness import registry
+from harness.gate import gate_predicate_of, predicate, wasm_filter_of
 
 REFERENCE = harness.REPO / "envoy" / "envoy.yaml"
 WASM_IN_FILE = "target/wasm32-wasip1/release/webhook_emitter.wasm"
@@ -66,7 +67,7 @@ def test_the_example_plugin_config_is_the_one_in_envoy_yaml_and_passes_check(tmp
 
     doc = yaml.safe_load(REFERENCE.read_text())
     hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
-    [wasm_filter] = [f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.wasm"]
+    [wasm_filter] = [w for w in map(wasm_filter_of, hcm["http_filters"]) if w]
     embedded = json.loads(wasm_filter["typed_config"]["config"]["configuration"]["value"])
     example = harness.REPO / "envoy" / "plugin.example.json"
     assert json.loads(example.read_text()) == embedded
@@ -80,3 +81,24 @@ def test_the_example_plugin_config_is_the_one_in_envoy_yaml_and_passes_check(tmp
     missing = subprocess.run([str(cli), "check", str(example)], env=env, capture_output=True, text=True)
     assert missing.returncode != 0
     assert "webhooks[0].apiKey: environment variable BILLING_WEBHOOK_KEY is not set" in missing.stderr
+
+
+def test_every_shipped_envoy_configuration_gates_the_filter_with_the_matcher_of_its_rules():
+    """envoy/envoy.yaml and envoy/compose/envoy.yaml wrap the filter in the gate, and the gate's predicate is
+    exactly what `webhook-emitter envoy-matcher` prints for the plugin configuration they embed (so the two
+    have not drifted apart)."""
+    import json
+
+    import yaml
+
+    for path in (REFERENCE, harness.REPO / "envoy" / "compose" / "envoy.yaml"):
+        doc = yaml.safe_load(path.read_text())
+        hcm = doc["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        first = hcm["http_filters"][0]
+        assert first["name"] == "webhook_emitter_gate", f"{path}: the first HTTP filter is {first['name']}"
+        wasm_filter = wasm_filter_of(first)
+        assert wasm_filter is not None, f"{path}: no wasm filter inside the gate"
+        assert not any(f["name"] == "envoy.filters.http.wasm" for f in hcm["http_filters"]), \
+            f"{path}: an ungated copy of the filter"
+        plugin = json.loads(wasm_filter["typed_config"]["config"]["configuration"]["value"])
+        assert gate_predicate_of(first) == predicate(plugin), f"{path}: run webhook-emitter envoy-matcher again"

@@ -71,6 +71,7 @@ def _signed_delivery(hook, body: dict, key=None, **header_overrides):
     now = datetime.now(tz=timezone.utc)
     headers = {
         "host": hook.url.split("/")[2], "content-type": "application/json", "user-agent": "webhook-emitter/0.1.0",
+        "content-length": str(len(raw.encode())),
         "webhook-id": body.get("id", ""), "webhook-timestamp": str(int(now.timestamp())),
         "webhook-signature": Webhook(key or hook.key).sign(body.get("id", ""), now, raw),
     }
@@ -117,6 +118,7 @@ def test_delivery_checker_accepts_the_contract_and_rejects_violations():
         "webhook-id differs": _signed_delivery(hook, good, **{"webhook-id": "0" * 24}),
         "no user-agent": _signed_delivery(hook, good, **{"user-agent": "curl/8"}),
         "wrong content-type": _signed_delivery(hook, good, **{"content-type": "text/plain"}),
+        "wrong content-length": _signed_delivery(hook, good, **{"content-length": "1"}),
     }
     not_caught = []
     for name, delivery in violations.items():

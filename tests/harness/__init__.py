@@ -19,20 +19,27 @@ __all__ = [
 
 
 def _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars=None, host_env_keys=None,
-                      extra_clusters=(), egress=None, layered_runtime=None):
+                      extra_clusters=(), egress=None, layered_runtime=None, gate=False):
     """(bootstrap, environment, host_env_keys) of an Envoy whose filter chain holds the webhook-emitter filter
     with this plugin configuration (a PluginConfig, a dict, or a raw string). `egress`: a harness.egress.Egress
     to add (the shipped delivery egress: its listener, clusters and bootstrap extension).
 
     Keys reach the VM through host_env_keys only: every key made so far (the registry puts them in this
     process's environment, which Envoy inherits), plus `env_vars` and the variables a PluginConfig's hooks
-    chose, which go into Envoy's environment."""
+    chose, which go into Envoy's environment.
+
+    `gate`: wrap the filter in the gate of the shipped configurations (harness.gate), with the predicate the CLI
+    prints for this configuration (True) or the given predicate (a dict)."""
     env = dict(plugin_config.env_vars()) if isinstance(plugin_config, PluginConfig) else {}
     env.update(env_vars or {})
     cfg = plugin_config.to_dict() if isinstance(plugin_config, PluginConfig) else plugin_config
     if host_env_keys is None:
         host_env_keys = registry.key_env_names() + sorted(set(env) - set(registry.key_env_names()))
     wasm_filter = wasm_http_filter(wasm, cfg, host_env_keys=host_env_keys)
+    if gate:
+        from . import gate as gating
+
+        wasm_filter = gating.gated(wasm_filter, gating.predicate(cfg) if gate is True else gate)
     listeners, extensions = (), ()
     if egress is not None:
         extra_clusters = [*egress.clusters, *extra_clusters]
@@ -44,13 +51,16 @@ def _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars=None,
 
 
 def envoy_with_filter(job_service, receiver, plugin_config, wasm=DEFAULT_WASM, name="envoy", env_vars=None,
-                      extra_clusters=(), start=True, egress=None, layered_runtime=None, env=None, **kwargs):
+                      extra_clusters=(), start=True, egress=None, layered_runtime=None, env=None, gate=False,
+                      **kwargs):
     """An Envoy whose filter chain holds the webhook-emitter filter with this plugin configuration
     (a PluginConfig, a dict, or a raw string). Started and ready unless start=False. `env_vars`: more
-    variables for Envoy's environment, passed on to the VM through host_env_keys."""
+    variables for Envoy's environment, passed on to the VM through host_env_keys. `gate`: see _filter_bootstrap."""
     bootstrap, key_env, host_env_keys = _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars,
-                                                          None, extra_clusters, egress, layered_runtime)
+                                                          None, extra_clusters, egress, layered_runtime, gate)
     envoy = Envoy(bootstrap, name=name, env={**(env or {}), **key_env}, **kwargs)
+    # An update must load the same module, or Envoy makes a new VM (and the worker's state is lost).
+    envoy.wasm = wasm
     # An update must give the VM the same host_env_keys, or Envoy makes a new VM (update_plugin_config).
     envoy.host_env_keys = host_env_keys
     return envoy.start() if start else envoy
@@ -69,10 +79,12 @@ def plugin_listeners(job_service, receiver, plugin_config, wasm=DEFAULT_WASM, ho
     return bootstrap["static_resources"]["listeners"]
 
 
-def update_plugin_config(envoy, job_service, receiver, plugin_config, wasm=DEFAULT_WASM, timeout: float = 30.0,
+def update_plugin_config(envoy, job_service, receiver, plugin_config, wasm=None, timeout: float = 30.0,
                          **kwargs) -> None:
     """Give a running Envoy (started with envoy_with_filter(..., lds=True)) a new plugin configuration, by an
-    LDS update of its listener; returns once Envoy has applied it."""
+    LDS update of its listener; returns once Envoy has applied it. The module is the one the Envoy was started
+    with, unless `wasm` says otherwise."""
+    wasm = wasm or getattr(envoy, "wasm", DEFAULT_WASM)
     envoy.set_listeners(plugin_listeners(job_service, receiver, plugin_config, wasm=wasm,
                                          host_env_keys=envoy.host_env_keys, **kwargs), timeout=timeout)
 

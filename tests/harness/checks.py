@@ -39,6 +39,9 @@ def check_delivery(delivery: Delivery, hook: Hook, event_type: str, expected_obj
     assert h.get("host") == hook.url.split("/")[2], f"{where}: host header {h.get('host')!r}, URL host {hook.url.split('/')[2]!r}"
     assert h.get("content-type", "").split(";")[0].strip() == "application/json", f"{where}: content-type {h.get('content-type')!r}"
     assert h.get("user-agent", "").startswith("webhook-emitter/"), f"{where}: user-agent {h.get('user-agent')!r}"
+    # The filter leaves content-length to Envoy, which sets it from the body: never chunked.
+    assert h.get("content-length") == str(len(delivery.body)) and "transfer-encoding" not in h, \
+        f"{where}: content-length {h.get('content-length')!r}, transfer-encoding {h.get('transfer-encoding')!r}"
     for name in ("webhook-id", "webhook-timestamp", "webhook-signature"):
         assert name in h, f"{where}: header {name} missing; headers: {sorted(h)}"
     assert re.fullmatch(r"\d+", h["webhook-timestamp"]), f"{where}: webhook-timestamp {h['webhook-timestamp']!r}"
@@ -65,6 +68,9 @@ def check_delivery(delivery: Delivery, hook: Hook, event_type: str, expected_obj
     expected = dict(expected_object)
     expected["objectType"] = object_type
     assert body["data"] == {"object": expected}, f"{where}: data {body['data']!r}, expected {{'object': {expected!r}}}"
+    # The upstream's key order is kept; objectType comes last unless the upstream had one.
+    order = list(expected_object) if "objectType" in expected_object else [*expected_object, "objectType"]
+    assert list(body["data"]["object"]) == order, f"{where}: object keys {list(body['data']['object'])}, want {order}"
 
     assert signature_valid(delivery, hook.key), f"{where}: signature does not verify under the webhook's key"
     return body
