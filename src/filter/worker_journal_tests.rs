@@ -84,7 +84,7 @@ fn event(seconds: u64) -> Event {
         "job.completed",
         "job",
         ORG,
-        object,
+        crate::json::Object::Tree(&object),
         seconds * 1000,
     )
 }

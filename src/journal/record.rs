@@ -138,7 +138,7 @@ mod tests {
             "job.completed",
             "job",
             "657bf08c202997ba9d127922",
-            object,
+            crate::json::Object::Tree(&object),
             1_700_000_000_123,
         )
     }

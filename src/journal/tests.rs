@@ -40,7 +40,7 @@ fn payload(seconds: u64) -> (Rc<str>, Rc<Payload>) {
         "job.completed",
         "job",
         "657bf08c202997ba9d127922",
-        object,
+        crate::json::Object::Tree(&object),
         seconds * 1000,
     );
     (
@@ -224,7 +224,14 @@ fn a_record_too_large_for_etcd_is_not_written() {
     let mut j = live();
     let mut object = Map::new();
     object.insert("blob".into(), "x".repeat(etcd::MAX_REQUEST_BYTES).into());
-    let e = Event::new(EventId::new(1, [3; 8]), "t", "job", "o", object, 1000);
+    let e = Event::new(
+        EventId::new(1, [3; 8]),
+        "t",
+        "job",
+        "o",
+        crate::json::Object::Tree(&object),
+        1000,
+    );
     let id: Rc<str> = Rc::from(e.id_hex.as_str());
     let p = Rc::new(Payload::event(e.envelope));
     j.track(&id, &p, 1, pending(&[HOOK_A], 1), false);
