@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make bench`: the data-path cost and the delivery speed of webhook-emitter, side by side, in one run.
 
-Six configurations of the same Envoy binary (.venv/bin/envoy, --concurrency 1, pinned with taskset to one core)
+Eight configurations of the same Envoy binary (.venv/bin/envoy, --concurrency 1, pinned with taskset to one core)
 run for the whole run against the same backend Envoy and receivers (pinned, with h2load and the Python probe, to
 the other core), all on 127.0.0.1:
 
@@ -150,7 +150,7 @@ class Bench:
                                               "warning").start()
         self.backend.wait_ready(["jobs", "hooks"])
         jobs_port, hooks_port = self.backend.ports["jobs"], self.backend.ports["hooks"]
-        self.etcd = topology.start_etcd(self.work, s["load_cpu"])
+        self.etcd = topology.start_etcd(s["load_cpu"])
         for c in CONFIGS:
             if HOOKS[c]:
                 self.webhooks[c] = topology.Webhooks(HOOKS[c], hooks_port, self.probe_receiver.port)
@@ -168,11 +168,11 @@ class Bench:
         for e in [*self.envoys.values(), self.backend]:
             if e is not None:
                 e.stop()
-        if getattr(self, "etcd", None) is not None:
-            self.etcd.stop()
         for srv in (getattr(self, "probe_jobs", None), getattr(self, "probe_receiver", None)):
             if srv is not None:
                 srv.stop()
+        if getattr(self, "etcd", None) is not None:
+            self.etcd.stop()
 
     # -- one step ------------------------------------------------------------------------------------------------
     def hooks_delivered(self) -> int:

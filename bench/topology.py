@@ -123,7 +123,7 @@ def lua_filter(webhooks: Webhooks) -> dict:
 JOURNALED = (7,)
 
 
-def start_etcd(work: Path, cpu: int):
+def start_etcd(cpu: int):
     """A single-member etcd for the journal configuration, pinned to the load core like the backend."""
     from harness.etcd import Etcd
 

@@ -1,8 +1,8 @@
 """`make bench`'s harness (bench/bench.py) in its quick mode: one 1 s closed-loop step for each of the eight
 configurations (no filter, the filter on non-matching traffic, the filter with 1 and with 10 webhooks, the Lua
-peer, the gated filter on non-matching traffic, the bare Lua callout, the filter with 1 webhook and the journal in etcd), against the real Envoy. Asserts only that
-each configuration produced numbers, that configurations 2-4, 6 and 7 delivered webhooks and that summary.json has
-its keys; the numbers themselves mean nothing at this length.
+peer, the gated filter on non-matching traffic, the bare Lua callout, the filter with 1 webhook and the journal in
+etcd), against the real Envoy. Asserts only that each configuration produced numbers, that configurations 2-4, 6
+and 7 delivered webhooks and that summary.json has its keys; the numbers themselves mean nothing at this length.
 
 The load generator (h2load) is installed by the harness the same way `make bench` does (bench/ensure-h2load.sh);
 if that is impossible the bench exits non-zero saying so, and this test fails with its output."""
