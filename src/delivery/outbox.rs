@@ -62,12 +62,13 @@ pub struct Others {
     pub workers: usize,
 }
 
-/// A lane whose attempts are out with no answer for this long counts as stalled (a hanging
-/// endpoint): it only ever takes the place of another stalled lane.
+/// A lane that has delivered nothing for this long while holding deliveries counts as stalled
+/// (a hanging or failing endpoint): the tick's trim takes only such lanes' queued deliveries (one
+/// that delivers drains its own queue).
 pub const STALLED_MS: u64 = 250;
-/// When the outbox is full, a lane takes the place of the queued deliveries of a lane whose
-/// attempts have been out, unanswered, since at least this long before its own last progress,
-/// whatever the shares: the endpoint that answers goes before the one that hangs.
+/// When the outbox is full, a lane takes the place of the queued deliveries of a lane that has
+/// delivered nothing since at least this long before its own last progress, whatever the shares:
+/// the endpoint that delivers goes before the one that hangs or fails.
 pub const STUCK_MARGIN_MS: u64 = 50;
 
 /// Which bound of the outbox was reached.
@@ -112,19 +113,15 @@ struct Lane {
     /// Set while the circuit is open: the lane holds its queue and sends one probe at this time.
     probe_at_ms: Option<u64>,
     failed_probes: u32,
-    /// When the lane last made progress: an attempt answered, or its first attempt out.
+    /// When the lane last made progress: its last delivery, or when its backlog began (it went
+    /// from holding nothing to holding something). A failing or hanging endpoint makes none.
     progress_ms: u64,
 }
 
 impl Lane {
-    /// Attempts are out and none has been answered for [`STALLED_MS`]: the endpoint hangs.
-    fn stalled(&self, now_ms: u64) -> bool {
-        self.attempts_out > 0 && now_ms.saturating_sub(self.progress_ms) >= STALLED_MS
-    }
-
-    /// When the lane last made progress; an idle lane (nothing out) is not stuck: now.
+    /// When the lane last made progress; a lane that holds nothing is not behind: now.
     fn last_progress(&self, now_ms: u64) -> u64 {
-        if self.attempts_out == 0 {
+        if self.queued == 0 {
             now_ms
         } else {
             self.progress_ms
@@ -304,9 +301,7 @@ impl Outbox {
         let mut evicted = Vec::new();
         if let Some(bound) = self.bound_reached(extra) {
             let now = self.clock_ms;
-            let (progressing, progress) = self
-                .lane(lane_id)
-                .map_or((false, 0), |l| (!l.stalled(now), l.last_progress(now)));
+            let progress = self.lane(lane_id).map_or(0, |l| l.last_progress(now));
             let below_share = self.below_fair_share(lane_id, size);
             if !below_share && self.stuck_victim(lane_id, progress).is_none() {
                 return Err(Refused::QueueFull(delivery, bound));
@@ -316,7 +311,7 @@ impl Outbox {
                 // A stalled lane only ever takes the place of another stalled lane.
                 let victim = victim.or_else(|| {
                     below_share
-                        .then(|| self.over_share_victim(lane_id, !progressing))
+                        .then(|| self.over_share_victim(lane_id, progress))
                         .flatten()
                 });
                 match victim.and_then(|v| self.evict_from(v)) {
@@ -329,7 +324,11 @@ impl Outbox {
         if delivery.payload.hold() {
             self.queued_bytes += size;
         }
+        let now = self.clock_ms;
         if let Some(lane) = self.lane_mut(lane_id) {
+            if lane.queued == 0 {
+                lane.progress_ms = now;
+            }
             lane.add(size);
             // A delivery with attempts behind it (read back from the journal) waits for its
             // next attempt time.
@@ -362,7 +361,13 @@ impl Outbox {
             }
             let victim = self
                 .stuck_victim(LaneId::DeadLetter, self.clock_ms)
-                .or_else(|| self.over_share_victim(LaneId::DeadLetter, false));
+                // Only lanes stalled for STALLED_MS: one that answers drains its own queue.
+                .or_else(|| {
+                    self.over_share_victim(
+                        LaneId::DeadLetter,
+                        self.clock_ms.saturating_sub(STALLED_MS),
+                    )
+                });
             match victim.and_then(|v| self.evict_from(v)) {
                 Some(d) => evicted.push(d),
                 None => return evicted,
@@ -399,7 +404,6 @@ impl Outbox {
             .enumerate()
             .filter(|(i, l)| {
                 LaneId::Webhook(*i) != except
-                    && l.attempts_out > 0
                     && l.progress_ms.saturating_add(STUCK_MARGIN_MS) <= progress
                     && l.evictable()
             })
@@ -407,9 +411,10 @@ impl Outbox {
             .map(|(i, _)| i)
     }
 
-    /// The webhook lane furthest over its fair share (never `except`, never the dead-letter lane;
-    /// only stalled lanes with `stalled_only`).
-    fn over_share_victim(&self, except: LaneId, stalled_only: bool) -> Option<usize> {
+    /// The webhook lane furthest over its fair share (never `except`, never the dead-letter lane),
+    /// among those that made progress no later than `progress`: a lane never takes the place of
+    /// one that answers more recently than it does.
+    fn over_share_victim(&self, except: LaneId, progress: u64) -> Option<usize> {
         let now = self.clock_ms;
         let active = self.active_lanes(except).max(1);
         let (max_queued, max_bytes) = self.capacity();
@@ -429,7 +434,7 @@ impl Outbox {
                 LaneId::Webhook(*i) != except
                     && excess(l) > 1000
                     && l.evictable()
-                    && (!stalled_only || l.stalled(now))
+                    && l.last_progress(now) <= progress
             })
             .max_by_key(|(_, l)| excess(l))
             .map(|(i, _)| i)
@@ -493,9 +498,6 @@ impl Outbox {
                 };
                 d.attempts += 1;
                 d.is_probe = lane.probe_at_ms.is_some();
-                if lane.attempts_out == 0 {
-                    lane.progress_ms = now_ms;
-                }
                 lane.attempts_out += 1;
                 lane.attempts_out_bytes += size;
                 self.attempts_out += 1;
@@ -539,11 +541,11 @@ impl Outbox {
             return Verdict::Exhausted(delivery);
         };
         lane.attempts_out = lane.attempts_out.saturating_sub(1);
-        lane.progress_ms = now_ms;
         lane.attempts_out_bytes = lane
             .attempts_out_bytes
             .saturating_sub(delivery.payload.held_bytes());
         if outcome.is_success() {
+            lane.progress_ms = now_ms;
             lane.consecutive_failures = 0;
             lane.failed_probes = 0;
             if lane.probe_at_ms.take().is_some() {
@@ -994,7 +996,7 @@ mod tests {
             put(&mut o, &format!("a{i}"), A);
             put(&mut o, &format!("b{i}"), B);
         }
-        // Both lanes send two attempts; only B's are answered.
+        // Both lanes send two attempts; only B's are answered, 10 ms after A's backlog began.
         let due = o.take_due(0);
         for d in due.into_iter().filter(|d| d.lane == B) {
             o.finish(d, &status(200), 10, 0);
@@ -1002,24 +1004,29 @@ mod tests {
         put(&mut o, "b4", B);
         put(&mut o, "b5", B);
         assert_eq!(o.lane_queued(B).0, 4, "B at its share of 8 / 2");
-        // Before A counts as stalled, B at its share is refused.
+        // Within STUCK_MARGIN_MS of A, B at its share is refused.
         assert!(matches!(
             o.enqueue(delivery("b6", B, b"", 0)),
             Err(Refused::QueueFull(..))
         ));
-        // A has not answered for STALLED_MS: B takes its queued deliveries' place (not its attempts).
-        o.take_due(10 + STALLED_MS);
-        let evicted = o.enqueue(delivery("b7", B, b"", 0)).unwrap();
-        assert_eq!(ids(&evicted), ["a3"]);
-        o.enqueue(delivery("b8", B, b"", 0)).unwrap();
+        // B delivers again at 100 ms, A still nothing: B takes A's queued deliveries' place.
+        for d in o.take_due(100) {
+            o.finish(d, &status(200), 100, 0);
+        }
+        put(&mut o, "b6", B);
+        put(&mut o, "b7", B);
+        for (id, evicted) in [("b8", "a3"), ("b9", "a2")] {
+            let got = o.enqueue(delivery(id, B, b"", 0)).unwrap();
+            assert_eq!(ids(&got), [evicted]);
+        }
         assert!(
             matches!(
-                o.enqueue(delivery("b9", B, b"", 0)),
+                o.enqueue(delivery("b10", B, b"", 0)),
                 Err(Refused::QueueFull(..))
             ),
             "A's attempts out stay"
         );
-        // A stalled lane never takes a progressing lane's place.
+        // A lane that delivers nothing never takes the place of one that does, share or not.
         assert!(matches!(
             o.enqueue(delivery("a9", A, b"", 0)),
             Err(Refused::QueueFull(..))
