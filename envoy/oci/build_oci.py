@@ -14,6 +14,8 @@ Output, under --out (default target/oci):
   layout/                    an OCI image layout: oci-layout, index.json, blobs/sha256/<digest>...
   webhook-emitter-oci.tar    the same layout as one tar archive (skopeo's oci-archive: transport)
   wasmplugin.yaml            envoy/istio/wasmplugin.yaml with this image's url and manifest digest filled in
+                             (only with --repository: a WasmPlugin pointing at the example registry would
+                             fail its fetch in every pod, and Istio would answer 403 for the job service)
 
 The build is deterministic: fixed mtimes, owners and modes, sorted entries, gzip header mtime 0 and no file
 name, canonical JSON. The same .wasm always gives the same manifest digest (with the same zlib; Python uses the
@@ -203,8 +205,9 @@ def main(argv=None) -> int:
     parser.add_argument("--wasm", required=True, type=Path, help="the built webhook_emitter.wasm")
     parser.add_argument("--out", default=REPO / "target" / "oci", type=Path, help="output directory")
     parser.add_argument("--tag", default=None, help="image tag (default: the version in Cargo.toml)")
-    parser.add_argument("--repository", default=DEFAULT_REPOSITORY,
-                        help="where you will push it, for the printed commands only")
+    parser.add_argument("--repository", default=None,
+                        help="where you will push it (registry/path, no tag); with it, wasmplugin.yaml is written "
+                             f"(default for the printed commands only: {DEFAULT_REPOSITORY})")
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of text")
     args = parser.parse_args(argv)
 
@@ -229,17 +232,20 @@ def main(argv=None) -> int:
     tmp.write_bytes(deterministic_tar(layout_entries(image)))
     os.replace(tmp, archive)
 
-    ref = f"{args.repository}:{tag}"
+    ref = f"{args.repository or DEFAULT_REPOSITORY}:{tag}"
     wasmplugin = out / WASMPLUGIN_OUT
     try:
-        wasmplugin.write_text(filled_wasmplugin(WASMPLUGIN.read_text(), ref, image["manifest_digest"]))
+        if args.repository:
+            wasmplugin.write_text(filled_wasmplugin(WASMPLUGIN.read_text(), ref, image["manifest_digest"]))
+        else:
+            wasmplugin.unlink(missing_ok=True)  # never leave one that names another build's image
     except (OSError, ValueError) as e:
         print(f"build_oci: {e}", file=sys.stderr)
         return 1
 
     summary = {
         "tag": tag,
-        "wasmplugin": str(wasmplugin),
+        "wasmplugin": str(wasmplugin) if args.repository else None,
         "layout": str(layout),
         "archive": str(archive),
         "manifest_digest": image["manifest_digest"],
@@ -262,8 +268,9 @@ def main(argv=None) -> int:
 WasmPlugin for url: oci://{ref}
   sha256: {summary['wasmplugin_sha256']}
   (for oci:// Istio checks the manifest digest; the wasm sha256 above is for file:// or https:// urls)
-  written into {wasmplugin}: apply that file after the push (envoy/istio/wasmplugin.yaml's placeholder is
-  refused by the CRD)
+  {f"written into {wasmplugin}: apply that file after the push" if args.repository else
+   "run `make oci OCI_REPOSITORY=<registry>/<path>` to get it written into " + str(wasmplugin)}
+  (envoy/istio/wasmplugin.yaml's placeholder is refused by the CRD)
 
 Push it (any one of these; each keeps the manifest digest):
   skopeo copy --preserve-digests oci-archive:{archive}:{tag} docker://{ref}

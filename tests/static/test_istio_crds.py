@@ -246,3 +246,19 @@ def test_make_oci_writes_a_wasmplugin_the_crd_accepts(crd_schemas, tmp_path):
     assert header[0].startswith("# Written by `make oci`") and image["manifest_digest"] in header[1], header
     changed = [(a, b) for a, b in zip(shipped_text, filled_text) if a != b]
     assert len(shipped_text) == len(filled_text) and len(changed) == 2, changed
+
+
+def test_make_oci_without_a_repository_writes_no_wasmplugin(tmp_path):
+    """Without OCI_REPOSITORY the url would be the example registry: a WasmPlugin that fails its fetch in every
+    pod. No file is better; a stale one from an earlier build is removed."""
+    spec = importlib.util.spec_from_file_location("build_oci", REPO / "envoy" / "oci" / "build_oci.py")
+    build_oci = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build_oci)
+    wasm = tmp_path / "tiny.wasm"
+    wasm.write_bytes(b"\0asm\x01\0\0\0")
+    out = tmp_path / "oci"
+    out.mkdir()
+    (out / "wasmplugin.yaml").write_text("stale")
+    assert build_oci.main(["--wasm", str(wasm), "--out", str(out), "--json"]) == 0
+    assert not (out / "wasmplugin.yaml").exists()
+    assert (out / "webhook-emitter-oci.tar").is_file()
