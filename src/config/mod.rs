@@ -134,23 +134,27 @@ pub struct Plan {
     subscribers: HashMap<String, HashMap<String, Vec<usize>>>,
 }
 
+/// The configuration's JSON read into raw structs: Err for JSON that does not parse, None when
+/// the shape has errors (they are in `errors`).
+fn read_raw(json: &[u8], errors: &mut Errors) -> Result<Option<raw::RawConfig>, Vec<ConfigError>> {
+    let value: Value = serde_json::from_slice(json).map_err(|e| {
+        vec![ConfigError::new(
+            "configuration",
+            format!("invalid JSON ({e})"),
+        )]
+    })?;
+    Ok(raw::read_config(&value, errors).filter(|_| errors.is_empty()))
+}
+
 impl Plan {
     /// Parses and validates the plugin configuration. `env` reads the VM's environment variables.
     pub fn from_json(
         json: &[u8],
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Plan, Vec<ConfigError>> {
-        let value: Value = serde_json::from_slice(json).map_err(|e| {
-            vec![ConfigError::new(
-                "configuration",
-                format!("invalid JSON ({e})"),
-            )]
-        })?;
         let mut errors = Errors::default();
-        let plan = match raw::read_config(&value, &mut errors) {
-            Some(raw) if errors.is_empty() => compile::compile(raw, env, &mut errors),
-            _ => None,
-        };
+        let plan =
+            read_raw(json, &mut errors)?.and_then(|raw| compile::compile(raw, env, &mut errors));
         match plan {
             Some(plan) if errors.is_empty() => Ok(plan),
             _ => Err(errors.into_vec()),
@@ -160,17 +164,10 @@ impl Plan {
     /// Only the event rules of a plugin configuration (what the Envoy-side gate is built from):
     /// the rest is read for its shape but not compiled, so keys need not be at hand.
     pub fn rules_from_json(json: &[u8]) -> Result<Vec<EventRule>, Vec<ConfigError>> {
-        let value: Value = serde_json::from_slice(json).map_err(|e| {
-            vec![ConfigError::new(
-                "configuration",
-                format!("invalid JSON ({e})"),
-            )]
-        })?;
         let mut errors = Errors::default();
-        let rules = match raw::read_config(&value, &mut errors) {
-            Some(raw) if errors.is_empty() => compile::compile_rules(&raw, &mut errors),
-            _ => Vec::new(),
-        };
+        let rules = read_raw(json, &mut errors)?
+            .map(|raw| compile::compile_rules(&raw, &mut errors))
+            .unwrap_or_default();
         if errors.is_empty() {
             Ok(rules)
         } else {

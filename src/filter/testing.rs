@@ -24,6 +24,19 @@ pub struct FakeHost {
     pub wakes: RefCell<u32>,
 }
 
+/// The rule the glue's tests run: `job.completed` on `POST /jobs/{jobId}/complete`, 200, with the
+/// organisation from the `x-organisation-id` header.
+pub fn job_completed_rule() -> serde_json::Value {
+    serde_json::json!({
+        "type": "job.completed",
+        "objectType": "job",
+        "match": {"methods": ["POST"], "path": "/jobs/{jobId}/complete", "status": [200]},
+        "when": [{"pointer": "/status", "equals": "completed"}],
+        "object": "",
+        "organisationId": {"header": "x-organisation-id"}
+    })
+}
+
 pub const SIGNING_KEY: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 
 impl FakeHost {

@@ -3,7 +3,7 @@
 //! the same webhook id.
 
 use super::host::LogLevel;
-use super::testing::{FakeHost, SentCallout, SIGNING_KEY};
+use super::testing::{job_completed_rule, FakeHost, SentCallout, SIGNING_KEY};
 use super::worker::{RegistryAnswer, Worker};
 use crate::config::Plan;
 use crate::delivery::AttemptOutcome;
@@ -34,14 +34,7 @@ fn plan_from(config: Value) -> Plan {
 
 fn config() -> Value {
     json!({
-        "events": [{
-            "type": "job.completed",
-            "objectType": "job",
-            "match": {"methods": ["POST"], "path": "/jobs/{jobId}/complete", "status": [200]},
-            "when": [{"pointer": "/status", "equals": "completed"}],
-            "object": "",
-            "organisationId": {"header": "x-organisation-id"}
-        }],
+        "events": [job_completed_rule()],
         "webhooks": [{
             "id": HOOK,
             "organisationId": ORG,

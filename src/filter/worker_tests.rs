@@ -1,7 +1,7 @@
 //! The glue's decisions, against a host that answers as a broken or hostile one would.
 
 use super::host::{DispatchRefused, LogLevel};
-use super::testing::{FakeHost, SIGNING_KEY};
+use super::testing::{job_completed_rule, FakeHost, SIGNING_KEY};
 use super::worker::{Attempt, Worker};
 use crate::config::Plan;
 use crate::delivery::AttemptOutcome;
@@ -34,14 +34,7 @@ fn config(webhooks: Vec<Value>, delivery: Value) -> Value {
         d[k] = v.clone();
     }
     json!({
-        "events": [{
-            "type": "job.completed",
-            "objectType": "job",
-            "match": {"methods": ["POST"], "path": "/jobs/{jobId}/complete", "status": [200]},
-            "when": [{"pointer": "/status", "equals": "completed"}],
-            "object": "",
-            "organisationId": {"header": "x-organisation-id"}
-        }],
+        "events": [job_completed_rule()],
         "webhooks": webhooks,
         "delivery": d,
     })
