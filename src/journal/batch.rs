@@ -156,8 +156,11 @@ impl Journal {
             return;
         };
         let key = Rc::clone(key);
-        if t.too_large {
-            if t.pending.is_empty() && !t.stored {
+        // Settled before any write of it left: nothing to write, now or later (even while writes
+        // are paused, so that an outage does not keep every delivered event in memory).
+        let never_written = t.pending.is_empty() && !t.stored && !t.in_flight;
+        if t.too_large || never_written {
+            if t.pending.is_empty() && !t.stored && !t.in_flight {
                 self.batch.tracked.remove(event_id);
             }
             return;
@@ -169,7 +172,20 @@ impl Journal {
         t.dirty = true;
         if !was_dirty && !t.in_flight {
             self.batch.due.push_back(key);
+            self.compact_due();
         }
+    }
+
+    /// Drops the due entries that owe nothing any more (settled, removed) once they outnumber
+    /// the records: the queue stays bounded by the records tracked, even while writes are paused.
+    fn compact_due(&mut self) {
+        if self.batch.due.len() <= 2 * self.batch.tracked.len() + 64 {
+            return;
+        }
+        let tracked = &self.batch.tracked;
+        self.batch
+            .due
+            .retain(|id| tracked.get(id).is_some_and(|t| t.dirty && !t.in_flight));
     }
 
     /// Every record is written again (etcd may have lost them to a claimant).

@@ -820,3 +820,29 @@ fn no_dead_owner_is_looked_for_until_this_proxy_knows_its_webhooks() {
         .iter()
         .any(|r| matches!(r.purpose, Purpose::ListAlive)));
 }
+
+#[test]
+fn while_writes_pause_the_events_delivered_meanwhile_are_not_kept() {
+    let mut j = live();
+    let (id, p) = payload(1_600_000_000);
+    j.track(&id, &p, 5, pending(&[HOOK_A], 5), false);
+    let batch = one_batch_after_delay(&mut j, 5);
+    j.on_answer(batch.purpose, Err("no answer".into()), 30, ROOM);
+    // etcd is away: 1,000 events come and are delivered before any write could leave.
+    for i in 0..1000 {
+        let (id, p) = payload(1_700_000_000 + i);
+        j.track(&id, &p, 40, pending(&[HOOK_A, HOOK_B], 40), false);
+        j.settled(&id, HOOK_A);
+        j.settled(&id, HOOK_B);
+    }
+    assert_eq!(j.tracked(), 1, "only the record still owed");
+    // When the pause is over, only that record is written.
+    let again = one_batch_after_delay(&mut j, 1_100);
+    assert_eq!(
+        ops(&again)
+            .iter()
+            .map(|op| matches!(op, Op::Put(..)))
+            .collect::<Vec<_>>(),
+        vec![true]
+    );
+}
