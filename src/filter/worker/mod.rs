@@ -6,8 +6,9 @@
 //! This file holds the worker itself: events fanned out to deliveries, deliveries sent as
 //! callouts, a new plan adopted. The rest of its `impl` is split by concern: settle.rs (answers,
 //! drops, dead letters, circuits), shared_state.rs (what the proxy's workers share through
-//! Envoy's shared data), registry_pull.rs (the registry feed) and journal.rs (the write-ahead
-//! journal's hooks, `journal_*`).
+//! Envoy's shared data), registry_pull.rs (the registry feed, and `adopt`, which combines a new
+//! configuration with the registry's last document) and journal.rs (the write-ahead journal's
+//! hooks, `journal_*`).
 
 use super::host::{log, Callout, Host, LogLevel};
 use super::metrics::Metrics;

@@ -1,6 +1,7 @@
 //! The registry pull: the registry's webhooks polled (one GET at a time, with the last ETag),
 //! each new document combined with the configured plan, and the events emitted before the first
-//! document held for the registry's webhooks.
+//! document held for the registry's webhooks. A new configuration (`adopt`) is combined here
+//! with the last document too.
 
 use super::{Waiting, Worker, USER_AGENT};
 use crate::config::{Plan, RegistryUpdate};
