@@ -196,6 +196,21 @@ def test_the_egress_refuses_the_same_ranges_as_the_plain_envoy_egress():
         assert any(ip.version == n.version and ip in n for n in ranges), f"{address} (a cluster or pod address)"
 
 
+def test_envoy_accepts_the_egress_configuration_exactly_as_shipped(tmp_path):
+    """`envoy --mode validate` on the ConfigMap's text, unchanged (the system CA bundle path included)."""
+    config_map = one("ConfigMap", "webhook-egress-envoy")
+    path = tmp_path / "envoy.yaml"
+    path.write_text(config_map["data"]["envoy.yaml"])
+    done = subprocess.run([str(harness.ENVOY_BIN), "--mode", "validate", "-c", str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(config_map["data"]["envoy.yaml"].replace("auto_san_validation", "auto_san_validations"))
+    done = subprocess.run([str(harness.ENVOY_BIN), "--mode", "validate", "-c", str(broken)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "auto_san_validations" in done.stdout + done.stderr
+
+
 # ---- the egress's own Envoy ---------------------------------------------------------------------------------------
 
 
