@@ -287,6 +287,14 @@ def test_the_shipped_egress_refuses_a_name_that_resolves_to_loopback(envoys, pki
     assert stats.get(EGRESS_DNS_STATS + "dns_address_filter_out", 0) >= 1, stats
     assert tls_receiver.deliveries(lambda d: d.path == path) == []
     assert tls_receiver.handshake_failures == failures, "the egress connected to the loopback receiver"
+    # Literal addresses too: a caller in the mesh cannot send the egress to one by naming it in :authority.
+    for literal in (f"127.0.0.1:{tls_receiver.port}", f"[::1]:{tls_receiver.port}"):
+        dropped = egress.stats(r"^dns_cache\.").get(EGRESS_DNS_STATS + "dns_address_filter_out", 0)
+        answer = post_through(egress, literal, path)
+        assert answer.status == 503, (literal, answer)
+        assert egress.stats(r"^dns_cache\.").get(EGRESS_DNS_STATS + "dns_address_filter_out", 0) > dropped, literal
+    assert tls_receiver.deliveries(lambda d: d.path == path) == []
+    assert tls_receiver.handshake_failures == failures, "the egress connected to the loopback receiver"
     egress.stop()
 
 
