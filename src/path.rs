@@ -106,7 +106,10 @@ pub fn canonical_segment(raw: &str) -> Result<Cow<'_, str>, BadPath> {
     let mut rest = segment;
     while let Some(at) = rest.find('%') {
         out.push_str(&rest[..at]);
-        let escape = rest.as_bytes().get(at + 1..at + 3).ok_or(BadPath::BadEscape)?;
+        let escape = rest
+            .as_bytes()
+            .get(at + 1..at + 3)
+            .ok_or(BadPath::BadEscape)?;
         let (Some(high), Some(low)) = (hex_value(escape[0]), hex_value(escape[1])) else {
             return Err(BadPath::BadEscape);
         };
@@ -133,7 +136,9 @@ pub fn is_unreserved(byte: u8) -> bool {
 }
 
 fn hex_value(digit: u8) -> Option<u8> {
-    char::from(digit).to_digit(16).and_then(|v| u8::try_from(v).ok())
+    char::from(digit)
+        .to_digit(16)
+        .and_then(|v| u8::try_from(v).ok())
 }
 
 #[cfg(test)]

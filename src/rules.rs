@@ -123,7 +123,8 @@ impl PathTemplate {
             let part = parts.next()?;
             match segment {
                 Segment::Literal(lit) if lit == part => {}
-                Segment::Literal(lit) if self.case_insensitive && lit.eq_ignore_ascii_case(part) => {}
+                Segment::Literal(lit)
+                    if self.case_insensitive && lit.eq_ignore_ascii_case(part) => {}
                 Segment::Literal(_) => return None,
                 Segment::Capture(n) => {
                     if n == name {

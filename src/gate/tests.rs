@@ -114,7 +114,11 @@ fn one_rule_is_methods_and_path() {
         ("POST", "/jobs/42/completed%21", true, false),
     ] {
         assert_eq!(admits(&p, method, path.as_bytes()), gate, "{method} {path}");
-        assert_eq!(rule_matches(&r, method, path.as_bytes()), filter, "{method} {path}");
+        assert_eq!(
+            rule_matches(&r, method, path.as_bytes()),
+            filter,
+            "{method} {path}"
+        );
     }
     // Bytes that are not UTF-8: in a query, an event; in a capture, a bad path the filter counts.
     assert!(admits(&p, "POST", b"/jobs/42/complete?\xff"));
@@ -227,19 +231,31 @@ fn spell(segment: &str, choices: &[u8], fold: bool) -> String {
         if c == '%' && rest.len() >= 3 {
             out.push('%');
             let hex = &rest[1..3];
-            out.push_str(&if choice % 2 == 0 { hex.to_lowercase() } else { hex.to_string() });
+            out.push_str(&if choice % 2 == 0 {
+                hex.to_lowercase()
+            } else {
+                hex.to_string()
+            });
             rest = &rest[3..];
             continue;
         }
         let c = if fold && choice % 5 == 1 {
-            if c.is_ascii_lowercase() { c.to_ascii_uppercase() } else { c.to_ascii_lowercase() }
+            if c.is_ascii_lowercase() {
+                c.to_ascii_uppercase()
+            } else {
+                c.to_ascii_lowercase()
+            }
         } else {
             c
         };
         if c.is_ascii() && is_unreserved(c as u8) && choice % 3 == 0 {
             let hex = format!("{:02X}", c as u8);
             out.push('%');
-            out.push_str(&if choice % 2 == 0 { hex.to_lowercase() } else { hex });
+            out.push_str(&if choice % 2 == 0 {
+                hex.to_lowercase()
+            } else {
+                hex
+            });
         } else {
             out.push(c);
         }

@@ -33,7 +33,10 @@ fn spellings_of_one_path_have_one_canonical_form() {
 
 #[test]
 fn other_paths_stay_apart() {
-    assert_eq!(canon("/jobs/X/completed").as_deref(), Ok("/jobs/X/completed"));
+    assert_eq!(
+        canon("/jobs/X/completed").as_deref(),
+        Ok("/jobs/X/completed")
+    );
     assert_eq!(canon("/Jobs/X/complete").as_deref(), Ok("/Jobs/X/complete"));
     // Reserved characters stay encoded, with uppercase hex; decoded, they would mean something else.
     assert_eq!(canon("/a%3bb/%c3%a9").as_deref(), Ok("/a%3Bb/%C3%A9"));
@@ -61,17 +64,32 @@ fn bad_paths_say_why() {
         canonical(b"/jobs/X/complete?\xff%zz").map(Cow::into_owned),
         Ok("/jobs/X/complete".to_string())
     );
-    assert_eq!(canon("/jobs/X;p=%2F/complete").as_deref(), Ok("/jobs/X/complete"));
+    assert_eq!(
+        canon("/jobs/X;p=%2F/complete").as_deref(),
+        Ok("/jobs/X/complete")
+    );
     assert_eq!(BadPath::EscapedSlash.reason(), "escaped_slash");
 }
 
 #[test]
 fn a_canonical_path_is_borrowed() {
-    for raw in ["/jobs/X/complete", "/jobs/X/complete?a=//./;%", "/", "/a.b/c..d", "*"] {
-        assert!(matches!(canonical(raw.as_bytes()), Ok(Cow::Borrowed(_))), "{raw}");
+    for raw in [
+        "/jobs/X/complete",
+        "/jobs/X/complete?a=//./;%",
+        "/",
+        "/a.b/c..d",
+        "*",
+    ] {
+        assert!(
+            matches!(canonical(raw.as_bytes()), Ok(Cow::Borrowed(_))),
+            "{raw}"
+        );
     }
     for raw in ["//a", "/a/", "/a/./b", "/a%41", "/a;b", "/.x"] {
-        assert!(matches!(canonical(raw.as_bytes()), Ok(Cow::Owned(_))), "{raw}");
+        assert!(
+            matches!(canonical(raw.as_bytes()), Ok(Cow::Owned(_))),
+            "{raw}"
+        );
     }
 }
 
@@ -101,14 +119,22 @@ mod properties {
                 // An escape that stays: its hex may be lowercase.
                 let hex = &rest[1..3];
                 out.push('%');
-                out.push_str(&if choice % 2 == 0 { hex.to_lowercase() } else { hex.to_string() });
+                out.push_str(&if choice % 2 == 0 {
+                    hex.to_lowercase()
+                } else {
+                    hex.to_string()
+                });
                 rest = &rest[3..];
                 continue;
             }
             if c.is_ascii() && is_unreserved(c as u8) && choice % 3 == 0 {
                 let hex = format!("{:02X}", c as u8);
                 out.push('%');
-                out.push_str(&if choice % 2 == 0 { hex.to_lowercase() } else { hex });
+                out.push_str(&if choice % 2 == 0 {
+                    hex.to_lowercase()
+                } else {
+                    hex
+                });
             } else {
                 out.push(c);
             }

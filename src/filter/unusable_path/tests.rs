@@ -56,7 +56,13 @@ fn only_requests_with_a_rules_method_are_looked_at() {
     assert_eq!(request(&plan, b"POST", b"/x/%41"), None);
     let mut stream = Stream::new();
     assert_eq!(
-        stream.on_request_headers(&plan, &[(b":method", b"POST"), (b":path", b"//jobs/X/complet%65/;v=1?x")]),
+        stream.on_request_headers(
+            &plan,
+            &[
+                (b":method", b"POST"),
+                (b":path", b"//jobs/X/complet%65/;v=1?x")
+            ]
+        ),
         None
     );
     assert!(stream.on_response_headers(&plan, &[(b":status", b"200")]));
