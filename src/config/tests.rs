@@ -736,3 +736,31 @@ fn a_rotated_key_signs_beside_the_new_one_until_it_expires() {
         .to_string()
         .starts_with("registry.webhooks[0].previousKeyExpiresAt"));
 }
+
+#[test]
+fn case_insensitive_paths_and_canonical_templates() {
+    let plan = Plan::from_json(valid().to_string().as_bytes(), &no_env).unwrap();
+    assert!(!plan.rules[0].path.is_case_insensitive());
+    let mut config = valid();
+    config["events"][0]["match"]["caseInsensitive"] = json!(true);
+    config["events"][0]["match"]["path"] = json!("//J%6Fbs/{jobId}/complete/");
+    let plan = Plan::from_json(config.to_string().as_bytes(), &no_env).unwrap();
+    assert!(plan.rules[0].matches_request("POST", "/JOBS/42/Complete"));
+    assert!(!plan.rules[0].matches_request("POST", "/jobs/42/completed"));
+    config["events"][0]["match"]["caseInsensitive"] = json!(null);
+    let plan = Plan::from_json(config.to_string().as_bytes(), &no_env).unwrap();
+    assert!(!plan.rules[0].matches_request("POST", "/jobs/42/complete"));
+    assert!(plan.rules[0].matches_request("POST", "/Jobs/42/complete"));
+    rejects(
+        |c| c["events"][0]["match"]["caseInsensitive"] = json!("yes"),
+        "events[0].match.caseInsensitive",
+    );
+    rejects(
+        |c| c["events"][0]["match"]["path"] = json!("/jobs/{jobId}/complete;v=1"),
+        "events[0].match.path: segment \"complete;v=1\" must not contain ';'",
+    );
+    rejects(
+        |c| c["events"][0]["match"]["path"] = json!("/jobs/../{jobId}"),
+        "events[0].match.path: segment \"..\" is a dot segment",
+    );
+}
