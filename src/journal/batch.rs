@@ -333,14 +333,20 @@ impl Journal {
                 }
             }
         }
-        for (event_id, delete) in ops {
-            self.written(&event_id, delete, ok);
+        // One notice for the batch: the glue updates a gauge per notice.
+        let delta: i64 = ops
+            .iter()
+            .map(|(event_id, delete)| self.written(event_id, *delete, ok))
+            .sum();
+        if delta != 0 {
+            self.notices.push(Notice::RecordsDelta(delta));
         }
     }
 
-    fn written(&mut self, event_id: &Rc<str>, delete: bool, ok: bool) {
+    /// One write of a batch was answered; returns how the records stored moved (-1, 0, 1).
+    fn written(&mut self, event_id: &Rc<str>, delete: bool, ok: bool) -> i64 {
         let Some(t) = self.batch.tracked.get_mut(event_id) else {
-            return;
+            return 0;
         };
         t.in_flight = false;
         let was_stored = t.stored;
@@ -358,15 +364,11 @@ impl Journal {
             }
         }
         let (stored, dirty, settled) = (t.stored, t.dirty, t.pending.is_empty());
-        match (was_stored, stored) {
-            (false, true) => self.notices.push(Notice::RecordsDelta(1)),
-            (true, false) => self.notices.push(Notice::RecordsDelta(-1)),
-            _ => {}
-        }
         if dirty {
             self.batch.due.push_back(Rc::clone(event_id));
         } else if settled && !stored {
             self.batch.tracked.remove(event_id);
         }
+        i64::from(stored) - i64::from(was_stored)
     }
 }

@@ -235,7 +235,8 @@ fn a_record_is_put_then_deleted_once_every_webhook_settled() {
     j.on_answer(deletes.purpose, Ok(TXN_OK), 300, ROOM);
     assert_eq!(
         j.take_notices(),
-        vec![Notice::RecordsDelta(-1), Notice::RecordsDelta(-1)]
+        vec![Notice::RecordsDelta(-2)],
+        "one notice per batch"
     );
     assert_eq!(j.tracked(), 0);
     assert!(writes(&mut j, 1000).is_empty());
