@@ -3,7 +3,8 @@
 Each test queues deliveries to a receiver that answers 503, takes the proxy away (SIGKILL, a VM rebuild, a hot
 restart, a peer killed for good), then lets the receiver answer 200: every event must arrive at every webhook
 (counted by distinct webhook-id per webhook, signatures checked by `standardwebhooks`) and the journal's records
-must be gone from etcd afterwards. Further tests: etcd down for 10 s (degraded, never silent), a record too
+must be gone from etcd afterwards. Further tests: etcd down for 10 s (degraded, never silent), the records'
+writes travelling in batches (txns) as etcd counts them, etcd requests per event under a burst, a record too
 large for etcd, a 410 seen by one proxy turning the webhook off in another, and a 3-member etcd losing a member
 under load.
 
