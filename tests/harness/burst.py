@@ -1,9 +1,8 @@
 """Many job completions at once, sent from a separate Python process.
 
 The job service and the receiver run on threads of the test process, and share its interpreter lock. Hundreds
-of client threads in that same process compete for the lock with them: on a busy 2-core machine, every hand-over
-of the lock waits for the scheduler, and the receiver's answers come later than the callout timeout. Clients in
-their own process compete only for the CPU, as real clients do.
+of client threads in that same process would compete with them for it, and on a busy 2-core machine hold the
+receiver's answers back. Clients in a process of their own compete only for the CPU, as real clients do.
 
 `complete_jobs_at_once(port, organisation_id, jobs)` in the test process; `python -m harness.burst` is the child
 (JSON in on stdin, JSON out on stdout). Standard library only.
