@@ -320,7 +320,7 @@ def test_a_circuit_opened_by_one_proxy_opens_in_another(job_service, rc, envoys,
     config.delivery["circuitBreaker"] = {"failures": 3}
     # An open circuit probes once per step of the schedule, and B's first probe is due one step after B opened
     # its circuit, whatever B holds by then. A step of 5 s (4-6 s with jitter) gives the test that long to see
-    # B hold its event; with 500 ms a busy machine saw B's probe (B's event itself) before it looked.
+    # B hold its event; with 500 ms, B's probe (B's event itself) could go out before a busy machine looked.
     config.delivery["retrySchedule"] = ["5s"] * 20
     clusters = [etcd.envoy_cluster()]
     a = harness.envoy_with_filter(job_service, rc, config, wasm=wasm, name="journal-circuit-a",

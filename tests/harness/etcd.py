@@ -221,8 +221,7 @@ def journal_section(prefix: str, lease_seconds: int = 2, cluster: str = "etcd") 
 
 def wait_journal_live(envoy, timeout: float = 30.0) -> list:
     """Until every root context of `envoy` (one per worker, one on the main thread) is live in the journal: each
-    is an owner of its own and reaches etcd on its own, so one "is live" line says nothing of the others. An
-    event that a worker handles before its owner is live is not journaled yet."""
+    is an owner of its own and reaches etcd on its own, so one "is live" line says nothing of the others."""
     from .observe import wait_for_log
 
     return wait_for_log(envoy, r"journal: owner \w+ is live", count=envoy.concurrency + 1, timeout=timeout)
