@@ -1,7 +1,7 @@
 //! The batcher (group commit): what the worker decides about its events (tracked, retry
 //! scheduled, settled) marks their records' writes as due; due writes leave together, as one
-//! etcd `txn` of puts and deletes, once the oldest has waited [`FLUSH_DELAY_MS`] or a full batch
-//! is due. A batch holds at most etcd's `--max-txn-ops` operations and stays under its request
+//! etcd `txn` of puts and deletes, once the oldest has waited [`FLUSH_DELAY_MS`] and no txn is
+//! out, or at once when a full batch is due. A batch holds at most etcd's `--max-txn-ops` operations and stays under its request
 //! limit. Under load a txn carries many events; an event whose deliveries all succeed before its
 //! write leaves is never written at all. Either way etcd requests per event tend to zero.
 //!
@@ -19,8 +19,8 @@ use std::rc::{Rc, Weak};
 /// How long the oldest due write waits for others to join its batch. The root's tick (50 ms)
 /// polls too, so a write leaves at most a tick after this.
 pub const FLUSH_DELAY_MS: u64 = 20;
-/// Batches out at once. A partial batch leaves only when its oldest write has waited; a full one
-/// at once while fewer than this are out.
+/// Batches out at once. A flush short of a full batch happens only when its oldest write has
+/// waited and no batch is out; one with a full batch due at once.
 pub const MAX_TXNS_IN_FLIGHT: usize = 4;
 /// The bytes of keys and values (and their framing) a batch may carry: etcd's default request
 /// limit, less what the request carries besides.
@@ -196,8 +196,9 @@ impl Journal {
         }
     }
 
-    /// Sends the due writes as batches: when the oldest has waited long enough, or a batch is
-    /// full, while fewer than [`MAX_TXNS_IN_FLIGHT`] are out.
+    /// Flushes the due writes, as batches within etcd's bounds, while fewer than
+    /// [`MAX_TXNS_IN_FLIGHT`] are out: at once when a full batch is due, else when the oldest
+    /// write has waited long enough and no batch is out.
     pub(super) fn poll_writes(&mut self, now_ms: u64) {
         self.skip_stale_due();
         if self.batch.due.is_empty() {
@@ -206,10 +207,16 @@ impl Journal {
         }
         let since = *self.batch.due_since_ms.get_or_insert(now_ms);
         let aged = now_ms >= since.saturating_add(FLUSH_DELAY_MS);
+        let full = self.batch.due.len() >= self.batch.max_ops;
+        // Short of a full batch, a flush also waits for the txn out to be answered (group
+        // commit: the slower etcd answers, the more each txn carries).
+        if !(full || (aged && self.batch.txns_in_flight == 0)) {
+            return;
+        }
+        // A flush sends everything due, in as many txns as etcd's bounds need.
         while self.batch.txns_in_flight < MAX_TXNS_IN_FLIGHT {
             self.skip_stale_due();
-            let full = self.batch.due.len() >= self.batch.max_ops;
-            if self.batch.due.is_empty() || !(aged || full) {
+            if self.batch.due.is_empty() {
                 break;
             }
             let (ops, txn) = self.next_batch();

@@ -259,53 +259,62 @@ fn an_event_settled_before_its_batch_leaves_is_never_written() {
 fn many_events_leave_as_few_txns_within_etcds_limits() {
     let mut j = live();
     let events: Vec<(Rc<str>, Rc<Payload>)> =
-        (0..300).map(|i| payload(1_700_000_000 + i)).collect();
-    for (id, p) in &events[..200] {
+        (0..200).map(|i| payload(1_700_000_000 + i)).collect();
+    for (id, p) in &events {
         j.track(id, p, 5, pending(&[HOOK_A, HOOK_B], 5), false);
     }
-    // A full batch leaves at once; the rest waits for the delay.
-    let first = one_batch(&mut j, 5);
-    assert_eq!(ops(&first).len(), etcd::MAX_TXN_OPS);
-    let second = one_batch(&mut j, 5 + FLUSH_DELAY_MS);
-    assert_eq!(ops(&second).len(), 200 - etcd::MAX_TXN_OPS);
+    // A full batch is due: the flush goes at once, everything due in as many txns as it takes.
+    let flush = writes(&mut j, 5);
+    assert_eq!(flush.len(), 2);
+    let (first, second) = (&flush[0], &flush[1]);
+    let first_ops = ops(first);
+    assert_eq!(first_ops.len(), etcd::MAX_TXN_OPS);
+    assert_eq!(ops(second).len(), 200 - etcd::MAX_TXN_OPS);
     // Each key once, oldest first.
-    let keys: Vec<String> = ops(&first)
+    let keys: Vec<String> = first_ops
         .iter()
-        .chain(ops(&second).iter())
+        .chain(ops(second).iter())
         .map(|op| match op {
             Op::Put(key, _) | Op::Delete(key) => key.clone(),
         })
         .collect();
-    let expected: Vec<String> = events[..200]
+    let expected: Vec<String> = events
         .iter()
         .map(|(id, _)| format!("wh/records/{OWNER}/{id}"))
         .collect();
     assert_eq!(keys, expected);
-
-    // Never more than MAX_TXNS_IN_FLIGHT batches out: the rest waits for an answer.
-    for (id, p) in &events[200..] {
-        j.track(id, p, 50, pending(&[HOOK_A], 50), false);
+    // Short of a full batch, a flush waits for the txns out.
+    let (id, p) = payload(1_500_000_000);
+    j.track(&id, &p, 10, pending(&[HOOK_A], 10), false);
+    assert!(
+        flushed(&mut j, 10).is_empty(),
+        "a partial flush waits for the txns out"
+    );
+    for b in flush {
+        j.on_answer(b.purpose, Ok(TXN_OK), 31, ROOM);
     }
-    let more = flushed(&mut j, 50);
-    assert_eq!(more.len(), 1, "100 writes: one batch");
-    let (id, p) = payload(1_600_000_000);
-    j.track(&id, &p, 80, pending(&[HOOK_A], 80), false);
-    assert_eq!(flushed(&mut j, 80).len(), 1);
-    assert_eq!(MAX_TXNS_IN_FLIGHT, 4);
-    let (id, p) = payload(1_600_000_001);
-    j.track(&id, &p, 110, pending(&[HOOK_A], 110), false);
-    assert!(flushed(&mut j, 110).is_empty(), "four batches out");
-    j.on_answer(first.purpose, Ok(TXN_OK), 140, ROOM);
-    assert_eq!(ops(&one_batch(&mut j, 140)).len(), 1);
-    let delta: i64 = j
-        .take_notices()
-        .iter()
-        .map(|n| match n {
-            Notice::RecordsDelta(d) => *d,
-            _ => 0,
-        })
-        .sum();
-    assert_eq!(delta, etcd::MAX_TXN_OPS as i64);
+    assert_eq!(
+        j.take_notices(),
+        vec![Notice::RecordsDelta(128), Notice::RecordsDelta(72)]
+    );
+    let single = one_batch(&mut j, 31);
+    assert_eq!(ops(&single).len(), 1);
+    j.on_answer(single.purpose, Ok(TXN_OK), 32, ROOM);
+
+    // Full batches go at once while fewer than MAX_TXNS_IN_FLIGHT are out.
+    let more: Vec<(Rc<str>, Rc<Payload>)> = (0..(MAX_TXNS_IN_FLIGHT + 1) * etcd::MAX_TXN_OPS)
+        .map(|i| payload(1_600_000_000 + i as u64))
+        .collect();
+    for (id, p) in &more {
+        j.track(id, p, 40, pending(&[HOOK_A], 40), false);
+    }
+    let out = writes(&mut j, 40);
+    assert_eq!(out.len(), MAX_TXNS_IN_FLIGHT);
+    assert!(out.iter().all(|b| ops(b).len() == etcd::MAX_TXN_OPS));
+    assert!(writes(&mut j, 1_000).is_empty(), "four batches out");
+    let answered = out.into_iter().next().expect("a batch");
+    j.on_answer(answered.purpose, Ok(TXN_OK), 1_001, ROOM);
+    assert_eq!(ops(&one_batch(&mut j, 1_001)).len(), etcd::MAX_TXN_OPS);
 }
 
 #[test]
