@@ -121,6 +121,7 @@ mod tests {
             when: vec![],
             object_pointer: String::new(),
             organisation: OrganisationSource::Pointer("/org".into()),
+            refetch: None,
         }
     }
 

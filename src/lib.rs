@@ -15,6 +15,7 @@ pub mod headers;
 pub mod journal;
 pub mod json;
 // The webhook registry service: native only, nothing of it in the .wasm.
+pub mod refetch;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod registry;
 pub mod rules;

@@ -189,6 +189,8 @@ pub struct EventRule {
     pub when: Vec<Condition>,
     pub object_pointer: String,
     pub organisation: OrganisationSource,
+    /// How to read the object again when the response was cut short (`refetch`).
+    pub refetch: Option<crate::refetch::RefetchSpec>,
 }
 
 /// What the request told us, kept only for candidate streams.
@@ -320,6 +322,7 @@ mod tests {
             }],
             object_pointer: String::new(),
             organisation: org,
+            refetch: None,
         }
     }
 
