@@ -22,6 +22,9 @@ use std::rc::Rc;
 
 // The write-ahead journal's hooks (`journal_*`) live in worker/journal.rs.
 mod journal;
+// Reading cut completions again (`refetch`) lives in worker/refetch.rs.
+mod refetch;
+pub use refetch::StreamEnd;
 
 pub const USER_AGENT: &str = concat!("webhook-emitter/", env!("CARGO_PKG_VERSION"));
 /// How the dead-letter lane is named in log lines.
@@ -116,6 +119,8 @@ pub struct Worker {
     registry: Option<RegistryPull>,
     /// The write-ahead journal in etcd (`delivery.journal`).
     journal: Option<crate::journal::Journal>,
+    /// Completions whose answer was cut short, to be read again.
+    refetches: crate::refetch::RefetchQueue,
 }
 
 /// The registry feed as this worker pulls it.
@@ -209,6 +214,7 @@ impl Worker {
             reported: Reported::default(),
             registry: None,
             journal,
+            refetches: crate::refetch::RefetchQueue::new(),
         }
     }
 

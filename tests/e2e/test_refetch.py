@@ -1,0 +1,172 @@
+"""A completion whose answer is cut short through the real Envoy (--concurrency 2): a client that hangs up after the
+response headers (HTTP/1.1 close, HTTP/2 RST_STREAM CANCEL), or an upstream that cuts its own body. With the rule's
+`refetch`, the proxy reads the job again (GET /jobs/{id}) and its event is delivered exactly once; without it, the
+loss is counted and logged; a refetch the upstream keeps failing is retried along the schedule, then counted."""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import harness
+import pytest
+from harness.config import PluginConfig, delivery_section, job_completed_rule, job_started_rule, make_hook, new_id
+from harness.observe import Counters, wait_for_log
+
+REFETCH = {"path": "/jobs/{jobId}"}
+
+
+def http1_hang_up_after_headers(port: int, path: str, organisation_id: str) -> bytes:
+    """POSTs on a raw HTTP/1.1 connection, reads until the response headers are in, then closes the connection
+    with a reset (SO_LINGER 0). Returns the head of the response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=harness.scaled(20)) as s:
+        s.sendall(b"POST %s HTTP/1.1\r\nHost: jobs\r\nContent-Length: 2\r\nx-organisation-id: %s\r\n\r\n{}"
+                  % (path.encode(), organisation_id.encode()))
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(65536)
+            assert chunk, f"the connection closed before the response headers: {data!r}"
+            data += chunk
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return data.partition(b"\r\n\r\n")[0]
+
+
+def h2_cancel_after_headers(port: int, path: str, organisation_id: str) -> int:
+    """POSTs over h2c (prior knowledge), and once the response headers are in sends RST_STREAM CANCEL for the
+    stream. Returns the response status."""
+    import h2.config
+    import h2.connection
+    import h2.errors
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding=None))
+    with socket.create_connection(("127.0.0.1", port), timeout=harness.scaled(20)) as s:
+        conn.initiate_connection()
+        s.sendall(conn.data_to_send())
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(b":method", b"POST"), (b":path", path.encode()), (b":scheme", b"http"),
+                                (b":authority", b"jobs"), (b"x-organisation-id", organisation_id.encode())])
+        conn.send_data(sid, b"{}", end_stream=True)
+        s.sendall(conn.data_to_send())
+        status = None
+        while status is None:
+            data = s.recv(65536)
+            assert data, "the connection closed before the response headers"
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = int(dict(ev.headers)[b":status"])
+                assert not isinstance(ev, h2.events.StreamReset), "Envoy reset the stream first"
+            s.sendall(conn.data_to_send())
+        conn.reset_stream(sid, error_code=h2.errors.ErrorCodes.CANCEL)
+        s.sendall(conn.data_to_send())
+        # Envoy acknowledges nothing for a reset; a GOAWAY from us ends the connection cleanly.
+        conn.close_connection()
+        s.sendall(conn.data_to_send())
+    return status
+
+
+def http1_read_cut_answer(port: int, path: str, organisation_id: str) -> bytes:
+    """POSTs and reads until Envoy closes the connection (the upstream cut its body); returns what came."""
+    with socket.create_connection(("127.0.0.1", port), timeout=harness.scaled(20)) as s:
+        s.sendall(b"POST %s HTTP/1.1\r\nHost: jobs\r\nContent-Length: 2\r\nx-organisation-id: %s\r\n\r\n{}"
+                  % (path.encode(), organisation_id.encode()))
+        data = b""
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def config_for(rc, refetch, **delivery):
+    org = new_id()
+    hook = make_hook(rc.port, org)
+    rule = job_completed_rule(refetch=refetch)
+    return org, hook, PluginConfig(hooks=[hook], events=[rule, job_started_rule()],
+                                   delivery=delivery_section(**delivery))
+
+
+CUTS = {
+    "http1-close": lambda port, job, org: http1_hang_up_after_headers(port, f"/jobs/{job}/complete?scenario=hold", org),
+    "h2-rst-stream": lambda port, job, org: h2_cancel_after_headers(port, f"/jobs/{job}/complete?scenario=hold", org),
+    "upstream-cut": lambda port, job, org: http1_read_cut_answer(port, f"/jobs/{job}/complete?scenario=cut", org),
+}
+
+
+@pytest.mark.parametrize("cut", list(CUTS))
+def test_a_cut_completion_is_read_again_and_delivered_exactly_once(cut, rc, job_service, start_envoy):
+    org, hook, config = config_for(rc, REFETCH)
+    envoy = start_envoy(config)
+    counters = Counters(envoy)
+    job = new_id()
+    CUTS[cut](envoy.listener_port, job, org)
+    delivery = rc.wait_for(lambda d: d.object_id() == job, timeout=30)[0]
+    assert delivery.json()["data"]["object"] == {**harness.completed_job(job), "objectType": "job"}
+    assert delivery.json()["organisationId"] == org
+    # One refetch, one event: nothing more is queued that could deliver it again.
+    assert counters.wait_delta("events_refetched", 1) == 1
+    d = counters.deltas("refetches_sent", "refetches_retried", "events_emitted", "events_lost.stream_reset",
+                        "events_lost.refetch_failed")
+    assert d == {"refetches_sent": 1, "refetches_retried": 0, "events_emitted": 1, "events_lost.stream_reset": 0,
+                 "events_lost.refetch_failed": 0}, d
+    assert [x.event_id for x in rc.deliveries(lambda x: x.object_id() == job)] == [delivery.event_id]
+    reads = [r for r in job_service.requests_for(f"/jobs/{job}") if r["method"] == "GET"]
+    assert len(reads) == 1 and reads[0]["path"] == f"/jobs/{job}"
+    # The organisation header went along (the rule takes the organisation from it), to the original authority.
+    assert reads[0]["headers"]["x-organisation-id"] == org
+    assert reads[0]["headers"]["host"] == "jobs"
+    wait_for_log(envoy, rf"job\.completed for \"/jobs/{job}/complete\?scenario=(hold|cut)\" read again after its "
+                        rf"stream ended early \(.+\): event={delivery.event_id}")
+
+
+@pytest.mark.parametrize("cut", ["http1-close", "h2-rst-stream", "upstream-cut"])
+def test_without_refetch_the_loss_is_counted_and_logged(cut, rc, job_service, start_envoy):
+    org, hook, config = config_for(rc, None)
+    envoy = start_envoy(config)
+    counters = Counters(envoy)
+    job = new_id()
+    CUTS[cut](envoy.listener_port, job, org)
+    assert counters.wait_delta("events_lost.stream_reset", 1) == 1
+    wait_for_log(envoy, rf"event lost: job\.completed for \"/jobs/{job}/complete\?scenario=(hold|cut)\": the stream "
+                        rf"ended before its body was complete \(.+\) and the rule has no refetch \(reason=stream_reset\)")
+    assert counters.delta("events_emitted") == 0 and counters.delta("refetches_sent") == 0
+    assert not [r for r in job_service.requests_for(f"/jobs/{job}") if r["method"] == "GET"]
+    # The next completion is delivered as usual.
+    ok = new_id()
+    r = envoy.request("POST", f"/jobs/{ok}/complete", {"x-organisation-id": org}, b"{}")
+    assert r.status == 200
+    rc.wait_for(lambda d: d.object_id() == ok, timeout=30)
+    assert not rc.deliveries(lambda d: d.object_id() == job)
+
+
+def test_a_refetch_the_upstream_keeps_failing_is_retried_then_counted(rc, job_service, start_envoy):
+    org, hook, config = config_for(rc, REFETCH, retrySchedule=["200ms", "400ms"])
+    envoy = start_envoy(config)
+    counters = Counters(envoy)
+    job = job_service.fail_reads(new_id())
+    CUTS["http1-close"](envoy.listener_port, job, org)
+    assert counters.wait_delta("events_lost.refetch_failed", 1) == 1
+    wait_for_log(envoy, rf"event lost: job\.completed for \"/jobs/{job}/complete\?scenario=hold\": the stream ended "
+                        rf"early \(.+\) and the refetch GET /jobs/{job} failed: the upstream answered 503, after 3 "
+                        rf"attempts \(reason=refetch_failed\)")
+    d = counters.deltas("refetches_sent", "refetches_retried", "events_emitted", "events_lost.stream_reset")
+    assert d == {"refetches_sent": 3, "refetches_retried": 2, "events_emitted": 0, "events_lost.stream_reset": 0}, d
+    assert len([r for r in job_service.requests_for(f"/jobs/{job}") if r["method"] == "GET"]) == 3
+    assert not rc.deliveries(lambda x: x.object_id() == job)
+
+
+def test_a_refetch_that_fails_once_is_delivered_on_the_retry(rc, job_service, start_envoy):
+    org, hook, config = config_for(rc, REFETCH, retrySchedule=["200ms", "400ms"])
+    envoy = start_envoy(config)
+    counters = Counters(envoy)
+    job = job_service.fail_reads(new_id(), times=1)
+    CUTS["h2-rst-stream"](envoy.listener_port, job, org)
+    delivery = rc.wait_for(lambda d: d.object_id() == job, timeout=30)[0]
+    assert counters.wait_delta("events_refetched", 1) == 1
+    d = counters.deltas("refetches_sent", "refetches_retried", "events_emitted", "events_lost.refetch_failed")
+    assert d == {"refetches_sent": 2, "refetches_retried": 1, "events_emitted": 1, "events_lost.refetch_failed": 0}, d
+    assert [x.event_id for x in rc.deliveries(lambda x: x.object_id() == job)] == [delivery.event_id]
