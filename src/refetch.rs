@@ -261,9 +261,9 @@ pub struct RefetchQueue {
 #[derive(Debug)]
 pub enum Refused {
     /// The queue is at [`MAX_QUEUED`] or [`MAX_QUEUED_BYTES`].
-    QueueFull(RefetchJob),
+    QueueFull(Box<RefetchJob>),
     /// Every attempt the schedule allows was made.
-    Exhausted(RefetchJob),
+    Exhausted(Box<RefetchJob>),
 }
 
 impl RefetchQueue {
@@ -285,7 +285,7 @@ impl RefetchQueue {
         let size = job.held_bytes();
         if self.waiting.len() + self.in_flight >= MAX_QUEUED || self.bytes + size > MAX_QUEUED_BYTES
         {
-            return Err(Refused::QueueFull(job));
+            return Err(Refused::QueueFull(Box::new(job)));
         }
         self.bytes += size;
         let at = self
@@ -327,7 +327,7 @@ impl RefetchQueue {
             .checked_sub(1)
             .and_then(|i| schedule.get(i));
         let Some(delay) = step else {
-            return Err(Refused::Exhausted(job));
+            return Err(Refused::Exhausted(Box::new(job)));
         };
         job.next_at_ms = now_ms + delay;
         self.push(job)

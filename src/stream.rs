@@ -29,6 +29,8 @@ enum State {
         body: BodyBuffer,
         encoding: Encoding,
     },
+    /// The request matched, the status did not: no event, reported once when the stream ends.
+    StatusNotMatched(NoEvent),
 }
 
 /// What a candidate's request said, kept for a stream that ends early (its log line, its
@@ -73,6 +75,16 @@ pub enum NoEvent {
     BadObject {
         event_type: String,
         pointer: String,
+    },
+    /// The request matched a rule, the response's status did not (or it had no valid status):
+    /// not a completion, so no loss.
+    StatusNotMatched {
+        status: Option<u16>,
+        path: String,
+    },
+    /// The status matched, the body did not meet the rule's `when`: not a completion either.
+    ConditionsNotMet {
+        event_type: String,
     },
 }
 
@@ -138,16 +150,18 @@ impl Stream {
         let State::Candidate { rules, request } = std::mem::take(&mut self.state) else {
             return false;
         };
-        let Some(status) =
-            headers::first(response, headers::STATUS).and_then(headers::parse_status)
-        else {
-            return false;
-        };
+        let status = headers::first(response, headers::STATUS).and_then(headers::parse_status);
         let rules: Vec<_> = rules
             .into_iter()
-            .filter(|(i, _)| plan.rules.get(*i).is_some_and(|r| r.matches_status(status)))
+            .filter(|(i, _)| {
+                status.is_some_and(|s| plan.rules.get(*i).is_some_and(|r| r.matches_status(s)))
+            })
             .collect();
         if rules.is_empty() {
+            self.state = State::StatusNotMatched(NoEvent::StatusNotMatched {
+                status,
+                path: request.path,
+            });
             return false;
         }
         let encoding = headers::first(response, headers::CONTENT_ENCODING)
@@ -196,11 +210,22 @@ impl Stream {
         body_outcomes(plan, &rules, &body, &encoding, now_ms, random)
     }
 
+    /// The stream ended: a candidate whose status no rule matched says so (once).
+    pub fn skipped(&mut self) -> Option<NoEvent> {
+        match std::mem::take(&mut self.state) {
+            State::StatusNotMatched(why) => Some(why),
+            other => {
+                self.state = other;
+                None
+            }
+        }
+    }
+
     /// The stream ended (Envoy's `on_log`): a candidate that did not finish (no response
     /// headers, or a body cut short by a reset or a timeout) comes back once per matched rule.
     pub fn ended_early(&mut self) -> Vec<Cut> {
         let (rules, request, response_started) = match std::mem::take(&mut self.state) {
-            State::Ignored => return Vec::new(),
+            State::Ignored | State::StatusNotMatched(_) => return Vec::new(),
             State::Candidate { rules, request } => (rules, request, false),
             State::Collecting { rules, request, .. } => (rules, request, true),
         };
@@ -265,7 +290,9 @@ pub fn body_outcomes(
                 object,
                 now_ms,
             )),
-            Evaluation::ConditionsNotMet => continue,
+            Evaluation::ConditionsNotMet => StreamOutcome::NoEvent(NoEvent::ConditionsNotMet {
+                event_type: event_type(),
+            }),
             Evaluation::NoOrganisation => StreamOutcome::NoEvent(NoEvent::NoOrganisation {
                 event_type: event_type(),
             }),

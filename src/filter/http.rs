@@ -46,6 +46,9 @@ impl EmitterStream {
 
     /// The stream is over: a candidate that did not finish is reported as cut.
     fn ended(&mut self) {
+        if let (Some(why), Some(worker)) = (self.stream.skipped(), &self.worker) {
+            worker.borrow().report_no_event(&ProxyHost, &why);
+        }
         let cuts = self.stream.ended_early();
         if cuts.is_empty() {
             return;

@@ -37,6 +37,8 @@ metrics! {
     events_lost_stream_reset: Counter = "events_lost.stream_reset",
     events_lost_refetch_failed: Counter = "events_lost.refetch_failed",
     events_refetched: Counter = "events_refetched",
+    events_skipped_status: Counter = "events_skipped.status",
+    events_skipped_when: Counter = "events_skipped.when",
     refetches_sent: Counter = "refetches_sent",
     refetches_retried: Counter = "refetches_retried",
     deliveries_attempted: Counter = "deliveries_attempted",

@@ -14,6 +14,8 @@ mod worker_journal_tests;
 #[cfg(all(test, not(target_arch = "wasm32")))]
 mod worker_props;
 #[cfg(test)]
+mod worker_refetch_tests;
+#[cfg(test)]
 mod worker_tests;
 
 #[cfg(all(target_arch = "wasm32", not(test)))]

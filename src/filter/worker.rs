@@ -301,6 +301,19 @@ impl Worker {
                 LogLevel::Warn,
                 format!("{event_type} matched but its object pointer {pointer:?} is not a JSON object in the body: no event"),
             ),
+            NoEvent::StatusNotMatched { status, path } => (
+                m.events_skipped_status,
+                LogLevel::Debug,
+                match status {
+                    Some(status) => format!("{path:?} answered {status}, a status no matching rule takes: not a completion, no event"),
+                    None => format!("{path:?} answered without a valid :status: not a completion, no event"),
+                },
+            ),
+            NoEvent::ConditionsNotMet { event_type } => (
+                m.events_skipped_when,
+                LogLevel::Debug,
+                format!("{event_type}: the response does not meet the rule's when conditions: not a completion, no event"),
+            ),
         };
         metric.inc(host);
         log(host, level, || line);
@@ -332,6 +345,12 @@ impl Worker {
             }
         } else if sent == 0 {
             self.metrics.events_without_subscribers.inc(host);
+            log(host, LogLevel::Debug, || {
+                format!(
+                    "event {} ({}) of organisation {:?}: no enabled webhook subscribes to it",
+                    event.event_id, event.event_type, event.organisation_id
+                )
+            });
         }
     }
 

@@ -42,7 +42,8 @@ impl Worker {
             } else {
                 "the response headers came"
             };
-            match RefetchJob::for_cut(plan, &cut, end.route_cluster, end.details, now_ms, random()) {
+            match RefetchJob::for_cut(plan, &cut, end.route_cluster, end.details, now_ms, random())
+            {
                 Ok(job) => {
                     log(host, LogLevel::Debug, || {
                         format!(
@@ -157,19 +158,17 @@ impl Worker {
             Ok(()) => {
                 self.metrics.refetches_retried.inc(host);
                 log(host, LogLevel::Debug, || {
-                    format!("refetch for {path:?} failed ({why}) after {attempts} attempts: retrying")
+                    format!(
+                        "refetch for {path:?} failed ({why}) after {attempts} attempts: retrying"
+                    )
                 });
             }
-            Err(Refused::Exhausted(job)) => self.refetch_lost(
-                host,
-                &job,
-                &format!("{why}, after {attempts} attempts"),
-            ),
-            Err(Refused::QueueFull(job)) => self.refetch_lost(
-                host,
-                &job,
-                &format!("{why}, and the refetch queue is full"),
-            ),
+            Err(Refused::Exhausted(job)) => {
+                self.refetch_lost(host, &job, &format!("{why}, after {attempts} attempts"))
+            }
+            Err(Refused::QueueFull(job)) => {
+                self.refetch_lost(host, &job, &format!("{why}, and the refetch queue is full"))
+            }
         }
     }
 
