@@ -9,74 +9,10 @@
 
 use crate::body::{BodyBuffer, Encoding};
 use crate::config::Plan;
-use crate::rules::{EventRule, OrganisationFact, OrganisationSource, PathTemplate, RequestFacts};
+use crate::rules::{EventRule, OrganisationFact, OrganisationSource, RequestFacts};
 use crate::stream::{body_outcomes, Cut, StreamOutcome};
 use std::collections::VecDeque;
 use std::rc::Rc;
-
-/// A rule's `refetch`: the request that reads the object again.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RefetchSpec {
-    pub method: String,
-    /// The path template; every capture is one of `match.path`'s.
-    pub path: Vec<PathPart>,
-    /// The cluster to send it to; None: the route's upstream cluster as Envoy reports it.
-    pub cluster: Option<String>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum PathPart {
-    Literal(String),
-    Capture(String),
-}
-
-impl RefetchSpec {
-    /// Parses `refetch.path` against the rule's `match.path` (whose captures fill it).
-    pub fn parse_path(template: &str, matching: &PathTemplate) -> Result<Vec<PathPart>, String> {
-        // Same syntax as match.path, so the same errors.
-        PathTemplate::parse(template)?;
-        let mut parts = Vec::new();
-        for part in template.trim_start_matches('/').split('/') {
-            match part.strip_prefix('{').and_then(|p| p.strip_suffix('}')) {
-                Some(name) if !matching.has_capture(name) => {
-                    return Err(format!(
-                        "{{{name}}} is not a capture of match.path (refetch.path is filled from it)"
-                    ))
-                }
-                Some(name) => parts.push(PathPart::Capture(name.to_string())),
-                None => parts.push(PathPart::Literal(part.to_string())),
-            }
-        }
-        Ok(parts)
-    }
-
-    /// The refetch path for a request `path` the rule matched, each capture percent-encoded
-    /// where a path segment needs it. None if a capture is missing (the rule did not match).
-    pub fn fill(&self, matching: &PathTemplate, path: &str) -> Option<String> {
-        let mut out = String::new();
-        for part in &self.path {
-            out.push('/');
-            match part {
-                PathPart::Literal(lit) => out.push_str(lit),
-                PathPart::Capture(name) => encode_segment(&mut out, matching.capture(path, name)?),
-            }
-        }
-        Some(out)
-    }
-}
-
-/// Copies a captured segment, percent-encoding what a path segment may not hold as is. `%` stays:
-/// a capture keeps the escapes the client sent.
-fn encode_segment(out: &mut String, segment: &str) {
-    for b in segment.bytes() {
-        let keep = b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@%".contains(&b);
-        if keep {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-}
 
 /// One completion to read again, with everything its event needs.
 #[derive(Debug, Clone)]

@@ -11,9 +11,9 @@ use super::raw::{
 use super::{DeadLetter, DeliverySettings, Plan, RegistrySettings, Webhook, WebhookRules};
 use crate::delivery::{OutboxSettings, RetryPolicy};
 use crate::journal::JournalSettings;
-use crate::refetch::RefetchSpec;
 use crate::rules::{
-    validate_json_pointer, Check, Condition, EventRule, MethodSet, OrganisationSource, PathTemplate,
+    validate_json_pointer, Check, Condition, EventRule, MethodSet, OrganisationSource,
+    PathTemplate, RefetchSpec,
 };
 use crate::signature::SigningKey;
 use crate::url::WebhookUrl;
