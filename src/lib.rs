@@ -14,6 +14,7 @@ pub mod gate;
 pub mod headers;
 pub mod journal;
 pub mod json;
+pub mod path;
 // The webhook registry service: native only, nothing of it in the .wasm.
 pub mod refetch;
 #[cfg(not(target_arch = "wasm32"))]

@@ -10,6 +10,7 @@ use crate::config::Plan;
 use crate::event::{Event, EventId};
 use crate::headers::{self, Pairs};
 use crate::json;
+use crate::path::{self, BadPath};
 use crate::rules::{Evaluation, RequestFacts};
 
 #[derive(Debug, Default)]
@@ -88,6 +89,34 @@ pub enum NoEvent {
     },
 }
 
+/// A request that some rule's method takes, whose `:path` has no canonical form: no rule can
+/// match it, and the glue counts it under its reason and logs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnusablePath {
+    pub why: BadPath,
+    pub method: String,
+    /// The path before its query: as text, or as hex when it is not UTF-8; shortened.
+    pub preview: String,
+}
+
+impl UnusablePath {
+    fn new(why: BadPath, method: &str, raw: &[u8]) -> Self {
+        let path = path::without_query(raw);
+        let preview = match std::str::from_utf8(path) {
+            Ok(text) if text.chars().count() > 80 => {
+                format!("{:?}…", text.chars().take(80).collect::<String>())
+            }
+            Ok(text) => format!("{text:?}"),
+            Err(_) => format!("hex {}", headers::hex_preview(path)),
+        };
+        UnusablePath {
+            why,
+            method: method.to_string(),
+            preview,
+        }
+    }
+}
+
 /// What the end of a candidate stream produced.
 #[derive(Debug)]
 pub enum StreamOutcome {
@@ -111,15 +140,26 @@ impl Stream {
         matches!(self.state, State::Collecting { .. })
     }
 
-    /// The request headers: which rules can still match, and the facts they need. A `:method`
-    /// or `:path` that is not UTF-8 matches no rule.
-    pub fn on_request_headers(&mut self, plan: &Plan, request: &[(&[u8], &[u8])]) {
+    /// The request headers: which rules can still match their canonical path
+    /// ([`crate::path::canonical`]), and the facts they need. A `:method` that is not UTF-8
+    /// matches no rule. A request whose method some rule takes but whose `:path` has no canonical
+    /// form is returned, to be counted (other requests are none of the filter's business).
+    pub fn on_request_headers(
+        &mut self,
+        plan: &Plan,
+        request: &[(&[u8], &[u8])],
+    ) -> Option<UnusablePath> {
         let method =
-            headers::first(request, headers::METHOD).and_then(|m| std::str::from_utf8(m).ok());
-        let path = headers::first(request, headers::PATH).and_then(|p| std::str::from_utf8(p).ok());
-        let (Some(method), Some(path)) = (method, path) else {
-            return;
+            headers::first(request, headers::METHOD).and_then(|m| std::str::from_utf8(m).ok())?;
+        if !plan.rules.iter().any(|rule| rule.methods.contains(method)) {
+            return None;
+        }
+        let raw = headers::first(request, headers::PATH)?;
+        let path = match path::canonical(raw) {
+            Ok(path) => path,
+            Err(why) => return Some(UnusablePath::new(why, method, raw)),
         };
+        let path = path.as_ref();
         let rules: Vec<(usize, RequestFacts)> = plan
             .rules
             .iter()
@@ -142,6 +182,7 @@ impl Stream {
             };
             self.state = State::Candidate { rules, request };
         }
+        None
     }
 
     /// The response headers: a candidate whose status matches starts copying the body.

@@ -421,6 +421,7 @@ fn compile_rule(raw: &RawRule, at: &str, errors: &mut Errors) -> Option<EventRul
     let matching = &raw.matching;
     let methods = compile_methods(&matching.methods, &format!("{at}.match.methods"), errors);
     let path = PathTemplate::parse(&matching.path)
+        .map(|t| t.with_case_insensitive(matching.case_insensitive))
         .map_err(|e| errors.push(format!("{at}.match.path"), e))
         .ok();
     let statuses = compile_statuses(

@@ -40,6 +40,8 @@ pub(super) struct RawMatch {
     pub(super) path: String,
     /// None is the default (every 2xx), filled in when compiled.
     pub(super) status: Option<Vec<u16>>,
+    /// `caseInsensitive`: the path's literal segments compare ASCII letters without case.
+    pub(super) case_insensitive: bool,
 }
 
 pub(super) struct RawCondition {
@@ -242,12 +244,18 @@ fn read_refetch(value: &Value, at: &str, errors: &mut Errors) -> Option<RawRefet
 
 fn read_match(value: &Value, at: &str, errors: &mut Errors) -> Option<RawMatch> {
     let mark = errors.mark();
-    let mut m = fields(value, at, &["methods", "path", "status"], errors)?;
+    let mut m = fields(
+        value,
+        at,
+        &["methods", "path", "status", "caseInsensitive"],
+        errors,
+    )?;
     let methods = match m.get("methods") {
         Some(v) => m.strings("methods", Some(v)),
         None => Some(defaults::METHODS.map(String::from).to_vec()),
     };
     let path = m.string("path");
+    let case_insensitive = m.opt_bool("caseInsensitive").unwrap_or(false);
     let mut status = None;
     if let Some(list) = m.opt_array("status") {
         let mut codes = Vec::new();
@@ -269,6 +277,7 @@ fn read_match(value: &Value, at: &str, errors: &mut Errors) -> Option<RawMatch> 
         methods: methods?,
         path: path?,
         status,
+        case_insensitive,
     })
 }
 

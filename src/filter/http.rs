@@ -8,6 +8,7 @@
 
 use super::abi::{self, BufferType, HeaderMap};
 use super::proxy::{now_ms, random_bytes, ProxyHost};
+use super::unusable_path;
 use super::worker::{SharedWorker, StreamEnd};
 use crate::config::Plan;
 use crate::stream::{header_pairs, Stream};
@@ -89,7 +90,13 @@ impl HttpContext for EmitterStream {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
         if let Some(plan) = &self.plan {
             let map = abi::header_map(HeaderMap::Request).unwrap_or_default();
-            self.stream.on_request_headers(plan, &header_pairs(&map));
+            let unusable = self.stream.on_request_headers(plan, &header_pairs(&map));
+            if let (Some(unusable), Some(worker)) = (unusable, &self.worker) {
+                let metrics = worker.borrow().metrics();
+                unusable_path::SAMPLER.with(|sampler| {
+                    unusable_path::report(&ProxyHost, metrics, sampler, &unusable, now_ms())
+                });
+            }
         }
         Action::Continue
     }

@@ -5,6 +5,7 @@
 
 pub mod host;
 pub mod metrics;
+pub mod unusable_path;
 pub mod worker;
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 """Clients that hang up on a completion, and a plain one, over raw sockets: an HTTP/1.1 client that resets the
 connection once the response headers are in, an h2c client that sends RST_STREAM CANCEL then, and one that reads
-until the connection ends (when the upstream cuts its body). Standard library, plus `h2` for HTTP/2."""
+until the connection ends (when the upstream cuts its body); and a whole h2c request with a raw-bytes :path.
+Standard library, plus `h2` for HTTP/2."""
 
 from __future__ import annotations
 
@@ -75,3 +76,34 @@ def http1_read_cut_answer(port: int, path: str, organisation_id: str, method: st
                 break
             data += chunk
     return data
+
+
+def h2_complete(port: int, path: bytes, organisation_id: str) -> int:
+    """One whole h2c POST whose :path is raw bytes (HTTP/2 lets bytes that are not UTF-8 through); returns the
+    status once the response has ended."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(
+        client_side=True, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False))
+    with socket.create_connection(("127.0.0.1", port), timeout=scaled(20)) as s:
+        conn.initiate_connection()
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(b":method", b"POST"), (b":path", path), (b":scheme", b"http"),
+                                (b":authority", b"jobs"), (b"x-organisation-id", organisation_id.encode())])
+        conn.send_data(sid, b"{}", end_stream=True)
+        s.sendall(conn.data_to_send())
+        status, done = None, False
+        while not done:
+            data = s.recv(65536)
+            assert data, "the connection closed before the response ended"
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = int(dict(ev.headers)[b":status"])
+                elif isinstance(ev, h2.events.DataReceived):
+                    conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                elif isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    done = True
+            s.sendall(conn.data_to_send())
+    return status

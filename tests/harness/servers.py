@@ -20,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable, Optional
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote
 
 from .util import WaitTimeout, scaled
 
@@ -96,6 +96,25 @@ class _BackgroundServer:
 _COMPLETE = re.compile(r"^/jobs/([^/]+)/complete$")
 _START = re.compile(r"^/jobs/([^/]+)/start$")
 _JOB = re.compile(r"^/jobs/([^/]+)$")
+
+
+def routing_path(target: str) -> str:
+    """The path the job service routes on, normalised as common frameworks do (and as the filter canonicalises):
+    the query and fragment dropped, `;` path parameters dropped in each segment, %-escapes decoded, empty and `.`
+    segments dropped, `..` removing the segment before it. (http.server hands the request target over as text,
+    its bytes read as Latin-1.)"""
+    path = re.split(r"[?#]", target, maxsplit=1)[0]
+    segments: list = []
+    for raw in path.split("/"):
+        segment = unquote(raw.split(";", 1)[0], encoding="latin-1")
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    return "/" + "/".join(segments)
 
 
 def completed_job(job_id: str) -> dict:
@@ -177,12 +196,13 @@ class _JobHandler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = _read_body(self)
-        split = urlsplit(self.path)
-        query = {k: v[-1] for k, v in parse_qs(split.query).items()}
+        query_text = self.path.split("?", 1)[1].split("#", 1)[0] if "?" in self.path else ""
+        query = {k: v[-1] for k, v in parse_qs(query_text).items()}
+        path = routing_path(self.path)
         owner: JobService = self.server.owner  # type: ignore[attr-defined]
         owner._record(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body)
         scenario = query.get("scenario", "")
-        m = _COMPLETE.match(split.path)
+        m = _COMPLETE.match(path)
         if m:
             status, payload, headers, chunk = owner.answer(m.group(1), scenario, query)
             if scenario in ("hold", "cut"):
@@ -190,11 +210,11 @@ class _JobHandler(BaseHTTPRequestHandler):
                 return
             self._send(status, payload, headers, chunk)
             return
-        m = _JOB.match(split.path)
+        m = _JOB.match(path)
         if m and self.command == "GET":
             self._send(*owner.read_job(m.group(1)))
             return
-        m = _START.match(split.path)
+        m = _START.match(path)
         if m:
             self._send(200, json.dumps(started_job(m.group(1))).encode())
             return
