@@ -63,8 +63,8 @@ def test_without_refetch_the_loss_is_counted_and_logged(cut, rc, job_service, st
     job = new_id()
     CUTS[cut](envoy.listener_port, job, org)
     assert counters.wait_delta("events_lost.stream_reset", 1) == 1
-    wait_for_log(envoy, rf"event lost: job\.completed for \"/jobs/{job}/complete\": the stream "
-                        rf"ended before its body was complete \(.+\) and the rule has no refetch \(reason=stream_reset\)")
+    wait_for_log(envoy, rf"event lost: job\.completed for \"/jobs/{job}/complete\": the stream ended before its "
+                        rf"body was complete \(.+\) and the rule has no refetch \(reason=stream_reset\)")
     assert counters.delta("events_emitted") == 0 and counters.delta("refetches_sent") == 0
     assert not [r for r in job_service.requests_for(f"/jobs/{job}") if r["method"] == "GET"]
     # The next completion is delivered as usual.

@@ -12,8 +12,8 @@ from .util import scaled
 
 
 def http1_hang_up_after_headers(port: int, path: str, organisation_id: str, method: str = "POST") -> bytes:
-    """Sends the request on a raw HTTP/1.1 connection, reads until the response headers are in, then closes the connection
-    with a reset (SO_LINGER 0). Returns the head of the response."""
+    """Sends the request on a raw HTTP/1.1 connection, reads until the response headers are in, then closes the
+    connection with a reset (SO_LINGER 0). Returns the head of the response."""
     with socket.create_connection(("127.0.0.1", port), timeout=scaled(20)) as s:
         s.sendall(b"%s %s HTTP/1.1\r\nHost: jobs\r\nContent-Length: 2\r\nx-organisation-id: %s\r\n\r\n{}"
                   % (method.encode(), path.encode(), organisation_id.encode()))
