@@ -162,6 +162,6 @@ def test_deliveries_and_counted_losses_add_up_to_the_completions(rc, job_service
     assert len(plugin_log_lines(envoy, "(reason=stream_reset)")) == 10
     assert len(plugin_log_lines(envoy, "(reason=refetch_failed)")) == 4
     assert len(plugin_log_lines(envoy, "response body is not JSON")) == 6
-    # Bad paths are logged at most once a second per worker, each line saying how many it held back.
-    assert plugin_log_lines(envoy, "requests_bad_path.not_utf8")
-    assert plugin_log_lines(envoy, "requests_bad_path.bad_escape")
+    # Bad paths are logged at most once a second per worker (whatever the reason), each line saying how many it
+    # held back: a burst within a second gets one line per worker at least.
+    assert plugin_log_lines(envoy, "counted in requests_bad_path.")
