@@ -10,7 +10,7 @@
 use crate::body::{BodyBuffer, Encoding};
 use crate::config::Plan;
 use crate::rules::{EventRule, OrganisationFact, OrganisationSource, RequestFacts};
-use crate::stream::{body_outcomes, Cut, StreamOutcome};
+use crate::stream::{body_outcomes, Cut, NoEvent, StreamOutcome};
 use std::collections::VecDeque;
 use std::rc::Rc;
 
@@ -31,6 +31,9 @@ pub struct RefetchJob {
     pub cluster: String,
     /// Why the stream ended early, as Envoy said it.
     pub reason: String,
+    /// Whether the response had started (a status the rule takes): if not, the upstream may
+    /// never have completed the job, and an answer that says so is no loss.
+    pub response_started: bool,
     /// When the completion was seen, and the random part of its event id: every attempt makes
     /// the same id, so one completion is one event however many attempts it takes.
     pub seen_ms: u64,
@@ -82,6 +85,7 @@ impl RefetchJob {
             headers: organisation_header(rule, &cut.facts),
             cluster: cluster.to_string(),
             reason: reason.to_string(),
+            response_started: cut.response_started,
             seen_ms: now_ms,
             id_random,
             attempts: 0,
@@ -143,6 +147,14 @@ impl RefetchJob {
                     self.seen_ms,
                     || random,
                 ))
+            }
+            // Cut before any response: the job may not exist or not be complete, which is no
+            // completion.
+            RefetchAnswer::Status { code, .. } if !self.response_started => {
+                Verdict::Outcomes(vec![StreamOutcome::NoEvent(NoEvent::StatusNotMatched {
+                    status: Some(code),
+                    path: self.job_path.clone(),
+                })])
             }
             RefetchAnswer::Status { code, .. } => Verdict::GiveUp(format!(
                 "the upstream answered {code}, not a status of the rule's match.status"

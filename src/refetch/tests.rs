@@ -203,6 +203,25 @@ fn the_answer_makes_the_event_with_the_same_id_every_time() {
         matches!(j.judge(RefetchAnswer::Failed("reset".into())), Verdict::Retry(w) if w == "reset")
     );
     assert!(matches!(j.judge(answer(404, "{}")), Verdict::GiveUp(w) if w.contains("404")));
+    // Cut before any response: a job the upstream does not know is no completion, and no loss.
+    let cuts = cut_of(&plan, "/orgs/o/jobs/j/complete", None, None);
+    let early = job(&plan, &cuts[0], Some("c")).unwrap();
+    match early.judge(answer(404, "{}")) {
+        Verdict::Outcomes(outcomes) => assert!(matches!(
+            outcomes.as_slice(),
+            [StreamOutcome::NoEvent(
+                crate::stream::NoEvent::StatusNotMatched {
+                    status: Some(404),
+                    ..
+                }
+            )]
+        )),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(early.judge(answer(503, "")), Verdict::Retry(_)));
+    assert!(
+        matches!(early.judge(answer(200, body)), Verdict::Outcomes(o) if matches!(o.as_slice(), [StreamOutcome::Event(_)]))
+    );
 }
 
 #[test]

@@ -5,11 +5,14 @@ loss is counted and logged; a refetch the upstream keeps failing is retried alon
 
 from __future__ import annotations
 
+import socket
+
 import harness
 import pytest
 from harness.config import PluginConfig, delivery_section, job_completed_rule, job_started_rule, make_hook, new_id
 from harness.hangup import h2_cancel_after_headers, http1_hang_up_after_headers, http1_read_cut_answer
 from harness.observe import Counters, wait_for_log
+from harness.util import scaled, wait_until
 
 REFETCH = {"path": "/jobs/{jobId}"}
 
@@ -73,6 +76,34 @@ def test_without_refetch_the_loss_is_counted_and_logged(cut, rc, job_service, st
     assert r.status == 200
     rc.wait_for(lambda d: d.object_id() == ok, timeout=30)
     assert not rc.deliveries(lambda d: d.object_id() == job)
+
+
+def test_a_client_that_hangs_up_before_any_response_is_read_again_too(rc, job_service, start_envoy):
+    """The upstream completed the job but had sent nothing when the client left: the refetch finds it completed.
+    A job the upstream does not know (404) is no completion and no loss."""
+    org, hook, config = config_for(rc, REFETCH)
+    envoy = start_envoy(config)
+    counters = Counters(envoy)
+    job, undone = new_id(), new_id()
+    for j, scenario in ((job, "stall"), (undone, "stall-undone")):
+        with socket.create_connection(("127.0.0.1", envoy.listener_port), timeout=scaled(20)) as s:
+            s.sendall(b"POST /jobs/%s/complete?scenario=%s HTTP/1.1\r\nHost: jobs\r\nContent-Length: 2\r\n"
+                      b"x-organisation-id: %s\r\n\r\n{}" % (j.encode(), scenario.encode(), org.encode()))
+            # Hang up once the upstream has the request (and has completed the job, or not), before any answer.
+            if scenario == "stall":
+                wait_until(lambda: j in job_service.jobs, 20, desc="the job completed upstream")
+            else:
+                wait_until(lambda: job_service.requests_for(f"/jobs/{j}/complete"), 20, desc="the request upstream")
+    delivery = rc.wait_for(lambda d: d.object_id() == job, timeout=30)[0]
+    assert counters.wait_delta("events_refetched", 1) == 1
+    wait_for_log(envoy, rf"job\.completed for \"/jobs/{job}/complete\" read again after its stream ended early "
+                        rf"\(.+\): event={delivery.event_id}")
+    # The job the upstream did not complete: its refetch answers 404, which is no completion and no loss.
+    assert counters.wait_delta("events_skipped.status", 1) == 1
+    assert counters.deltas("events_lost.stream_reset", "events_lost.refetch_failed", "refetches_sent") == {
+        "events_lost.stream_reset": 0, "events_lost.refetch_failed": 0, "refetches_sent": 2}
+    assert [x.event_id for x in rc.deliveries(lambda x: x.object_id() == job)] == [delivery.event_id]
+    assert not rc.deliveries(lambda x: x.object_id() == undone)
 
 
 def test_a_refetch_the_upstream_keeps_failing_is_retried_then_counted(rc, job_service, start_envoy):

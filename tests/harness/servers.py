@@ -150,6 +150,16 @@ class _JobHandler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep the test output clean
         pass
 
+    def _stall(self) -> None:
+        """Sends nothing until the peer closes the connection (at most 30 s), then closes it."""
+        self.connection.settimeout(scaled(30))
+        try:
+            while self.connection.recv(65536):
+                pass
+        except OSError:
+            pass
+        self.close_connection = True
+
     def _send_cut(self, status: int, body: bytes, hold: bool) -> None:
         """The headers (with the whole body's Content-Length) and half the body. Then either the connection is
         closed at once (the upstream cut its body), or, with `hold`, kept until the peer closes it (a client that
@@ -208,6 +218,9 @@ class _JobHandler(BaseHTTPRequestHandler):
             if scenario in ("hold", "cut"):
                 self._send_cut(status, payload, hold=scenario == "hold")
                 return
+            if scenario in ("stall", "stall-undone"):
+                self._stall()
+                return
             self._send(status, payload, headers, chunk)
             return
         m = _JOB.match(path)
@@ -232,7 +245,8 @@ class JobService(_BackgroundServer):
     BIG_CHUNK = 16 * 1024  # ... in ~320 chunks
     LARGE_BYTES = 1_200_000  # scenario=large default size (over the default maxBodyBytes of 1 MiB)
 
-    SCENARIOS = ("", "failed", "notfound", "big", "invalid", "gzip", "badgzip", "large", "hold", "cut")
+    SCENARIOS = ("", "failed", "notfound", "big", "invalid", "gzip", "badgzip", "large", "hold", "cut", "stall",
+                 "stall-undone")
 
     def __init__(self, default_owner: Optional[str] = None) -> None:
         super().__init__()
@@ -282,10 +296,11 @@ class JobService(_BackgroundServer):
     def answer(self, job_id: str, scenario: str, query: dict):
         """(status, body bytes, extra headers, chunk size or 0) for /jobs/{id}/complete?scenario=...; a job
         answered with 200 and a JSON body is kept for GET /jobs/{id}. `hold` and `cut` answer the plain
-        completion, cut after half its body (see _JobHandler._send_cut)."""
+        completion, cut after half its body (see _JobHandler._send_cut); `stall` completes the job but sends
+        nothing until the peer hangs up; `stall-undone` does the same without completing it."""
         answer = self._answer(job_id, scenario, query)
         status, body, headers, _ = answer
-        if status == 200 and not headers and scenario not in ("invalid", "big"):
+        if status == 200 and not headers and scenario not in ("invalid", "big", "stall-undone"):
             with self._lock:
                 self.jobs[job_id] = body
         return answer
