@@ -147,7 +147,6 @@ impl Worker {
             Verdict::Retry(why) => self.refetch_retry(host, job, why, now_ms),
             Verdict::GiveUp(why) => self.refetch_lost(host, &job, &why),
         }
-        self.ring(host);
     }
 
     fn refetch_retry(&mut self, host: &dyn Host, job: RefetchJob, why: String, now_ms: u64) {
