@@ -1,6 +1,6 @@
 //! The proxies' feed, version 2 (`GET /v2/registry/changes?since=N`, docs/registry-feed.md): the changes after a
 //! cursor, in revision order, in pages bounded in bytes. A poll that finds nothing new costs one read of the head
-//! revision; pages are built from the revision index, so their cost is their own size, never the registry's; and
+//! revision (and the compaction point, in the same statement); pages are built from the revision index, so their cost is their own size, never the registry's; and
 //! concurrent identical polls share one page per `(since, head)`, built once.
 
 use super::keys::Sealer;
@@ -209,7 +209,7 @@ impl ChangesFeed {
     }
 
     async fn page(&self, store: &Store, sealer: &Sealer, since: i64) -> Result<Page, sqlx::Error> {
-        let head = revisions::head(store.pool()).await?;
+        let (head, compacted) = revisions::head_and_compaction_point(store.pool()).await?;
         if since == head {
             return Ok(Page::Changes(Bytes::from(envelope(head, head, false, ""))));
         }
@@ -217,6 +217,9 @@ impl ChangesFeed {
             return Ok(Page::Gone(format!(
                 "cursor {since} is newer than the head {head} (was the database restored?): list again from 0"
             )));
+        }
+        if since > 0 && since < compacted {
+            return Ok(gone_compacted(since, compacted));
         }
         let cell = self.cell(since, head);
         let build = || self.build(store, sealer, since, head);
@@ -291,12 +294,7 @@ impl ChangesFeed {
         if since > 0 {
             let compacted = revisions::compaction_point(pool).await?;
             if since < compacted {
-                log(&format!(
-                    "registry changes: cursor {since} is older than the compaction point {compacted}: 410"
-                ));
-                return Ok(Page::Gone(format!(
-                    "cursor {since} is older than the compaction point {compacted}: list again from 0"
-                )));
+                return Ok(gone_compacted(since, compacted));
             }
         }
         let next = if more { last } else { head };
@@ -304,6 +302,15 @@ impl ChangesFeed {
             head, next, more, &entries,
         ))))
     }
+}
+
+fn gone_compacted(since: i64, compacted: i64) -> Page {
+    log(&format!(
+        "registry changes: cursor {since} is older than the compaction point {compacted}: 410"
+    ));
+    Page::Gone(format!(
+        "cursor {since} is older than the compaction point {compacted}: list again from 0"
+    ))
 }
 
 fn envelope(head: i64, next: i64, more: bool, entries: &str) -> String {
