@@ -62,8 +62,8 @@ impl Entry<'_> {
     }
 }
 
-/// The largest the webhook's entry can be on the wire: its fields as they are, the largest revision, two keys and
-/// an expiry (a rotation adds the second key, so the bound must hold with it).
+/// The largest the webhook's entry can be on the wire: its fields as they are, the largest revision, the longer
+/// status, two keys and an expiry (a disable or a rotation must not push it past the bound).
 pub fn entry_bytes_bound(w: &StoredWebhook) -> usize {
     let key = SigningKey::format_key(&[0u8; 32]);
     Entry {
@@ -73,17 +73,18 @@ pub fn entry_bytes_bound(w: &StoredWebhook) -> usize {
         name: &w.name,
         url: &w.url,
         description: &w.description,
-        status: &w.status,
+        status: "disabled",
         events: &w.events,
     }
     .to_json(&[key.clone(), key], Some(9_999_999_999_999))
     .len()
 }
 
-/// Refuses a webhook whose entry could exceed `MAX_ENTRY_BYTES`, naming the limit.
-pub fn check_entry_size(w: &StoredWebhook) -> Result<(), String> {
+/// Refuses a webhook whose entry could exceed `MAX_ENTRY_BYTES`, naming the limit. A change to a webhook stored
+/// before the bound (`was`) is refused only when it makes the entry larger, so it can still be disabled.
+pub fn check_entry_size(w: &StoredWebhook, was: Option<&StoredWebhook>) -> Result<(), String> {
     let bytes = entry_bytes_bound(w);
-    if bytes > MAX_ENTRY_BYTES {
+    if bytes > MAX_ENTRY_BYTES && was.is_none_or(|old| bytes > entry_bytes_bound(old)) {
         Err(format!(
             "the webhook's entry in the proxies' feed would take {bytes} bytes, more than the limit of \
              {MAX_ENTRY_BYTES} bytes: shorten the description, name or url (characters outside ASCII and \

@@ -185,7 +185,8 @@ def test_the_version_1_feed_still_works(registry):
 
 
 def largest_description(org: str, name: str, url: str) -> str:
-    """The longest description of three-byte characters whose entry (largest revision, two keys, an expiry) fits."""
+    """The longest description of three-byte characters whose entry (largest revision, the longer status, two keys,
+    an expiry) fits."""
     def size(n):
         return wire({"revision": 2**63 - 1, "id": "0" * 24, "organisationId": org, "name": name, "url": url,
                      "description": "€" * n, "status": "disabled", "events": ["job.completed", "job.failed"],
@@ -198,7 +199,7 @@ def test_a_webhook_entry_is_at_most_4_kib(make_registry, backend):
     reg = make_registry(backend, loopback_webhooks=False, extra_args=["--feed-page-bytes", "4352"])
     name, url = "N" * 200, "https://hooks.example.com/" + "p" * 300
     most = largest_description("org-big", name, url)
-    maximal = dict(name=name, url=url, status="disabled", events=["job.completed", "job.failed"])
+    maximal = dict(name=name, url=url, status="enabled", events=["job.completed", "job.failed"])
     # One character more is refused, naming the limit; nothing is written.
     answer = reg.request("POST", hooks("org-big"), token=reg.token(org="org-big"),
                          body={**GOOD, **maximal, "description": most + "€"})
@@ -215,6 +216,8 @@ def test_a_webhook_entry_is_at_most_4_kib(make_registry, backend):
     answer = reg.request("PATCH", hooks("org-big", hooks_made[0]["id"]), token=reg.token(org="org-big"),
                          body={"name": "€" * 200})
     assert answer.status == 422 and "4096" in answer.json()["errors"][0]["message"]
+    # Disabling one makes its entry a byte longer: the bound counted that already.
+    change(reg, "org-big", hooks_made[1]["id"], body={"status": "disabled"})
     # Rotations give every maximal webhook two keys: each entry still fits, every page too.
     for hook in hooks_made:
         change(reg, "org-big", hook["id"], "POST", "rotate-key")
@@ -298,6 +301,9 @@ def test_a_database_from_before_revisions_is_migrated(make_registry, backend, tm
              '["job.completed"]', f"plain:whsec_{'B' * 43}{i}", 1_700_000_000_000 + i) for i in range(5)]
     insert = ("INSERT INTO webhooks (id, organisation_id, name, url, description, status, events, key_sealed, "
               "created_ms, updated_ms) VALUES ('{0}', '{1}', '{2}', '{3}', '{4}', '{5}', '{6}', '{7}', {8}, {8})")
+    # A webhook stored before the 4 KiB bound: 6,000 bytes of description.
+    rows.append((f"{5:024x}", "org-1", "old 5", "https://hooks.example.com/5", "€" * 2000, "enabled",
+                 '["job.completed"]', f"plain:whsec_{'B' * 43}5", 1_700_000_000_005))
     statements = OLD_SCHEMA + [insert.format(*row) for row in reversed(rows)]
     if backend == "sqlite":
         path = tmp_path / "old.db"
@@ -315,15 +321,21 @@ def test_a_database_from_before_revisions_is_migrated(make_registry, backend, tm
     # Every old row has its own revision after the old head, in creation order; the head moved past them.
     assert [(w["id"], w["revision"]) for w in listing] == [(row[0], 10 + i) for i, row in enumerate(rows)]
     assert listing[0]["apiKeys"] == [rows[0][7].removeprefix("plain:")]
-    assert reg.changes(0).json()["revision"] == 14
-    assert reg.feed().json()["revision"] == 14
+    assert wire(listing[5]) > 6000
+    assert reg.changes(0).json()["revision"] == 15
+    assert reg.feed().json()["revision"] == 15
     hook = create(reg, "org-0")
     change(reg, "org-0", rows[0][0], "DELETE")
-    assert [(w["id"], w["revision"]) for w in reg.list_all(14)[0]] == [(hook["id"], 15), (rows[0][0], 16)]
+    # The oversized one can still be disabled, not made larger.
+    change(reg, "org-1", rows[5][0], body={"status": "disabled"})
+    answer = reg.request("PATCH", hooks("org-1", rows[5][0]), token=reg.token(org="org-1"), body={"name": "n" * 200})
+    assert answer.status == 422 and "4096" in answer.json()["errors"][0]["message"]
+    assert [(w["id"], w["revision"]) for w in reg.list_all(15)[0]] == [
+        (hook["id"], 16), (rows[0][0], 17), (rows[5][0], 18)]
     # A second start finds everything migrated and changes nothing.
     reg.stop()
     reg.start()
-    assert reg.changes(0).json()["revision"] == 16
+    assert reg.changes(0).json()["revision"] == 18
 
 
 @pytest.mark.parametrize("backend_, count, organisations", [("sqlite", 100_000, 10_000),
