@@ -359,3 +359,20 @@ def test_a_seeded_registry_lists_completely(make_registry, backend_, count, orga
     assert all(len(body) <= 49_152 for body in pages)
     # The steady state after the listing: the small answer.
     assert reg.changes(count).json() == {"revision": count, "next": count, "more": False, "changes": []}
+
+
+def test_a_database_that_does_not_answer_is_503(make_registry):
+    from harness.registry_service import Postgres
+
+    pg = Postgres()
+    try:
+        reg = make_registry("postgres", database=pg.new_database())
+        create(reg, "org-a")
+        assert reg.changes(0).status == 200
+    finally:
+        pg.stop()
+    for since in (0, 1, 5):
+        answer = reg.changes(since)
+        assert answer.status == 503, answer
+        assert answer.json() == {"errors": [{"path": "", "message": "the database did not answer; try again"}]}
+    assert "registry changes: database error" in reg.log_text() or "within 2 s" in reg.log_text()
