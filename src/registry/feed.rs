@@ -27,8 +27,9 @@ pub const MAX_PAGE_BYTES: usize = 16 * 1024 * 1024;
 const ENVELOPE_BYTES: usize = 90;
 /// The database must answer a poll within this time, or the poll gets 503.
 const DATABASE_DEADLINE: Duration = Duration::from_secs(2);
-/// Pages kept for the current head; beyond, the cache starts over.
-const MAX_CACHED_PAGES: usize = 256;
+/// Pages kept for the current head: at most this many bytes of them (at most 256 pages); beyond, the cache starts
+/// over.
+const MAX_CACHED_BYTES: usize = 32 * 1024 * 1024;
 
 /// The fields of an entry, borrowed from a stored webhook or a feed row.
 struct Entry<'a> {
@@ -154,6 +155,7 @@ struct PageCache {
 
 pub struct ChangesFeed {
     page_bytes: usize,
+    max_cached_pages: usize,
     cache: Mutex<PageCache>,
 }
 
@@ -167,6 +169,7 @@ impl ChangesFeed {
         }
         Ok(ChangesFeed {
             page_bytes,
+            max_cached_pages: (MAX_CACHED_BYTES / page_bytes).clamp(2, 256),
             cache: Mutex::new(PageCache::default()),
         })
     }
@@ -233,7 +236,7 @@ impl ChangesFeed {
     /// The shared slot of `(since, head)`, or None when `head` is behind the cache's (a read that raced a write).
     fn cell(&self, since: i64, head: i64) -> Option<Arc<OnceCell<Page>>> {
         let mut cache = self.cache.lock().ok()?;
-        if head > cache.head || cache.pages.len() >= MAX_CACHED_PAGES {
+        if head > cache.head || cache.pages.len() >= self.max_cached_pages {
             cache.pages.clear();
             cache.head = cache.head.max(head);
         }

@@ -89,7 +89,8 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "REGISTRY_MAX_WEBHOOKS_PER_ORGANISATION",
-        default_value_t = 100
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub max_webhooks_per_organisation: u32,
 }

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from harness.registry_service import Postgres, RegistryService
 from harness.util import wait_until
 
 GOOD = {"name": "Billing", "url": "https://hooks.example.com/webhooks", "description": "Invoices",
@@ -362,8 +364,6 @@ def test_a_seeded_registry_lists_completely(make_registry, backend_, count, orga
 
 
 def test_a_database_that_does_not_answer_is_503(make_registry):
-    from harness.registry_service import Postgres
-
     pg = Postgres()
     try:
         reg = make_registry("postgres", database=pg.new_database())
@@ -376,3 +376,16 @@ def test_a_database_that_does_not_answer_is_503(make_registry):
         assert answer.status == 503, answer
         assert answer.json() == {"errors": [{"path": "", "message": "the database did not answer; try again"}]}
     assert "registry changes: database error" in reg.log_text() or "within 2 s" in reg.log_text()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--feed-page-bytes", "4351"], "--feed-page-bytes 4351 must be from 4352"),
+    (["--feed-page-bytes", "lots"], "--feed-page-bytes"),
+    (["--tombstone-retention", "48h"], "--tombstone-retention"),
+    (["--max-webhooks-per-organisation", "0"], "--max-webhooks-per-organisation"),
+])
+def test_bad_feed_settings_are_refused(tmp_path, flags, message):
+    reg = RegistryService(tmp_path, start=False, extra_args=flags)
+    done = subprocess.run(reg.args, env=reg.env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
