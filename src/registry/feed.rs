@@ -264,7 +264,7 @@ impl ChangesFeed {
         let mut count = 0usize;
         let mut last = since;
         let mut more = false;
-        'pages: loop {
+        'reading: loop {
             let changes = revisions::changes(pool, last, head, chunk, since > 0).await?;
             let exhausted = i64::try_from(changes.len()).unwrap_or(i64::MAX) < chunk;
             for change in &changes {
@@ -280,7 +280,7 @@ impl ChangesFeed {
                     // At least one change per page, whatever its size.
                     if count > 0 && entries.len() + 1 + entry.len() > budget {
                         more = true;
-                        break 'pages;
+                        break 'reading;
                     }
                     if count > 0 {
                         entries.push(',');
