@@ -389,3 +389,43 @@ def test_bad_feed_settings_are_refused(tmp_path, flags, message):
     done = subprocess.run(reg.args, env=reg.env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert message in done.stderr, done.stderr
+
+
+def test_a_poller_following_the_cursor_misses_no_concurrent_write(make_registry, postgres):
+    """Revisions become visible in order (the counter row is locked until commit): a proxy that follows `next`
+    while two replicas write at once never steps past a change that was not visible yet."""
+    database = postgres.new_database()
+    replicas = [make_registry("postgres", database=database), None]
+    first = replicas[0]
+    replicas[1] = make_registry("postgres", database=database, jwt_secret=first.jwt_secret,
+                                proxy_token=first.proxy_token, main_key=first.main_key)
+    created, seen, done = [], {}, threading.Event()
+
+    def write(n):
+        reg = replicas[n % 2]
+        for i in range(25):
+            hook = create(reg, f"org-{n}", name=f"w{n}-{i}")
+            created.append(hook["id"])
+            if i % 5 == 0:
+                change(reg, f"org-{n}", hook["id"], body={"status": "disabled"})
+
+    def follow():
+        since = 0
+        while True:
+            finished = done.is_set()
+            page = first.changes(since).json()
+            for c in page["changes"]:
+                seen[c["id"]] = c
+            since = page["next"]
+            if finished and not page["more"]:
+                return since
+
+    with ThreadPoolExecutor(5) as pool:
+        poller = pool.submit(follow)
+        list(pool.map(write, range(4)))
+        done.set()
+        last = poller.result()
+    assert len(created) == 100
+    assert set(seen) == set(created)
+    assert last == 120 == first.changes(0).json()["revision"]
+    assert sum(1 for c in seen.values() if c["status"] == "disabled") == 20
