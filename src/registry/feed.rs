@@ -1,6 +1,6 @@
 //! The proxies' feed, version 2 (`GET /v2/registry/changes?since=N`, docs/registry-feed.md): the changes after a
 //! cursor, in revision order, in pages bounded in bytes. A poll that finds nothing new costs one read of the head
-//! revision (and the compaction point, in the same statement); pages are built from the revision index, so their cost is their own size, never the registry's; and
+//! revision; pages are built from the revision index, so their cost is their own size, never the registry's; and
 //! concurrent identical polls share one page per `(since, head)`, built once.
 
 use super::keys::Sealer;
@@ -213,7 +213,7 @@ impl ChangesFeed {
     }
 
     async fn page(&self, store: &Store, sealer: &Sealer, since: i64) -> Result<Page, sqlx::Error> {
-        let (head, compacted) = revisions::head_and_compaction_point(store.pool()).await?;
+        let head = revisions::head(store.pool()).await?;
         if since == head {
             return Ok(Page::Changes(Bytes::from(envelope(head, head, false, ""))));
         }
@@ -222,8 +222,12 @@ impl ChangesFeed {
                 "cursor {since} is newer than the head {head} (was the database restored?): list again from 0"
             )));
         }
-        if since > 0 && since < compacted {
-            return Ok(gone_compacted(since, compacted));
+        // Read after the head, so never ahead of it; checked before the cache, whose pages outlive a pruning.
+        if since > 0 {
+            let compacted = revisions::compaction_point(store.pool()).await?;
+            if since < compacted {
+                return Ok(gone_compacted(since, compacted));
+            }
         }
         let cell = self.cell(since, head);
         let build = || self.build(store, sealer, since, head);
