@@ -151,8 +151,15 @@ fn text(
             ));
             None
         }
-        Value::String(s) if key != "description" && s.chars().any(char::is_control) => {
-            errors.push(FieldError::new(key, "must not contain control characters"));
+        Value::String(s) if s.chars().any(|c| is_refused_control(key, c)) => {
+            errors.push(FieldError::new(
+                key,
+                if key == "description" {
+                    "must not contain control characters (newline and tab are allowed)"
+                } else {
+                    "must not contain control characters"
+                },
+            ));
             None
         }
         Value::String(s) => Some(s.clone()),
@@ -160,6 +167,16 @@ fn text(
             errors.push(FieldError::new(key, "must be a string"));
             None
         }
+    }
+}
+
+/// Control characters are refused in every text field (Postgres cannot store NUL, and none of them belongs in a
+/// name or a URL); a description may hold newlines and tabs.
+fn is_refused_control(key: &str, c: char) -> bool {
+    if key == "description" {
+        c.is_ascii_control() && c != '\n' && c != '\t'
+    } else {
+        c.is_control()
     }
 }
 

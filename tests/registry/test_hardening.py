@@ -1,0 +1,66 @@
+"""The registry under attack, on SQLite and on a real Postgres: control and invisible characters, duplicate JSON keys,
+oversized error answers, framework rejections in the API's error shape, refused requests logged and audited, the
+health check and a database that goes away, plaintext keys, and revoking a leaked previous key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.registry_service import hs256_token
+
+GOOD = {"name": "Billing", "url": "https://hooks.example.com/webhooks", "description": "Invoices",
+        "status": "enabled", "events": ["job.completed"]}
+
+
+def hooks(org: str, id_: str = "", action: str = "") -> str:
+    return "/".join(p for p in [f"/v1/organisations/{org}/webhooks", id_, action] if p)
+
+
+def create(reg, org="org-a", token=None, **fields) -> dict:
+    answer = reg.request("POST", hooks(org), token=token or reg.token(org=org), body={**GOOD, **fields})
+    assert answer.status == 201, answer
+    return answer.json()
+
+
+def error_paths(answer) -> list:
+    return [e["path"] for e in answer.json()["errors"]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Control characters
+# --------------------------------------------------------------------------------------------------------------
+
+C0 = [chr(c) for c in range(0x20) if c not in (0x09, 0x0A)] + ["\x7f"]
+
+
+def test_control_characters_are_refused_in_every_text_field(registry):
+    token = registry.token()
+    hook = create(registry)
+    for c in C0:
+        for field, value in [("description", f"a{c}b"), ("name", f"a{c}b"), ("url", f"https://hooks.example.com/a{c}"),
+                             ("events", [f"job.completed{c}"])]:
+            path = "events[0]" if field == "events" else field
+            for method, target in [("POST", hooks("org-a")), ("PATCH", hooks("org-a", hook["id"]))]:
+                body = {**GOOD, field: value} if method == "POST" else {field: value}
+                answer = registry.request(method, target, token=token, body=body)
+                assert answer.status == 422, (field, repr(c), method, answer)
+                assert error_paths(answer) == [path], (field, repr(c), answer)
+    # Newline and tab are text in a description.
+    kept = create(registry, description="line one\n\tline two")
+    assert registry.request("GET", hooks("org-a", kept["id"]), token=token).json()["description"] == \
+        "line one\n\tline two"
+    assert registry.request("GET", hooks("org-a", hook["id"]), token=token).json()["description"] == "Invoices"
+
+
+@pytest.mark.parametrize("claim", ["sub", "role", "organisationId"])
+def test_a_token_claim_with_a_control_character_is_refused_as_401(registry, claim):
+    claims = {"sub": "ann", "role": "organisation_admin", "organisationId": "org-a", "exp": 4102444800}
+    for c in ["\x00", "\x1b", "\x7f"]:
+        token = hs256_token(registry.jwt_secret, {**claims, claim: f"x{c}y"})
+        for method, body in [("GET", None), ("POST", GOOD)]:
+            answer = registry.request(method, hooks("org-a"), token=token, body=body)
+            assert answer.status == 401, (claim, repr(c), method, answer)
+            assert error_paths(answer) == ["authorization"] and claim in answer.json()["errors"][0]["message"]
+    assert registry.request("GET", hooks("org-a"), token=registry.token()).json() == {"webhooks": []}
