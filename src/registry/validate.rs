@@ -92,8 +92,8 @@ pub fn read_fields(body: &[u8], policy: &Policy, full: bool) -> Result<Fields, V
         events: None,
     };
     if let Some(name) = &fields.name {
-        if name.trim().is_empty() {
-            errors.push(FieldError::new("name", "must not be empty"));
+        if let Err(message) = check_name(name) {
+            errors.push(FieldError::new("name", message));
         }
     }
     if let Some(url) = &fields.url {
@@ -178,6 +178,43 @@ fn is_refused_control(key: &str, c: char) -> bool {
     } else {
         c.is_control()
     }
+}
+
+/// A name is shown to people (the dashboard, logs): it must show something, and must not reorder the text
+/// around it.
+fn check_name(name: &str) -> Result<(), &'static str> {
+    if name.trim().is_empty() {
+        return Err("must not be empty");
+    }
+    if name.chars().any(is_bidi_control) {
+        return Err("must not contain bidirectional controls (U+202A to U+202E, U+2066 to U+2069)");
+    }
+    if !name.chars().any(is_visible) {
+        return Err("must hold at least one visible character");
+    }
+    Ok(())
+}
+
+/// The embeddings, overrides and isolates that can make text display in another order than it is stored.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Whether a character shows on its own: not a space, control, format character (zero-width space, joiners,
+/// byte order mark, tags), combining mark, private-use or unassigned code point, nor one of the letters and
+/// symbols that render blank (Hangul fillers, the blank Braille pattern).
+fn is_visible(c: char) -> bool {
+    use unicode_properties::{GeneralCategory as G, GeneralCategoryGroup, UnicodeGeneralCategory};
+    if c.is_whitespace()
+        || matches!(c, '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' | '\u{2800}')
+        || c.general_category_group() == GeneralCategoryGroup::Mark
+    {
+        return false;
+    }
+    !matches!(
+        c.general_category(),
+        G::Control | G::Format | G::Surrogate | G::PrivateUse | G::Unassigned
+    )
 }
 
 /// The filter's URL rules, with the registry's flags in place of `delivery.allowInsecureHttp` and

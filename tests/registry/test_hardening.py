@@ -64,3 +64,28 @@ def test_a_token_claim_with_a_control_character_is_refused_as_401(registry, clai
             assert answer.status == 401, (claim, repr(c), method, answer)
             assert error_paths(answer) == ["authorization"] and claim in answer.json()["errors"][0]["message"]
     assert registry.request("GET", hooks("org-a"), token=registry.token()).json() == {"webhooks": []}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Invisible names and bidi controls
+# --------------------------------------------------------------------------------------------------------------
+
+INVISIBLE_NAMES = ["\u200b", "\ufeff", "\u200b\u200c\u200d", "\u2060\u2061", " \u200b ", "\u00ad", "\u180e",
+                   "\u3164", "\u115f\u1160", "\ufe0f", "\u034f", "\U000e0041\U000e0042", "\u2800", "\u3000\u200b"]
+BIDI_NAMES = ["Billing\u202e", "\u202aBilling", "Bill\u202bing", "a\u202cb", "\u202dx", "x\u2066y\u2069",
+              "\u2067RTL\u2069", "\u2068x"]
+
+
+def test_invisible_names_and_bidi_controls_are_refused(registry):
+    token = registry.token()
+    hook = create(registry)
+    for name in INVISIBLE_NAMES + BIDI_NAMES:
+        for method, target, body in [("POST", hooks("org-a"), {**GOOD, "name": name}),
+                                     ("PATCH", hooks("org-a", hook["id"]), {"name": name})]:
+            answer = registry.request(method, target, token=token, body=body)
+            assert answer.status == 422, (ascii(name), method, answer)
+            assert error_paths(answer) == ["name"], (ascii(name), answer)
+    # Names in any script, with emoji (a ZWJ sequence included) and right-to-left letters, are fine.
+    for name in ["Café ☕", "請求書", "فواتير", "👩\u200d💻 team", "Billing\u00a0EU"]:
+        assert create(registry, name=name)["name"] == name
+    assert registry.request("GET", hooks("org-a", hook["id"]), token=token).json()["name"] == "Billing"
