@@ -5,6 +5,7 @@
 
 mod api;
 mod auth;
+mod json;
 mod keys;
 mod store;
 mod validate;

@@ -1,6 +1,7 @@
 //! Reading a webhook's fields from a request body, with the filter's own rules: `WebhookUrl::parse` and its
 //! private-address guard for the URL, the filter's event-type pattern, and a catalogue of event types.
 
+use super::json::{parse_without_duplicate_keys, JsonError};
 use crate::config::is_event_type;
 use crate::url::WebhookUrl;
 use serde_json::{Map, Value};
@@ -66,11 +67,13 @@ pub struct Fields {
 /// Reads a create (`full`: name, url and events required; description defaults to "", status to "enabled") or an
 /// update (any of the five fields). Every bad field is reported, each with its path.
 pub fn read_fields(body: &[u8], policy: &Policy, full: bool) -> Result<Fields, Vec<FieldError>> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        vec![FieldError::new(
-            "",
-            format!("the body must be a JSON object ({e})"),
-        )]
+    let value = parse_without_duplicate_keys(body).map_err(|e| {
+        vec![match e {
+            JsonError::Syntax(e) => {
+                FieldError::new("", format!("the body must be a JSON object ({e})"))
+            }
+            JsonError::DuplicateKey(path) => FieldError::new(path, "is given more than once"),
+        }]
     })?;
     let Value::Object(map) = value else {
         return Err(vec![FieldError::new("", "the body must be a JSON object")]);
@@ -206,7 +209,10 @@ fn is_bidi_control(c: char) -> bool {
 fn is_visible(c: char) -> bool {
     use unicode_properties::{GeneralCategory as G, GeneralCategoryGroup, UnicodeGeneralCategory};
     if c.is_whitespace()
-        || matches!(c, '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' | '\u{2800}')
+        || matches!(
+            c,
+            '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' | '\u{2800}'
+        )
         || c.general_category_group() == GeneralCategoryGroup::Mark
     {
         return false;

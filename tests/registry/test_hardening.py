@@ -89,3 +89,27 @@ def test_invisible_names_and_bidi_controls_are_refused(registry):
     for name in ["Café ☕", "請求書", "فواتير", "👩\u200d💻 team", "Billing\u00a0EU"]:
         assert create(registry, name=name)["name"] == name
     assert registry.request("GET", hooks("org-a", hook["id"]), token=token).json()["name"] == "Billing"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Duplicate keys
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_duplicate_json_keys_are_refused(registry):
+    token = registry.token()
+    hook = create(registry)
+    rest = '"url": "https://hooks.example.com/x", "events": ["job.completed"]'
+    for body, path in [(f'{{"name": "a", "name": "b", {rest}}}', "name"),
+                       (f'{{"name": "a", {rest}, "events": ["job.failed"]}}', "events"),
+                       (f'{{"name": "a", "n\\u0061me": "b", {rest}}}', "name"),
+                       (f'{{"name": "a", {rest}, "x": {{"k": 1, "k": 2}}}}', "x.k")]:
+        answer = registry.request("POST", hooks("org-a"), token=token, body=body.encode())
+        assert answer.status == 422, (body, answer)
+        assert error_paths(answer) == [path], (body, answer)
+        assert "more than once" in answer.json()["errors"][0]["message"]
+    answer = registry.request("PATCH", hooks("org-a", hook["id"]), token=token,
+                              body=b'{"status": "disabled", "status": "enabled"}')
+    assert answer.status == 422 and error_paths(answer) == ["status"], answer
+    assert [w["id"] for w in registry.request("GET", hooks("org-a"), token=token).json()["webhooks"]] == [hook["id"]]
+    assert registry.request("GET", hooks("org-a", hook["id"]), token=token).json()["status"] == "enabled"
