@@ -72,7 +72,9 @@ pub fn read_fields(body: &[u8], policy: &Policy, full: bool) -> Result<Fields, V
             JsonError::Syntax(e) => {
                 FieldError::new("", format!("the body must be a JSON object ({e})"))
             }
-            JsonError::DuplicateKey(path) => FieldError::new(path, "is given more than once"),
+            JsonError::DuplicateKey(path) => {
+                FieldError::new(shown_path(&path), "is given more than once")
+            }
         }]
     })?;
     let Value::Object(map) = value else {
@@ -82,7 +84,7 @@ pub fn read_fields(body: &[u8], policy: &Policy, full: bool) -> Result<Fields, V
     for key in map.keys() {
         if !["name", "url", "description", "status", "events"].contains(&key.as_str()) {
             errors.push(FieldError::new(
-                key.as_str(),
+                shown_path(key),
                 "unknown field (expected name, url, description, status, events)",
             ));
         }
@@ -108,7 +110,7 @@ pub fn read_fields(body: &[u8], policy: &Policy, full: bool) -> Result<Fields, V
         if status != "enabled" && status != "disabled" {
             errors.push(FieldError::new(
                 "status",
-                format!("must be \"enabled\" or \"disabled\", not {status:?}"),
+                format!("must be \"enabled\" or \"disabled\", not {}", shown(status)),
             ));
         }
     }
@@ -136,7 +138,53 @@ pub fn read_fields(body: &[u8], policy: &Policy, full: bool) -> Result<Fields, V
     if errors.is_empty() {
         Ok(fields)
     } else {
-        Err(errors)
+        Err(bounded(errors))
+    }
+}
+
+/// At most this many errors are listed in one answer; the rest are counted.
+const MAX_ERRORS: usize = 20;
+/// Longest piece of the request echoed back in an error (a key or a value), in characters.
+const MAX_ECHO: usize = 64;
+/// Longest error message, in characters (a URL's own errors may quote its host).
+const MAX_MESSAGE: usize = 300;
+
+/// The errors of one body, bounded: a body of 64 KiB of bad items gets an answer of a few KiB.
+fn bounded(mut errors: Vec<FieldError>) -> Vec<FieldError> {
+    for e in &mut errors {
+        if e.message.chars().count() > MAX_MESSAGE {
+            e.message = format!(
+                "{}…",
+                e.message.chars().take(MAX_MESSAGE).collect::<String>()
+            );
+        }
+    }
+    if errors.len() > MAX_ERRORS {
+        let more = errors.len() - MAX_ERRORS;
+        errors.truncate(MAX_ERRORS);
+        errors.push(FieldError::new(
+            "",
+            format!("and {more} more errors (fix these first)"),
+        ));
+    }
+    errors
+}
+
+/// A key of the request as an error's path, cut to `MAX_ECHO` characters.
+fn shown_path(path: &str) -> String {
+    if path.chars().count() <= MAX_ECHO {
+        path.to_string()
+    } else {
+        format!("{}…", path.chars().take(MAX_ECHO).collect::<String>())
+    }
+}
+
+/// A value of the request, quoted for an error message and cut to `MAX_ECHO` characters.
+fn shown(value: &str) -> String {
+    if value.chars().count() <= MAX_ECHO {
+        format!("{value:?}")
+    } else {
+        format!("{:?}…", value.chars().take(MAX_ECHO).collect::<String>())
     }
 }
 
@@ -261,17 +309,21 @@ fn read_events(
         match item {
             Value::String(e) if !is_event_type(e) => errors.push(FieldError::new(
                 at,
-                format!("{e:?} must look like resource.event (lowercase letters, digits, _)"),
+                format!(
+                    "{} must look like resource.event (lowercase letters, digits, _)",
+                    shown(e)
+                ),
             )),
+            // The catalogue is not repeated in every error: GET /v1/event-types lists it.
             Value::String(e) if !policy.event_types.contains(e) => errors.push(FieldError::new(
                 at,
                 format!(
-                    "{e:?} is not in the catalogue ({})",
-                    policy.event_types.join(", ")
+                    "{} is not in the catalogue (GET /v1/event-types lists it)",
+                    shown(e)
                 ),
             )),
             Value::String(e) if events.contains(e) => {
-                errors.push(FieldError::new(at, format!("{e:?} is listed twice")))
+                errors.push(FieldError::new(at, format!("{} is listed twice", shown(e))))
             }
             Value::String(e) => events.push(e.clone()),
             _ => errors.push(FieldError::new(at, "must be a string")),

@@ -92,7 +92,7 @@ def test_invisible_names_and_bidi_controls_are_refused(registry):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Duplicate keys
+# Duplicate keys, bounded error answers
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -113,3 +113,25 @@ def test_duplicate_json_keys_are_refused(registry):
     assert answer.status == 422 and error_paths(answer) == ["status"], answer
     assert [w["id"] for w in registry.request("GET", hooks("org-a"), token=token).json()["webhooks"]] == [hook["id"]]
     assert registry.request("GET", hooks("org-a", hook["id"]), token=token).json()["status"] == "enabled"
+
+
+def test_error_answers_are_bounded(make_registry):
+    catalogue = [f"resource{i:02d}.event_with_a_long_name_{i:02d}" for i in range(40)]
+    registry = make_registry(extra_args=["--event-types", ",".join(catalogue)])
+    token = registry.token()
+    events = [f"job.unknown_{i:04d}" for i in range(1000)]
+    body = json.dumps({**GOOD, "events": events}).encode()
+    assert 20_000 <= len(body) <= 30_000
+    answer = registry.request("POST", hooks("org-a"), token=token, body=body)
+    assert answer.status == 422
+    errors = answer.json()["errors"]
+    assert len(answer.body) <= 4096, len(answer.body)
+    assert 2 <= len(errors) <= 21 and errors[0]["path"] == "events[0]"
+    assert "/v1/event-types" in errors[0]["message"]
+    assert answer.body.count(catalogue[7].encode()) <= 1
+    assert "more" in errors[-1]["message"] and "980" in errors[-1]["message"], errors[-1]
+    # A huge unknown key, a huge bad value: neither is echoed in full.
+    for body in [{**GOOD, "k" * 30_000: 1}, {**GOOD, "events": ["x" * 30_000]}, {**GOOD, "status": "s" * 30_000},
+                 {**GOOD, "url": "https://" + "h" * 30_000}]:
+        answer = registry.request("POST", hooks("org-a"), token=token, body=body)
+        assert answer.status == 422 and len(answer.body) <= 1024, (len(answer.body), answer)
