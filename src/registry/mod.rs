@@ -7,6 +7,7 @@ mod api;
 mod auth;
 mod json;
 mod keys;
+mod rejections;
 mod store;
 mod validate;
 

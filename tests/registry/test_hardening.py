@@ -135,3 +135,47 @@ def test_error_answers_are_bounded(make_registry):
                  {**GOOD, "url": "https://" + "h" * 30_000}]:
         answer = registry.request("POST", hooks("org-a"), token=token, body=body)
         assert answer.status == 422 and len(answer.body) <= 1024, (len(answer.body), answer)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every rejection in the error shape
+# --------------------------------------------------------------------------------------------------------------
+
+
+def assert_error_shape(answer, status: int, path: str = None):
+    assert answer.status == status, answer
+    assert answer.headers["content-type"] == "application/json", answer.headers
+    errors = answer.json()["errors"]
+    assert len(errors) == 1 and set(errors[0]) == {"path", "message"} and errors[0]["message"], answer
+    if path is not None:
+        assert errors[0]["path"] == path, answer
+
+
+def test_framework_rejections_answer_in_the_error_shape(registry):
+    token = registry.token()
+    hook = create(registry)
+    answer = registry.request("DELETE", hooks("org-a"), token=token)
+    assert_error_shape(answer, 405)
+    assert set(answer.headers["allow"].replace(" ", "").split(",")) >= {"GET", "POST"}
+    assert "DELETE" in answer.json()["errors"][0]["message"]
+    assert_error_shape(registry.request("PUT", hooks("org-a", hook["id"]), token=token, body=GOOD), 405)
+    assert_error_shape(registry.request("POST", "/v1/registry", token=registry.proxy_token), 405)
+    answer = registry.request("POST", hooks("org-a"), token=token, body={**GOOD, "description": "d" * 70_000})
+    assert_error_shape(answer, 413)
+    assert "65536" in answer.json()["errors"][0]["message"]
+    assert_error_shape(registry.request("GET", "/v1/nothing/here", token=token), 404)
+    assert_error_shape(registry.request("GET", "/v1/organisations/%ff%fe/webhooks", token=token), 400)
+    assert_error_shape(registry.request("POST", hooks("org-a"), token=token, body=b"{", ), 422, "")
+    for content_type in ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x",
+                         "application/jsonx"]:
+        answer = registry.request("POST", hooks("org-a"), token=token, body=GOOD,
+                                  headers={"Content-Type": content_type})
+        assert_error_shape(answer, 415, "content-type")
+        answer = registry.request("PATCH", hooks("org-a", hook["id"]), token=token, body={"name": "x"},
+                                  headers={"Content-Type": content_type})
+        assert_error_shape(answer, 415, "content-type")
+    # JSON with parameters is JSON; a POST without a body needs no content type.
+    assert registry.request("POST", hooks("org-a"), token=token, body=GOOD,
+                            headers={"Content-Type": "application/json; charset=utf-8"}).status == 201
+    assert registry.request("POST", hooks("org-a", hook["id"], "rotate-key"), token=token).status == 200
+    assert len(registry.request("GET", hooks("org-a"), token=token).json()["webhooks"]) == 2
