@@ -99,7 +99,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/", get(dashboard_html))
         .route("/dashboard.js", get(dashboard_js))
         .route("/dashboard.css", get(dashboard_css))
-        .route("/healthz", get(health))
+        .route("/healthz", get(super::health::healthz))
         .route("/v1/event-types", get(event_types))
         .route("/v1/registry", get(registry_feed))
         .route(
@@ -118,6 +118,10 @@ pub fn router(app: Arc<App>) -> Router {
         )
         .fallback(not_found)
         .layer(axum::middleware::from_fn(request_deadline))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            super::health::database_guard,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(super::rejections::in_error_shape))
         .with_state(app)
@@ -146,10 +150,16 @@ pub enum ApiError {
     Conflict,
     Invalid(Vec<FieldError>),
     Internal,
+    /// The database is down, unreachable, too slow, or its file is gone: 503.
+    Unavailable,
 }
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
+        if super::store::is_unavailable(&e) {
+            log(&format!("database unavailable: {e}"));
+            return ApiError::Unavailable;
+        }
         log(&format!("database error: {e}"));
         ApiError::Internal
     }
@@ -182,6 +192,7 @@ impl IntoResponse for ApiError {
                 json_response(StatusCode::UNPROCESSABLE_ENTITY, &errors_body(&errors))
             }
             ApiError::Internal => one(StatusCode::INTERNAL_SERVER_ERROR, "", "internal error"),
+            ApiError::Unavailable => super::health::unavailable(),
         }
     }
 }
@@ -555,14 +566,6 @@ fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
             candidate == b"*" || candidate == etag.as_bytes()
         })
     })
-}
-
-async fn health(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
-    let revision = app.store.revision().await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"status": "ok", "revision": revision}),
-    ))
 }
 
 async fn event_types(State(app): State<Arc<App>>) -> Response {

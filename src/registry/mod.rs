@@ -5,6 +5,7 @@
 
 mod api;
 mod auth;
+mod health;
 mod json;
 mod keys;
 mod rejections;

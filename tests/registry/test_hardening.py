@@ -5,10 +5,13 @@ health check and a database that goes away, plaintext keys, and revoking a leake
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 
 import pytest
 
-from harness.registry_service import hs256_token
+from harness.registry_service import Postgres, hs256_token
+from harness.util import wait_until
 
 GOOD = {"name": "Billing", "url": "https://hooks.example.com/webhooks", "description": "Invoices",
         "status": "enabled", "events": ["job.completed"]}
@@ -179,3 +182,66 @@ def test_framework_rejections_answer_in_the_error_shape(registry):
                             headers={"Content-Type": "application/json; charset=utf-8"}).status == 201
     assert registry.request("POST", hooks("org-a", hook["id"], "rotate-key"), token=token).status == 200
     assert len(registry.request("GET", hooks("org-a"), token=token).json()["webhooks"]) == 2
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The health check, and a database that goes away
+# --------------------------------------------------------------------------------------------------------------
+
+
+def timed(reg, method, path, **kwargs):
+    started = time.monotonic()
+    answer = reg.request(method, path, **kwargs)
+    return answer, time.monotonic() - started
+
+
+def assert_unavailable_within_2s(reg, hook_id: str):
+    token = reg.token()
+    for method, path, kwargs in [("GET", "/healthz", {}), ("POST", hooks("org-a"), {"token": token, "body": GOOD}),
+                                 ("GET", hooks("org-a"), {"token": token}),
+                                 ("PATCH", hooks("org-a", hook_id), {"token": token, "body": {"name": "x"}}),
+                                 ("GET", "/v1/registry", {"token": reg.proxy_token}), ("GET", "/healthz", {})]:
+        answer, took = timed(reg, method, path, **kwargs)
+        print(f"{method} {path}: {answer.status} in {took * 1000:.0f} ms")
+        assert answer.status == 503, (method, path, answer)
+        assert took < 2.0, (method, path, took)
+        if path == "/healthz":
+            assert answer.json() == {"status": "unavailable"}
+        else:
+            assert_error_shape(answer, 503, "")
+
+
+def test_healthz_says_ok_and_nothing_more(registry):
+    create(registry)
+    answer = registry.request("GET", "/healthz")
+    assert answer.status == 200 and answer.json() == {"status": "ok"}, answer
+
+
+def test_a_deleted_sqlite_file_makes_every_request_503_and_fails_the_health_check(make_registry):
+    registry = make_registry()
+    hook = create(registry)
+    path = Path(registry.database.removeprefix("sqlite:"))
+    for p in path.parent.glob(path.name + "*"):
+        p.unlink()
+    assert_unavailable_within_2s(registry, hook["id"])
+    assert f"the database file {path} was deleted or replaced" in registry.log_text()
+    # Replaced by another file (a restore from a backup while running, say): the same.
+    path.write_bytes(b"")
+    assert_unavailable_within_2s(registry, hook["id"])
+    assert registry.proc.poll() is None
+
+
+def test_a_stopped_postgres_answers_503_within_2s_and_recovers(make_registry):
+    pg = Postgres()
+    try:
+        registry = make_registry("postgres", database=pg.new_database())
+        hook = create(registry)
+        pg.stop_server()
+        assert_unavailable_within_2s(registry, hook["id"])
+        assert "database unavailable" in registry.log_text()
+        pg.start_server()
+        wait_until(lambda: registry.request("GET", "/healthz").status == 200, 30, "the health check to recover")
+        create(registry, name="after the outage")
+        assert len(registry.feed().json()["webhooks"]) == 2
+    finally:
+        pg.stop()
