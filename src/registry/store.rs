@@ -397,6 +397,19 @@ impl Store {
         self.sqlite_file.as_ref().map_or(Ok(()), SqliteFile::check)
     }
 
+    /// The webhooks (organisation, id) with a key stored in the clear, current or previous.
+    pub async fn with_plaintext_keys(&self) -> Result<Vec<(String, String)>> {
+        sqlx::query(
+            "SELECT organisation_id, id FROM webhooks \
+             WHERE key_sealed LIKE 'plain:%' OR previous_key_sealed LIKE 'plain:%'",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get("organisation_id")?, row.try_get("id")?)))
+        .collect()
+    }
+
     /// The database answers a query on the registry's own table (for the health check).
     pub async fn check(&self) -> Result<()> {
         self.check_file()?;

@@ -4,13 +4,16 @@ health check and a database that goes away, plaintext keys, and revoking a leake
 
 from __future__ import annotations
 
+import base64
 import json
+import sqlite3
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from harness.registry_service import Postgres, hs256_token
+from harness.registry_service import Postgres, RegistryService, hs256_token
 from harness.util import wait_until
 
 GOOD = {"name": "Billing", "url": "https://hooks.example.com/webhooks", "description": "Invoices",
@@ -245,3 +248,60 @@ def test_a_stopped_postgres_answers_503_within_2s_and_recovers(make_registry):
         assert len(registry.feed().json()["webhooks"]) == 2
     finally:
         pg.stop()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Keys stored in the clear
+# --------------------------------------------------------------------------------------------------------------
+
+
+def run_sql(registry, request, sql: str) -> list:
+    if registry.database.startswith("postgres"):
+        out = request.getfixturevalue("postgres").psql(sql, database=registry.database.rsplit("/", 1)[1]).stdout
+        return [tuple(line.split("|")) for line in out.splitlines()]
+    with sqlite3.connect(registry.database.removeprefix("sqlite:")) as db:
+        return db.execute(sql).fetchall()
+
+
+def test_a_row_rewritten_to_a_plaintext_key_is_not_served_with_a_main_key(registry, request):
+    kept = create(registry, name="kept")
+    hook = create(registry, name="rewritten")
+    planted = "whsec_" + base64.b64encode(b"k" * 32).decode()
+    run_sql(registry, request, f"UPDATE webhooks SET key_sealed = 'plain:{planted}' WHERE id = '{hook['id']}'")
+    feed = registry.feed().json()["webhooks"]
+    assert [(w["id"], w["apiKeys"]) for w in feed] == [(kept["id"], [kept["apiKey"]])]
+    log = registry.log_text()
+    assert f"webhook {hook['id']}: the stored key is in the clear" in log and planted not in log
+    # A previous key rewritten to plaintext is left out the same way (the webhook stays, with its current key).
+    rotated = registry.request("POST", hooks("org-a", kept["id"], "rotate-key"), token=registry.token()).json()
+    run_sql(registry, request, f"UPDATE webhooks SET previous_key_sealed = 'plain:{planted}' "
+                               f"WHERE id = '{kept['id']}'")
+    registry.request("PATCH", hooks("org-a", kept["id"]), token=registry.token(), body={"description": "bump"})
+    assert [w["apiKeys"] for w in registry.feed().json()["webhooks"]] == [[rotated["apiKey"]]]
+
+
+def test_moving_from_plaintext_keys_to_a_main_key_needs_the_sealing_flag(make_registry):
+    demo = make_registry(plaintext=True)
+    hook = create(demo)
+    demo.stop()
+    shared = dict(database=demo.database, jwt_secret=demo.jwt_secret, proxy_token=demo.proxy_token)
+    refusing = make_registry(**shared)
+    assert refusing.feed().json()["webhooks"] == []
+    assert "--seal-plaintext-keys" in refusing.log_text()
+    refusing.stop()
+    sealing = make_registry(**shared, main_key=refusing.main_key, extra_args=["--seal-plaintext-keys"])
+    assert [w["apiKeys"] for w in sealing.feed().json()["webhooks"]] == [[hook["apiKey"]]]
+    assert f"sealed the plaintext key(s) of webhook {hook['id']}" in sealing.log_text()
+    with sqlite3.connect(demo.database.removeprefix("sqlite:")) as db:
+        (stored,) = db.execute("SELECT key_sealed FROM webhooks").fetchone()
+        actions = [a for (a,) in db.execute("SELECT action FROM audit ORDER BY at_ms")]
+    assert stored.startswith("aes256gcm:") and hook["apiKey"] not in stored
+    assert actions == ["create", "seal-key"]
+    sealing.stop()
+    # Sealed once: a later start without the flag serves it too.
+    after = make_registry(**shared, main_key=refusing.main_key)
+    assert [w["apiKeys"] for w in after.feed().json()["webhooks"]] == [[hook["apiKey"]]]
+    # The flag needs a main key.
+    bad = RegistryService(demo.work_dir / "x", plaintext=True, start=False, extra_args=["--seal-plaintext-keys"])
+    done = subprocess.run(bad.args, env=bad.env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "--seal-plaintext-keys needs --main-key-env" in done.stderr, done.stderr
