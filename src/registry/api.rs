@@ -116,6 +116,11 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/organisations/{org}/webhooks/{id}/rotate-key",
             post(rotate_key),
         )
+        .route(
+            "/v1/organisations/{org}/webhooks/{id}/revoke-previous-key",
+            post(revoke_previous_key),
+        )
+        .route("/v1/settings", get(settings))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(request_deadline))
         .layer(axum::middleware::from_fn_with_state(
@@ -149,6 +154,8 @@ pub enum ApiError {
     NotFound,
     Conflict,
     Invalid(Vec<FieldError>),
+    /// A revoke of the previous key, when there is none in its grace period.
+    NoPreviousKey,
     Internal,
     /// The database is down, unreachable, too slow, or its file is gone: 503.
     Unavailable,
@@ -188,6 +195,11 @@ impl IntoResponse for ApiError {
                 "",
                 "the webhook changed meanwhile; read it again and retry",
             ),
+            ApiError::NoPreviousKey => one(
+                StatusCode::CONFLICT,
+                "",
+                "the webhook has no previous key in its grace period (none, or it expired or was revoked)",
+            ),
             ApiError::Invalid(errors) => {
                 json_response(StatusCode::UNPROCESSABLE_ENTITY, &errors_body(&errors))
             }
@@ -222,6 +234,9 @@ fn public(w: &StoredWebhook) -> Value {
         "createdAt": rfc3339(w.created_ms),
         "updatedAt": rfc3339(w.updated_ms),
         "keyRotatedAt": w.key_rotated_ms.map(rfc3339),
+        "previousKeyExpiresAt": w.previous_key_expires_ms
+            .filter(|expires| w.previous_key_sealed.is_some() && now_ms() < *expires)
+            .map(rfc3339),
     })
 }
 
@@ -447,6 +462,57 @@ async fn rotate_key(
     answer["apiKey"] = Value::String(key);
     answer["previousKeyExpiresAt"] = Value::String(rfc3339(expires));
     Ok(json_response(StatusCode::OK, &answer))
+}
+
+/// Ends the previous key's grace at once (a key that leaked): the proxies stop signing with it at their next poll.
+async fn revoke_previous_key(
+    State(app): State<Arc<App>>,
+    Path((org, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = app.authorize(&headers, &org)?;
+    if !is_webhook_id(&id) {
+        return Err(ApiError::NotFound);
+    }
+    let old = app.store.get(&org, &id).await?.ok_or(ApiError::NotFound)?;
+    let now = now_ms();
+    let Some(expires) = old
+        .previous_key_expires_ms
+        .filter(|expires| old.previous_key_sealed.is_some() && now < *expires)
+    else {
+        return Err(ApiError::NoPreviousKey);
+    };
+    let mut webhook = old.clone();
+    webhook.previous_key_sealed = None;
+    webhook.previous_key_expires_ms = None;
+    webhook.updated_ms = now;
+    put_existing(
+        &app,
+        &webhook,
+        &old.key_sealed,
+        Audit {
+            at_ms: now,
+            actor: &caller.sub,
+            role: caller.role.as_str(),
+            action: "revoke-previous-key",
+            detail: json!({"previousKeyExpiredAt": rfc3339(now), "graceWasUntil": rfc3339(expires)})
+                .to_string(),
+        },
+    )
+    .await?;
+    audit_line(&caller, "revoked the previous key of", &org, &id);
+    Ok(json_response(StatusCode::OK, &public(&webhook)))
+}
+
+/// `GET /v1/settings`: what the dashboard needs to know of the registry's flags (no token).
+async fn settings(State(app): State<Arc<App>>) -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "eventTypes": app.policy.event_types,
+            "rotationGraceSeconds": app.rotation_grace_ms / 1000,
+        }),
+    )
 }
 
 /// `GET /v1/registry`: every webhook with its key(s), for the proxies. The ETag is the revision and a digest of

@@ -305,3 +305,46 @@ def test_moving_from_plaintext_keys_to_a_main_key_needs_the_sealing_flag(make_re
     bad = RegistryService(demo.work_dir / "x", plaintext=True, start=False, extra_args=["--seal-plaintext-keys"])
     done = subprocess.run(bad.args, env=bad.env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "--seal-plaintext-keys needs --main-key-env" in done.stderr, done.stderr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Revoking a leaked previous key; the grace period, as configured
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_revoking_the_previous_key_ends_its_grace_at_once(registry, request):
+    token = registry.token(sub="ann@example.com")
+    hook = create(registry)
+    assert registry.request("GET", hooks("org-a", hook["id"]), token=token).json()["previousKeyExpiresAt"] is None
+    rotated = registry.request("POST", hooks("org-a", hook["id"], "rotate-key"), token=token).json()
+    assert registry.request("GET", hooks("org-a", hook["id"]), token=token).json()["previousKeyExpiresAt"] == \
+        rotated["previousKeyExpiresAt"]
+    before = registry.feed().json()
+    assert before["webhooks"][0]["apiKeys"] == [rotated["apiKey"], hook["apiKey"]]
+    revoke = hooks("org-a", hook["id"], "revoke-previous-key")
+    # Nobody else may.
+    assert registry.request("POST", revoke).status == 401
+    assert registry.request("POST", revoke, token=registry.token(org="org-b")).status == 403
+    assert registry.request("POST", revoke, token=registry.token(role="viewer")).status == 403
+    assert registry.request("POST", hooks("org-a", "0" * 24, "revoke-previous-key"), token=token).status == 404
+    assert registry.request("GET", revoke, token=token).status == 405
+    answer = registry.request("POST", revoke, token=token)
+    assert answer.status == 200, answer
+    assert answer.json()["previousKeyExpiresAt"] is None and b"whsec_" not in answer.body
+    after = registry.feed().json()
+    assert after["webhooks"][0]["apiKeys"] == [rotated["apiKey"]]
+    assert "previousKeyExpiresAt" not in after["webhooks"][0]
+    assert after["revision"] == before["revision"] + 1
+    # Nothing left to revoke.
+    assert_error_shape(registry.request("POST", revoke, token=token), 409, "")
+    actions = [row[0] for row in run_sql(registry, request, "SELECT action, actor FROM audit ORDER BY at_ms")
+               if not row[0].startswith("refused")]
+    assert actions == ["create", "rotate-key", "revoke-previous-key"]
+    assert (f'revoked the previous key of webhook {hook["id"]} of organisation "org-a" by "ann@example.com" '
+            f'(organisation_admin)') in registry.log_text()
+
+
+def test_settings_say_the_configured_grace(make_registry):
+    registry = make_registry(extra_args=["--rotation-grace", "90m"])
+    assert registry.request("GET", "/v1/settings").json() == {
+        "eventTypes": ["job.completed", "job.failed"], "rotationGraceSeconds": 5400}
