@@ -129,6 +129,10 @@ pub fn router(app: Arc<App>) -> Router {
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(super::rejections::in_error_shape))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            super::refusals::log_and_audit,
+        ))
         .with_state(app)
 }
 
@@ -495,8 +499,9 @@ async fn revoke_previous_key(
             actor: &caller.sub,
             role: caller.role.as_str(),
             action: "revoke-previous-key",
-            detail: json!({"previousKeyExpiredAt": rfc3339(now), "graceWasUntil": rfc3339(expires)})
-                .to_string(),
+            detail:
+                json!({"previousKeyExpiredAt": rfc3339(now), "graceWasUntil": rfc3339(expires)})
+                    .to_string(),
         },
     )
     .await?;
@@ -550,8 +555,10 @@ async fn registry_feed(
     };
     let etag_value = HeaderValue::from_str(&etag).map_err(|_| ApiError::Internal)?;
     if if_none_match(&headers, &etag) {
+        super::refusals::note_feed_pull(revision, StatusCode::NOT_MODIFIED, 0);
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
     }
+    super::refusals::note_feed_pull(revision, StatusCode::OK, body.len());
     Ok((
         StatusCode::OK,
         [

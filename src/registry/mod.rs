@@ -8,6 +8,7 @@ mod auth;
 mod health;
 mod json;
 mod keys;
+mod refusals;
 mod rejections;
 mod store;
 mod validate;

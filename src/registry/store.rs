@@ -397,6 +397,13 @@ impl Store {
         self.sqlite_file.as_ref().map_or(Ok(()), SqliteFile::check)
     }
 
+    /// An audit row alone, for a refused write: nothing changed, so the revision stays.
+    pub async fn audit_only(&self, organisation: &str, id: &str, audit: Audit<'_>) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        insert_audit(&mut tx, organisation, id, &audit).await?;
+        tx.commit().await
+    }
+
     /// The webhooks (organisation, id) with a key stored in the clear, current or previous.
     pub async fn with_plaintext_keys(&self) -> Result<Vec<(String, String)>> {
         sqlx::query(

@@ -348,3 +348,71 @@ def test_settings_say_the_configured_grace(make_registry):
     registry = make_registry(extra_args=["--rotation-grace", "90m"])
     assert registry.request("GET", "/v1/settings").json() == {
         "eventTypes": ["job.completed", "job.failed"], "rotationGraceSeconds": 5400}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Refused requests and feed pulls leave a trace
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_refused_requests_are_logged_and_refused_writes_audited(registry, request):
+    ann = registry.token(sub="ann@example.com")
+    bob = registry.token(org="org-b", sub="bob@example.com")
+    expired = registry.token(sub="eve", role="super_admin", ttl=-3600)
+    hook = create(registry, token=ann)
+    revision = registry.feed().json()["revision"]
+    calls = [
+        ("POST", hooks("org-a"), expired, GOOD, 401),
+        ("DELETE", hooks("org-a", hook["id"]), bob, None, 403),
+        ("GET", hooks("org-a"), bob, None, 403),
+        ("POST", hooks("org-a"), ann, {**GOOD, "url": "https://10.0.0.1/", "name": ""}, 422),
+        ("PATCH", hooks("org-a", hook["id"]), ann, {"status": "on"}, 422),
+        ("POST", hooks("org-a", hook["id"], "revoke-previous-key"), ann, None, 409),
+        ("DELETE", hooks("org-a", "0" * 24), ann, None, 404),
+        ("POST", hooks("org-a"), ann, {**GOOD, "description": "d" * 70_000}, 413),
+    ]
+    for method, path, token, body, status in calls:
+        assert registry.request(method, path, token=token, body=body).status == status, (method, path)
+    log = registry.log_text()
+    assert f'refused POST "/v1/organisations/org-a/webhooks": 401 "the token has expired"' in log
+    assert (f'refused DELETE "/v1/organisations/org-a/webhooks/{hook["id"]}": 403 ') in log
+    assert 'by "bob@example.com" (organisation_admin)' in log
+    assert 'refused GET "/v1/organisations/org-a/webhooks": 403' in log
+    assert 'refused POST "/v1/organisations/org-a/webhooks": 422 "invalid: name, url" by "ann@example.com"' in log
+    assert 'refused POST "/v1/organisations/org-a/webhooks": 413' in log
+    for secret in [ann, bob, expired, registry.proxy_token, registry.jwt_secret, hook["apiKey"]]:
+        assert secret not in log
+    # Refused writes by a known caller are audited (unauthenticated ones only logged); nothing changed.
+    rows = run_sql(registry, request, "SELECT action, actor, organisation_id, webhook_id, detail FROM audit "
+                                      "ORDER BY at_ms")
+    refused = [(a, actor, org, id_, json.loads(detail)["status"]) for a, actor, org, id_, detail in rows
+               if a.startswith("refused")]
+    assert refused == [
+        ("refused-delete", "bob@example.com", "org-a", hook["id"], 403),
+        ("refused-create", "ann@example.com", "org-a", "", 422),
+        ("refused-update", "ann@example.com", "org-a", hook["id"], 422),
+        ("refused-revoke-previous-key", "ann@example.com", "org-a", hook["id"], 409),
+        ("refused-delete", "ann@example.com", "org-a", "0" * 24, 404),
+        ("refused-create", "ann@example.com", "org-a", "", 413),
+    ], refused
+    assert "eve" not in [row[1] for row in rows]
+    assert registry.feed().json()["revision"] == revision
+
+
+def test_feed_pulls_are_logged_once_per_revision(registry):
+    def pulls():
+        return registry.log_text().count("feed pulled at revision")
+
+    first = registry.feed()
+    assert pulls() == 1 and "feed pulled at revision 0: 200" in registry.log_text()
+    for _ in range(5):
+        assert registry.feed(first.headers["etag"]).status == 304
+        assert registry.feed().status == 200
+    assert pulls() == 1
+    create(registry)
+    assert registry.feed(first.headers["etag"]).status == 200
+    assert registry.feed().status == 200
+    assert pulls() == 2 and "feed pulled at revision 1: 200" in registry.log_text()
+    assert registry.request("GET", "/v1/registry", token="wrong-token-0123456789").status == 401
+    assert 'refused GET "/v1/registry": 401' in registry.log_text()
+    assert registry.proxy_token not in registry.log_text() and "wrong-token" not in registry.log_text()
