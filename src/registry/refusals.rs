@@ -32,15 +32,14 @@ pub async fn log_and_audit(
 ) -> Response {
     let method = request.method().clone();
     let path: String = request.uri().path().chars().take(MAX_LOGGED_PATH).collect();
-    let caller = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| app.verifier.caller(Some(value.as_bytes())).ok());
+    let authorization = request.headers().get(header::AUTHORIZATION).cloned();
     let response = next.run(request).await;
     let status = response.status();
     if !(status.is_client_error() || status.is_server_error()) {
         return response;
     }
+    // Verified again only for refusals: the handler's own verification is not shared with this layer.
+    let caller = authorization.and_then(|value| app.verifier.caller(Some(value.as_bytes())).ok());
     let (parts, body) = response.into_parts();
     let bytes = axum::body::to_bytes(body, MAX_ERROR_BODY)
         .await
