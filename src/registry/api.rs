@@ -86,6 +86,21 @@ impl App {
     }
 }
 
+impl super::health::HasStore for App {
+    fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+impl super::refusals::Refusals for App {
+    fn store(&self) -> &Store {
+        &self.store
+    }
+    fn verifier(&self) -> &Verifier {
+        &self.verifier
+    }
+}
+
 /// Organisation ids come from the tokens and the paths: 1 to 128 characters, none of them a control character.
 fn is_organisation_id(id: &str) -> bool {
     (1..=128).contains(&id.chars().count()) && !id.chars().any(char::is_control)
@@ -99,7 +114,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/", get(dashboard_html))
         .route("/dashboard.js", get(dashboard_js))
         .route("/dashboard.css", get(dashboard_css))
-        .route("/healthz", get(super::health::healthz))
+        .route("/healthz", get(super::health::healthz::<App>))
         .route("/v1/event-types", get(event_types))
         .route("/v1/registry", get(registry_feed))
         .route(
@@ -125,13 +140,13 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(axum::middleware::from_fn(request_deadline))
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
-            super::health::database_guard,
+            super::health::database_guard::<App>,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(super::rejections::in_error_shape))
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
-            super::refusals::log_and_audit,
+            super::refusals::log_and_audit::<App>,
         ))
         .with_state(app)
 }

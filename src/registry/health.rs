@@ -2,9 +2,9 @@
 //! whether the file is still the one opened); every API request first checks the SQLite file, so nothing is
 //! written into a deleted file.
 
-use super::api::App;
 use super::log;
 use super::rejections::errors_response;
+use super::store::Store;
 use super::validate::FieldError;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -14,6 +14,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// What the health check and the guard need of the application (the API's `App`).
+pub trait HasStore: Send + Sync + 'static {
+    fn store(&self) -> &Store;
+}
+
 /// The health check's own bound, beyond the pool's acquire and statement timeouts.
 const HEALTH_TIMEOUT: Duration = Duration::from_millis(1800);
 
@@ -22,8 +27,8 @@ const HEALTH_TIMEOUT: Duration = Duration::from_millis(1800);
 static HEALTHY: AtomicBool = AtomicBool::new(true);
 
 /// `GET /healthz`: 200 `{"status": "ok"}` or 503 `{"status": "unavailable"}`. No token; nothing else said.
-pub async fn healthz(State(app): State<Arc<App>>) -> Response {
-    let failure = match tokio::time::timeout(HEALTH_TIMEOUT, app.store.check()).await {
+pub async fn healthz<A: HasStore>(State(app): State<Arc<A>>) -> Response {
+    let failure = match tokio::time::timeout(HEALTH_TIMEOUT, app.store().check()).await {
         Ok(Ok(())) => None,
         Ok(Err(e)) => Some(e.to_string()),
         Err(_) => Some(format!(
@@ -58,11 +63,15 @@ pub async fn healthz(State(app): State<Arc<App>>) -> Response {
 }
 
 /// Before any request that reads or writes the database: the SQLite file must still be the one opened.
-pub async fn database_guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+pub async fn database_guard<A: HasStore>(
+    State(app): State<Arc<A>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let path = request.uri().path();
     let static_asset = path == "/" || path.starts_with("/dashboard.") || path == "/healthz";
     if !static_asset {
-        if let Err(e) = app.store.check_file() {
+        if let Err(e) = app.store().check_file() {
             log(&format!("database unavailable: {e}"));
             return unavailable();
         }

@@ -4,9 +4,8 @@
 //! the path without its query, and the reason the answer gave. Unauthenticated refusals are logged, not stored,
 //! so that no anonymous client can fill the database. Feed pulls are logged when the revision served changes.
 
-use super::api::App;
-use super::auth::Caller;
-use super::store::Audit;
+use super::auth::{Caller, Verifier};
+use super::store::{Audit, Store};
 use super::{log, now_ms};
 use axum::body::Body;
 use axum::extract::{MatchedPath, RawPathParams, Request, State};
@@ -22,9 +21,15 @@ const MAX_ERROR_BODY: usize = 16 * 1024;
 /// Longest path written to a log line or an audit row, in characters.
 const MAX_LOGGED_PATH: usize = 200;
 
+/// What this layer needs of the application (the API's `App`).
+pub trait Refusals: Send + Sync + 'static {
+    fn store(&self) -> &Store;
+    fn verifier(&self) -> &Verifier;
+}
+
 /// Logs each refused or failed request, and audits refused writes by callers whose token is valid.
-pub async fn log_and_audit(
-    State(app): State<Arc<App>>,
+pub async fn log_and_audit<A: Refusals>(
+    State(app): State<Arc<A>>,
     matched: Option<MatchedPath>,
     params: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
     request: Request,
@@ -39,7 +44,7 @@ pub async fn log_and_audit(
         return response;
     }
     // Verified again only for refusals: the handler's own verification is not shared with this layer.
-    let caller = authorization.and_then(|value| app.verifier.caller(Some(value.as_bytes())).ok());
+    let caller = authorization.and_then(|value| app.verifier().caller(Some(value.as_bytes())).ok());
     let (parts, body) = response.into_parts();
     let bytes = axum::body::to_bytes(body, MAX_ERROR_BODY)
         .await
@@ -66,7 +71,16 @@ pub async fn log_and_audit(
                 ),
                 Err(_) => (None, None),
             };
-            audit_refusal(&app, caller, action, organisation, id, status, &reason).await;
+            audit_refusal(
+                app.as_ref(),
+                caller,
+                action,
+                organisation,
+                id,
+                status,
+                &reason,
+            )
+            .await;
         }
     }
     Response::from_parts(parts, Body::from(bytes))
@@ -117,8 +131,8 @@ fn write_action(method: &Method, matched: Option<&MatchedPath>) -> Option<&'stat
     }
 }
 
-async fn audit_refusal(
-    app: &App,
+async fn audit_refusal<A: Refusals>(
+    app: &A,
     caller: &Caller,
     action: &str,
     organisation: Option<&str>,
@@ -140,7 +154,7 @@ async fn audit_refusal(
         action,
         detail: json!({"status": status.as_u16(), "reason": reason}).to_string(),
     };
-    if let Err(e) = app.store.audit_only(organisation, id, audit).await {
+    if let Err(e) = app.store().audit_only(organisation, id, audit).await {
         log(&format!("auditing a refused {action} failed: {e}"));
     }
 }
