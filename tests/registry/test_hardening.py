@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import time
@@ -416,3 +418,23 @@ def test_feed_pulls_are_logged_once_per_revision(registry):
     assert registry.request("GET", "/v1/registry", token="wrong-token-0123456789").status == 401
     assert 'refused GET "/v1/registry": 401' in registry.log_text()
     assert registry.proxy_token not in registry.log_text() and "wrong-token" not in registry.log_text()
+
+
+def test_a_frozen_postgres_answers_503_within_2s(make_registry):
+    """A host that stops answering without closing its connections (SIGSTOP on this test's own cluster)."""
+    pg = Postgres()
+    frozen = []
+    try:
+        registry = make_registry("postgres", database=pg.new_database())
+        hook = create(registry)
+        postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(postmaster)], capture_output=True, text=True,
+                                  check=True).stdout.split()
+        for pid in [postmaster, *map(int, children)]:
+            os.kill(pid, signal.SIGSTOP)
+            frozen.append(pid)
+        assert_unavailable_within_2s(registry, hook["id"])
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+        pg.stop()
