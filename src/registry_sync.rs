@@ -277,10 +277,12 @@ impl RegistrySync {
             let revision = change.get("revision").and_then(Value::as_u64);
             match revision {
                 Some(r) if r > last && r <= page.next => last = r,
-                Some(r) => return Err(PageError::BrokenCursor(format!(
+                Some(r) => {
+                    return Err(PageError::BrokenCursor(format!(
                     "changes[{i}] has revision {r}, not after {last} and within the page's next {}",
                     page.next
-                ))),
+                )))
+                }
                 None => return Err(PageError::NotAPage(format!("changes[{i}] has no revision"))),
             }
         }

@@ -235,3 +235,42 @@ fn a_page_costs_what_it_holds_not_the_total() {
     }
     assert_eq!(sync.len(), 5_000);
 }
+
+#[test]
+#[ignore]
+fn timing_100k() {
+    let plan = base();
+    let mut sync = RegistrySync::new();
+    let t = std::time::Instant::now();
+    for chunk in 0..1000u32 {
+        let changes: Vec<Value> = (0..100)
+            .map(|k| {
+                let n = chunk * 100 + k + 1;
+                let mut e = entry(n, u64::from(n));
+                e["organisationId"] = json!(format!("657bf08c2029{:012x}", n % 10_000));
+                e
+            })
+            .collect();
+        let last = u64::from(chunk * 100 + 100);
+        sync.apply_page(&plan, &page(100_000, last, chunk < 999, changes), 0)
+            .unwrap();
+    }
+    eprintln!("apply 100k: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let p = sync.plan(&plan);
+    eprintln!("plan: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let mut outbox = crate::delivery::Outbox::new(p.webhooks.len(), p.delivery.outbox.clone());
+    let _ = outbox.reconfigure(
+        p.webhooks.len(),
+        |i| p.webhook_index(&p.webhooks[i].id),
+        p.delivery.outbox.clone(),
+    );
+    eprintln!("reconfigure: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    let _ = outbox.take_due(0);
+    eprintln!("take_due: {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    drop(p);
+    eprintln!("drop plan: {:?}", t.elapsed());
+}
