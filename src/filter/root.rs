@@ -139,17 +139,15 @@ fn registry_answer(header_count: usize, body_size: usize) -> RegistryAnswer {
     RegistryAnswer::Status { code, body }
 }
 
-/// Why a callout ended without an answer, as Envoy says it (`proxy_get_status` in the answer's
-/// callback): an answer over `http.async_response_buffer_limit` is not a reset.
+/// Why a callout ended without an answer, from Envoy's status in the answer's callback
+/// (`proxy_get_status`). Envoy says "reset" both for an answer over the callout answer limit
+/// (runtime `http.async_response_buffer_limit`) and for a connection cut mid-answer; a refused
+/// connection or a timeout is not this, but an answer (503, 504) from Envoy itself.
 fn callout_failure() -> String {
     match abi::call_status() {
-        Some((_, message)) if message.contains("buffer limit") || message.contains("too large") => {
-            format!("the answer is over this Envoy's callout answer limit (runtime http.async_response_buffer_limit; Envoy: {message:?})")
-        }
-        Some((_, message)) if !message.is_empty() => {
-            format!("no answer (Envoy: {message:?})")
-        }
-        _ => "no answer (connection reset or timeout)".into(),
+        Some((_, message)) if message == "reset" => "the answer was reset before its end (Envoy: \"reset\"): over this Envoy's callout answer limit (runtime http.async_response_buffer_limit, 64 KiB as shipped), or the connection was cut mid-answer".into(),
+        Some((_, message)) if !message.is_empty() => format!("no answer (Envoy: {message:?})"),
+        _ => "no answer (the callout ended without one)".into(),
     }
 }
 
