@@ -160,7 +160,9 @@ impl Worker {
         let settings = self.plan.registry.as_ref()?;
         pull.started_ms.get_or_insert(now_ms);
         pull.report(host, self.metrics, now_ms);
-        if pull.polling || (now_ms < pull.next_poll_ms && !pull.sync.more()) {
+        // More pages are asked for at once, but not after a failure: that waits for pollMs.
+        let at_once = pull.sync.more() && !pull.failing;
+        if pull.polling || (now_ms < pull.next_poll_ms && !at_once) {
             return None;
         }
         pull.next_poll_ms = now_ms + settings.poll_ms;

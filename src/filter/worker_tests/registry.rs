@@ -440,3 +440,19 @@ fn a_new_configuration_keeps_the_copy_in_force_and_lists_again() {
     assert_eq!(path, "/v2/registry/changes?since=0");
     assert_eq!(w.webhook_count(), 1);
 }
+
+#[test]
+fn a_failure_in_the_middle_of_a_catch_up_waits_for_poll_ms_before_the_next_try() {
+    let host = FakeHost::default();
+    let mut w = worker(&host);
+    poll(&host, &mut w, 0, page(9, 4, true, vec![enabled(1, 4)]));
+    poll(&host, &mut w, 1, status(503, b""));
+    assert!(
+        w.registry_poll(&host, 2).is_none(),
+        "no tight loop on a failing registry"
+    );
+    assert!(w.registry_poll(&host, 999).is_none());
+    let path = poll(&host, &mut w, 1_001, page(9, 9, false, vec![enabled(2, 9)]));
+    assert_eq!(path, "/v2/registry/changes?since=4", "the cursor stayed");
+    assert_eq!(w.webhook_count(), 2);
+}
