@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 
 import harness
 import pytest
@@ -205,3 +206,35 @@ def test_an_answer_over_the_callout_limit_is_logged_with_its_reason_and_counted(
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_registry_restored_from_an_older_backup_is_listed_again_and_what_it_lacks_is_forgotten(
+        registry, job_service, rc, envoys, wasm):
+    org = new_id()
+    kept_path, lost_path = f"/hooks/{new_id()}", f"/hooks/{new_id()}"
+    registry.register(org, rc.url(kept_path), name="in the backup")
+    # The backup: the database files while the registry is stopped.
+    registry.stop()
+    db = Path(registry.database.removeprefix("sqlite:"))
+    backup = {p: p.read_bytes() for p in db.parent.glob(db.name + "*")}
+    registry.start()
+    registry.register(org, rc.url(lost_path), name="after the backup")
+    envoy = envoy_pulling(job_service, rc, registry, envoys, wasm, "feed-restored", POLL_MS)
+    wait_listed(envoy, 2)
+    job = complete(envoy, job_service, org)
+    rc.wait_for(lambda d: d.object_id() == job, count=2, timeout=15)
+
+    registry.stop()
+    for p in db.parent.glob(db.name + "*"):
+        p.unlink()
+    for p, data in backup.items():
+        p.write_bytes(data)
+    registry.start()
+    counters = Counters(envoy)
+    wait_for_log(envoy, r"registry cursor \d+ is gone \(410\): listing again from 0", count=PULLING_VMS)
+    harness.wait_until(lambda: applied_by_every_vm(envoy, r"applied: 1 registry webhooks in force, 1 forgotten"),
+                       timeout=15, desc="every VM to forget the webhook the backup lacks")
+    assert counters.delta("registry_relists") >= PULLING_VMS
+    jobs = [complete(envoy, job_service, org) for _ in range(4)]
+    rc.wait_for(lambda d: d.object_id() in jobs and d.path == kept_path, count=4, timeout=15)
+    assert not [d for d in rc.requests_to(lost_path) if d.object_id() in jobs]
