@@ -286,7 +286,7 @@ async fn create_webhook(
         created_ms: now,
         updated_ms: now,
     };
-    check_entry_size(&webhook).map_err(too_large)?;
+    check_entry_size(&webhook, None).map_err(too_large)?;
     let detail = json!({"name": webhook.name, "url": webhook.url, "status": webhook.status, "events": webhook.events});
     let written = app
         .store
@@ -379,7 +379,7 @@ async fn update_webhook(
     }
     let now = now_ms();
     webhook.updated_ms = now;
-    check_entry_size(&webhook).map_err(too_large)?;
+    check_entry_size(&webhook, Some(&old)).map_err(too_large)?;
     put_existing(
         &app,
         &webhook,
@@ -440,7 +440,7 @@ async fn rotate_key(
     webhook.previous_key_expires_ms = Some(expires);
     webhook.key_rotated_ms = Some(now);
     webhook.updated_ms = now;
-    check_entry_size(&webhook).map_err(too_large)?;
+    check_entry_size(&webhook, Some(&old)).map_err(too_large)?;
     put_existing(
         &app,
         &webhook,

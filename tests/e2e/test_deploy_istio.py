@@ -24,6 +24,7 @@ from harness import registry
 
 ISTIO = harness.REPO / "envoy" / "istio"
 KEY_VAR = "BILLING_WEBHOOK_KEY"
+TOKEN_VAR = "REGISTRY_PROXY_TOKEN"  # registry.tokenEnv: the registry's proxy token
 
 EXPECTED = {
     ("v1", "Namespace", "jobs"),
@@ -37,6 +38,12 @@ EXPECTED = {
     ("v1", "PersistentVolumeClaim", "webhook-registry-data"),
     ("apps/v1", "Deployment", "webhook-registry"),
     ("v1", "Secret", "webhook-registry"),
+    ("v1", "ServiceAccount", "jobs"),
+    ("v1", "ServiceAccount", "webhook-egress"),
+    ("v1", "ConfigMap", "webhook-egress-envoy"),
+    ("v1", "Service", "webhook-egress"),
+    ("apps/v1", "Deployment", "webhook-egress"),
+    ("security.istio.io/v1", "AuthorizationPolicy", "webhook-egress"),
 }
 # The fields of istio.extensions.v1alpha1.WasmPlugin (istio/api extensions/v1alpha1/wasm.proto), in JSON names.
 WASMPLUGIN_FIELDS = {
@@ -77,7 +84,9 @@ def key(cli) -> str:
 def run_check(cli: Path, config_text: str, tmp_path: Path, env_extra: dict) -> subprocess.CompletedProcess:
     path = tmp_path / f"plugin-{len(list(tmp_path.iterdir()))}.json"
     path.write_text(config_text)
-    env = {k: v for k, v in os.environ.items() if k != KEY_VAR}
+    env = {k: v for k, v in os.environ.items() if k not in (KEY_VAR, TOKEN_VAR)}
+    # The registry's proxy token is set unless a test says otherwise (its own checks: test_deploy_istio_egress.py).
+    env[TOKEN_VAR] = "a-proxy-token-for-the-check"
     env.update(env_extra)
     return subprocess.run([str(cli), "check", str(path)], capture_output=True, text=True, env=env, timeout=60)
 
@@ -153,7 +162,9 @@ def test_example_secret_is_out_of_a_plain_directory_apply():
     """`kubectl apply -f envoy/istio/` is not recursive: it must never apply the example Secret over a real key."""
     top_level_kinds = {doc.get("kind") for p in ISTIO.glob("*.yaml") for doc in yaml.safe_load_all(p.read_text())}
     assert "Secret" not in top_level_kinds
-    assert {"Namespace", "Deployment", "WasmPlugin", "ServiceEntry", "DestinationRule"} <= top_level_kinds
+    assert {"Namespace", "Deployment", "WasmPlugin", "AuthorizationPolicy"} <= top_level_kinds
+    # The per-host TLS origination pair is an alternative, not part of the shipped path (webhook-egress is).
+    assert not {"ServiceEntry", "DestinationRule"} & top_level_kinds
 
 
 def test_wasmplugin_fields_are_istio_fields():
@@ -259,12 +270,12 @@ def test_secret_reaches_the_vm_through_the_sidecar_env(cli, tmp_path):
     assert proxy is not None, "no istio-proxy override container: the key would only reach the app container"
     assert proxy.get("image") == "auto", "let the injector pick the proxy image"
     proxy_env = {e["name"]: e for e in proxy.get("env", [])}
-    for name in host_env:
+    for name in referenced:
         ref = proxy_env[name]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == secret["metadata"]["name"]
         assert ref["key"] in secret["stringData"]
     assert not any(name in {e["name"] for e in c.get("env", [])} for n, c in containers.items() if n != "istio-proxy"
-                   for name in host_env), "the key is also given to the app container, which does not need it"
+                   for name in host_env), "a secret is also given to the app container, which does not need it"
 
     # The example Secret's value is a placeholder the filter refuses, so applying it by mistake fails closed.
     placeholder = secret["stringData"][KEY_VAR]
@@ -272,18 +283,14 @@ def test_secret_reaches_the_vm_through_the_sidecar_env(cli, tmp_path):
     assert refused.returncode != 0 and "webhooks[0].apiKey" in refused.stderr, refused.stderr
 
 
-def _clusters_to_check(config: dict) -> list:
-    """(what, cluster, webhook url or None): every webhook's effective cluster, and the default itself."""
-    default = config.get("delivery", {}).get("cluster")
-    out = [(f"webhooks[{i}] ({w['id']})", w.get("cluster") or default, w["url"])
-           for i, w in enumerate(config["webhooks"])]
-    if default:
-        out.append(("delivery.cluster", default, None))
-    return out
+PER_HOST_CLUSTER = "outbound|80||billing.example.com"
 
 
-def test_callout_cluster_is_istios_tls_originating_cluster_for_the_webhook_host():
-    config = one("WasmPlugin")["spec"]["pluginConfig"]
+def test_the_per_host_alternative_is_istios_tls_originating_cluster_for_the_webhook_host():
+    """per-host/billing-webhook.yaml: a webhook whose own `cluster` is Istio's cluster of a ServiceEntry port that
+    originates TLS to the webhook's host (the alternative to webhook-egress for one host)."""
+    config = copy.deepcopy(one("WasmPlugin")["spec"]["pluginConfig"])
+    config["webhooks"][0]["cluster"] = PER_HOST_CLUSTER
     se = one("ServiceEntry")["spec"]
     dr = one("DestinationRule")["spec"]
     assert se["location"] == "MESH_EXTERNAL" and se["resolution"] == "DNS"
@@ -292,7 +299,8 @@ def test_callout_cluster_is_istios_tls_originating_cluster_for_the_webhook_host(
     port_tls = {p["port"]["number"]: p.get("tls", {}) for p in dr["trafficPolicy"].get("portLevelSettings", [])}
     assert "tls" not in dr["trafficPolicy"], "TLS at the top level would also apply to port 443 (double TLS)"
 
-    for what, cluster, url in _clusters_to_check(config):
+    for what, cluster, url in [(f"webhooks[{i}] ({w['id']})", w["cluster"], w["url"])
+                               for i, w in enumerate(config["webhooks"])]:
         m = ISTIO_CLUSTER.match(cluster or "")
         assert m, f"{what}: cluster {cluster!r} is not an Istio outbound cluster name (outbound|port||host)"
         host, port = m["host"], int(m["port"])

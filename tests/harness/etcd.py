@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -196,6 +197,21 @@ class Etcd:
                     counts[hit.group(1)] = counts.get(hit.group(1), 0) + int(float(hit.group(2)))
         return counts
 
+    def key_writes(self) -> dict:
+        """{"put": n, "delete": n, "txn": n} from etcd's own counters of key operations (etcd_mvcc_*_total, the puts
+        and deletes inside txns included), summed over the running members."""
+        counts: dict = {}
+        rx = re.compile(r'^etcd_mvcc_(put|delete|txn)_total (\S+)$')
+        for m in self.members:
+            if not m.running:
+                continue
+            r = http_request(m.client_port, "GET", "/metrics", timeout=5)
+            for line in r.body.decode(errors="replace").splitlines():
+                hit = rx.match(line)
+                if hit:
+                    counts[hit.group(1)] = counts.get(hit.group(1), 0) + int(float(hit.group(2)))
+        return counts
+
     # -- Envoy ------------------------------------------------------------------------------------------------
     def envoy_cluster(self, name: str = "etcd") -> dict:
         """The Envoy cluster the journal's callouts use: every member, health-checked on /health so that a
@@ -217,3 +233,11 @@ class Etcd:
 def journal_section(prefix: str, lease_seconds: int = 2, cluster: str = "etcd") -> dict:
     """`delivery.journal` for the tests: a short lease, so that a dead owner's records are claimed soon."""
     return {"cluster": cluster, "authority": "etcd", "prefix": prefix, "leaseSeconds": lease_seconds}
+
+
+def wait_journal_live(envoy, timeout: float = 30.0) -> list:
+    """Until every root context of `envoy` (one per worker, one on the main thread) is live in the journal: each
+    is an owner of its own and reaches etcd on its own, so one "is live" line says nothing of the others."""
+    from .observe import wait_for_log
+
+    return wait_for_log(envoy, r"journal: owner \w+ is live", count=envoy.concurrency + 1, timeout=timeout)

@@ -149,7 +149,8 @@ def shipped() -> list:
 
 def test_every_istio_resource_is_accepted_by_its_crd(crd_schemas):
     resources = shipped()
-    assert {r["kind"] for _, r in resources} == {"WasmPlugin", "ServiceEntry", "DestinationRule"}
+    assert {r["kind"] for _, r in resources} == {"WasmPlugin", "ServiceEntry", "DestinationRule",
+                                                  "AuthorizationPolicy"}
     for path, resource in resources:
         errors = errors_of(crd_schemas, resource)
         if resource["kind"] == "WasmPlugin":
@@ -177,8 +178,9 @@ def test_the_validation_bites(crd_schemas):
     """Mistakes the API server refuses are refused here too: an unknown field, a bad enum, a bad TLS mode, and
     what only the CEL rules catch."""
     by_kind: dict = {}
-    for _, r in shipped():  # the first of each kind: the egress DestinationRule, not the journal's
-        by_kind.setdefault(r["kind"], r)
+    for path, r in shipped():  # the per-host DestinationRule, not the journal's
+        if "journal" not in path.parts:
+            by_kind.setdefault(r["kind"], r)
     plugin = copy.deepcopy(by_kind["WasmPlugin"])
     plugin["spec"]["sha256"] = DIGEST
     plugin["spec"]["failStrategy"] = "FAIL_RESTART"
@@ -209,6 +211,32 @@ def test_the_validation_bites(crd_schemas):
     rule["spec"]["trafficPolicy"]["portLevelSettings"][0]["connectionPool"]["tcp"]["connectTimeout"] = "0s"
     assert any(e.startswith("spec.trafficPolicy.portLevelSettings[0].connectionPool.tcp.connectTimeout:")
                for e in errors_of(crd_schemas, rule)), errors_of(crd_schemas, rule)
+
+
+def test_the_egress_authorization_policy_is_what_the_crd_accepts_and_its_mistakes_are_refused(crd_schemas):
+    """webhook-egress.yaml's AuthorizationPolicy (only the emitting workloads may use the egress): accepted as
+    shipped; an unknown action, a misspelt field, a principal given as a string, and what only its CEL rules
+    catch, refused."""
+    [policy] = [r for _, r in shipped() if r["kind"] == "AuthorizationPolicy"]
+    assert policy["apiVersion"] == "security.istio.io/v1" and errors_of(crd_schemas, policy) == []
+    bad = copy.deepcopy(policy)
+    bad["spec"]["action"] = "PERMIT"
+    assert any(e.startswith("spec.action:") for e in errors_of(crd_schemas, bad))
+    bad = copy.deepcopy(policy)
+    bad["spec"]["rules"][0]["from"][0]["source"]["principal"] = ["cluster.local/ns/jobs/sa/jobs"]
+    assert any("'principal'" in e for e in errors_of(crd_schemas, bad)), errors_of(crd_schemas, bad)
+    bad = copy.deepcopy(policy)
+    bad["spec"]["rules"][0]["from"][0]["source"]["principals"] = "cluster.local/ns/jobs/sa/jobs"
+    assert any(e.startswith("spec.rules.0.from.0.source.principals:") for e in errors_of(crd_schemas, bad))
+    # The CEL rules.
+    bad = copy.deepcopy(policy)
+    bad["spec"]["rules"][0]["from"][0]["source"]["serviceAccounts"] = ["jobs/jobs"]
+    bad["spec"]["selector"]["matchLabels"]["app"] = "webhook-*"
+    bad["spec"]["targetRefs"] = [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "egress"}]
+    assert sorted(errors_of(crd_schemas, bad)) == [
+        "spec.rules[0].from[0].source: Cannot set serviceAccounts with namespaces or principals",
+        "spec.selector.matchLabels.app: wildcard not allowed in label value match",
+        "spec: only one of targetRefs or selector can be set"], errors_of(crd_schemas, bad)
 
 
 def test_fail_reload_is_in_the_crd_the_floor_names(crd_schemas):
