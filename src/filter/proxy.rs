@@ -3,37 +3,12 @@
 use super::host::{Callout, DispatchRefused, Host, LogLevel, MetricKind};
 use proxy_wasm::hostcalls;
 use proxy_wasm::types::{self, MetricType, Status};
-use std::cell::{Cell, RefCell};
 use std::time::Duration;
 
 /// Every log line of the filter starts with this.
 pub const LOG_PREFIX: &str = "webhook-emitter";
 
 pub struct ProxyHost;
-
-thread_local! {
-    /// Counter and gauge deltas not yet handed to Envoy, by metric id: the event path adds here
-    /// and the root's tick ([`flush`]) makes one host call per metric that moved, instead of
-    /// several host calls per delivery. Metrics therefore lag by up to a tick.
-    static PENDING: RefCell<Vec<(u32, i64)>> = const { RefCell::new(Vec::new()) };
-    /// Envoy's log level as read during this tick (it can change at run time through the admin
-    /// interface: seen on the next tick).
-    static LOG_LEVEL: Cell<Option<u32>> = const { Cell::new(None) };
-}
-
-/// Hands the pending metric deltas to Envoy and forgets the log level read: once per tick, and
-/// where a callback may be the VM's last (its start).
-pub fn flush() {
-    LOG_LEVEL.with(|l| l.set(None));
-    PENDING.with(|pending| {
-        for (id, delta) in pending.borrow_mut().iter_mut() {
-            if *delta != 0 {
-                let _ = hostcalls::increment_metric(*id, *delta);
-                *delta = 0;
-            }
-        }
-    });
-}
 
 fn sdk_level(level: LogLevel) -> types::LogLevel {
     match level {
@@ -52,14 +27,7 @@ impl Host for ProxyHost {
     }
 
     fn log_enabled(&self, level: LogLevel) -> bool {
-        let current = LOG_LEVEL.with(|cached| {
-            cached.get().or_else(|| {
-                let read = hostcalls::get_log_level().ok().map(|l| l as u32);
-                cached.set(read);
-                read
-            })
-        });
-        current.is_some_and(|l| l <= level as u32)
+        hostcalls::get_log_level().is_ok_and(|l| l as u32 <= level as u32)
     }
 
     fn define_metric(&self, kind: MetricKind, name: &str) -> Option<u32> {
@@ -72,13 +40,7 @@ impl Host for ProxyHost {
     }
 
     fn add_metric(&self, id: u32, delta: i64) {
-        PENDING.with(|pending| {
-            let mut pending = pending.borrow_mut();
-            match pending.iter_mut().find(|(known, _)| *known == id) {
-                Some((_, sum)) => *sum = sum.saturating_add(delta),
-                None => pending.push((id, delta)),
-            }
-        });
+        let _ = hostcalls::increment_metric(id, delta);
     }
 
     fn record_metric(&self, id: u32, value: u64) {
@@ -131,6 +93,7 @@ pub fn now_ms() -> u64 {
 /// Random bytes from the host (WASI random_get). If the host ever fails, ids stay unique per
 /// worker through a counter, and the failure is logged.
 pub fn random_bytes<const N: usize>() -> [u8; N] {
+    use std::cell::Cell;
     thread_local!(static FALLBACK: Cell<u64> = const { Cell::new(0) });
     let mut buf = [0u8; N];
     if getrandom::fill(&mut buf).is_err() {

@@ -232,7 +232,6 @@ impl RootContext for EmitterRoot {
         super::metrics::Metrics::define(&ProxyHost)
             .vm_starts
             .inc(&ProxyHost);
-        super::proxy::flush();
         true
     }
 
@@ -264,7 +263,6 @@ impl RootContext for EmitterRoot {
     }
 
     fn on_tick(&mut self) {
-        super::proxy::flush();
         let now = now_ms();
         if let Some(worker) = self.worker.clone().filter(|_| !self.draining) {
             let mut w = worker.borrow_mut();
