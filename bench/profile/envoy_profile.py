@@ -49,7 +49,7 @@ import topology  # noqa: E402
 from probe import TimedJobService  # noqa: E402
 
 BASE_PAIRS = [("none", "noop"), ("noop", "calls50"), ("none", "nomatch"), ("event", "event-warn"), ("lua", "event")]
-PROFILED = ("none", "nomatch", "event", "lua")
+PROFILED = ("none", "nomatch", "event", "lua", "bare")
 
 
 def noop_filter(wasm: Path, mode: str) -> dict:
@@ -146,12 +146,15 @@ def main() -> int:
         for v in envoys:  # warm-up
             step(v, 2.0)
         results = []
-        for a, b in pairs:
-            for i in range(args.pairs):
+        # Round-robin over the comparisons, so that the machine's drift (other users come and go) falls on all
+        # of them alike.
+        for i in range(args.pairs):
+            for a, b in pairs:
                 ra, rb = (step(a, args.duration), step(b, args.duration)) if i % 2 == 0 else \
                     tuple(reversed((step(b, args.duration), step(a, args.duration))))
                 results.append({"a": a, "b": b, "pair": i, "a_rps": ra["rps"], "b_rps": rb["rps"],
                                 "a_cpu_us": ra["cpu_us"], "b_cpu_us": rb["cpu_us"]})
+        for a, b in pairs:
             diffs = [r["b_cpu_us"] - r["a_cpu_us"] for r in results if (r["a"], r["b"]) == (a, b)]
             ratios = [r["b_cpu_us"] / r["a_cpu_us"] for r in results if (r["a"], r["b"]) == (a, b)]
             print(f"{b} − {a}: {statistics.median(diffs):+.1f} us/request  {[round(d, 1) for d in diffs]}  "
