@@ -189,11 +189,9 @@ impl Context for EmitterRoot {
         }
         let outcome = attempt_outcome(headers);
         match out {
-            Out::Delivery(attempt) => {
-                worker
-                    .borrow_mut()
-                    .on_answer(&ProxyHost, attempt, &outcome, now)
-            }
+            Out::Delivery(attempt) => worker
+                .borrow_mut()
+                .on_answer(&ProxyHost, attempt, &outcome, now),
             Out::RegistryPoll => {}
             Out::Journal(request) => {
                 let status = match outcome {
