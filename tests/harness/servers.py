@@ -2,7 +2,8 @@
 
 JobService: the upstream service behind Envoy. `POST|PUT|PATCH|GET /jobs/{id}/complete` completes a job;
 `?scenario=` picks a special answer (see JobService.answer). `POST /jobs/{id}/start` starts one (a second
-event type for the rules). Any other path answers 200 {"status":"completed"}.
+event type for the rules). `GET /jobs/{id}` reads a job back as its last completion left it (404 if none did),
+which is what a rule's `refetch` asks for. Any other path answers 200 {"status":"completed"}.
 
 Receiver: the webhook endpoints. Records every request it gets, answers 200 unless a per-path plan says
 otherwise, and lets tests wait for deliveries with a deadline.
@@ -94,6 +95,7 @@ class _BackgroundServer:
 
 _COMPLETE = re.compile(r"^/jobs/([^/]+)/complete$")
 _START = re.compile(r"^/jobs/([^/]+)/start$")
+_JOB = re.compile(r"^/jobs/([^/]+)$")
 
 
 def routing_path(target: str) -> str:
@@ -148,6 +150,39 @@ class _JobHandler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep the test output clean
         pass
 
+    def _stall(self) -> None:
+        """Sends nothing until the peer closes the connection (at most 30 s), then closes it."""
+        self.connection.settimeout(scaled(30))
+        try:
+            while self.connection.recv(65536):
+                pass
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def _send_cut(self, status: int, body: bytes, hold: bool) -> None:
+        """The headers (with the whole body's Content-Length) and half the body. Then either the connection is
+        closed at once (the upstream cut its body), or, with `hold`, kept until the peer closes it (a client that
+        hangs up after the headers makes Envoy reset the upstream side too), at most 30 s."""
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2])
+        self.wfile.flush()
+        if hold:
+            self.connection.settimeout(scaled(30))
+            try:
+                while self.connection.recv(65536):
+                    pass
+            except OSError:
+                pass
+        self.close_connection = True
+        try:
+            self.connection.shutdown(2)
+        except OSError:
+            pass
+
     def _send(self, status: int, body: bytes, headers: Iterable = (), chunk_size: int = 0) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -180,7 +215,17 @@ class _JobHandler(BaseHTTPRequestHandler):
         m = _COMPLETE.match(path)
         if m:
             status, payload, headers, chunk = owner.answer(m.group(1), scenario, query)
+            if scenario in ("hold", "cut"):
+                self._send_cut(status, payload, hold=scenario == "hold")
+                return
+            if scenario in ("stall", "stall-undone"):
+                self._stall()
+                return
             self._send(status, payload, headers, chunk)
+            return
+        m = _JOB.match(path)
+        if m and self.command == "GET":
+            self._send(*owner.read_job(m.group(1)))
             return
         m = _START.match(path)
         if m:
@@ -200,7 +245,8 @@ class JobService(_BackgroundServer):
     BIG_CHUNK = 16 * 1024  # ... in ~320 chunks
     LARGE_BYTES = 1_200_000  # scenario=large default size (over the default maxBodyBytes of 1 MiB)
 
-    SCENARIOS = ("", "failed", "notfound", "big", "invalid", "gzip", "badgzip", "large")
+    SCENARIOS = ("", "failed", "notfound", "big", "invalid", "gzip", "badgzip", "large", "hold", "cut", "stall",
+                 "stall-undone")
 
     def __init__(self, default_owner: Optional[str] = None) -> None:
         super().__init__()
@@ -210,6 +256,10 @@ class JobService(_BackgroundServer):
         # job's organisationId, as an upstream does once its own authorisation has looked the job up.
         self.owners: dict = {}
         self.default_owner = default_owner
+        # What GET /jobs/{id} answers: each job as its last completion answered it (bytes), and how many more
+        # reads of a job must fail with 503 (a failing upstream; -1: all of them).
+        self.jobs: dict = {}
+        self.read_failures: dict = {}
 
     def own(self, job_id: str, organisation_id: str) -> str:
         """Records that job_id belongs to organisation_id; returns job_id."""
@@ -225,8 +275,37 @@ class JobService(_BackgroundServer):
         with self._lock:
             return [r for r in self.requests if r["path"].startswith(path_prefix)]
 
+    def fail_reads(self, job_id: str, times: int = -1) -> str:
+        """The next `times` GET /jobs/{job_id} answer 503 (-1: every one); returns job_id."""
+        with self._lock:
+            self.read_failures[job_id] = times
+        return job_id
+
+    def read_job(self, job_id: str):
+        """(status, body) for GET /jobs/{id}: the job as its last completion left it, 404 if none did."""
+        with self._lock:
+            failures = self.read_failures.get(job_id, 0)
+            if failures:
+                self.read_failures[job_id] = failures - 1 if failures > 0 else -1
+                return 503, b'{"error": "unavailable"}'
+            job = self.jobs.get(job_id)
+        if job is None:
+            return 404, json.dumps({"error": "job not found", "id": job_id}).encode()
+        return 200, job
+
     def answer(self, job_id: str, scenario: str, query: dict):
-        """(status, body bytes, extra headers, chunk size or 0) for /jobs/{id}/complete?scenario=..."""
+        """(status, body bytes, extra headers, chunk size or 0) for /jobs/{id}/complete?scenario=...; a job
+        answered with 200 and a JSON body is kept for GET /jobs/{id}. `hold` and `cut` answer the plain
+        completion, cut after half its body (see _JobHandler._send_cut); `stall` completes the job but sends
+        nothing until the peer hangs up; `stall-undone` does the same without completing it."""
+        answer = self._answer(job_id, scenario, query)
+        status, body, headers, _ = answer
+        if status == 200 and not headers and scenario not in ("invalid", "big", "stall-undone"):
+            with self._lock:
+                self.jobs[job_id] = body
+        return answer
+
+    def _answer(self, job_id: str, scenario: str, query: dict):
         if scenario == "failed":
             job = {"id": job_id, "status": "failed", "error": {"code": "E_TIMEOUT", "message": "worker timed out"}}
             return 200, json.dumps(job).encode(), (), 0
