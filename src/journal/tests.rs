@@ -33,6 +33,7 @@ fn settings() -> JournalSettings {
         authority: "etcd".into(),
         prefix: "wh/".into(),
         lease_seconds: 15,
+        max_spilled_bytes: 64 << 20,
     }
 }
 

@@ -75,6 +75,16 @@ impl Outbox {
         Ok(evicted)
     }
 
+    /// How many more deliveries `lane` can take now within the bounds and its fair share, with
+    /// `sharing` lanes (at least) wanting room: what the journal pages back in for it.
+    pub fn headroom(&self, lane: LaneId, sharing: usize) -> usize {
+        let active = self.active_lanes(lane).max(sharing).max(1);
+        let (room, _) = self.room();
+        let (max_queued, _) = self.capacity();
+        let (count, _) = self.lane_queued(lane);
+        room.min((max_queued / active).max(1).saturating_sub(count))
+    }
+
     /// Brings the proxy back within its bounds after workers overshot them together: while the
     /// proxy holds more than its bounds and this worker more than its equal split, the newest
     /// queued deliveries of lanes over their share go (each must be logged, counted and

@@ -13,7 +13,7 @@
 use super::host::{log, Callout, Host, LogLevel};
 use super::metrics::Metrics;
 use crate::config::Plan;
-use crate::delivery::{AttemptOutcome, Delivery, LaneId, Outbox, Payload};
+use crate::delivery::{AttemptOutcome, Delivery, LaneId, Outbox, Payload, Refused};
 use crate::event::Event;
 use crate::headers;
 use crate::signature::SigningKey;
@@ -332,8 +332,11 @@ impl Worker {
             .subscribers(&event.event_type, &event.organisation_id)
             .iter()
             .filter(|&&w| !registry_only || plan.is_from_registry(w));
-        let (mut subscribed, mut accepted) = (0, 0);
+        let mut subscribed = 0;
         let mut journaled = Vec::new();
+        // With a journal: deliveries the outbox has no room for, and those of webhooks with
+        // deliveries spilled already (they wait behind them), go to etcd once tracked.
+        let mut to_spill = Vec::new();
         for &w in subscribers {
             subscribed += 1;
             let delivery = Delivery::new(
@@ -342,19 +345,30 @@ impl Worker {
                 Rc::clone(&event.payload),
                 now_ms,
             );
+            if self.spills_behind(w) {
+                journaled.push(w);
+                to_spill.push((delivery, None));
+                continue;
+            }
             match self.outbox.enqueue(delivery) {
                 Ok(evicted) => {
-                    accepted += 1;
                     journaled.push(w);
                     for d in evicted {
                         self.drop_evicted(host, d, now_ms);
                     }
                 }
+                Err(Refused::QueueFull(d, bound)) if self.journal.is_some() => {
+                    journaled.push(w);
+                    to_spill.push((d, Some(bound)));
+                }
                 Err(refused) => self.report_refused(host, refused, now_ms),
             }
         }
-        if accepted > 0 {
+        if !journaled.is_empty() {
             self.journal_track(&event.event_id, &event.payload, &journaled, now_ms);
+            for (d, bound) in to_spill {
+                self.spill_or_admit(host, d, bound, now_ms);
+            }
             self.ring(host);
         }
         self.report_gauges(host);

@@ -235,6 +235,10 @@ impl Worker {
     }
 
     pub(super) fn drop_evicted(&mut self, host: &dyn Host, d: Delivery, now_ms: u64) {
+        // With a journal it waits in etcd instead, first of its webhook's spilled deliveries.
+        if self.spill(host, &d, true, now_ms) {
+            return;
+        }
         self.metrics.deliveries_dropped_over_share.inc(host);
         self.journal_settled(&Rc::clone(&self.plan), &d.event_id, d.lane);
         let name = lane_name(&self.plan, d.lane).to_string();
