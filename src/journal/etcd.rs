@@ -163,7 +163,8 @@ pub fn txn(ops: &[TxnOp]) -> Vec<u8> {
 /// A `txn` without compares that reads each of `keys` (a `request_range` of one key each): the
 /// records paged back in, in one request.
 pub fn txn_reads(keys: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = String::with_capacity(64 + keys.iter().map(|k| k.len() * 4 / 3 + 40).sum::<usize>());
+    let mut out =
+        String::with_capacity(64 + keys.iter().map(|k| k.len() * 4 / 3 + 40).sum::<usize>());
     out.push_str(r#"{"compare":[],"success":["#);
     for (i, key) in keys.iter().enumerate() {
         if i > 0 {

@@ -54,7 +54,12 @@ impl Journal {
 
     /// Whether `webhook_id` has deliveries waiting in etcd: a new one waits behind them.
     pub fn has_spilled(&self, webhook_id: &str) -> bool {
-        self.spill.deliveries > 0 && self.spill.lanes.get(webhook_id).is_some_and(|q| !q.is_empty())
+        self.spill.deliveries > 0
+            && self
+                .spill
+                .lanes
+                .get(webhook_id)
+                .is_some_and(|q| !q.is_empty())
     }
 
     /// Leaves the delivery of a tracked event to `webhook_id` in etcd only: its record lists it,
@@ -195,7 +200,11 @@ impl Journal {
             // An event's envelope counts once, however many of its webhooks come back.
             let size = |event_id: &Rc<str>| {
                 let first = !picks.iter().any(|(e, _)| e == event_id);
-                let bytes = self.batch.tracked.get(event_id).map_or(0, |t| t.spill_bytes);
+                let bytes = self
+                    .batch
+                    .tracked
+                    .get(event_id)
+                    .map_or(0, |t| t.spill_bytes);
                 if first {
                     bytes.saturating_sub(RECORD_OVERHEAD_BYTES)
                 } else {
@@ -204,8 +213,7 @@ impl Journal {
             };
             let picked = match next {
                 Some(event_id)
-                    if had < lane_room(&webhook, sharing)
-                        && size(&event_id) <= bytes_left =>
+                    if had < lane_room(&webhook, sharing) && size(&event_id) <= bytes_left =>
                 {
                     bytes_left = bytes_left.saturating_sub(size(&event_id));
                     if let Some(q) = self.spill.lanes.get_mut(&webhook) {
@@ -219,7 +227,12 @@ impl Journal {
                 _ => false,
             };
             idle_in_a_row = if picked { 0 } else { idle_in_a_row + 1 };
-            if self.spill.lanes.get(&webhook).is_some_and(|q| !q.is_empty()) {
+            if self
+                .spill
+                .lanes
+                .get(&webhook)
+                .is_some_and(|q| !q.is_empty())
+            {
                 self.spill.turn.push_back(webhook);
             } else {
                 self.spill.lanes.remove(&webhook);
@@ -228,9 +241,11 @@ impl Journal {
         // Grouped by event: one read (or none) per record.
         let mut reads: Vec<PageInItem> = Vec::new();
         for (event_id, webhook) in picks {
-            let payload = self.batch.tracked.get(&event_id).and_then(|t| {
-                t.pinned.clone().or_else(|| t.payload.upgrade())
-            });
+            let payload = self
+                .batch
+                .tracked
+                .get(&event_id)
+                .and_then(|t| t.pinned.clone().or_else(|| t.payload.upgrade()));
             match payload {
                 Some(payload) => self.paged_in(&event_id, payload, &[webhook]),
                 None if readable => match reads.iter_mut().find(|(e, _)| *e == event_id) {
@@ -314,8 +329,7 @@ impl Journal {
     /// was claimed by another proxy while this one was out of reach (it delivers it now).
     pub(super) fn on_page_in(&mut self, items: Vec<PageInItem>, answer: Answer<'_>, now_ms: u64) {
         self.spill.reading = false;
-        let result =
-            answer.and_then(|a| etcd::parse_txn_reads(a, items.len()).map_err(|e| e.0));
+        let result = answer.and_then(|a| etcd::parse_txn_reads(a, items.len()).map_err(|e| e.0));
         let kvs = match result {
             Ok(kvs) => {
                 self.succeeded();

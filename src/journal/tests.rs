@@ -857,3 +857,5 @@ fn while_writes_pause_the_events_delivered_meanwhile_are_not_kept() {
         vec![true]
     );
 }
+
+mod spill;

@@ -133,7 +133,13 @@ impl Worker {
     /// The outbox has no room for this delivery: with a journal it waits in etcd only (true),
     /// counted. False without a journal, while etcd does not answer, past `maxSpilledBytes`, or
     /// for an event not journaled: the caller drops it as without a journal.
-    pub(super) fn spill(&mut self, host: &dyn Host, d: &Delivery, front: bool, now_ms: u64) -> bool {
+    pub(super) fn spill(
+        &mut self,
+        host: &dyn Host,
+        d: &Delivery,
+        front: bool,
+        now_ms: u64,
+    ) -> bool {
         let (Some(j), LaneId::Webhook(i)) = (&mut self.journal, d.lane) else {
             return false;
         };
