@@ -337,6 +337,7 @@ impl Worker {
         // With a journal: deliveries the outbox has no room for, and those of webhooks with
         // deliveries spilled already (they wait behind them), go to etcd once tracked.
         let mut to_spill = Vec::new();
+        let mut made_room = Vec::new();
         for &w in subscribers {
             subscribed += 1;
             let delivery = Delivery::new(
@@ -353,9 +354,8 @@ impl Worker {
             match self.outbox.enqueue(delivery) {
                 Ok(evicted) => {
                     journaled.push(w);
-                    for d in evicted {
-                        self.drop_evicted(host, d, now_ms);
-                    }
+                    // Handled once the event is tracked: one may be this event's (it spills then).
+                    made_room.extend(evicted);
                 }
                 Err(Refused::QueueFull(d, bound)) if self.journal.is_some() => {
                     journaled.push(w);
@@ -370,6 +370,9 @@ impl Worker {
                 self.spill_or_admit(host, d, bound, now_ms);
             }
             self.ring(host);
+        }
+        for d in made_room {
+            self.drop_evicted(host, d, now_ms);
         }
         self.report_gauges(host);
         subscribed
