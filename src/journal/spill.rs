@@ -188,7 +188,8 @@ impl Journal {
         let readable = self.lease.live && now_ms >= self.writes_paused_until_ms;
         let sharing = self.spill.turn.len();
         let mut budget = room.0.min(etcd::MAX_TXN_OPS);
-        let mut taken: HashMap<String, usize> = HashMap::new();
+        // Per webhook: taken so far, and what its lane may take (asked once per page-in).
+        let mut taken: HashMap<String, (usize, usize)> = HashMap::new();
         let mut picks: Vec<(Rc<str>, String)> = Vec::new();
         let mut idle_in_a_row = 0;
         while budget > 0 && idle_in_a_row < self.spill.turn.len() {
@@ -196,7 +197,10 @@ impl Journal {
                 break;
             };
             let next = self.next_spilled(&webhook, &picks);
-            let had = taken.get(&webhook).copied().unwrap_or(0);
+            let (had, limit) = match taken.get(&webhook) {
+                Some(&t) => t,
+                None => (0, lane_room(&webhook, sharing)),
+            };
             // An event's envelope counts once, however many of its webhooks come back.
             let size = |event_id: &Rc<str>| {
                 let first = !picks.iter().any(|(e, _)| e == event_id);
@@ -212,20 +216,21 @@ impl Journal {
                 }
             };
             let picked = match next {
-                Some(event_id)
-                    if had < lane_room(&webhook, sharing) && size(&event_id) <= bytes_left =>
-                {
+                Some(event_id) if had < limit && size(&event_id) <= bytes_left => {
                     bytes_left = bytes_left.saturating_sub(size(&event_id));
                     if let Some(q) = self.spill.lanes.get_mut(&webhook) {
                         q.pop_front();
                     }
                     picks.push((event_id, webhook.clone()));
-                    taken.insert(webhook.clone(), had + 1);
+                    taken.insert(webhook.clone(), (had + 1, limit));
                     budget -= 1;
                     true
                 }
                 _ => false,
             };
+            if !picked {
+                taken.insert(webhook.clone(), (had, limit));
+            }
             idle_in_a_row = if picked { 0 } else { idle_in_a_row + 1 };
             if self
                 .spill

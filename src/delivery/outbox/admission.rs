@@ -75,10 +75,16 @@ impl Outbox {
         Ok(evicted)
     }
 
-    /// How many more deliveries `lane` can take now within the bounds and its fair share, with
-    /// `sharing` lanes (at least) wanting room: what the journal pages back in for it.
+    /// Lanes that hold something.
+    pub fn lanes_holding(&self) -> usize {
+        self.active_lanes(LaneId::DeadLetter)
+            .saturating_sub(usize::from(self.dead_letter.queued == 0))
+    }
+
+    /// How many more deliveries `lane` can take now within the bounds and its fair share among
+    /// `sharing` lanes: what the journal pages back in for it.
     pub fn headroom(&self, lane: LaneId, sharing: usize) -> usize {
-        let active = self.active_lanes(lane).max(sharing).max(1);
+        let active = sharing.max(1);
         let (room, _) = self.room();
         let (max_queued, _) = self.capacity();
         let (count, _) = self.lane_queued(lane);

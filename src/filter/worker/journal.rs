@@ -207,10 +207,12 @@ impl Worker {
         };
         if j.spilled() > 0 {
             let (outbox, plan) = (&self.outbox, &self.plan);
+            let holding = outbox.lanes_holding();
             // A webhook no longer in the plan is paged in to be dropped with its log line.
-            let lane_room = |webhook_id: &str, sharing: usize| {
-                plan.webhook_index(webhook_id)
-                    .map_or(usize::MAX, |i| outbox.headroom(LaneId::Webhook(i), sharing))
+            let lane_room = |webhook_id: &str, spilling: usize| {
+                plan.webhook_index(webhook_id).map_or(usize::MAX, |i| {
+                    outbox.headroom(LaneId::Webhook(i), spilling.max(holding))
+                })
             };
             j.page_in(now_ms, (room.deliveries, room.bytes), &lane_room);
         }
