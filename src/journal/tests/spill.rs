@@ -52,9 +52,12 @@ fn paged_in(notices: Vec<Notice>) -> Vec<(String, Vec<String>)> {
         .collect()
 }
 
+/// Record values by key, as a batch put them.
+type Values = Vec<(String, Vec<u8>)>;
+
 /// Three events for webhooks A and B, every delivery spilled, their records written: the
 /// payloads are gone from memory. Returns the event ids and the records' values by key.
-fn three_spilled(j: &mut Journal) -> (Vec<Rc<str>>, Vec<(String, Vec<u8>)>) {
+fn three_spilled(j: &mut Journal) -> (Vec<Rc<str>>, Values) {
     let mut ids = Vec::new();
     for s in 0..3 {
         let (id, p) = payload(1_700_000_000 + s);
