@@ -116,3 +116,45 @@ fn without_a_journal_the_outbox_drops_as_before() {
     assert_eq!(host.metric("deliveries_spilled"), 0);
     assert_eq!(host.metric("deliveries_dropped.queue_full"), 1);
 }
+
+#[test]
+fn a_delivery_evicted_by_its_own_events_fan_out_spills_too() {
+    let host = FakeHost::default();
+    let mut config = config();
+    let mut second = config["webhooks"][0].clone();
+    second["id"] = json!("000000000000000000000002");
+    second["url"] = json!("https://other.example.com/in");
+    config["webhooks"]
+        .as_array_mut()
+        .expect("webhooks")
+        .push(second);
+    config["delivery"]["maxQueued"] = json!(3);
+    config["delivery"]["maxInFlightPerWebhook"] = json!(1);
+    let mut worker = live_worker_with(&host, plan_from(config));
+    let emit = |worker: &mut Worker, seconds: u64, now: u64| {
+        worker.on_stream_outcome(
+            &host,
+            crate::stream::StreamOutcome::Event(event(seconds)),
+            now,
+        );
+    };
+    // The second webhook delivers each event at once; the first holds one out and one queued.
+    let mut answered = 0;
+    for (seconds, now) in [(1_700_000_000, 1_000), (1_700_000_001, 1_010)] {
+        emit(&mut worker, seconds, now);
+        for (_, attempt) in worker.pump(&host, now + 1) {
+            if attempt.lane.name() == "000000000000000000000002" {
+                worker.on_answer(&host, attempt, &ok(b"200"), now + 2);
+                answered += 1;
+            }
+        }
+    }
+    assert_eq!(answered, 2);
+    assert_eq!(worker.outbox().queued(), 2);
+    // The third event: the first webhook takes the last place, then the second (below its
+    // share) takes it back, evicting that same event's delivery: it spills, it is not dropped.
+    emit(&mut worker, 1_700_000_002, 1_100);
+    assert_eq!(host.metric("deliveries_dropped.over_share"), 0);
+    assert_eq!(host.metric("deliveries_dropped.queue_full"), 0);
+    assert_eq!(host.metric("deliveries_spilled"), 1);
+}
