@@ -5,8 +5,8 @@
 //!
 //! What memory keeps of a spilled delivery is its place in its webhook's queue and its record's
 //! tracking entry; its payload stays pinned only until the record's put lands. The bytes of
-//! spilled records are bounded by `maxSpilledBytes` (each counted with [`RECORD_OVERHEAD_BYTES`],
-//! so that the queues' memory is bounded too); past it, and while etcd does not answer, the
+//! spilled records are bounded by `maxSpilledBytes` (each counted with [`RECORD_OVERHEAD_BYTES`]
+//! and [`WEBHOOK_OVERHEAD_BYTES`] per webhook, so that the memory tracking them is bounded too); past it, and while etcd does not answer, the
 //! outbox's bounds drop as without a journal.
 
 use super::record::PendingWebhook;
@@ -15,9 +15,10 @@ use crate::delivery::Payload;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 
-/// What a spilled record counts against `maxSpilledBytes` besides its envelope: its key, its
-/// pending list and the memory that tracks it.
+/// What a spilled record counts against `maxSpilledBytes` besides its envelope: its key and the
+/// memory that tracks it, plus [`WEBHOOK_OVERHEAD_BYTES`] per webhook it lists.
 pub const RECORD_OVERHEAD_BYTES: usize = 512;
+pub const WEBHOOK_OVERHEAD_BYTES: usize = 128;
 /// At most one spill log line per this long (the counter counts every spill).
 pub const NOTICE_EVERY_MS: u64 = 10_000;
 
@@ -92,7 +93,8 @@ impl Journal {
         if t.spilled.iter().any(|w| w == webhook_id) {
             return true;
         }
-        let record_bytes = payload.held_bytes() + RECORD_OVERHEAD_BYTES;
+        let record_bytes =
+            payload.held_bytes() + RECORD_OVERHEAD_BYTES + WEBHOOK_OVERHEAD_BYTES * t.pending.len();
         if t.spilled.is_empty() && self.spill.bytes + record_bytes > max_bytes {
             return false;
         }
@@ -203,17 +205,15 @@ impl Journal {
             };
             // An event's envelope counts once, however many of its webhooks come back.
             let size = |event_id: &Rc<str>| {
-                let first = !picks.iter().any(|(e, _)| e == event_id);
-                let bytes = self
-                    .batch
-                    .tracked
-                    .get(event_id)
-                    .map_or(0, |t| t.spill_bytes);
-                if first {
-                    bytes.saturating_sub(RECORD_OVERHEAD_BYTES)
-                } else {
-                    0
+                if picks.iter().any(|(e, _)| e == event_id) {
+                    return 0;
                 }
+                // The envelope's bytes, about: what the record counts, less its overheads.
+                self.batch.tracked.get(event_id).map_or(0, |t| {
+                    let overheads =
+                        RECORD_OVERHEAD_BYTES + WEBHOOK_OVERHEAD_BYTES * t.pending.len();
+                    t.spill_bytes.saturating_sub(overheads)
+                })
             };
             let picked = match next {
                 Some(event_id) if had < limit && size(&event_id) <= bytes_left => {

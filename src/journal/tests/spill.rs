@@ -2,7 +2,7 @@
 //! first, each webhook in turn, within the room the outbox gives.
 
 use super::*;
-use crate::journal::spill::RECORD_OVERHEAD_BYTES;
+use crate::journal::spill::{RECORD_OVERHEAD_BYTES, WEBHOOK_OVERHEAD_BYTES};
 
 const PIN_ROOM: (usize, usize) = (100, 1 << 20);
 const ANY_ROOM: &dyn Fn(&str, usize) -> usize = &|_, _| usize::MAX;
@@ -175,7 +175,7 @@ fn a_spilled_payload_waits_in_memory_until_its_put_lands_and_comes_back_without_
 fn nothing_spills_past_max_spilled_bytes_or_the_pin_room_or_while_etcd_is_out_of_reach() {
     let (a, pa) = payload(1_700_000_000);
     let (b, pb) = payload(1_700_000_001);
-    let one = pa.held_bytes() + RECORD_OVERHEAD_BYTES;
+    let one = pa.held_bytes() + RECORD_OVERHEAD_BYTES + 2 * WEBHOOK_OVERHEAD_BYTES;
     let mut j = Journal::new(
         JournalSettings {
             max_spilled_bytes: one,
