@@ -35,7 +35,7 @@ pub(super) const JOURNAL_MAX_SPILLED_BYTES: u64 = 64 << 20;
 
 // ---- registry ----
 
-pub(super) const REGISTRY_PATH: &str = "/v1/registry";
+pub(super) const REGISTRY_PATH: &str = "/v2/registry/changes";
 pub(super) const REGISTRY_POLL_MS: u64 = 2_000;
 
 // ---- bounds: a value outside is an error ----
