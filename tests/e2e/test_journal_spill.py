@@ -75,7 +75,11 @@ def test_with_a_journal_an_overload_spills_to_etcd_and_nothing_is_dropped(job_se
         def all_arrived():
             return all(len(accepted_ids(rc, h)) >= EVENTS for h in config.hooks) or None
 
-        wait_until(all_arrived, 100, desc=f"{EVENTS} events accepted at each of {HOOKS} webhooks", interval=0.5)
+        try:
+            wait_until(all_arrived, 100, desc=f"{EVENTS} events accepted at each of {HOOKS} webhooks", interval=0.5)
+        except Exception as e:
+            stats = {k: v for k, v in envoy.custom_stats().items() if "deliver" in k or "journal" in k or "outbox" in k}
+            raise AssertionError(f"{e}: accepted {[len(accepted_ids(rc, h)) for h in config.hooks]}; {stats}") from e
         drained_s = time.monotonic() - started
         moved = counters.deltas(*DROPS, "deliveries_spilled", "deliveries_paged_in", "deliveries_succeeded")
         print(f"\n{EVENTS} events x {HOOKS} webhooks, maxQueued 100, with the journal: burst {burst_s:.1f}s, "

@@ -154,9 +154,9 @@ impl Worker {
         let (Some(j), Some(w)) = (&mut self.journal, hooks.get(i)) else {
             return false;
         };
-        // Payloads waiting in memory for their put: at most one more outbox's worth.
-        let bounds = &self.plan.delivery.outbox;
-        let pin_room = (bounds.max_queued, bounds.max_queued_bytes);
+        // Payloads waiting in memory for their put: at most one more outbox's worth of bytes (a
+        // burst spills faster than a loaded etcd takes it; what tracks them is in maxSpilledBytes).
+        let pin_room = (usize::MAX, self.plan.delivery.outbox.max_queued_bytes);
         let spilled = j.spill(&d.event_id, &d.payload, &w.id, front, pin_room, now_ms);
         if spilled {
             self.metrics.deliveries_spilled.inc(host);
