@@ -5,7 +5,10 @@
 
 mod api;
 mod auth;
+mod delivery_log;
+mod delivery_upkeep;
 mod keys;
+mod sends;
 mod store;
 mod validate;
 
@@ -56,6 +59,8 @@ pub struct ServeArgs {
         default_value = "job.completed,job.failed"
     )]
     pub event_types: Vec<String>,
+    #[command(flatten)]
+    pub deliveries: delivery_log::DeliveryArgs,
     /// Environment variable holding the main key (base64 of 32 bytes) that encrypts the API keys at rest.
     #[arg(long, env = "REGISTRY_MAIN_KEY_ENV", value_name = "NAME")]
     pub main_key_env: Option<String>,
@@ -150,6 +155,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     };
     let rotation_grace_ms =
         parse_duration_ms(&args.rotation_grace).map_err(|e| format!("--rotation-grace: {e}"))?;
+    let delivery_settings = args.deliveries.settings()?;
     let policy = validate::Policy {
         event_types: args.event_types.clone(),
         allow_insecure_http: args.allow_insecure_http,
@@ -161,14 +167,21 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("starting the runtime: {e}"))?;
     runtime.block_on(async move {
         let store = store::Store::open(&args.database).await?;
-        let app = Arc::new(api::App::new(
+        delivery_log::migrate(&store).await?;
+        let mut app = api::App::new(
             store,
             verifier,
             proxy_token,
             sealer,
             policy,
             i64::try_from(rotation_grace_ms).unwrap_or(i64::MAX),
-        ));
+        );
+        app.deliveries = delivery_settings.clone();
+        let app = Arc::new(app);
+        let upkeep = app.clone();
+        tokio::spawn(async move {
+            delivery_upkeep::upkeep_forever(&upkeep.store, delivery_settings).await;
+        });
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .map_err(|e| format!("--listen {}: {e}", args.listen))?;

@@ -155,6 +155,14 @@ impl Store {
         tx.commit().await
     }
 
+    pub(super) fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub(super) fn is_postgres(&self) -> bool {
+        self.postgres
+    }
+
     pub async fn revision(&self) -> Result<i64> {
         sqlx::query("SELECT revision FROM registry_state WHERE id = 1")
             .fetch_one(&self.pool)
@@ -292,7 +300,7 @@ impl Store {
     }
 }
 
-async fn insert_audit(
+pub(super) async fn insert_audit(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     organisation: &str,
     id: &str,
