@@ -21,7 +21,7 @@ use std::sync::Arc;
 /// Largest report body (the contract's bound; the API's other requests keep theirs).
 pub const MAX_REPORT_BODY: usize = 1024 * 1024;
 const MAX_EVENTS: usize = 5_000;
-const MAX_ATTEMPTS: usize = 10_000;
+const MAX_ATTEMPTS: usize = 4_000;
 const MAX_HOLDING: usize = 1_000;
 const MAX_PROXY_NAME: usize = 200;
 /// Times on the wire are Unix milliseconds, within what a JSON number holds exactly.
