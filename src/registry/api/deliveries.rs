@@ -19,6 +19,8 @@ use serde_json::{json, Value};
 use sqlx::Row;
 use std::sync::Arc;
 
+const DELIVERIES_JS: &str = include_str!("../dashboard/deliveries.js");
+const DELIVERIES_CSS: &str = include_str!("../dashboard/deliveries.css");
 const DEFAULT_PAGE: i64 = 25;
 const MAX_PAGE: i64 = 100;
 /// Attempts shown per delivery in the list, and in one delivery's detail (the latest ones).
@@ -144,6 +146,14 @@ pub fn routes() -> axum::Router<Arc<App>> {
     use axum::routing::{get, post};
     const WEBHOOK: &str = "/v1/organisations/{org}/webhooks/{id}";
     axum::Router::new()
+        .route(
+            "/deliveries.js",
+            get(|| async { super::asset("text/javascript; charset=utf-8", DELIVERIES_JS) }),
+        )
+        .route(
+            "/deliveries.css",
+            get(|| async { super::asset("text/css; charset=utf-8", DELIVERIES_CSS) }),
+        )
         .route(
             "/v2/registry/reports",
             post(super::reports::store_report)
