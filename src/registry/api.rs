@@ -122,6 +122,10 @@ pub fn router(app: Arc<App>) -> Router {
             post(rotate_key),
         )
         .merge(deliveries::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            reports::pending_sends_flag,
+        ))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(request_deadline))
         .layer(DefaultBodyLimit::max(MAX_BODY))

@@ -480,3 +480,19 @@ def test_bounded_requests_and_bad_reports(registry):
     assert recovered.json() == {"queued": 1, "more": False, "notKept": 1}
     page = registry.request("GET", hooks(ORG, hook["id"], "deliveries") + "?limit=100", token=registry.token())
     assert len(page.body) < 256 * 1024, "the list carries no payloads"
+
+
+def test_the_feed_says_when_sends_are_pending(registry):
+    hook = create(registry)
+    first = registry.feed()
+    assert first.status == 200 and "pendingSends" not in first.json()
+    etag = first.headers["etag"]
+    assert registry.feed(etag).status == 304
+    assert registry.request("POST", hooks(ORG, hook["id"], "test"), token=registry.token()).status == 202
+    flagged = registry.feed(etag)
+    assert flagged.status == 200, "a 304 has no body to carry the flag"
+    assert flagged.json()["pendingSends"] is True
+    assert flagged.json()["webhooks"] == first.json()["webhooks"], "the document itself is unchanged"
+    assert len(claim(registry)) == 1
+    assert registry.feed(etag).status == 304, "claimed: nothing pending"
+    assert "pendingSends" not in registry.feed().json()

@@ -86,36 +86,56 @@ pub async fn claim_sends(
     ))
 }
 
-/// Adds `"pendingSends": true` to a 200 answer of the feed while a claim would find a send: the cached page is
-/// the same for every proxy, the flag is added on the way out.
-pub async fn flag_pending_sends(app: &App, answer: Response) -> Response {
+/// The feeds' paths: their 200 answers carry `"pendingSends": true` while a claim would find a send.
+const FEED_PATHS: &[&str] = &["/v1/registry", "/v2/registry/changes"];
+
+/// Adds `"pendingSends": true` to the feeds' 200 answers while a claim would find a send. The feed's cached page
+/// is the same for every proxy; the flag is added on the way out. While sends are pending, `If-None-Match` is
+/// not honoured (a 304 has no body to carry the flag).
+pub async fn pending_sends_flag(
+    State(app): State<Arc<App>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !FEED_PATHS.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let pending = match sends::pending(&app.store, now_ms()).await {
+        Ok(pending) => pending,
+        Err(e) => {
+            // The feed still answers; the flag comes back with a later poll.
+            log(&format!("pending sends unknown: {e}"));
+            false
+        }
+    };
+    if !pending {
+        return next.run(request).await;
+    }
+    request.headers_mut().remove(header::IF_NONE_MATCH);
+    let answer = next.run(request).await;
     if answer.status() != StatusCode::OK {
         return answer;
-    }
-    match sends::pending(&app.store, now_ms()).await {
-        Ok(true) => {}
-        Ok(false) => return answer,
-        Err(e) => {
-            // The feed still answers; the flag comes back with the next poll.
-            log(&format!("pending sends unknown: {e}"));
-            return answer;
-        }
     }
     let (mut parts, body) = answer.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    let Some(rest) = bytes.strip_prefix(b"{") else {
-        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(with_pending_flag(&bytes)))
+}
+
+/// `{"pendingSends":true,` then the rest of a JSON object.
+pub fn with_pending_flag(object: &[u8]) -> Vec<u8> {
+    let Some(rest) = object.strip_prefix(b"{") else {
+        return object.to_vec();
     };
-    let mut flagged = Vec::with_capacity(bytes.len() + 22);
+    let mut flagged = Vec::with_capacity(object.len() + 22);
     flagged.extend_from_slice(b"{\"pendingSends\":true");
     if rest.trim_ascii_start().first() != Some(&b'}') {
         flagged.push(b',');
     }
     flagged.extend_from_slice(rest);
-    parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(parts, axum::body::Body::from(flagged))
+    flagged
 }
 
 fn object(body: &[u8]) -> Result<Map<String, Value>, FieldError> {
