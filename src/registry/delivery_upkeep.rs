@@ -47,7 +47,9 @@ pub async fn record_health(
     postgres: bool,
     report: &Report,
 ) -> Result<(), sqlx::Error> {
-    let mut by_webhook: BTreeMap<&str, (&str, Vec<(i64, bool)>)> = BTreeMap::new();
+    // Per webhook: its organisation and its attempts as (time, succeeded).
+    type Attempts<'a> = (&'a str, Vec<(i64, bool)>);
+    let mut by_webhook: BTreeMap<&str, Attempts> = BTreeMap::new();
     for a in &report.attempts {
         let succeeded = match a.outcome {
             Outcome::Delivered => true,
@@ -219,12 +221,13 @@ pub async fn prune(
             continue;
         };
         let edge: i64 = edge.try_get("updated_ms")?;
-        deleted += sqlx::query("DELETE FROM deliveries WHERE organisation_id = $1 AND updated_ms <= $2")
-            .bind(&organisation)
-            .bind(edge)
-            .execute(pool)
-            .await?
-            .rows_affected();
+        deleted +=
+            sqlx::query("DELETE FROM deliveries WHERE organisation_id = $1 AND updated_ms <= $2")
+                .bind(&organisation)
+                .bind(edge)
+                .execute(pool)
+                .await?
+                .rows_affected();
         log(&format!(
             "organisation {organisation:?} has more than {} deliveries: the oldest were pruned \
              (--max-deliveries-per-organisation)",
@@ -297,7 +300,8 @@ pub async fn auto_disable(store: &Store, after_ms: i64) -> Result<(), sqlx::Erro
                         actor: "registry",
                         role: "registry",
                         action: "auto-disable",
-                        detail: serde_json::json!({"status": "disabled", "reason": reason}).to_string(),
+                        detail: serde_json::json!({"status": "disabled", "reason": reason})
+                            .to_string(),
                     },
                 )
                 .await?;
@@ -334,7 +338,12 @@ pub async fn auto_disable(store: &Store, after_ms: i64) -> Result<(), sqlx::Erro
 
 /// `5d`, `36h`, `90s`, `250ms`: the largest unit that divides the period.
 pub fn describe_period(ms: i64) -> String {
-    for (unit, scale) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+    for (unit, scale) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
         if ms % scale == 0 {
             return format!("{}{unit}", ms / scale);
         }

@@ -5,6 +5,7 @@
 
 mod api;
 mod auth;
+mod delivery_ingest;
 mod delivery_log;
 mod delivery_upkeep;
 mod keys;
@@ -60,7 +61,7 @@ pub struct ServeArgs {
     )]
     pub event_types: Vec<String>,
     #[command(flatten)]
-    pub deliveries: delivery_log::DeliveryArgs,
+    pub deliveries: Box<delivery_log::DeliveryArgs>,
     /// Environment variable holding the main key (base64 of 32 bytes) that encrypts the API keys at rest.
     #[arg(long, env = "REGISTRY_MAIN_KEY_ENV", value_name = "NAME")]
     pub main_key_env: Option<String>,

@@ -7,8 +7,14 @@ fn rfc3339_times() {
         parse_rfc3339("2025-12-31T23:59:59.999Z"),
         Some(1_767_225_599_999)
     );
-    assert_eq!(parse_rfc3339("2000-02-29T01:00:00+01:00"), Some(951_782_400_000));
-    assert_eq!(parse_rfc3339("2000-02-28T23:00:00.5-01:00"), Some(951_782_400_500));
+    assert_eq!(
+        parse_rfc3339("2000-02-29T01:00:00+01:00"),
+        Some(951_782_400_000)
+    );
+    assert_eq!(
+        parse_rfc3339("2000-02-28T23:00:00.5-01:00"),
+        Some(951_782_400_500)
+    );
     assert_eq!(
         parse_rfc3339(&rfc3339(1_767_312_000_123)),
         Some(1_767_312_000_123)
@@ -55,7 +61,10 @@ fn cursors_round_trip_and_refuse_anything_else() {
 fn list_queries() {
     assert!(read_query(None).is_ok());
     let (status, cursor, limit) = read_query(Some("status=failed&limit=7")).ok().unwrap();
-    assert_eq!((status.as_deref(), cursor, limit), (Some("failed"), None, 7));
+    assert_eq!(
+        (status.as_deref(), cursor, limit),
+        (Some("failed"), None, 7)
+    );
     for bad in ["status=lost", "limit=0", "limit=101", "cursor=x", "other=1"] {
         assert!(read_query(Some(bad)).is_err(), "{bad}");
     }
