@@ -15,7 +15,12 @@ pub async fn store_report(
 ) -> Result<(), sqlx::Error> {
     let mut tx = store.pool().begin().await?;
     // A write first, so SQLite takes its write lock before any read of this transaction.
-    for chunk in report.events.chunks(ROWS_PER_INSERT) {
+    // Rows in key order, so concurrent reports on Postgres take their row locks in one order (no deadlock).
+    let mut events: Vec<_> = report.events.iter().collect();
+    events
+        .sort_by(|a, b| (&a.organisation_id, &a.event_id).cmp(&(&b.organisation_id, &b.event_id)));
+    events.dedup_by(|a, b| (&a.organisation_id, &a.event_id) == (&b.organisation_id, &b.event_id));
+    for chunk in events.chunks(ROWS_PER_INSERT) {
         let sql = format!(
             "INSERT INTO delivery_events (organisation_id, event_id, event_type, created_ms, envelope_head, \
              envelope_tail, stored_ms) VALUES {} ON CONFLICT (organisation_id, event_id) DO NOTHING",

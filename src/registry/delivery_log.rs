@@ -61,13 +61,16 @@ const MAX_PERIOD_MS: i64 = 3650 * DAY_MS;
 impl DeliveryArgs {
     pub fn settings(&self) -> Result<DeliverySettings, String> {
         let lease_ms = parse_period(&self.send_lease).map_err(|e| format!("--send-lease: {e}"))?;
+        if self.max_deliveries_per_organisation == 0 {
+            return Err("--max-deliveries-per-organisation must be at least 1".into());
+        }
         if !(1_000..=3_600_000).contains(&lease_ms) {
             return Err("--send-lease must be between 1s and 1h".into());
         }
         Ok(DeliverySettings {
             retention_ms: parse_period(&self.delivery_retention)
                 .map_err(|e| format!("--delivery-retention: {e}"))?,
-            max_per_organisation: i64::from(self.max_deliveries_per_organisation.max(1)),
+            max_per_organisation: i64::from(self.max_deliveries_per_organisation),
             auto_disable_after_ms: if self.auto_disable_after == "off" {
                 None
             } else {

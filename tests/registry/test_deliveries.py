@@ -302,6 +302,8 @@ def test_claim_answers_stay_bounded(registry):
     assert sorted(got) == sorted(ids) and rounds >= 3, "the room left decides; the rest waits for the next claim"
     assert big not in got, "a body that can never fit is failed, not handed out"
     assert "does not fit in a claim" in registry.log_text()
+    gone = registry.request("GET", hooks(ORG, hook["id"], "deliveries", big), token=registry.token()).json()
+    assert (gone["status"], gone["lastError"]) == ("failed", "too_large"), "not left pending forever"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -417,7 +419,8 @@ def test_auto_disable_fires_and_re_enabling_clears_it(make_registry, backend):
     listed = {w["id"]: w for w in reg.request("GET", hooks(ORG), token=reg.token()).json()["webhooks"]}
     assert listed[failing["id"]]["disabledReason"] == webhook["disabledReason"]
     assert listed[flaky["id"]]["status"] == "enabled" and "disabledReason" not in listed[flaky["id"]]
-    assert f"auto-disabled webhook {failing['id']}" in reg.log_text()
+    # Logged once the write is done (the API may show the write a moment before the line is written).
+    wait_until(lambda: f"auto-disabled webhook {failing['id']}" in reg.log_text(), 10, "the auto-disable line")
     feed = reg.feed().json()
     assert [w["status"] for w in feed["webhooks"] if w["id"] == failing["id"]] == ["disabled"]
     enabled = reg.request("PATCH", hooks(ORG, failing["id"]), token=reg.token(), body={"status": "enabled"})
