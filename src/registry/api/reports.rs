@@ -122,11 +122,15 @@ pub async fn pending_sends_flag(
     Response::from_parts(parts, axum::body::Body::from(with_pending_flag(&bytes)))
 }
 
-/// `{"pendingSends":true,` then the rest of a JSON object.
+/// `{"pendingSends":true,` then the rest of a JSON object (once: an object that starts with the flag already is
+/// left as it is).
 pub fn with_pending_flag(object: &[u8]) -> Vec<u8> {
     let Some(rest) = object.strip_prefix(b"{") else {
         return object.to_vec();
     };
+    if rest.trim_ascii_start().starts_with(b"\"pendingSends\"") {
+        return object.to_vec();
+    }
     let mut flagged = Vec::with_capacity(object.len() + 22);
     flagged.extend_from_slice(b"{\"pendingSends\":true");
     if rest.trim_ascii_start().first() != Some(&b'}') {

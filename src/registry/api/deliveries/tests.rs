@@ -69,3 +69,18 @@ fn list_queries() {
         assert!(read_query(Some(bad)).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn the_pending_flag_is_added_once() {
+    use super::super::reports::with_pending_flag;
+    assert_eq!(
+        with_pending_flag(br#"{"revision":3}"#),
+        br#"{"pendingSends":true,"revision":3}"#
+    );
+    assert_eq!(with_pending_flag(b"{}"), br#"{"pendingSends":true}"#);
+    assert_eq!(
+        with_pending_flag(br#"{"pendingSends":true,"revision":3}"#),
+        br#"{"pendingSends":true,"revision":3}"#
+    );
+    assert_eq!(with_pending_flag(b"[]"), b"[]");
+}
