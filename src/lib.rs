@@ -14,7 +14,9 @@ pub mod gate;
 pub mod headers;
 pub mod journal;
 pub mod json;
+pub mod path;
 // The webhook registry service: native only, nothing of it in the .wasm.
+pub mod refetch;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod registry;
 pub mod rules;

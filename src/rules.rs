@@ -6,12 +6,17 @@
 
 use crate::headers::{hex_preview, Lookup};
 use crate::json::{Document, Object};
+use crate::path::{self, BadPath};
 use serde_json::Value;
 
-/// `match.path`: literal segments and `{name}` captures of exactly one non-empty segment.
+/// `match.path`: literal segments and `{name}` captures of exactly one non-empty segment, matched
+/// against a request's canonical path ([`crate::path::canonical`]). The template is canonical
+/// too: its empty segments are dropped and its literals' escapes of unreserved characters decoded.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PathTemplate {
     segments: Vec<Segment>,
+    /// `match.caseInsensitive`: literals compare ASCII letters without case.
+    case_insensitive: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -33,7 +38,8 @@ impl PathTemplate {
         }
         let mut segments = Vec::new();
         let mut names: Vec<&str> = Vec::new();
-        for part in rest.split('/') {
+        // Empty segments (`//`, a trailing `/`) are dropped, as in a request's canonical path.
+        for part in rest.split('/').filter(|p| !p.is_empty()) {
             if let Some(inner) = part.strip_prefix('{') {
                 let name = inner
                     .strip_suffix('}')
@@ -52,14 +58,44 @@ impl PathTemplate {
                 return Err(format!(
                     "segment {part:?} must be a literal or a whole {{name}}"
                 ));
+            } else if part.contains(';') {
+                return Err(format!(
+                    "segment {part:?} must not contain ';': path parameters are ignored when matching (write %3B for a literal ';')"
+                ));
             } else {
-                segments.push(Segment::Literal(part.to_string()));
+                let literal = path::canonical_segment(part).map_err(|e| match e {
+                    BadPath::EscapedSlash => format!(
+                        "segment {part:?} must not encode '/' or '\\' (%2F, %5C): such a request path never matches"
+                    ),
+                    BadPath::BadEscape | BadPath::NotUtf8 => {
+                        format!("segment {part:?} has a '%' not followed by two hex digits")
+                    }
+                })?;
+                if literal == "." || literal == ".." {
+                    return Err(format!(
+                        "segment {part:?} is a dot segment, which a request's canonical path never holds"
+                    ));
+                }
+                segments.push(Segment::Literal(literal.into_owned()));
             }
         }
-        Ok(PathTemplate { segments })
+        Ok(PathTemplate {
+            segments,
+            case_insensitive: false,
+        })
     }
 
-    /// The segments in order: `Some(literal)`, or `None` for a capture.
+    /// The same template, its literals compared with or without ASCII case.
+    pub fn with_case_insensitive(mut self, case_insensitive: bool) -> Self {
+        self.case_insensitive = case_insensitive;
+        self
+    }
+
+    pub fn is_case_insensitive(&self) -> bool {
+        self.case_insensitive
+    }
+
+    /// The segments in order (none for `/`): `Some(literal)`, or `None` for a capture.
     pub fn parts(&self) -> impl Iterator<Item = Option<&str>> {
         self.segments.iter().map(|s| match s {
             Segment::Literal(lit) => Some(lit.as_str()),
@@ -73,22 +109,23 @@ impl PathTemplate {
             .any(|s| matches!(s, Segment::Capture(n) if n == name))
     }
 
-    /// Matches a request `:path` (the query string is ignored).
+    /// Matches a canonical request path ([`crate::path::canonical`]).
     pub fn matches(&self, path: &str) -> bool {
         self.capture(path, "").is_some()
     }
 
-    /// Matches and returns the value of capture `name` (or `Some("")` when `name` is not a capture).
+    /// Matches a canonical path and returns the value of capture `name` (or `Some("")` when
+    /// `name` is not a capture).
     pub fn capture<'p>(&self, path: &'p str, name: &str) -> Option<&'p str> {
-        let path = path.split(['?', '#']).next().unwrap_or_default();
-        let mut parts = path.strip_prefix('/')?.split('/');
+        let mut parts = path.strip_prefix('/')?.split('/').filter(|p| !p.is_empty());
         let mut found = "";
         for segment in &self.segments {
             let part = parts.next()?;
             match segment {
                 Segment::Literal(lit) if lit == part => {}
+                Segment::Literal(lit)
+                    if self.case_insensitive && lit.eq_ignore_ascii_case(part) => {}
                 Segment::Literal(_) => return None,
-                Segment::Capture(_) if part.is_empty() => return None,
                 Segment::Capture(n) => {
                     if n == name {
                         found = part;
@@ -189,6 +226,80 @@ pub struct EventRule {
     pub when: Vec<Condition>,
     pub object_pointer: String,
     pub organisation: OrganisationSource,
+    /// How to read the object again when the response was cut short (`refetch`).
+    pub refetch: Option<RefetchSpec>,
+}
+
+/// A rule's `refetch`: the request that reads the object again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefetchSpec {
+    pub method: String,
+    /// The path template; every capture is one of `match.path`'s.
+    pub path: Vec<PathPart>,
+    /// The cluster to send it to; None: the route's upstream cluster as Envoy reports it.
+    pub cluster: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathPart {
+    Literal(String),
+    Capture(String),
+}
+
+impl RefetchSpec {
+    /// Parses `refetch.path` against the rule's `match.path` (whose captures fill it).
+    pub fn parse_path(template: &str, matching: &PathTemplate) -> Result<Vec<PathPart>, String> {
+        // Same syntax and canonical form as match.path, so the same errors.
+        let parsed = PathTemplate::parse(template)?;
+        // Canonicalising drops empty segments but never reorders captures: they come in the
+        // template's order.
+        let mut names = template
+            .split('/')
+            .filter_map(|part| part.strip_prefix('{').and_then(|p| p.strip_suffix('}')));
+        let mut parts = Vec::new();
+        for part in parsed.parts() {
+            match part {
+                Some(literal) => parts.push(PathPart::Literal(literal.to_string())),
+                None => {
+                    let name = names.next().ok_or("a capture without a name")?;
+                    if !matching.has_capture(name) {
+                        return Err(format!(
+                            "{{{name}}} is not a capture of match.path (refetch.path is filled from it)"
+                        ));
+                    }
+                    parts.push(PathPart::Capture(name.to_string()));
+                }
+            }
+        }
+        Ok(parts)
+    }
+
+    /// The refetch path for a request `path` the rule matched, each capture percent-encoded
+    /// where a path segment needs it. None if a capture is missing (the rule did not match).
+    pub fn fill(&self, matching: &PathTemplate, path: &str) -> Option<String> {
+        let mut out = String::new();
+        for part in &self.path {
+            out.push('/');
+            match part {
+                PathPart::Literal(lit) => out.push_str(lit),
+                PathPart::Capture(name) => encode_segment(&mut out, matching.capture(path, name)?),
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Copies a captured segment, percent-encoding what a path segment may not hold as is. `%` stays:
+/// a capture keeps the escapes the client sent.
+fn encode_segment(out: &mut String, segment: &str) {
+    for b in segment.bytes() {
+        let keep = b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@%".contains(&b);
+        if keep {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
 }
 
 /// What the request told us, kept only for candidate streams.
@@ -231,6 +342,7 @@ pub enum Evaluation<'a> {
 }
 
 impl EventRule {
+    /// `path` is the request's canonical path ([`crate::path::canonical`]).
     pub fn matches_request(&self, method: &str, path: &str) -> bool {
         self.methods.contains(method) && self.path.matches(path)
     }
@@ -320,6 +432,7 @@ mod tests {
             }],
             object_pointer: String::new(),
             organisation: org,
+            refetch: None,
         }
     }
 
@@ -327,15 +440,35 @@ mod tests {
     fn path_templates_match_one_segment_per_capture() {
         let t = PathTemplate::parse("/jobs/{jobId}/complete").unwrap();
         assert!(t.matches("/jobs/42/complete"));
-        assert!(t.matches("/jobs/42/complete?x=1&y=/2"));
-        assert!(!t.matches("/jobs//complete"));
+        assert!(!t.matches("/jobs/complete"));
         assert!(!t.matches("/jobs/4/2/complete"));
-        assert!(!t.matches("/jobs/42/complete/"));
         assert!(!t.matches("/jobs/42"));
         assert!(!t.matches("/jobs/42/completed"));
+        assert!(!t.matches("/Jobs/42/complete"));
         assert!(!t.matches("jobs/42/complete"));
-        assert_eq!(t.capture("/jobs/42/complete?a", "jobId"), Some("42"));
+        assert_eq!(t.capture("/jobs/42/complete", "jobId"), Some("42"));
         assert!(PathTemplate::parse("/").unwrap().matches("/"));
+        assert!(!PathTemplate::parse("/").unwrap().matches("/a"));
+    }
+
+    #[test]
+    fn path_templates_are_canonical() {
+        let t = PathTemplate::parse("//j%6Fbs/{jobId}/complete/").unwrap();
+        assert_eq!(t, PathTemplate::parse("/jobs/{jobId}/complete").unwrap());
+        let t = PathTemplate::parse("/a%3bb").unwrap();
+        assert!(t.matches("/a%3Bb"));
+        assert!(PathTemplate::parse("/").unwrap().parts().next().is_none());
+    }
+
+    #[test]
+    fn case_insensitive_templates_ignore_the_case_of_literals_only() {
+        let t = PathTemplate::parse("/Jobs/{jobId}/complete")
+            .unwrap()
+            .with_case_insensitive(true);
+        assert!(t.matches("/JOBS/42/Complete"));
+        assert_eq!(t.capture("/jobs/AbC/COMPLETE", "jobId"), Some("AbC"));
+        assert!(!t.matches("/jobs/42/completed"));
+        assert!(!PathTemplate::parse("/Jobs").unwrap().matches("/jobs"));
     }
 
     #[test]
@@ -348,6 +481,14 @@ mod tests {
             "/a/{id}/{id}",
             "/a?b",
             "/a/{i-d}",
+            "/a;v=1",
+            "/a/%zz",
+            "/a/%4",
+            "/a/b%2Fc",
+            "/a/%5c",
+            "/a/./b",
+            "/a/../b",
+            "/a/%2e%2E",
         ] {
             assert!(PathTemplate::parse(bad).is_err(), "{bad}");
         }

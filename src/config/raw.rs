@@ -24,6 +24,14 @@ pub(super) struct RawRule {
     pub(super) when: Vec<RawCondition>,
     pub(super) object: String,
     pub(super) organisation_id: RawOrganisation,
+    pub(super) refetch: Option<RawRefetch>,
+}
+
+/// `events[].refetch`: how to read the object again when its response was cut short.
+pub(super) struct RawRefetch {
+    pub(super) path: String,
+    pub(super) method: String,
+    pub(super) cluster: Option<String>,
 }
 
 /// `events[].match`: which requests and responses a rule looks at.
@@ -32,6 +40,8 @@ pub(super) struct RawMatch {
     pub(super) path: String,
     /// None is the default (every 2xx), filled in when compiled.
     pub(super) status: Option<Vec<u16>>,
+    /// `caseInsensitive`: the path's literal segments compare ASCII letters without case.
+    pub(super) case_insensitive: bool,
 }
 
 pub(super) struct RawCondition {
@@ -181,6 +191,7 @@ fn read_rule(value: &Value, at: &str, errors: &mut Errors) -> Option<RawRule> {
         "when",
         "object",
         "organisationId",
+        "refetch",
     ];
     let mark = errors.mark();
     let mut f = fields(value, at, &known, errors)?;
@@ -192,11 +203,13 @@ fn read_rule(value: &Value, at: &str, errors: &mut Errors) -> Option<RawRule> {
     let matching = f.required("match");
     let when = f.opt_array("when");
     let organisation = f.required("organisationId");
+    let refetch = f.get("refetch");
     let errors = f.errors;
     let matching = matching.and_then(|m| read_match(m, &join(at, "match"), errors));
     let when = read_conditions(when.unwrap_or(&Vec::new()), at, errors);
     let organisation_id =
         organisation.and_then(|o| read_organisation(o, &join(at, "organisationId"), errors));
+    let refetch = refetch.and_then(|r| read_refetch(r, &join(at, "refetch"), errors));
     if !errors.clean_since(mark) {
         return None;
     }
@@ -207,17 +220,42 @@ fn read_rule(value: &Value, at: &str, errors: &mut Errors) -> Option<RawRule> {
         when,
         object,
         organisation_id: organisation_id?,
+        refetch,
+    })
+}
+
+fn read_refetch(value: &Value, at: &str, errors: &mut Errors) -> Option<RawRefetch> {
+    let mark = errors.mark();
+    let mut f = fields(value, at, &["path", "method", "cluster"], errors)?;
+    let path = f.string("path");
+    let method = f
+        .opt_string("method")
+        .unwrap_or_else(|| defaults::REFETCH_METHOD.to_string());
+    let cluster = f.opt_string("cluster");
+    if !f.errors.clean_since(mark) {
+        return None;
+    }
+    Some(RawRefetch {
+        path: path?,
+        method,
+        cluster,
     })
 }
 
 fn read_match(value: &Value, at: &str, errors: &mut Errors) -> Option<RawMatch> {
     let mark = errors.mark();
-    let mut m = fields(value, at, &["methods", "path", "status"], errors)?;
+    let mut m = fields(
+        value,
+        at,
+        &["methods", "path", "status", "caseInsensitive"],
+        errors,
+    )?;
     let methods = match m.get("methods") {
         Some(v) => m.strings("methods", Some(v)),
         None => Some(defaults::METHODS.map(String::from).to_vec()),
     };
     let path = m.string("path");
+    let case_insensitive = m.opt_bool("caseInsensitive").unwrap_or(false);
     let mut status = None;
     if let Some(list) = m.opt_array("status") {
         let mut codes = Vec::new();
@@ -239,6 +277,7 @@ fn read_match(value: &Value, at: &str, errors: &mut Errors) -> Option<RawMatch> 
         methods: methods?,
         path: path?,
         status,
+        case_insensitive,
     })
 }
 

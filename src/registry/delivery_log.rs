@@ -41,6 +41,8 @@ pub struct DeliverySettings {
     /// None: never disable.
     pub auto_disable_after_ms: Option<i64>,
     pub lease_ms: i64,
+    /// Whether sends are pending, as last read (not a setting: shared by the requests).
+    pub pending: super::sends::PendingCache,
 }
 
 impl Default for DeliverySettings {
@@ -50,6 +52,7 @@ impl Default for DeliverySettings {
             max_per_organisation: 100_000,
             auto_disable_after_ms: Some(5 * DAY_MS),
             lease_ms: 60_000,
+            pending: Default::default(),
         }
     }
 }
@@ -80,6 +83,7 @@ impl DeliveryArgs {
                 )
             },
             lease_ms,
+            pending: Default::default(),
         })
     }
 }

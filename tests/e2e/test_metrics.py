@@ -18,13 +18,13 @@ def doc_rows() -> dict:
     for line in DOC.read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) == 4 and cells[2] in ("counter", "gauge", "histogram") and cells[0].startswith("`"):
-            rows[cells[0].strip("`")] = (re.findall(r"`([a-z_]+)`", cells[1]), cells[2])
+            rows[cells[0].strip("`")] = (re.findall(r"`([a-z0-9_]+)`", cells[1]), cells[2])
     return rows
 
 
 def readme_metrics() -> dict:
     section = README.read_text().split("## Metrics", 1)[1].split("\n## ", 1)[0]
-    return {m.group(1): m.group(2) for m in re.finditer(r"^\| `([a-z_.]+)` \| (counter|gauge|histogram) \|", section, re.M)}
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\| `([a-z0-9_.]+)` \| (counter|gauge|histogram) \|", section, re.M)}
 
 
 def test_the_documented_prometheus_names_are_what_envoy_exports(rc, start_envoy):

@@ -19,7 +19,7 @@ __all__ = [
 
 
 def _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars=None, host_env_keys=None,
-                      extra_clusters=(), egress=None, layered_runtime=None, gate=False):
+                      extra_clusters=(), egress=None, layered_runtime=None, gate=False, path_normalization=True):
     """(bootstrap, environment, host_env_keys) of an Envoy whose filter chain holds the webhook-emitter filter
     with this plugin configuration (a PluginConfig, a dict, or a raw string). `egress`: a harness.egress.Egress
     to add (the shipped delivery egress: its listener, clusters and bootstrap extension).
@@ -29,7 +29,8 @@ def _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars=None,
     chose, which go into Envoy's environment.
 
     `gate`: wrap the filter in the gate of the shipped configurations (harness.gate), with the predicate the CLI
-    prints for this configuration (True) or the given predicate (a dict)."""
+    prints for this configuration (True) or the given predicate (a dict). `path_normalization`: False turns the
+    shipped normalize_path / merge_slashes / path_with_escaped_slashes_action off (harness.envoy.build_bootstrap)."""
     env = dict(plugin_config.env_vars()) if isinstance(plugin_config, PluginConfig) else {}
     env.update(env_vars or {})
     cfg = plugin_config.to_dict() if isinstance(plugin_config, PluginConfig) else plugin_config
@@ -46,18 +47,20 @@ def _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars=None,
         listeners, extensions = egress.listeners, egress.bootstrap_extensions
     bootstrap = build_bootstrap(job_service.port, receiver.port if receiver else None, wasm_filter, extra_clusters,
                                 extra_listeners=listeners, bootstrap_extensions=extensions,
-                                layered_runtime=layered_runtime)
+                                layered_runtime=layered_runtime, path_normalization=path_normalization)
     return bootstrap, env, list(host_env_keys)
 
 
 def envoy_with_filter(job_service, receiver, plugin_config, wasm=DEFAULT_WASM, name="envoy", env_vars=None,
                       extra_clusters=(), start=True, egress=None, layered_runtime=None, env=None, gate=False,
-                      **kwargs):
+                      path_normalization=True, **kwargs):
     """An Envoy whose filter chain holds the webhook-emitter filter with this plugin configuration
     (a PluginConfig, a dict, or a raw string). Started and ready unless start=False. `env_vars`: more
-    variables for Envoy's environment, passed on to the VM through host_env_keys. `gate`: see _filter_bootstrap."""
+    variables for Envoy's environment, passed on to the VM through host_env_keys. `gate`, `path_normalization`: see
+    _filter_bootstrap."""
     bootstrap, key_env, host_env_keys = _filter_bootstrap(job_service, receiver, plugin_config, wasm, env_vars,
-                                                          None, extra_clusters, egress, layered_runtime, gate)
+                                                          None, extra_clusters, egress, layered_runtime, gate,
+                                                          path_normalization)
     envoy = Envoy(bootstrap, name=name, env={**(env or {}), **key_env}, **kwargs)
     # An update must load the same module, or Envoy makes a new VM (and the worker's state is lost).
     envoy.wasm = wasm

@@ -125,6 +125,18 @@ def shipped_runtime() -> dict:
     return yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())["layered_runtime"]
 
 
+def shipped_path_normalization() -> dict:
+    """The path normalisation settings of envoy/envoy.yaml's ingress HTTP connection manager (normalize_path,
+    merge_slashes, path_with_escaped_slashes_action): every Envoy the harness starts has them unless a test turns
+    them off to show that the filter's own matching does not need them."""
+    import yaml
+
+    listener = yaml.safe_load((REPO / "envoy" / "envoy.yaml").read_text())["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    keys = ("normalize_path", "merge_slashes", "path_with_escaped_slashes_action")
+    return {k: hcm[k] for k in keys}
+
+
 def build_bootstrap(
     job_port: int,
     receiver_port: Optional[int] = None,
@@ -134,8 +146,10 @@ def build_bootstrap(
     extra_listeners: Iterable = (),
     bootstrap_extensions: Iterable = (),
     layered_runtime: Optional[dict] = None,
+    path_normalization: bool = True,
 ) -> dict:
-    """listener (port 0) -> HCM -> [wasm filter (optional)] + router -> cluster job_service.
+    """listener (port 0) -> HCM -> [wasm filter (optional)] + router -> cluster job_service. The HCM normalises
+    paths as envoy/envoy.yaml does, unless `path_normalization` is False (Envoy's defaults: no normalisation).
     Cluster `webhooks` points at the receiver (when given), with large circuit breakers. Extra listeners (for
     example the shipped internal egress listener, harness.egress) come after the `ingress` one. The runtime is
     the shipped one unless `layered_runtime` is given ({} for Envoy's defaults)."""
@@ -149,6 +163,7 @@ def build_bootstrap(
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "ingress",
         "codec_type": "AUTO",
+        **(shipped_path_normalization() if path_normalization else {}),
         "route_config": {
             "name": "local",
             "virtual_hosts": [

@@ -496,6 +496,12 @@ def test_the_feed_says_when_sends_are_pending(registry):
     assert flagged.status == 200, "a 304 has no body to carry the flag"
     assert flagged.json()["pendingSends"] is True
     assert flagged.json()["webhooks"] == first.json()["webhooks"], "the document itself is unchanged"
+    head = registry.changes(0).json()["revision"]
+    for page in (registry.changes(0), registry.changes(head)):
+        assert page.status == 200 and page.json()["pendingSends"] is True
+        assert page.body.count(b"pendingSends") == 1
+    assert registry.changes(head).json()["changes"] == []
     assert len(claim(registry)) == 1
     assert registry.feed(etag).status == 304, "claimed: nothing pending"
     assert "pendingSends" not in registry.feed().json()
+    assert "pendingSends" not in registry.changes(head).json()

@@ -23,10 +23,12 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 mod journal;
+mod refetch;
 mod registry_pull;
 mod settle;
 mod shared_state;
 
+pub use refetch::StreamEnd;
 pub use registry_pull::RegistryAnswer;
 use registry_pull::RegistryPull;
 pub use shared_state::FOLLOWER_GRACE_MS;
@@ -124,6 +126,8 @@ pub struct Worker {
     registry: Option<RegistryPull>,
     /// The write-ahead journal in etcd (`delivery.journal`).
     journal: Option<crate::journal::Journal>,
+    /// Completions whose answer was cut short, to be read again (worker/refetch.rs).
+    refetches: crate::refetch::RefetchQueue,
 }
 
 /// An event after fan-out: what a later fan-out needs of it.
@@ -173,6 +177,7 @@ impl Worker {
             reported: Reported::default(),
             registry: None,
             journal,
+            refetches: crate::refetch::RefetchQueue::new(),
         }
     }
 
@@ -259,6 +264,19 @@ impl Worker {
                 LogLevel::Warn,
                 format!("{event_type} matched but its object pointer {pointer:?} is not a JSON object in the body: no event"),
             ),
+            NoEvent::StatusNotMatched { status, path } => (
+                m.events_skipped_status,
+                LogLevel::Debug,
+                match status {
+                    Some(status) => format!("{path:?} answered {status}, a status no matching rule takes: not a completion, no event"),
+                    None => format!("{path:?} answered without a valid :status: not a completion, no event"),
+                },
+            ),
+            NoEvent::ConditionsNotMet { event_type } => (
+                m.events_skipped_when,
+                LogLevel::Debug,
+                format!("{event_type}: the response does not meet the rule's when conditions: not a completion, no event"),
+            ),
         };
         metric.inc(host);
         log(host, level, || line);
@@ -290,6 +308,12 @@ impl Worker {
             }
         } else if sent == 0 {
             self.metrics.events_without_subscribers.inc(host);
+            log(host, LogLevel::Debug, || {
+                format!(
+                    "event {} ({}) of organisation {:?}: no enabled webhook subscribes to it",
+                    event.event_id, event.event_type, event.organisation_id
+                )
+            });
         }
     }
 

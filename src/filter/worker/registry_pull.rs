@@ -195,6 +195,12 @@ impl Worker {
                                 .is_empty()
                         {
                             self.metrics.events_without_subscribers.inc(host);
+                            log(host, LogLevel::Debug, || {
+                                format!(
+                                    "event {} ({}) of organisation {:?}: no enabled webhook subscribes to it",
+                                    event.event_id, event.event_type, event.organisation_id
+                                )
+                            });
                         }
                     }
                     None

@@ -75,6 +75,7 @@ pub async fn claim_sends(
     };
     let lease_ms = app.deliveries.lease_ms;
     let claimed = sends::claim(&app.store, &proxy, max, lease_ms, now_ms()).await?;
+    app.deliveries.pending.forget();
     if !claimed.is_empty() {
         log(&format!("{} send(s) claimed by {proxy:?}", claimed.len()));
     }
@@ -86,6 +87,8 @@ pub async fn claim_sends(
 
 /// The feeds' paths: their 200 answers carry `"pendingSends": true` while a claim would find a send.
 const FEED_PATHS: &[&str] = &["/v1/registry", "/v2/registry/changes"];
+/// How long a feed request waits to learn whether sends are pending.
+const PENDING_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Adds `"pendingSends": true` to the feeds' 200 answers while a claim would find a send. The feed's cached page
 /// is the same for every proxy; the flag is added on the way out. While sends are pending, `If-None-Match` is
@@ -98,13 +101,25 @@ pub async fn pending_sends_flag(
     if !FEED_PATHS.contains(&request.uri().path()) {
         return next.run(request).await;
     }
-    let pending = match sends::pending(&app.store, now_ms()).await {
-        Ok(pending) => pending,
-        Err(e) => {
-            // The feed still answers; the flag comes back with a later poll.
-            log(&format!("pending sends unknown: {e}"));
-            false
-        }
+    let now = now_ms();
+    let cache = &app.deliveries.pending;
+    let pending = match cache.get(now) {
+        Some(pending) => pending,
+        // A database that does not answer must not hold the feed's own answer (its 503) back.
+        None => match tokio::time::timeout(PENDING_CHECK_TIMEOUT, sends::pending(&app.store, now))
+            .await
+        {
+            Ok(Ok(pending)) => {
+                cache.set(now, pending);
+                pending
+            }
+            Ok(Err(e)) => {
+                // The feed still answers; the flag comes back with a later poll.
+                log(&format!("pending sends unknown: {e}"));
+                false
+            }
+            Err(_) => false,
+        },
     };
     if !pending {
         return next.run(request).await;

@@ -84,3 +84,21 @@ fn the_pending_flag_is_added_once() {
     );
     assert_eq!(with_pending_flag(b"[]"), b"[]");
 }
+
+#[test]
+fn the_pending_cache_is_fresh_for_a_moment() {
+    let cache = crate::registry::sends::PendingCache::default();
+    assert_eq!(cache.get(1_000), None);
+    cache.set(1_000, true);
+    assert_eq!(cache.get(1_100), Some(true));
+    assert_eq!(cache.get(1_300), None);
+    assert_eq!(
+        cache.get(900),
+        None,
+        "a clock stepping back does not keep it"
+    );
+    cache.set(2_000, false);
+    assert_eq!(cache.get(2_000), Some(false));
+    cache.forget();
+    assert_eq!(cache.get(2_000), None);
+}
