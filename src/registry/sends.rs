@@ -84,31 +84,6 @@ pub async fn queue(
     Ok(queued)
 }
 
-/// The last answer of [`pending`], shared by the feed's requests for [`PendingCache::FRESH_MS`], so that many
-/// proxies polling at once cost one query. Queueing or claiming on this replica forgets it at once.
-#[derive(Debug, Clone, Default)]
-pub struct PendingCache(std::sync::Arc<std::sync::atomic::AtomicI64>);
-
-impl PendingCache {
-    const FRESH_MS: i64 = 250;
-
-    /// The answer known as of `now_ms`, if fresh.
-    pub fn get(&self, now_ms: i64) -> Option<bool> {
-        let stored = self.0.load(std::sync::atomic::Ordering::Relaxed);
-        let (at, pending) = (stored >> 1, stored & 1 == 1);
-        (stored != 0 && now_ms >= at && now_ms - at < Self::FRESH_MS).then_some(pending)
-    }
-
-    pub fn set(&self, now_ms: i64, pending: bool) {
-        let stored = (now_ms.max(1) << 1) | i64::from(pending);
-        self.0.store(stored, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    pub fn forget(&self) {
-        self.0.store(0, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// Whether a claim would find something: an open send whose lease is free.
 pub async fn pending(store: &Store, now_ms: i64) -> Result<bool, sqlx::Error> {
     Ok(sqlx::query(

@@ -87,7 +87,7 @@ fn the_pending_flag_is_added_once() {
 
 #[test]
 fn the_pending_cache_is_fresh_for_a_moment() {
-    let cache = crate::registry::sends::PendingCache::default();
+    let cache = crate::registry::delivery_log::PendingCache::default();
     assert_eq!(cache.get(1_000), None);
     cache.set(1_000, true);
     assert_eq!(cache.get(1_100), Some(true));
