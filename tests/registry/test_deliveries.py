@@ -423,6 +423,8 @@ def test_auto_disable_fires_and_re_enabling_clears_it(make_registry, backend):
     wait_until(lambda: f"auto-disabled webhook {failing['id']}" in reg.log_text(), 10, "the auto-disable line")
     feed = reg.feed().json()
     assert [w["status"] for w in feed["webhooks"] if w["id"] == failing["id"]] == ["disabled"]
+    changed = reg.changes(revision).json()["changes"]
+    assert [(c["id"], c["status"]) for c in changed] == [(failing["id"], "disabled")], "in the v2 feed's changes"
     enabled = reg.request("PATCH", hooks(ORG, failing["id"]), token=reg.token(), body={"status": "enabled"})
     assert enabled.status == 200
     again = reg.request("GET", hooks(ORG, failing["id"]), token=reg.token()).json()
