@@ -19,6 +19,7 @@ pub mod path;
 pub mod refetch;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod registry;
+pub mod registry_sync;
 pub mod rules;
 pub mod signature;
 pub mod stream;

@@ -24,6 +24,7 @@ pub enum BufferType {
 }
 
 const STATUS_OK: u32 = 0;
+const STATUS_NOT_FOUND: u32 = 1;
 /// Bounds one drain of a queue, so that a host that never says Empty cannot hold the root forever.
 const MAX_DEQUEUES: usize = 4096;
 
@@ -33,6 +34,13 @@ extern "C" {
         map_type: u32,
         return_map_data: *mut *mut u8,
         return_map_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
     ) -> u32;
     fn proxy_get_buffer_bytes(
         buffer_type: u32,
@@ -45,6 +53,11 @@ extern "C" {
         queue_id: u32,
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_status(
+        return_code: *mut u32,
+        return_message_data: *mut *mut u8,
+        return_message_size: *mut usize,
     ) -> u32;
     fn proxy_get_property(
         path_data: *const u8,
@@ -77,6 +90,24 @@ pub fn header_map(map: HeaderMap) -> Option<Vec<u8>> {
     (status == STATUS_OK).then_some(bytes)
 }
 
+/// The first value of one header, as bytes: None when the host has no such map now, Some(None)
+/// when the map has no such header. Cheaper than the whole map when a header or two is all that
+/// is wanted: the host copies one value.
+pub fn header_value(map: HeaderMap, name: &str) -> Option<Option<Vec<u8>>> {
+    let (mut data, mut size) = (null_mut(), 0usize);
+    // SAFETY: as in `header_map`; `name` outlives the call.
+    let status = unsafe {
+        proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size)
+    };
+    // SAFETY: as in `header_map`.
+    let bytes = unsafe { take(data, size) };
+    match status {
+        STATUS_OK => Some(Some(bytes)),
+        STATUS_NOT_FOUND => Some(None),
+        _ => None,
+    }
+}
+
 /// Up to `max_size` bytes of a buffer from `start`, or None when there is none.
 pub fn buffer(buffer: BufferType, start: usize, max_size: usize) -> Option<Vec<u8>> {
     let (mut data, mut size) = (null_mut(), 0usize);
@@ -102,6 +133,18 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
     // SAFETY: as in `header_map`.
     let bytes = unsafe { take(data, size) };
     (status == STATUS_OK).then_some(bytes)
+}
+
+/// The status of the last host call that reports one (a callout's failure, in its answer's
+/// callback): the code and the message, read as bytes. The SDK's getter panics on a message that
+/// is not UTF-8.
+pub fn call_status() -> Option<(u32, String)> {
+    let (mut code, mut data, mut size) = (0u32, null_mut(), 0usize);
+    // SAFETY: the host writes a code, a pointer and a size into the out-parameters.
+    let status = unsafe { proxy_get_status(&mut code, &mut data, &mut size) };
+    // SAFETY: as in `header_map`.
+    let bytes = unsafe { take(data, size) };
+    (status == STATUS_OK).then(|| (code, String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 /// Empties a shared queue; returns how many items it held. Items may be empty (the doorbell's are:
