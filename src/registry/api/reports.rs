@@ -87,8 +87,9 @@ pub async fn claim_sends(
 
 /// The feeds' paths: their 200 answers carry `"pendingSends": true` while a claim would find a send.
 const FEED_PATHS: &[&str] = &["/v1/registry", "/v2/registry/changes"];
-/// How long a feed request waits to learn whether sends are pending.
-const PENDING_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long a feed request waits to learn whether sends are pending: well under the feed's own 2 s bound, so a
+/// database that does not answer still gets its 503 in time.
+const PENDING_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// Adds `"pendingSends": true` to the feeds' 200 answers while a claim would find a send. The feed's cached page
 /// is the same for every proxy; the flag is added on the way out. While sends are pending, `If-None-Match` is
@@ -114,11 +115,16 @@ pub async fn pending_sends_flag(
                 pending
             }
             Ok(Err(e)) => {
-                // The feed still answers; the flag comes back with a later poll.
+                // The feed still answers; the flag comes back with a later poll. Meanwhile the other polls do
+                // not ask again.
+                cache.set(now, false);
                 log(&format!("pending sends unknown: {e}"));
                 false
             }
-            Err(_) => false,
+            Err(_) => {
+                cache.set(now, false);
+                false
+            }
         },
     };
     if !pending {
