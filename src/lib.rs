@@ -18,6 +18,7 @@ pub mod path;
 // The webhook registry service: native only, nothing of it in the .wasm.
 #[cfg(not(target_arch = "wasm32"))]
 pub mod registry;
+pub mod registry_sync;
 pub mod rules;
 pub mod signature;
 pub mod stream;

@@ -18,6 +18,7 @@ use crate::signature::SigningKey;
 use crate::url::WebhookUrl;
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 
 /// Reads the VM's environment variables (for `{"env": "VARIABLE"}` keys).
 type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
@@ -33,10 +34,13 @@ pub(super) fn compile(raw: RawConfig, env: Env, errors: &mut Errors) -> Option<P
     if !errors.is_empty() {
         return None;
     }
+    let webhooks: Vec<Rc<Webhook>> = webhooks.into_iter().map(Rc::new).collect();
     let subscribers = index_subscribers(&webhooks);
+    let by_id = super::index_ids(&webhooks);
     Some(Plan {
         rules,
         static_webhooks: webhooks.len(),
+        by_id,
         webhooks,
         delivery,
         registry,
@@ -140,7 +144,7 @@ fn compile_webhooks(raw: &RawConfig, env: Env, errors: &mut Errors) -> Vec<Webho
 
 /// Event type → organisation → indexes of the enabled webhooks subscribed to it.
 pub(super) fn index_subscribers(
-    webhooks: &[Webhook],
+    webhooks: &[Rc<Webhook>],
 ) -> HashMap<String, HashMap<String, Vec<usize>>> {
     let mut subscribers: HashMap<String, HashMap<String, Vec<usize>>> = HashMap::new();
     for (i, w) in webhooks.iter().enumerate().filter(|(_, w)| w.enabled) {
@@ -598,8 +602,6 @@ fn compile_webhook(
     Some(Webhook {
         id: raw.id.clone(),
         organisation_id: raw.organisation_id.clone(),
-        name: raw.name.clone(),
-        description: raw.description.clone(),
         url: url?,
         enabled,
         events: raw.events.clone(),

@@ -31,7 +31,7 @@ pub(super) const JOURNAL_LEASE_SECONDS: u64 = 15;
 
 // ---- registry ----
 
-pub(super) const REGISTRY_PATH: &str = "/v1/registry";
+pub(super) const REGISTRY_PATH: &str = "/v2/registry/changes";
 pub(super) const REGISTRY_POLL_MS: u64 = 2_000;
 
 // ---- bounds: a value outside is an error ----

@@ -16,6 +16,7 @@ use crate::url::WebhookUrl;
 use errors::Errors;
 use serde_json::Value;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 mod compile;
 mod defaults;
@@ -29,22 +30,20 @@ pub use compile::parse_duration_ms;
 #[cfg(not(target_arch = "wasm32"))]
 pub(crate) use compile::{is_event_type, is_webhook_id};
 pub use errors::ConfigError;
-pub use registry::RegistryUpdate;
 
 /// A registered webhook, as the filter uses it.
 #[derive(Debug, Clone)]
 pub struct Webhook {
     pub id: String,
     pub organisation_id: String,
-    pub name: String,
-    pub description: Option<String>,
     pub url: WebhookUrl,
     pub enabled: bool,
     pub events: Vec<String>,
     pub key: SigningKey,
     /// The key before the last rotation, still used to sign until it expires, so that a receiver
     /// can switch keys without losing a delivery (registry webhooks only).
-    pub previous_key: Option<PreviousKey>,
+    /// Boxed: most webhooks have none, and a key is a few hundred bytes of HMAC state.
+    pub previous_key: Option<Box<PreviousKey>>,
     /// The Envoy cluster that carries this webhook's deliveries.
     pub cluster: String,
 }
@@ -124,7 +123,8 @@ pub struct DeliverySettings {
 pub struct Plan {
     pub rules: Vec<EventRule>,
     /// The configuration's own webhooks first, then the registry's (when one is configured).
-    pub webhooks: Vec<Webhook>,
+    /// Shared: a plan rebuilt from the registry's copy points at the same webhooks.
+    pub webhooks: Vec<Rc<Webhook>>,
     pub delivery: DeliverySettings,
     pub registry: Option<RegistrySettings>,
     /// How many of `webhooks` come from the configuration itself.
@@ -132,6 +132,40 @@ pub struct Plan {
     webhook_rules: WebhookRules,
     /// Event type → organisation → indexes of the enabled webhooks subscribed to it.
     subscribers: HashMap<String, HashMap<String, Vec<usize>>>,
+    /// Every webhook's id (as bytes) and its index, sorted by id.
+    by_id: Vec<(WebhookId, u32)>,
+}
+
+/// A webhook's id as bytes: 24 lowercase hex digits are 12 bytes.
+pub type WebhookId = [u8; 12];
+
+/// The 12 bytes of a webhook id, or None when `id` is not 24 lowercase hex digits.
+pub fn webhook_id_bytes(id: &str) -> Option<WebhookId> {
+    let hex = id.as_bytes();
+    if hex.len() != 24 {
+        return None;
+    }
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let mut out = [0u8; 12];
+    for (i, pair) in hex.chunks_exact(2).enumerate() {
+        out[i] = digit(pair[0])? << 4 | digit(pair[1])?;
+    }
+    Some(out)
+}
+
+/// The sorted id index of `webhooks`.
+fn index_ids(webhooks: &[Rc<Webhook>]) -> Vec<(WebhookId, u32)> {
+    let mut by_id: Vec<(WebhookId, u32)> = webhooks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, w)| Some((webhook_id_bytes(&w.id)?, u32::try_from(i).ok()?)))
+        .collect();
+    by_id.sort_unstable();
+    by_id
 }
 
 /// The configuration's JSON read into raw structs: Err for JSON that does not parse, None when
@@ -189,7 +223,14 @@ impl Plan {
     }
 
     pub fn webhook_index(&self, id: &str) -> Option<usize> {
-        self.webhooks.iter().position(|w| w.id == id)
+        let key = webhook_id_bytes(id)?;
+        let at = self.by_id.binary_search_by(|(k, _)| k.cmp(&key)).ok()?;
+        self.by_id.get(at).map(|&(_, i)| i as usize)
+    }
+
+    /// How many of `webhooks` come from the registry.
+    pub fn registry_webhooks(&self) -> usize {
+        self.webhooks.len() - self.static_webhooks
     }
 }
 

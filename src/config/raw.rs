@@ -54,7 +54,6 @@ pub(super) struct RawWebhook {
     pub(super) organisation_id: String,
     pub(super) name: String,
     pub(super) url: String,
-    pub(super) description: Option<String>,
     pub(super) status: String,
     pub(super) events: Vec<String>,
     pub(super) api_key: Value,
@@ -316,7 +315,8 @@ pub(super) fn read_webhook(value: &Value, at: &str, errors: &mut Errors) -> Opti
     let organisation_id = f.string("organisationId");
     let name = f.string("name");
     let url = f.string("url");
-    let description = f.opt_string("description");
+    // Checked for its type only: the filter never uses a description.
+    let _ = f.opt_string("description");
     let status = f.string("status");
     let events_value = f.required("events");
     let events = f.strings("events", events_value);
@@ -330,7 +330,6 @@ pub(super) fn read_webhook(value: &Value, at: &str, errors: &mut Errors) -> Opti
         organisation_id: organisation_id?,
         name: name?,
         url: url?,
-        description,
         status: status?,
         events: events?,
         api_key: api_key?,

@@ -1,99 +1,72 @@
-//! The registry's document (`GET /v1/registry`): the webhooks registered through the registry
-//! service, added to the configuration's own. Each is checked with the same rules as a configured
-//! webhook; one that fails is left out (its errors say why) and the others apply.
+//! Registry webhooks (the entries of the registry feed, `GET /v2/registry/changes`, see
+//! docs/registry-feed.md) checked with the same rules as a configured webhook, and a plan that
+//! combines the configuration's own webhooks with the registry's.
 //!
-//! The document: `{"revision": N, "webhooks": [{"id", "organisationId", "name", "url",
-//! "description", "status", "events", "apiKeys": [current, previous?], "previousKeyExpiresAt"?}]}`.
-//! Fields the registry adds beyond these (timestamps, …) are not the filter's to refuse.
+//! An entry: `{"revision", "id", "organisationId", "name", "url", "description", "status",
+//! "events", "apiKeys": [current, previous?], "previousKeyExpiresAt"?}`. Fields the registry adds
+//! beyond these (timestamps, …) are not the filter's to refuse; the filter keeps neither the name
+//! nor the description.
 
 use super::compile::{compile_registry_webhook, index_subscribers};
 use super::errors::{ConfigError, Errors};
 use super::raw::read_webhook;
-use super::{Plan, PreviousKey, Webhook, WebhookRules};
+use super::{index_ids, Plan, PreviousKey, Webhook};
 use crate::signature::SigningKey;
 use serde_json::{Map, Value};
-use std::collections::HashSet;
+use std::rc::Rc;
 
-/// The fields of a registry webhook that are also a configured webhook's.
-const WEBHOOK_FIELDS: [&str; 7] = [
-    "id",
-    "organisationId",
-    "name",
-    "url",
-    "description",
-    "status",
-    "events",
-];
-
-/// A plan with a registry document applied, and what was left out of it.
-#[derive(Debug)]
-pub struct RegistryUpdate {
-    pub plan: Plan,
-    /// One error per problem of a webhook that was left out, named by its place in the document.
-    pub skipped: Vec<ConfigError>,
-    pub revision: Option<u64>,
-}
+/// The fields of a registry entry that are also a configured webhook's (the description is left
+/// out: it is not used, and may be the largest field).
+const WEBHOOK_FIELDS: [&str; 6] = ["id", "organisationId", "name", "url", "status", "events"];
 
 impl Plan {
-    /// This configuration with the registry document `doc` as its registry webhooks (replacing
-    /// any earlier document's). Err when the document itself can't be read: the plan in force
-    /// then stays as it is.
-    pub fn with_registry(&self, doc: &[u8]) -> Result<RegistryUpdate, String> {
-        let value: Value =
-            serde_json::from_slice(doc).map_err(|e| format!("the document is not JSON ({e})"))?;
-        let listed = value
-            .get("webhooks")
-            .and_then(Value::as_array)
-            .ok_or("the document has no \"webhooks\" array")?;
-        let mut errors = Errors::default();
-        let mut webhooks: Vec<Webhook> = self
+    /// One registry entry compiled with this configuration's rules; None (with its errors named
+    /// from `at`) when it is not valid here, or when its id is one of the configuration's own.
+    pub fn registry_webhook(
+        &self,
+        value: &Value,
+        at: &str,
+        errors: &mut Vec<ConfigError>,
+    ) -> Option<Webhook> {
+        let mut sink = Errors::default();
+        let webhook = compile_entry(self, value, at, &mut sink);
+        errors.extend(sink.into_vec());
+        webhook
+    }
+
+    /// This configuration with `registry` as its registry webhooks (replacing any earlier ones).
+    /// The caller has left out ids of the configuration's own webhooks ([`Plan::registry_webhook`]
+    /// does).
+    pub fn with_registry_webhooks(&self, registry: impl Iterator<Item = Rc<Webhook>>) -> Plan {
+        let webhooks: Vec<Rc<Webhook>> = self
             .webhooks
             .iter()
             .take(self.static_webhooks)
             .cloned()
+            .chain(registry)
             .collect();
-        let mut ids: HashSet<String> = webhooks.iter().map(|w| w.id.clone()).collect();
-        for (i, item) in listed.iter().enumerate() {
-            let at = format!("registry.webhooks[{i}]");
-            let Some(webhook) = registry_webhook(item, &at, &self.webhook_rules, &mut errors)
-            else {
-                continue;
-            };
-            if !ids.insert(webhook.id.clone()) {
-                errors.push(
-                    format!("{at}.id"),
-                    format!(
-                        "{} is a webhook of the configuration, or listed twice",
-                        webhook.id
-                    ),
-                );
-                continue;
-            }
-            webhooks.push(webhook);
-        }
         let subscribers = index_subscribers(&webhooks);
-        Ok(RegistryUpdate {
-            plan: Plan {
-                rules: self.rules.clone(),
-                webhooks,
-                delivery: self.delivery.clone(),
-                registry: self.registry.clone(),
-                static_webhooks: self.static_webhooks,
-                webhook_rules: self.webhook_rules.clone(),
-                subscribers,
-            },
-            skipped: errors.into_vec(),
-            revision: value.get("revision").and_then(Value::as_u64),
-        })
+        let by_id = index_ids(&webhooks);
+        Plan {
+            rules: self.rules.clone(),
+            webhooks,
+            delivery: self.delivery.clone(),
+            registry: self.registry.clone(),
+            static_webhooks: self.static_webhooks,
+            webhook_rules: self.webhook_rules.clone(),
+            subscribers,
+            by_id,
+        }
+    }
+
+    /// Whether `id` names one of the configuration's own webhooks.
+    fn is_configured(&self, id: &str) -> bool {
+        self.webhook_index(id)
+            .is_some_and(|i| !self.is_from_registry(i))
     }
 }
 
-fn registry_webhook(
-    value: &Value,
-    at: &str,
-    rules: &WebhookRules,
-    errors: &mut Errors,
-) -> Option<Webhook> {
+fn compile_entry(plan: &Plan, value: &Value, at: &str, errors: &mut Errors) -> Option<Webhook> {
     let Value::Object(map) = value else {
         errors.push(at, "must be a JSON object");
         return None;
@@ -112,15 +85,22 @@ fn registry_webhook(
     };
     shaped.insert("apiKey".to_string(), current.clone());
     let raw = read_webhook(&Value::Object(shaped), at, errors)?;
-    let mut webhook = compile_registry_webhook(&raw, at, rules, errors)?;
+    let mut webhook = compile_registry_webhook(&raw, at, &plan.webhook_rules, errors)?;
+    if plan.is_configured(&webhook.id) {
+        errors.push(
+            format!("{at}.id"),
+            format!("{} is a webhook of the configuration", webhook.id),
+        );
+        return None;
+    }
     if let Some(previous) = keys.and_then(|k| k.get(1)) {
         let expires = map.get("previousKeyExpiresAt").and_then(Value::as_u64);
         match (previous.as_str().map(SigningKey::parse), expires) {
             (Some(Ok(key)), Some(seconds)) => {
-                webhook.previous_key = Some(PreviousKey {
+                webhook.previous_key = Some(Box::new(PreviousKey {
                     key,
                     expires_at_ms: seconds.saturating_mul(1000),
-                });
+                }));
             }
             (Some(Err(e)), _) => errors.push(format!("{at}.apiKeys[1]"), e.to_string()),
             (None, _) => errors.push(format!("{at}.apiKeys[1]"), "must be a whsec_ key"),

@@ -616,7 +616,7 @@ fn a_registry_block_is_checked_and_its_token_read_from_the_environment() {
             registry.poll_ms,
             registry.token.as_str()
         ),
-        ("/v1/registry", 2_000, "proxy-token")
+        ("/v2/registry/changes", 2_000, "proxy-token")
     );
     assert!(
         !format!("{registry:?}").contains("proxy-token"),
@@ -668,33 +668,50 @@ fn registry_hook(id: &str, url: &str) -> Value {
     })
 }
 
+/// Compiles registry entries one by one, as the feed's pages hand them in, and builds the plan.
+fn with_entries(base: &Plan, entries: &[Value]) -> (Plan, Vec<String>) {
+    let mut skipped = Vec::new();
+    let webhooks: Vec<Rc<Webhook>> = entries
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| base.registry_webhook(e, &format!("changes[{i}]"), &mut skipped))
+        .map(Rc::new)
+        .collect();
+    (
+        base.with_registry_webhooks(webhooks.into_iter()),
+        skipped.iter().map(ToString::to_string).collect(),
+    )
+}
+
 #[test]
 fn registry_webhooks_join_the_configured_ones_and_the_invalid_are_left_out_by_path() {
     let mut c = with_registry_block();
     c["webhooks"] = valid()["webhooks"].clone();
     let base = Plan::from_json(c.to_string().as_bytes(), &registry_env).unwrap();
-    let doc = json!({"revision": 7, "webhooks": [
+    let entries = [
         registry_hook("aaaaaaaaaaaaaaaaaaaaaaaa", "https://ok.example.com/in"),
         registry_hook("bbbbbbbbbbbbbbbbbbbbbbbb", "https://10.0.0.1/in"),
         registry_hook("66b2e3ddb97f60b5270d5ce9", "https://dup.example.com/in"),
-        {"id": "cccccccccccccccccccccccc", "apiKeys": ["not-a-key"], "name": "x", "url": "https://x.example.com/",
-         "organisationId": "o", "status": "enabled", "events": ["job.completed"]},
-        "not an object"
-    ]});
-    let update = base.with_registry(doc.to_string().as_bytes()).unwrap();
-    assert_eq!(update.revision, Some(7));
-    let ids: Vec<&str> = update.plan.webhooks.iter().map(|w| w.id.as_str()).collect();
+        json!({"id": "cccccccccccccccccccccccc", "apiKeys": ["not-a-key"], "name": "x", "url": "https://x.example.com/",
+         "organisationId": "o", "status": "enabled", "events": ["job.completed"]}),
+        json!("not an object"),
+    ];
+    let (plan, skipped) = with_entries(&base, &entries);
+    let ids: Vec<&str> = plan.webhooks.iter().map(|w| w.id.as_str()).collect();
     assert_eq!(
         ids,
         ["66b2e3ddb97f60b5270d5ce9", "aaaaaaaaaaaaaaaaaaaaaaaa"]
     );
-    assert_eq!(update.plan.subscribers("job.completed", "org-r"), &[1]);
-    let skipped: Vec<String> = update.skipped.iter().map(ToString::to_string).collect();
+    assert_eq!(plan.subscribers("job.completed", "org-r"), &[1]);
+    assert_eq!(plan.webhook_index("aaaaaaaaaaaaaaaaaaaaaaaa"), Some(1));
+    assert_eq!(plan.webhook_index("66b2e3ddb97f60b5270d5ce9"), Some(0));
+    assert_eq!(plan.webhook_index("AAAAAAAAAAAAAAAAAAAAAAAA"), None);
+    assert_eq!(plan.registry_webhooks(), 1);
     for expected in [
-        "registry.webhooks[1].url:",
-        "registry.webhooks[2].id:",
-        "registry.webhooks[3].apiKey:",
-        "registry.webhooks[4]: must be a JSON object",
+        "changes[1].url:",
+        "changes[2].id:",
+        "changes[3].apiKey:",
+        "changes[4]: must be a JSON object",
     ] {
         assert!(
             skipped.iter().any(|e| e.starts_with(expected)),
@@ -705,14 +722,9 @@ fn registry_webhooks_join_the_configured_ones_and_the_invalid_are_left_out_by_pa
         skipped.iter().all(|e| !e.contains(KEY_B)),
         "a key reached an error: {skipped:?}"
     );
-    // A new document replaces the previous one; the configuration's own webhook stays.
-    let again = update
-        .plan
-        .with_registry(br#"{"revision": 8, "webhooks": []}"#)
-        .unwrap();
-    assert_eq!(again.plan.webhooks.len(), 1);
-    assert!(base.with_registry(b"\xff not json").is_err());
-    assert!(base.with_registry(br#"{"hooks": []}"#).is_err());
+    // New registry webhooks replace the earlier ones; the configuration's own webhook stays.
+    let again = plan.with_registry_webhooks(std::iter::empty());
+    assert_eq!(again.webhooks.len(), 1);
 }
 
 #[test]
@@ -722,19 +734,15 @@ fn a_rotated_key_signs_beside_the_new_one_until_it_expires() {
     let mut hook = registry_hook("aaaaaaaaaaaaaaaaaaaaaaaa", "https://ok.example.com/in");
     hook["apiKeys"] = json!([KEY_B, KEY_A]);
     hook["previousKeyExpiresAt"] = json!(1_000);
-    let doc = json!({"revision": 1, "webhooks": [hook]});
-    let plan = base.with_registry(doc.to_string().as_bytes()).unwrap().plan;
+    let (plan, _) = with_entries(&base, &[hook]);
     let w = &plan.webhooks[0];
     assert_eq!(w.signing_keys(999_999).count(), 2);
     assert_eq!(w.signing_keys(1_000_000).count(), 1);
     let mut no_expiry = registry_hook("aaaaaaaaaaaaaaaaaaaaaaaa", "https://ok.example.com/in");
     no_expiry["apiKeys"] = json!([KEY_B, KEY_A]);
-    let doc = json!({"webhooks": [no_expiry]});
-    let update = base.with_registry(doc.to_string().as_bytes()).unwrap();
-    assert!(update.plan.webhooks.is_empty());
-    assert!(update.skipped[0]
-        .to_string()
-        .starts_with("registry.webhooks[0].previousKeyExpiresAt"));
+    let (plan, skipped) = with_entries(&base, &[no_expiry]);
+    assert!(plan.webhooks.is_empty());
+    assert!(skipped[0].starts_with("changes[0].previousKeyExpiresAt"));
 }
 
 #[test]

@@ -46,6 +46,11 @@ extern "C" {
         return_value_data: *mut *mut u8,
         return_value_size: *mut usize,
     ) -> u32;
+    fn proxy_get_status(
+        return_code: *mut u32,
+        return_message_data: *mut *mut u8,
+        return_message_size: *mut usize,
+    ) -> u32;
     fn proxy_get_property(
         path_data: *const u8,
         path_size: usize,
@@ -102,6 +107,18 @@ pub fn property(path: &[&str]) -> Option<Vec<u8>> {
     // SAFETY: as in `header_map`.
     let bytes = unsafe { take(data, size) };
     (status == STATUS_OK).then_some(bytes)
+}
+
+/// The status of the last host call that reports one (a callout's failure, in its answer's
+/// callback): the code and the message, read as bytes. The SDK's getter panics on a message that
+/// is not UTF-8.
+pub fn call_status() -> Option<(u32, String)> {
+    let (mut code, mut data, mut size) = (0u32, null_mut(), 0usize);
+    // SAFETY: the host writes a code, a pointer and a size into the out-parameters.
+    let status = unsafe { proxy_get_status(&mut code, &mut data, &mut size) };
+    // SAFETY: as in `header_map`.
+    let bytes = unsafe { take(data, size) };
+    (status == STATUS_OK).then(|| (code, String::from_utf8_lossy(&bytes).into_owned()))
 }
 
 /// Empties a shared queue; returns how many items it held. Items may be empty (the doorbell's are:

@@ -126,18 +126,31 @@ fn registry_answer(header_count: usize, body_size: usize) -> RegistryAnswer {
         .flatten();
     let pairs = map.as_deref().and_then(headers::parse_map);
     let Some(pairs) = pairs else {
-        return RegistryAnswer::Failed("no answer (connection reset or timeout)".into());
+        return RegistryAnswer::Failed(callout_failure());
     };
     let Some(code) = headers::first(&pairs, headers::STATUS).and_then(headers::parse_status) else {
         return RegistryAnswer::Failed("answer without a valid :status".into());
     };
-    let etag = headers::first(&pairs, headers::ETAG).map(<[u8]>::to_vec);
     let body = if body_size > 0 {
         abi::buffer(BufferType::CalloutResponseBody, 0, body_size).unwrap_or_default()
     } else {
         Vec::new()
     };
-    RegistryAnswer::Status { code, etag, body }
+    RegistryAnswer::Status { code, body }
+}
+
+/// Why a callout ended without an answer, as Envoy says it (`proxy_get_status` in the answer's
+/// callback): an answer over `http.async_response_buffer_limit` is not a reset.
+fn callout_failure() -> String {
+    match abi::call_status() {
+        Some((_, message)) if message.contains("buffer limit") || message.contains("too large") => {
+            format!("the answer is over this Envoy's callout answer limit (runtime http.async_response_buffer_limit; Envoy: {message:?})")
+        }
+        Some((_, message)) if !message.is_empty() => {
+            format!("no answer (Envoy: {message:?})")
+        }
+        _ => "no answer (connection reset or timeout)".into(),
+    }
 }
 
 impl Context for EmitterRoot {
@@ -150,9 +163,15 @@ impl Context for EmitterRoot {
         };
         if let Out::RegistryPoll = out {
             let answer = registry_answer(headers, body);
-            worker
-                .borrow_mut()
-                .on_registry_answer(&ProxyHost, answer, now_ms());
+            let mut w = worker.borrow_mut();
+            w.on_registry_answer(&ProxyHost, answer, now_ms());
+            // While the feed has more pages, the next is asked for at once.
+            if !self.draining {
+                if let Some(token) = w.registry_poll(&ProxyHost, now_ms()) {
+                    self.callouts.insert(token, Out::RegistryPoll);
+                }
+            }
+            drop(w);
             if self.draining && self.callouts.is_empty() {
                 self.done();
             } else {

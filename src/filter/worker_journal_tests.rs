@@ -231,7 +231,7 @@ fn a_claimed_record_resumes_at_its_next_attempt_signed_afresh_with_the_same_id()
 }
 
 #[test]
-fn a_proxy_that_pulls_the_registry_claims_nothing_before_its_first_document() {
+fn a_proxy_that_pulls_the_registry_claims_nothing_before_its_first_listing() {
     let host = FakeHost::default();
     let mut c = config();
     c["registry"] =
@@ -249,8 +249,7 @@ fn a_proxy_that_pulls_the_registry_claims_nothing_before_its_first_document() {
         &host,
         RegistryAnswer::Status {
             code: 200,
-            etag: None,
-            body: br#"{"webhooks":[]}"#.to_vec(),
+            body: br#"{"revision":0,"next":0,"more":false,"changes":[]}"#.to_vec(),
         },
         10_001,
     );

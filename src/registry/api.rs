@@ -1,12 +1,14 @@
-//! The HTTP side: the organisation admins' API, the proxies' feed (`GET /v1/registry`) and the dashboard.
+//! The HTTP side: the organisation admins' API, the proxies' feeds (`GET /v1/registry`, and
+//! `GET /v2/registry/changes` in feed.rs) and the dashboard.
 
 use super::auth::{Caller, ProxyToken, Verifier};
+use super::feed::{check_entry_size, ChangesFeed};
 use super::keys::{new_api_key, new_webhook_id, Sealer};
 use super::store::{Audit, Store, StoredWebhook};
 use super::validate::{read_fields, FieldError, Policy};
 use super::{log, now_ms, rfc3339};
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -32,6 +34,7 @@ pub struct App {
     /// How long the previous key is still served after a rotation.
     pub rotation_grace_ms: i64,
     feed: Mutex<Option<Feed>>,
+    changes: ChangesFeed,
 }
 
 /// The last registry document built, reused while the revision is the same and no previous key has expired.
@@ -50,6 +53,7 @@ impl App {
         sealer: Sealer,
         policy: Policy,
         rotation_grace_ms: i64,
+        changes: ChangesFeed,
     ) -> Self {
         App {
             store,
@@ -59,6 +63,7 @@ impl App {
             policy,
             rotation_grace_ms,
             feed: Mutex::new(None),
+            changes,
         }
     }
 
@@ -102,6 +107,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/healthz", get(health))
         .route("/v1/event-types", get(event_types))
         .route("/v1/registry", get(registry_feed))
+        .route("/v2/registry/changes", get(registry_changes))
         .route(
             "/v1/organisations/{org}/webhooks",
             get(list_webhooks).post(create_webhook),
@@ -280,8 +286,10 @@ async fn create_webhook(
         created_ms: now,
         updated_ms: now,
     };
+    check_entry_size(&webhook).map_err(too_large)?;
     let detail = json!({"name": webhook.name, "url": webhook.url, "status": webhook.status, "events": webhook.events});
-    app.store
+    let written = app
+        .store
         .put(
             &webhook,
             None,
@@ -294,10 +302,24 @@ async fn create_webhook(
             },
         )
         .await?;
+    if !written {
+        let most = app.store.max_webhooks_per_organisation;
+        return Err(ApiError::Invalid(vec![FieldError::new(
+            "",
+            format!(
+                "organisation {org:?} already has {most} webhooks, the most allowed \
+                 (--max-webhooks-per-organisation {most}): delete one first"
+            ),
+        )]));
+    }
     audit_line(&caller, "created", &org, &webhook.id);
     let mut answer = public(&webhook);
     answer["apiKey"] = Value::String(key);
     Ok(json_response(StatusCode::CREATED, &answer))
+}
+
+fn too_large(message: String) -> ApiError {
+    ApiError::Invalid(vec![FieldError::new("", message)])
 }
 
 /// Written, or why not: gone (404) or changed by a concurrent request (409).
@@ -357,6 +379,7 @@ async fn update_webhook(
     }
     let now = now_ms();
     webhook.updated_ms = now;
+    check_entry_size(&webhook).map_err(too_large)?;
     put_existing(
         &app,
         &webhook,
@@ -417,6 +440,7 @@ async fn rotate_key(
     webhook.previous_key_expires_ms = Some(expires);
     webhook.key_rotated_ms = Some(now);
     webhook.updated_ms = now;
+    check_entry_size(&webhook).map_err(too_large)?;
     put_existing(
         &app,
         &webhook,
@@ -487,6 +511,27 @@ async fn registry_feed(
         body,
     )
         .into_response())
+}
+
+/// `GET /v2/registry/changes?since=N`: the changes after a cursor, a page at a time (docs/registry-feed.md).
+async fn registry_changes(
+    State(app): State<Arc<App>>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if !app.proxy_token.admits(
+        headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes),
+    ) {
+        return Err(ApiError::Unauthorized(
+            "the registry feed needs the proxies' bearer token".into(),
+        ));
+    }
+    Ok(app
+        .changes
+        .answer(&app.store, &app.sealer, query.as_deref())
+        .await)
 }
 
 async fn build_feed(app: &App, now: i64) -> Result<Feed, ApiError> {

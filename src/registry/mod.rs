@@ -1,11 +1,16 @@
 //! The webhook registry: a native service where super admins and organisation admins register webhooks (API and
-//! dashboard), and from which the proxies pull every webhook with its keys (`GET /v1/registry`).
+//! dashboard), and from which the proxies pull every webhook with its keys (`GET /v2/registry/changes`, a page
+//! of changes at a time; `GET /v1/registry`, the whole document, for older proxies).
 //!
-//! `registry serve` runs it; `registry token` prints an HS256 token for demos and tests.
+//! `registry serve` runs it; `registry token` prints an HS256 token for demos and tests; `registry seed` (hidden)
+//! writes many webhooks straight into a database, for scale tests.
 
 mod api;
 mod auth;
+mod feed;
 mod keys;
+mod revisions;
+mod seed;
 mod store;
 mod validate;
 
@@ -23,6 +28,9 @@ pub enum RegistryCommand {
     Serve(ServeArgs),
     /// Print an HS256 token (claims sub, role, organisationId, exp), for demos and tests.
     Token(TokenArgs),
+    /// Write many webhooks straight into a database, keys sealed as the API seals them (scale tests).
+    #[command(hide = true)]
+    Seed(seed::SeedArgs),
 }
 
 #[derive(Debug, Args)]
@@ -71,6 +79,19 @@ pub struct ServeArgs {
     /// How long the proxies still sign with the previous key after a rotation (at most 24h).
     #[arg(long, default_value = "24h")]
     pub rotation_grace: String,
+    /// Largest body of a page of GET /v2/registry/changes, in bytes (at least 4352).
+    #[arg(long, env = "REGISTRY_FEED_PAGE_BYTES", default_value_t = 49_152)]
+    pub feed_page_bytes: usize,
+    /// How long deletions stay in the feed; a proxy further behind lists everything again (at most 24h).
+    #[arg(long, env = "REGISTRY_TOMBSTONE_RETENTION", default_value = "24h")]
+    pub tombstone_retention: String,
+    /// Most webhooks one organisation may have; a create beyond it is refused (422).
+    #[arg(
+        long,
+        env = "REGISTRY_MAX_WEBHOOKS_PER_ORGANISATION",
+        default_value_t = 100
+    )]
+    pub max_webhooks_per_organisation: u32,
 }
 
 #[derive(Debug, Args)]
@@ -96,6 +117,7 @@ pub fn run(command: RegistryCommand) -> ExitCode {
     let result = match command {
         RegistryCommand::Serve(args) => serve(args),
         RegistryCommand::Token(args) => token(args),
+        RegistryCommand::Seed(args) => seed::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -150,6 +172,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     };
     let rotation_grace_ms =
         parse_duration_ms(&args.rotation_grace).map_err(|e| format!("--rotation-grace: {e}"))?;
+    let tombstone_retention_ms = parse_duration_ms(&args.tombstone_retention)
+        .map_err(|e| format!("--tombstone-retention: {e}"))?;
+    let changes = feed::ChangesFeed::new(args.feed_page_bytes)?;
     let policy = validate::Policy {
         event_types: args.event_types.clone(),
         allow_insecure_http: args.allow_insecure_http,
@@ -160,7 +185,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .build()
         .map_err(|e| format!("starting the runtime: {e}"))?;
     runtime.block_on(async move {
-        let store = store::Store::open(&args.database).await?;
+        let mut store = store::Store::open(&args.database).await?;
+        store.max_webhooks_per_organisation = i64::from(args.max_webhooks_per_organisation);
         let app = Arc::new(api::App::new(
             store,
             verifier,
@@ -168,7 +194,13 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             sealer,
             policy,
             i64::try_from(rotation_grace_ms).unwrap_or(i64::MAX),
+            changes,
         ));
+        let pruner = app.clone();
+        tokio::spawn(async move {
+            let retention = i64::try_from(tombstone_retention_ms).unwrap_or(i64::MAX);
+            feed::prune_forever(&pruner.store, retention).await;
+        });
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .map_err(|e| format!("--listen {}: {e}", args.listen))?;

@@ -3,6 +3,7 @@
 //! same transaction; the first statement of each change takes the write lock, so SQLite never has to upgrade a
 //! read lock.
 
+use super::revisions;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
@@ -22,7 +23,8 @@ const SCHEMA: &[&str] = &[
         previous_key_expires_ms BIGINT,
         key_rotated_ms BIGINT,
         created_ms BIGINT NOT NULL,
-        updated_ms BIGINT NOT NULL)",
+        updated_ms BIGINT NOT NULL,
+        revision BIGINT NOT NULL DEFAULT 0)",
     "CREATE INDEX IF NOT EXISTS webhooks_by_organisation ON webhooks (organisation_id, created_ms)",
     "CREATE TABLE IF NOT EXISTS audit (
         at_ms BIGINT NOT NULL,
@@ -67,6 +69,8 @@ pub struct Audit<'a> {
 pub struct Store {
     pool: AnyPool,
     postgres: bool,
+    /// A create beyond this many webhooks in one organisation writes nothing.
+    pub max_webhooks_per_organisation: i64,
 }
 
 type Result<T> = std::result::Result<T, sqlx::Error>;
@@ -133,6 +137,7 @@ impl Store {
         let store = Store {
             pool,
             postgres: !sqlite,
+            max_webhooks_per_organisation: i64::MAX,
         };
         store
             .migrate()
@@ -152,7 +157,12 @@ impl Store {
         for statement in SCHEMA {
             sqlx::query(statement).execute(&mut *tx).await?;
         }
+        revisions::migrate(&mut tx, self.postgres).await?;
         tx.commit().await
+    }
+
+    pub(super) fn pool(&self) -> &AnyPool {
+        &self.pool
     }
 
     pub async fn revision(&self) -> Result<i64> {
@@ -205,8 +215,9 @@ impl Store {
     }
 
     /// Writes a new webhook (`replacing` None), or replaces one whose sealed key is still `replacing` (so an edit
-    /// never writes back a key that a concurrent rotation replaced); bumps the revision and audits. Returns false
-    /// when nothing was written: the webhook is gone or changed meanwhile.
+    /// never writes back a key that a concurrent rotation replaced); bumps the revision, stamps it on the row and
+    /// audits. Returns false when nothing was written: the webhook is gone or changed meanwhile, or (a new one)
+    /// its organisation already has `max_webhooks_per_organisation`.
     pub async fn put(
         &self,
         webhook: &StoredWebhook,
@@ -214,16 +225,21 @@ impl Store {
         audit: Audit<'_>,
     ) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE registry_state SET revision = revision + 1 WHERE id = 1")
-            .execute(&mut *tx)
-            .await?;
+        let revision = revisions::next_revision(&mut tx).await?;
+        if replacing.is_none()
+            && revisions::count_in_organisation(&mut tx, &webhook.organisation_id).await?
+                >= self.max_webhooks_per_organisation
+        {
+            tx.rollback().await?;
+            return Ok(false);
+        }
         let events =
             serde_json::to_string(&webhook.events).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
         let written = if let Some(old_key) = replacing {
             sqlx::query(
                 "UPDATE webhooks SET name = $1, url = $2, description = $3, status = $4, events = $5, \
                  key_sealed = $6, previous_key_sealed = $7, previous_key_expires_ms = $8, key_rotated_ms = $9, \
-                 updated_ms = $10 WHERE id = $11 AND organisation_id = $12 AND key_sealed = $13",
+                 updated_ms = $10, revision = $14 WHERE id = $11 AND organisation_id = $12 AND key_sealed = $13",
             )
             .bind(&webhook.name)
             .bind(&webhook.url)
@@ -238,12 +254,14 @@ impl Store {
             .bind(&webhook.id)
             .bind(&webhook.organisation_id)
             .bind(old_key)
+            .bind(revision)
             .execute(&mut *tx)
             .await?
             .rows_affected()
         } else {
             sqlx::query(&format!(
-                "INSERT INTO webhooks ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)"
+                "INSERT INTO webhooks ({COLUMNS}, revision) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
             ))
             .bind(&webhook.id)
             .bind(&webhook.organisation_id)
@@ -258,6 +276,7 @@ impl Store {
             .bind(webhook.key_rotated_ms)
             .bind(webhook.created_ms)
             .bind(webhook.updated_ms)
+            .bind(revision)
             .execute(&mut *tx)
             .await?
             .rows_affected()
@@ -273,9 +292,7 @@ impl Store {
 
     pub async fn delete(&self, organisation: &str, id: &str, audit: Audit<'_>) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        sqlx::query("UPDATE registry_state SET revision = revision + 1 WHERE id = 1")
-            .execute(&mut *tx)
-            .await?;
+        let revision = revisions::next_revision(&mut tx).await?;
         let deleted = sqlx::query("DELETE FROM webhooks WHERE organisation_id = $1 AND id = $2")
             .bind(organisation)
             .bind(id)
@@ -286,6 +303,7 @@ impl Store {
             tx.rollback().await?;
             return Ok(false);
         }
+        revisions::insert_tombstone(&mut tx, revision, organisation, id, audit.at_ms).await?;
         insert_audit(&mut tx, organisation, id, &audit).await?;
         tx.commit().await?;
         Ok(true)

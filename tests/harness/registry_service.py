@@ -150,6 +150,36 @@ class RegistryService:
         headers = {"If-None-Match": etag} if etag else {}
         return self.request("GET", "/v1/registry", token=self.proxy_token, headers=headers)
 
+    def changes(self, since: int = 0) -> Response:
+        """One page of the version 2 feed, `GET /v2/registry/changes?since=N`, with the proxy token."""
+        return self.request("GET", f"/v2/registry/changes?since={since}", token=self.proxy_token)
+
+    def list_all(self, since: int = 0) -> tuple:
+        """Follows the version 2 feed's pages from `since` to the end; returns (changes, pages' bodies)."""
+        changes, pages = [], []
+        while True:
+            answer = self.changes(since)
+            assert answer.status == 200, answer
+            page = answer.json()
+            pages.append(answer.body)
+            changes += page["changes"]
+            since = page["next"]
+            if not page["more"]:
+                return changes, pages
+
+    def seed(self, count: int, organisations: int, maximal_every: int = 0, url_prefix: str = "",
+             timeout: float = 300.0) -> str:
+        """Writes `count` webhooks straight into this registry's database (`registry seed`, keys sealed as the API
+        seals them); returns what the command printed."""
+        args = [self.args[0], "registry", "seed", "--database", self.database, "--count", str(count),
+                "--organisations", str(organisations), "--maximal-every", str(maximal_every)]
+        args += ["--main-key-env", "REGISTRY_TEST_MAIN_KEY"] if self.main_key else ["--insecure-plaintext-keys"]
+        if url_prefix:
+            args += ["--url-prefix", url_prefix]
+        done = subprocess.run(args, env=self.env, capture_output=True, text=True, timeout=scaled(timeout))
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
     def register(self, org: str, url: str, events=("job.completed",), name: str = "Test webhook",
                  description: str = "", status: str = "enabled") -> tuple:
         """Registers a webhook as an organisation admin of `org`; returns (webhook, apiKey)."""

@@ -4,7 +4,11 @@ nghttp2-client) makes the requests over HTTP/1.1 keep-alive, all on loopback.
 
 Scenarios: the proxies' poll answered 304, the whole registry document (100 webhooks, keys decrypted), an
 organisation admin listing 20 webhooks (JWT checked on each request), and registrations (writes: one transaction
-each, revision bump and audit row). Both databases commit durably (fsync on)."""
+each, revision bump and audit row). Both databases commit durably (fsync on).
+
+Then the version 2 feed at scale: 100,000 webhooks in 10,000 organisations written by `registry seed`, the time of
+a full listing through `GET /v2/registry/changes` (every page, back to back, as a proxy's first sync), and the
+proxies' steady-state poll (nothing changed: the small answer) and a poll 100 changes behind (one cached page)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import argparse
 import json
 import re
 import shutil
+import time
 import subprocess
 import sys
 import tempfile
@@ -63,20 +68,46 @@ def run(reg: RegistryService, work: Path, requests: int, clients: int) -> list:
     return results
 
 
+def feed_at_scale(reg: RegistryService, requests: int, clients: int, count: int, organisations: int) -> dict:
+    started = time.monotonic()
+    reg.seed(count, organisations)
+    seeded = time.monotonic() - started
+    started = time.monotonic()
+    changes, pages = reg.list_all(0)
+    listed = time.monotonic() - started
+    assert len(changes) == count, len(changes)
+    head = json.loads(pages[-1])["next"]
+    proxy = {"authorization": f"Bearer {reg.proxy_token}"}
+    steady, codes = h2load(f"{reg.base_url}/v2/registry/changes?since={head}", requests, clients, proxy)
+    assert codes["2xx"] == requests, codes
+    behind, codes = h2load(f"{reg.base_url}/v2/registry/changes?since={head - 100}", requests, clients, proxy)
+    assert codes["2xx"] == requests, codes
+    return {"seed (s)": seeded, "full listing (s)": listed, "pages": len(pages),
+            "steady poll (req/s)": steady, "poll 100 behind (req/s)": behind}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--binary", default=None)
     parser.add_argument("--requests", type=int, default=20000)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--webhooks", type=int, default=100_000)
+    parser.add_argument("--organisations", type=int, default=10_000)
     args = parser.parse_args()
     if not shutil.which("h2load"):
         sys.exit("h2load is missing: bash bench/ensure-h2load.sh installs it (Debian nghttp2-client)")
     extra = {"binary": Path(args.binary)} if args.binary else {}
     work = Path(tempfile.mkdtemp(prefix="registry-load-"))
-    table = {}
+    table, scale = {}, {}
+    scale_args = (args.requests, args.clients, args.webhooks, args.organisations)
     reg = RegistryService(work / "sqlite", **extra)
     try:
         table["SQLite"] = run(reg, work, args.requests, args.clients)
+    finally:
+        reg.stop()
+    reg = RegistryService(work / "sqlite-scale", **extra)
+    try:
+        scale["SQLite"] = feed_at_scale(reg, *scale_args)
     finally:
         reg.stop()
     pg = Postgres(durable=True)
@@ -86,6 +117,11 @@ def main() -> None:
             table["Postgres"] = run(reg, work, args.requests, args.clients)
         finally:
             reg.stop()
+        reg = RegistryService(work / "postgres-scale", database=pg.new_database(), **extra)
+        try:
+            scale["Postgres"] = feed_at_scale(reg, *scale_args)
+        finally:
+            reg.stop()
     finally:
         pg.stop()
     shutil.rmtree(work, ignore_errors=True)
@@ -93,6 +129,11 @@ def main() -> None:
     print(f"{'scenario':36} {'SQLite':>10} {'Postgres':>10}")
     for i, (name, _) in enumerate(table["SQLite"]):
         print(f"{name:36} {table['SQLite'][i][1]:>10.0f} {table['Postgres'][i][1]:>10.0f}")
+    print(f"\nthe version 2 feed at {args.webhooks:,} webhooks in {args.organisations:,} organisations "
+          f"({args.clients} keep-alive clients for the polls):")
+    print(f"{'measure':36} {'SQLite':>10} {'Postgres':>10}")
+    for name in scale["SQLite"]:
+        print(f"{name:36} {scale['SQLite'][name]:>10.1f} {scale['Postgres'][name]:>10.1f}")
 
 
 if __name__ == "__main__":

@@ -285,6 +285,7 @@ impl Worker {
                 self.plan.delivery.outbox.max_queued,
                 self.plan.delivery.outbox.max_queued_bytes,
             );
+            self.metrics.events_registry_not_loaded.inc(host);
             if let Some(pull) = self.registry.as_mut() {
                 pull.wait(host, self.metrics, event, max, max_bytes);
             }

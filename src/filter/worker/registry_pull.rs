@@ -1,29 +1,34 @@
-//! The registry pull: the registry's webhooks polled (one GET at a time, with the last ETag),
-//! each new document combined with the configured plan, and the events emitted before the first
-//! document held for the registry's webhooks. A new configuration (`adopt`) is combined here
-//! with the last document too.
+//! The registry pull: the feed (`GET /v2/registry/changes?since=N`, docs/registry-feed.md)
+//! polled one request at a time, its pages followed back to back while more are left, and the
+//! plan rebuilt from the registry's copy (src/registry_sync.rs) once per catch-up. Events emitted
+//! before the first complete listing wait for it. A new configuration (`adopt`) is combined here
+//! with the registry's copy too.
 
 use super::{Waiting, Worker, USER_AGENT};
-use crate::config::{Plan, RegistryUpdate};
+use crate::config::Plan;
 use crate::filter::host::{log, Callout, Host, LogLevel};
 use crate::filter::metrics::Metrics;
 use crate::headers;
+use crate::registry_sync::{Applied, RegistrySync};
 use std::collections::VecDeque;
 use std::rc::Rc;
 
 /// The registry feed as this worker pulls it.
 pub(super) struct RegistryPull {
-    /// The plan as configured, without registry webhooks: every document applies to it.
+    /// The plan as configured, without registry webhooks: the registry's copy applies to it.
     base: Rc<Plan>,
-    /// The last document applied, re-applied when a new configuration arrives.
-    document: Option<Vec<u8>>,
-    etag: Option<String>,
+    sync: RegistrySync,
     next_poll_ms: u64,
     polling: bool,
     /// The last poll failed: the failure was logged, and the recovery will be.
     failing: bool,
-    /// Events emitted before the first document arrived: the configured webhooks have them; the
-    /// registry's get them with the first document (bounded like the outbox).
+    /// When this pull started (the age of a sync that never completed counts from here).
+    started_ms: Option<u64>,
+    /// Gauges as last reported by this worker: registry webhooks in force, revision lag, and
+    /// the age of the last complete sync.
+    reported: (i64, i64, i64),
+    /// Events emitted before the first complete listing: the configured webhooks have them; the
+    /// registry's get them when the listing ends (bounded like the outbox).
     waiting: VecDeque<Waiting>,
     waiting_bytes: usize,
 }
@@ -31,29 +36,25 @@ pub(super) struct RegistryPull {
 /// A registry poll's answer, as the host reported it.
 #[derive(Debug)]
 pub enum RegistryAnswer {
-    Status {
-        code: u16,
-        etag: Option<Vec<u8>>,
-        body: Vec<u8>,
-    },
+    Status { code: u16, body: Vec<u8> },
     Failed(String),
 }
 
-/// A registry document without webhooks: the configuration's own webhooks only.
-const NO_REGISTRY_WEBHOOKS: &[u8] = br#"{"webhooks":[]}"#;
-
 /// A registry poll is cut off after this long.
 const REGISTRY_TIMEOUT_MS: u64 = 5_000;
+/// The sync-age gauge moves in steps of this much (one host call per step, not per tick).
+const AGE_STEP_MS: i64 = 1_000;
 
 impl RegistryPull {
     pub(super) fn new(base: Rc<Plan>) -> Self {
         RegistryPull {
             base,
-            document: None,
-            etag: None,
+            sync: RegistrySync::new(),
             next_poll_ms: 0,
             polling: false,
             failing: false,
+            started_ms: None,
+            reported: (0, 0, 0),
             waiting: VecDeque::new(),
             waiting_bytes: 0,
         }
@@ -84,38 +85,59 @@ impl RegistryPull {
     }
 }
 
+impl RegistryPull {
+    /// Moves this worker's gauges to what the pull holds now.
+    fn report(&mut self, host: &dyn Host, metrics: Metrics, now_ms: u64) {
+        let since = self
+            .sync
+            .complete_ms()
+            .or(self.started_ms)
+            .unwrap_or(now_ms);
+        let age = i64::try_from(now_ms.saturating_sub(since)).unwrap_or(i64::MAX);
+        let count = i64::try_from(self.sync.len()).unwrap_or(i64::MAX);
+        let lag = i64::try_from(self.sync.lag()).unwrap_or(i64::MAX);
+        let (reported_count, reported_lag, reported_age) = &mut self.reported;
+        for (now, before, metric) in [
+            (count, reported_count, metrics.registry_webhooks),
+            (lag, reported_lag, metrics.registry_revision_lag),
+        ] {
+            if now != *before {
+                metric.add(host, now - *before);
+                *before = now;
+            }
+        }
+        if (age - *reported_age).abs() >= AGE_STEP_MS || (age < *reported_age) {
+            metrics.registry_sync_age_ms.add(host, age - *reported_age);
+            *reported_age = age;
+        }
+    }
+}
+
 impl Worker {
-    /// The registry's webhooks are not known yet (its first document has not arrived).
+    /// The registry's webhooks are not known yet (its first complete listing has not ended).
     pub(super) fn waiting_for_registry(&self) -> bool {
-        self.registry.as_ref().is_some_and(|p| p.document.is_none())
+        self.registry.as_ref().is_some_and(|p| !p.sync.loaded())
     }
 
     /// Moves this worker onto a new plan. Queued deliveries to webhooks that are gone are
     /// dropped, and queued dead letters with no dead-letter endpoint left are lost: each is
     /// logged and counted.
     pub fn adopt(&mut self, host: &dyn Host, plan: Plan) {
-        // A new configuration: the registry's webhooks (the last document) apply to it too.
         let plan = if plan.registry.is_some() {
             let base = Rc::new(plan);
-            let mut pull = self
-                .registry
-                .take()
-                .unwrap_or_else(|| RegistryPull::new(Rc::clone(&base)));
-            pull.base = Rc::clone(&base);
-            let document = pull.document.as_deref().unwrap_or(NO_REGISTRY_WEBHOOKS);
-            let combined = base
-                .with_registry(document)
-                .or_else(|_| base.with_registry(NO_REGISTRY_WEBHOOKS));
-            self.registry = Some(pull);
-            match combined {
-                Ok(update) => update.plan,
-                Err(why) => {
-                    log(host, LogLevel::Critical, || {
-                        format!("new configuration not applied: {why}")
-                    });
-                    return;
+            let mut pull = match self.registry.take() {
+                Some(mut pull) => {
+                    // Registry webhooks were checked against the old configuration: list again,
+                    // keeping the copy in force until that listing ends.
+                    pull.sync.relist();
+                    pull
                 }
-            }
+                None => RegistryPull::new(Rc::clone(&base)),
+            };
+            pull.base = Rc::clone(&base);
+            let combined = pull.sync.plan(&base);
+            self.registry = Some(pull);
+            combined
         } else {
             self.registry = None;
             plan
@@ -123,27 +145,27 @@ impl Worker {
         self.adopt_plan(host, plan);
     }
 
-    /// Polls the registry when it is time: one GET at a time, with the last ETag. Returns the
-    /// callout's token.
+    /// Polls the registry when it is time: one request at a time; at once while the feed has
+    /// more pages, else every `pollMs`. Returns the callout's token.
     pub fn registry_poll(&mut self, host: &dyn Host, now_ms: u64) -> Option<u32> {
         let pull = self.registry.as_mut()?;
         let settings = self.plan.registry.as_ref()?;
-        if pull.polling || now_ms < pull.next_poll_ms {
+        pull.started_ms.get_or_insert(now_ms);
+        pull.report(host, self.metrics, now_ms);
+        if pull.polling || (now_ms < pull.next_poll_ms && !pull.sync.more()) {
             return None;
         }
         pull.next_poll_ms = now_ms + settings.poll_ms;
         let authorization = format!("Bearer {}", settings.token);
-        let mut callout_headers = vec![
+        let path = pull.sync.request_path(&settings.path);
+        let callout_headers = vec![
             (headers::METHOD, "GET"),
-            (headers::PATH, settings.path.as_str()),
+            (headers::PATH, path.as_str()),
             (headers::AUTHORITY, settings.authority.as_str()),
             (headers::SCHEME, "http"),
             (headers::USER_AGENT, USER_AGENT),
             (headers::AUTHORIZATION, authorization.as_str()),
         ];
-        if let Some(etag) = &pull.etag {
-            callout_headers.push((headers::IF_NONE_MATCH, etag.as_str()));
-        }
         let result = host.dispatch(Callout {
             cluster: &settings.cluster,
             headers: callout_headers,
@@ -163,53 +185,49 @@ impl Worker {
         }
     }
 
-    /// A registry poll's answer: a new document applies at once (queued deliveries of webhooks
-    /// that stay are kept, those of removed or disabled ones are dropped with a trace); anything
-    /// else leaves the last good copy in force.
+    /// A registry poll's answer: a page applies at once, and the plan is rebuilt when a
+    /// catch-up with changes ends (queued deliveries of webhooks that stay are kept, those of
+    /// removed or disabled ones are dropped with a trace); anything else leaves the copy in
+    /// force as it is.
     pub fn on_registry_answer(&mut self, host: &dyn Host, answer: RegistryAnswer, now_ms: u64) {
         let Some(pull) = self.registry.as_mut() else {
             return;
         };
         pull.polling = false;
         let failure = match answer {
-            RegistryAnswer::Status { code: 304, .. } if pull.document.is_some() => None,
-            RegistryAnswer::Status {
-                code: 200,
-                etag,
-                body,
-            } => match pull.base.with_registry(&body) {
-                Ok(update) => {
-                    let first = pull.document.is_none();
-                    pull.document = Some(body);
-                    pull.etag = etag
-                        .and_then(|e| String::from_utf8(e).ok())
-                        .filter(|e| e.bytes().all(|b| b.is_ascii_graphic() || b == b' '));
-                    let waiting: Vec<Waiting> = pull.waiting.drain(..).collect();
-                    pull.waiting_bytes = 0;
-                    self.apply_registry(host, update, first);
-                    for event in &waiting {
-                        if self.fan_out(host, event, now_ms, true) == 0
-                            && self
-                                .plan
-                                .subscribers(&event.event_type, &event.organisation_id)
-                                .is_empty()
-                        {
-                            self.metrics.events_without_subscribers.inc(host);
-                        }
+            RegistryAnswer::Status { code: 200, body } => {
+                let base = Rc::clone(&pull.base);
+                match pull.sync.apply_page(&base, &body, now_ms) {
+                    Ok(applied) => {
+                        self.page_applied(host, applied, now_ms);
+                        None
                     }
-                    None
+                    Err(why) => Some(format!("{why}; {} bytes", body.len())),
                 }
-                Err(why) => Some(format!("unreadable registry document: {why}")),
-            },
-            RegistryAnswer::Status { code, .. } => Some(format!("the registry answered {code}")),
+            }
+            RegistryAnswer::Status { code: 410, .. } => {
+                let (since, _) = pull.sync.revisions();
+                pull.sync.relist();
+                self.metrics.registry_relists.inc(host);
+                log(host, LogLevel::Warn, || {
+                    format!("registry cursor {since} is gone (410): listing again from 0; the copy in force stays until that listing ends")
+                });
+                None
+            }
+            RegistryAnswer::Status { code, body } => Some(format!(
+                "the registry answered {code}{}",
+                error_message(&body)
+            )),
             RegistryAnswer::Failed(why) => Some(why),
         };
+        let metrics = self.metrics;
         let Some(pull) = self.registry.as_mut() else {
             return;
         };
+        pull.report(host, metrics, now_ms);
         match failure {
             Some(why) => {
-                self.metrics.registry_fetch_failed.inc(host);
+                metrics.registry_fetch_failed.inc(host);
                 let first = !pull.failing;
                 pull.failing = true;
                 let level = if first {
@@ -217,12 +235,13 @@ impl Worker {
                 } else {
                     LogLevel::Debug
                 };
-                let loaded = pull.document.is_some();
+                let loaded = pull.sync.loaded();
+                let (head, complete) = pull.sync.revisions();
                 log(host, level, || {
                     if loaded {
-                        format!("registry poll failed ({why}): the last good copy stays in force")
+                        format!("registry poll failed ({why}): the copy complete at revision {} stays in force (head {head})", complete.unwrap_or(0))
                     } else {
-                        format!("registry poll failed ({why}): events wait for its first answer")
+                        format!("registry poll failed ({why}): events for the registry's webhooks wait for its first complete listing")
                     }
                 });
             }
@@ -236,23 +255,70 @@ impl Worker {
         }
     }
 
-    fn apply_registry(&mut self, host: &dyn Host, update: RegistryUpdate, first: bool) {
-        for e in &update.skipped {
+    fn page_applied(&mut self, host: &dyn Host, applied: Applied, now_ms: u64) {
+        for e in &applied.skipped {
             self.metrics.registry_webhooks_skipped.inc(host);
             log(host, LogLevel::Warn, || {
                 format!("registry webhook skipped: {e}")
             });
         }
+        if !applied.rebuild {
+            return;
+        }
+        let Some(pull) = self.registry.as_mut() else {
+            return;
+        };
+        let base = Rc::clone(&pull.base);
+        let plan = pull.sync.plan(&base);
+        let (_, complete) = pull.sync.revisions();
+        let count = pull.sync.len();
+        let waiting: Vec<Waiting> = if applied.first {
+            pull.waiting_bytes = 0;
+            pull.waiting.drain(..).collect()
+        } else {
+            Vec::new()
+        };
         self.metrics.registry_updates.inc(host);
-        let count = update.plan.webhooks.len();
-        let revision = update.revision.map_or("?".to_string(), |r| r.to_string());
         log(host, LogLevel::Info, || {
             format!(
-                "registry revision {revision} applied{}: {count} webhooks in force, {} skipped",
-                if first { " (first)" } else { "" },
-                update.skipped.len()
+                "registry revision {} applied{}: {count} registry webhooks in force{}",
+                complete.unwrap_or(0),
+                if applied.first { " (first)" } else { "" },
+                if applied.forgotten > 0 {
+                    format!(", {} forgotten by a new listing", applied.forgotten)
+                } else {
+                    String::new()
+                }
             )
         });
-        self.adopt_plan(host, update.plan);
+        self.adopt_plan(host, plan);
+        for event in &waiting {
+            if self.fan_out(host, event, now_ms, true) == 0
+                && self
+                    .plan
+                    .subscribers(&event.event_type, &event.organisation_id)
+                    .is_empty()
+            {
+                self.metrics.events_without_subscribers.inc(host);
+            }
+        }
+    }
+}
+
+/// The first error message of an answer in the registry's error shape, for the log line (at
+/// most 200 characters; keys redacted like configuration errors are).
+fn error_message(body: &[u8]) -> String {
+    let message = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.get("errors")?
+                .get(0)?
+                .get("message")?
+                .as_str()
+                .map(|m| m.chars().take(200).collect::<String>())
+        });
+    match message {
+        Some(m) if !m.contains(crate::signature::KEY_PREFIX) => format!(": {m}"),
+        _ => String::new(),
     }
 }
