@@ -54,6 +54,8 @@ pub struct Applied {
     pub first: bool,
     /// A listing from 0 ended: webhooks of the previous copy it did not contain, now forgotten.
     pub forgotten: usize,
+    /// The page's `pendingSends`: whether the registry holds sends to claim (None: not said).
+    pub pending_sends: Option<bool>,
 }
 
 /// Why a page was not taken. Nothing of it applies; the cursor stays.
@@ -188,7 +190,10 @@ impl RegistrySync {
             serde_json::from_slice(body).map_err(|e| PageError::NotJson(e.to_string()))?;
         let page = read_page(&value)?;
         self.check_cursor(&page)?;
-        let mut applied = Applied::default();
+        let mut applied = Applied {
+            pending_sends: value.get("pendingSends").and_then(Value::as_bool),
+            ..Applied::default()
+        };
         let copy = match self.listing.as_mut() {
             Some(listing) => listing,
             None => &mut self.in_force,
@@ -277,10 +282,12 @@ impl RegistrySync {
             let revision = change.get("revision").and_then(Value::as_u64);
             match revision {
                 Some(r) if r > last && r <= page.next => last = r,
-                Some(r) => return Err(PageError::BrokenCursor(format!(
+                Some(r) => {
+                    return Err(PageError::BrokenCursor(format!(
                     "changes[{i}] has revision {r}, not after {last} and within the page's next {}",
                     page.next
-                ))),
+                )))
+                }
                 None => return Err(PageError::NotAPage(format!("changes[{i}] has no revision"))),
             }
         }

@@ -24,11 +24,14 @@ use std::rc::Rc;
 
 mod journal;
 mod registry_pull;
+mod reports;
+mod sends;
 mod settle;
 mod shared_state;
 
 pub use registry_pull::RegistryAnswer;
 use registry_pull::RegistryPull;
+pub use reports::LogRequest;
 pub use shared_state::FOLLOWER_GRACE_MS;
 
 pub const USER_AGENT: &str = concat!("webhook-emitter/", env!("CARGO_PKG_VERSION"));
@@ -124,6 +127,8 @@ pub struct Worker {
     registry: Option<RegistryPull>,
     /// The write-ahead journal in etcd (`delivery.journal`).
     journal: Option<crate::journal::Journal>,
+    /// Delivery reports to the registry, and the sends claimed from it (`registry.reports`).
+    delivery_log: Option<reports::DeliveryLog>,
 }
 
 /// An event after fan-out: what a later fan-out needs of it.
@@ -159,6 +164,7 @@ impl Worker {
     ) -> Self {
         let outbox = Outbox::new(plan.webhooks.len(), plan.delivery.outbox.clone());
         let journal = journal::open(host, &plan);
+        let delivery_log = reports::DeliveryLog::open(&plan, format!("envoy/{id}"));
         Worker {
             plan: Rc::new(plan),
             outbox,
@@ -173,6 +179,7 @@ impl Worker {
             reported: Reported::default(),
             registry: None,
             journal,
+            delivery_log,
         }
     }
 
@@ -375,9 +382,10 @@ impl Worker {
     fn dispatch(
         &mut self,
         host: &dyn Host,
-        delivery: Delivery,
+        mut delivery: Delivery,
         now_ms: u64,
     ) -> Option<(u32, Attempt)> {
+        delivery.sent_at_ms = now_ms;
         let plan = Rc::clone(&self.plan);
         let Some(target) = target(&plan, delivery.lane, now_ms) else {
             // Only the dead-letter lane can lose its target (a new configuration without
@@ -458,6 +466,7 @@ impl Worker {
             self.outbox
                 .reconfigure(plan.webhooks.len(), new_index, plan.delivery.outbox.clone());
         for d in dropped {
+            self.report_dropped(host, &old, &d, "webhook_removed", 0);
             self.metrics.deliveries_dropped_webhook_removed.inc(host);
             self.journal_settled(&old, &d.event_id, d.lane);
             let name = lane_name(&old, d.lane).to_string();
@@ -478,6 +487,7 @@ impl Worker {
             }
         }
         self.journal_adopt(host, &plan);
+        self.delivery_log = reports::DeliveryLog::reopen(self.delivery_log.take(), &plan, &self.id);
         self.plan = Rc::new(plan);
         self.ring(host);
         self.report_gauges(host);

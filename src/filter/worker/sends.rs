@@ -1,0 +1,248 @@
+//! Sends the registry queued (resend, recover, test; docs/delivery-reports.md): claimed with
+//! `POST /v2/registry/sends/claim` when the feed says `pendingSends` (or, from a registry whose
+//! feed does not say, on a slow timer), and delivered like any delivery: queued in the outbox
+//! with their exact bytes, signed at dispatch with the webhook's current key(s), retried on the
+//! schedule and reported with their `sendId`. Each report lists the sends still held, which
+//! renews their leases; a proxy that dies lets its leases run out, and another claims them.
+
+use super::reports::{registry_post, LogRequest, Trace};
+use super::Worker;
+use crate::delivery::report::{Outcome, MAX_HOLDING};
+use crate::delivery::send::{claim_request, read_claim_answer, ClaimedSend};
+use crate::delivery::{Delivery, LaneId, Payload};
+use crate::filter::host::{log, Host, LogLevel};
+use std::collections::BTreeSet;
+use std::rc::Rc;
+
+/// Sends asked for per claim.
+const CLAIM_MAX: usize = 16;
+/// How often a worker claims when the feed does not say whether sends are pending.
+const SLOW_CLAIM_MS: u64 = 30_000;
+/// The least time between two claims of one worker.
+const MIN_CLAIM_GAP_MS: u64 = 200;
+/// The lease a claim answer without `leaseMs` is taken to give.
+const DEFAULT_LEASE_MS: u64 = 60_000;
+
+/// The claimed sends of one worker.
+#[derive(Debug, Default)]
+pub(super) struct Sends {
+    /// Sends claimed and not finished: each report renews their leases.
+    pub(super) holding: BTreeSet<u64>,
+    /// What the feed's last page said about `pendingSends` (None: it does not say).
+    pending: Option<bool>,
+    claiming: bool,
+    /// The last claim was answered with as many sends as asked: claim again at once.
+    again: bool,
+    next_claim_ms: u64,
+    lease_ms: Option<u64>,
+    /// Claims are failing: logged once until one goes through.
+    failing: bool,
+}
+
+impl Sends {
+    /// A send's final attempt was reported: it is no longer held.
+    pub(super) fn finished(&mut self, send_id: u64) {
+        self.holding.remove(&send_id);
+    }
+
+    /// How often the leases of held sends are renewed (a third of the lease).
+    pub(super) fn renew_every_ms(&self) -> u64 {
+        (self.lease_ms.unwrap_or(DEFAULT_LEASE_MS) / 3).max(100)
+    }
+
+    /// The feed's page said whether unclaimed sends exist.
+    pub(super) fn feed_says(&mut self, pending: Option<bool>) {
+        self.pending = pending;
+    }
+
+    fn claim_due(&self, now_ms: u64) -> bool {
+        if self.claiming
+            || now_ms < self.next_claim_ms
+            || self.holding.len() + CLAIM_MAX > MAX_HOLDING
+        {
+            return false;
+        }
+        match self.pending {
+            Some(pending) => pending || self.again,
+            // A registry that does not say: the slow timer (next_claim_ms) decides.
+            None => true,
+        }
+    }
+}
+
+impl Worker {
+    /// The feed's page said whether sends wait to be claimed.
+    pub(super) fn sends_pending(&mut self, pending: Option<bool>) {
+        if let Some(dlog) = self.delivery_log.as_mut() {
+            dlog.sends.feed_says(pending);
+        }
+    }
+
+    /// Claims sends when the feed says some wait. Returns the callout.
+    pub(super) fn sends_claim(
+        &mut self,
+        host: &dyn Host,
+        now_ms: u64,
+    ) -> Option<(u32, LogRequest)> {
+        let settings = self.plan.registry.clone()?;
+        let dlog = self.delivery_log.as_mut()?;
+        if !dlog.sends.claim_due(now_ms) {
+            return None;
+        }
+        let slow = dlog.sends.pending.is_none();
+        dlog.sends.next_claim_ms = now_ms
+            + if slow {
+                SLOW_CLAIM_MS
+            } else {
+                MIN_CLAIM_GAP_MS
+            };
+        // The next page says again whether more wait.
+        dlog.sends.pending = dlog.sends.pending.map(|_| false);
+        dlog.sends.again = false;
+        let body = claim_request(&dlog.proxy, CLAIM_MAX);
+        match registry_post(host, &settings, &dlog.claim_path.clone(), &body) {
+            Ok(token) => {
+                dlog.sends.claiming = true;
+                Some((token, LogRequest::Claim))
+            }
+            Err(why) => {
+                self.claim_failed(host, &why);
+                None
+            }
+        }
+    }
+
+    fn claim_failed(&mut self, host: &dyn Host, why: &str) {
+        let Some(dlog) = self.delivery_log.as_mut() else {
+            return;
+        };
+        let first = !dlog.sends.failing;
+        dlog.sends.failing = true;
+        log(
+            host,
+            if first {
+                LogLevel::Warn
+            } else {
+                LogLevel::Debug
+            },
+            || {
+                format!("claiming queued sends failed ({why}): they wait in the registry; claimed again when the feed says so")
+            },
+        );
+    }
+
+    /// A claim's answer: each send becomes a delivery of its webhook (one this proxy does not
+    /// have, or that the answer gets wrong, is reported dropped so that it is not claimed again).
+    pub(super) fn on_claim_answer(
+        &mut self,
+        host: &dyn Host,
+        status: Option<u16>,
+        body: Option<&[u8]>,
+        now_ms: u64,
+    ) {
+        let Some(dlog) = self.delivery_log.as_mut() else {
+            return;
+        };
+        dlog.sends.claiming = false;
+        let answer = match (status, body) {
+            (Some(200), Some(body)) => read_claim_answer(body),
+            (Some(200), None) => Err("the answer is too large".to_string()),
+            (Some(code), _) => Err(format!("the registry answered {code}")),
+            (None, _) => Err("no answer from the registry".to_string()),
+        };
+        let answer = match answer {
+            Ok(answer) => answer,
+            Err(why) => return self.claim_failed(host, &why),
+        };
+        if dlog.sends.failing {
+            dlog.sends.failing = false;
+            log(host, LogLevel::Info, || {
+                "claiming queued sends works again".to_string()
+            });
+        }
+        dlog.sends.lease_ms = answer.lease_ms.or(dlog.sends.lease_ms);
+        dlog.sends.again = answer.sends.len() + answer.unusable.len() >= CLAIM_MAX;
+        if answer.unreadable > 0 {
+            log(host, LogLevel::Warn, || {
+                format!(
+                    "{} claimed sends without a sendId left out",
+                    answer.unreadable
+                )
+            });
+        }
+        for unusable in answer.unusable {
+            self.metrics.sends_claimed.inc(host);
+            let why = unusable.why;
+            let send = unusable.send;
+            log(host, LogLevel::Warn, || {
+                format!("claimed send {} dropped: {why}", send.send_id)
+            });
+            self.drop_send(host, send, "invalid_send", now_ms);
+        }
+        for send in answer.sends {
+            self.metrics.sends_claimed.inc(host);
+            self.take_send(host, send, now_ms);
+        }
+        self.ring(host);
+        self.report_gauges(host);
+    }
+
+    /// Queues a claimed send as a delivery of its webhook.
+    fn take_send(&mut self, host: &dyn Host, send: ClaimedSend, now_ms: u64) {
+        let plan = Rc::clone(&self.plan);
+        let lane = plan.webhook_index(&send.webhook_id).filter(|&i| {
+            plan.webhooks
+                .get(i)
+                .is_some_and(|w| w.enabled && w.organisation_id == send.organisation_id)
+        });
+        let (send_id, event_id, webhook_id) = (send.send_id, &send.event_id, &send.webhook_id);
+        let Some(i) = lane else {
+            log(host, LogLevel::Warn, || {
+                format!("claimed send {send_id} ({}) dropped: event={event_id} webhook={webhook_id} reason=this proxy has no such enabled webhook of that organisation", send.kind)
+            });
+            return self.drop_send(host, send, "unknown_webhook", now_ms);
+        };
+        log(host, LogLevel::Info, || {
+            format!(
+                "claimed send {send_id} ({}): event={event_id} webhook={webhook_id}",
+                send.kind
+            )
+        });
+        if let Some(dlog) = self.delivery_log.as_mut() {
+            dlog.sends.holding.insert(send_id);
+        }
+        let delivery = Delivery::new(
+            Rc::from(send.event_id.as_str()),
+            LaneId::Webhook(i),
+            Rc::new(Payload::claimed(send.body)),
+            now_ms,
+        );
+        match self.outbox.enqueue(delivery) {
+            Ok(evicted) => {
+                for d in evicted {
+                    self.drop_evicted(host, d, now_ms);
+                }
+            }
+            Err(refused) => self.report_refused(host, refused, now_ms),
+        }
+    }
+
+    /// A claimed send that cannot be delivered: reported dropped, so that it is done.
+    fn drop_send(&mut self, host: &dyn Host, send: ClaimedSend, reason: &str, now_ms: u64) {
+        let webhook_id = send.webhook_id;
+        let delivery = Delivery::new(
+            Rc::from(send.event_id.as_str()),
+            LaneId::DeadLetter,
+            Rc::new(Payload::claimed(send.body)),
+            now_ms,
+        );
+        self.report(
+            host,
+            &webhook_id,
+            &Trace::of(&delivery),
+            Outcome::Dropped(reason),
+            None,
+            now_ms,
+        );
+    }
+}
