@@ -78,6 +78,12 @@ impl Worker {
         }
     }
 
+    /// What a feed page would say about pending sends, without a page.
+    #[cfg(test)]
+    pub fn sends_pending_for_tests(&mut self, pending: Option<bool>) {
+        self.sends_pending(pending);
+    }
+
     /// Claims sends when the feed says some wait. Returns the callout.
     pub(super) fn sends_claim(
         &mut self,
