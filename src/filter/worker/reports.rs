@@ -5,13 +5,13 @@
 //! registry does not take, or that finds two reports still out, is dropped, counted and logged
 //! once, so reports hold no memory while the registry is down and never change a delivery.
 
-use super::sends::Sends;
 use super::{Worker, USER_AGENT};
 use crate::config::{Plan, RegistrySettings};
-use crate::delivery::report::{AttemptReport, Outcome, Push, ReportBatch};
+use crate::delivery::report::{AttemptReport, Outcome, Push, ReportBatch, MAX_HOLDING};
 use crate::delivery::{AttemptOutcome, Delivery, LaneId, Payload, Verdict};
 use crate::filter::host::{log, Callout, Host, LogLevel};
 use crate::headers;
+use std::collections::BTreeSet;
 use std::rc::Rc;
 
 /// Reports out at once per worker; a batch that finds this many out waits, and is dropped when
@@ -49,6 +49,62 @@ pub(super) struct DeliveryLog {
     pub(super) sends: Sends,
     /// The latest time seen, for records made where no clock is at hand.
     clock_ms: u64,
+}
+
+/// Sends asked for per claim.
+pub(super) const CLAIM_MAX: usize = 16;
+/// How often a worker claims when the feed does not say whether sends are pending.
+pub(super) const SLOW_CLAIM_MS: u64 = 30_000;
+/// The least time between two claims of one worker.
+pub(super) const MIN_CLAIM_GAP_MS: u64 = 200;
+/// The lease a claim answer without `leaseMs` is taken to give.
+const DEFAULT_LEASE_MS: u64 = 60_000;
+
+/// The claimed sends of one worker.
+#[derive(Debug, Default)]
+pub(super) struct Sends {
+    /// Sends claimed and not finished: each report renews their leases.
+    pub(super) holding: BTreeSet<u64>,
+    /// What the feed's last page said about `pendingSends` (None: it does not say).
+    pub(super) pending: Option<bool>,
+    pub(super) claiming: bool,
+    /// The last claim was answered with as many sends as asked: claim again at once.
+    pub(super) again: bool,
+    pub(super) next_claim_ms: u64,
+    pub(super) lease_ms: Option<u64>,
+    /// Claims are failing: logged once until one goes through.
+    pub(super) failing: bool,
+}
+
+impl Sends {
+    /// A send's final attempt was reported: it is no longer held.
+    pub(super) fn finished(&mut self, send_id: u64) {
+        self.holding.remove(&send_id);
+    }
+
+    /// How often the leases of held sends are renewed (a third of the lease).
+    pub(super) fn renew_every_ms(&self) -> u64 {
+        (self.lease_ms.unwrap_or(DEFAULT_LEASE_MS) / 3).max(100)
+    }
+
+    /// The feed's page said whether unclaimed sends exist.
+    pub(super) fn feed_says(&mut self, pending: Option<bool>) {
+        self.pending = pending;
+    }
+
+    pub(super) fn claim_due(&self, now_ms: u64) -> bool {
+        if self.claiming
+            || now_ms < self.next_claim_ms
+            || self.holding.len() + CLAIM_MAX > MAX_HOLDING
+        {
+            return false;
+        }
+        match self.pending {
+            Some(pending) => pending || self.again,
+            // A registry that does not say: the slow timer (next_claim_ms) decides.
+            None => true,
+        }
+    }
 }
 
 /// A delivery as its reports need it, taken before the outbox takes the delivery back.

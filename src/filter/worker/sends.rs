@@ -5,70 +5,15 @@
 //! schedule and reported with their `sendId`. Each report lists the sends still held, which
 //! renews their leases; a proxy that dies lets its leases run out, and another claims them.
 
-use super::reports::{registry_post, LogRequest, Trace};
+use super::reports::{
+    registry_post, LogRequest, Trace, CLAIM_MAX, MIN_CLAIM_GAP_MS, SLOW_CLAIM_MS,
+};
 use super::Worker;
-use crate::delivery::report::{Outcome, MAX_HOLDING};
+use crate::delivery::report::Outcome;
 use crate::delivery::send::{claim_request, read_claim_answer, ClaimedSend};
 use crate::delivery::{Delivery, LaneId, Payload};
 use crate::filter::host::{log, Host, LogLevel};
-use std::collections::BTreeSet;
 use std::rc::Rc;
-
-/// Sends asked for per claim.
-const CLAIM_MAX: usize = 16;
-/// How often a worker claims when the feed does not say whether sends are pending.
-const SLOW_CLAIM_MS: u64 = 30_000;
-/// The least time between two claims of one worker.
-const MIN_CLAIM_GAP_MS: u64 = 200;
-/// The lease a claim answer without `leaseMs` is taken to give.
-const DEFAULT_LEASE_MS: u64 = 60_000;
-
-/// The claimed sends of one worker.
-#[derive(Debug, Default)]
-pub(super) struct Sends {
-    /// Sends claimed and not finished: each report renews their leases.
-    pub(super) holding: BTreeSet<u64>,
-    /// What the feed's last page said about `pendingSends` (None: it does not say).
-    pending: Option<bool>,
-    claiming: bool,
-    /// The last claim was answered with as many sends as asked: claim again at once.
-    again: bool,
-    next_claim_ms: u64,
-    lease_ms: Option<u64>,
-    /// Claims are failing: logged once until one goes through.
-    failing: bool,
-}
-
-impl Sends {
-    /// A send's final attempt was reported: it is no longer held.
-    pub(super) fn finished(&mut self, send_id: u64) {
-        self.holding.remove(&send_id);
-    }
-
-    /// How often the leases of held sends are renewed (a third of the lease).
-    pub(super) fn renew_every_ms(&self) -> u64 {
-        (self.lease_ms.unwrap_or(DEFAULT_LEASE_MS) / 3).max(100)
-    }
-
-    /// The feed's page said whether unclaimed sends exist.
-    pub(super) fn feed_says(&mut self, pending: Option<bool>) {
-        self.pending = pending;
-    }
-
-    fn claim_due(&self, now_ms: u64) -> bool {
-        if self.claiming
-            || now_ms < self.next_claim_ms
-            || self.holding.len() + CLAIM_MAX > MAX_HOLDING
-        {
-            return false;
-        }
-        match self.pending {
-            Some(pending) => pending || self.again,
-            // A registry that does not say: the slow timer (next_claim_ms) decides.
-            None => true,
-        }
-    }
-}
 
 impl Worker {
     /// The feed's page said whether sends wait to be claimed.
