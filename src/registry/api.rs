@@ -17,6 +17,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::sync::{Arc, Mutex};
 
+mod deliveries;
+mod reports;
+
 const MAX_BODY: usize = 64 * 1024;
 const DASHBOARD_HTML: &str = include_str!("dashboard/index.html");
 const DASHBOARD_JS: &str = include_str!("dashboard/dashboard.js");
@@ -31,6 +34,7 @@ pub struct App {
     pub proxy_token: ProxyToken,
     pub sealer: Sealer,
     pub policy: Policy,
+    pub deliveries: super::delivery_log::DeliverySettings,
     /// How long the previous key is still served after a rotation.
     pub rotation_grace_ms: i64,
     feed: Mutex<Option<Feed>>,
@@ -61,6 +65,7 @@ impl App {
             proxy_token,
             sealer,
             policy,
+            deliveries: Default::default(),
             rotation_grace_ms,
             feed: Mutex::new(None),
             changes,
@@ -122,6 +127,7 @@ pub fn router(app: Arc<App>) -> Router {
             "/v1/organisations/{org}/webhooks/{id}/rotate-key",
             post(rotate_key),
         )
+        .merge(deliveries::routes())
         .fallback(not_found)
         .layer(axum::middleware::from_fn(request_deadline))
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -241,10 +247,9 @@ async fn list_webhooks(
 ) -> Result<Response, ApiError> {
     app.authorize(&headers, &org)?;
     let webhooks = app.store.list(&org).await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"webhooks": webhooks.iter().map(public).collect::<Vec<_>>()}),
-    ))
+    let mut webhooks: Vec<Value> = webhooks.iter().map(public).collect();
+    super::delivery_upkeep::add_disabled_reasons(&app.store, &org, &mut webhooks).await?;
+    Ok(json_response(StatusCode::OK, &json!({"webhooks": webhooks})))
 }
 
 async fn get_webhook(
@@ -257,7 +262,10 @@ async fn get_webhook(
         return Err(ApiError::NotFound);
     }
     let webhook = app.store.get(&org, &id).await?.ok_or(ApiError::NotFound)?;
-    Ok(json_response(StatusCode::OK, &public(&webhook)))
+    let mut answer = [public(&webhook)];
+    super::delivery_upkeep::add_disabled_reasons(&app.store, &org, &mut answer).await?;
+    let [answer] = answer;
+    Ok(json_response(StatusCode::OK, &answer))
 }
 
 async fn create_webhook(
@@ -393,6 +401,9 @@ async fn update_webhook(
         },
     )
     .await?;
+    if old.status != "enabled" && webhook.status == "enabled" {
+        super::delivery_upkeep::clear_health(&app.store, &id).await?;
+    }
     audit_line(&caller, "updated", &org, &id);
     Ok(json_response(StatusCode::OK, &public(&webhook)))
 }
@@ -528,10 +539,11 @@ async fn registry_changes(
             "the registry feed needs the proxies' bearer token".into(),
         ));
     }
-    Ok(app
+    let answer = app
         .changes
         .answer(&app.store, &app.sealer, query.as_deref())
-        .await)
+        .await;
+    Ok(reports::flag_pending_sends(&app, answer).await)
 }
 
 async fn build_feed(app: &App, now: i64) -> Result<Feed, ApiError> {
