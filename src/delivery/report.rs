@@ -6,6 +6,7 @@
 //! what is dropped.
 
 use super::{AttemptOutcome, Body, Payload};
+use crate::config::webhook_id_bytes;
 use std::io::Write;
 
 /// Bytes of a report body kept free of records: `{"proxy":…,"events":[],"attempts":[],
@@ -15,6 +16,10 @@ pub const RESERVED_BYTES: usize = 8 << 10;
 pub const MAX_HOLDING: usize = 256;
 /// A proxy name longer than this is cut (it goes into every report).
 const MAX_PROXY_NAME: usize = 200;
+/// Attempts in one report at most (the registry takes up to 4,000).
+pub const MAX_ATTEMPTS: usize = 2_000;
+/// The registry takes latencies up to a day.
+const MAX_LATENCY_MS: u64 = 86_400_000;
 
 /// How an attempt ended, as the report says it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +98,7 @@ pub struct ReportBatch {
     /// Attempt objects, comma-separated.
     attempts: Vec<u8>,
     records: usize,
+    attempts_count: usize,
     /// Records (events and attempts) take at most this many bytes.
     room: usize,
     /// Envelopes longer than this are left out (`delivery.maxBodyBytes`).
@@ -110,6 +116,7 @@ impl ReportBatch {
             events: Vec::new(),
             attempts: Vec::new(),
             records: 0,
+            attempts_count: 0,
             room: max_bytes.saturating_sub(RESERVED_BYTES).max(1024),
             max_envelope_bytes,
             opened_ms: None,
@@ -143,9 +150,15 @@ impl ReportBatch {
 
     /// Adds one attempt, and its event's envelope when no earlier report had it.
     pub fn push(&mut self, report: &AttemptReport<'_>) -> Push {
-        let Some(fields) = report_fields(report.payload) else {
+        // The registry refuses a whole report for one bad record: ids it can't take stay out.
+        let ids_ok = webhook_id_bytes(report.event_id).is_some()
+            && webhook_id_bytes(report.webhook_id).is_some();
+        let Some(fields) = report_fields(report.payload).filter(|_| ids_ok) else {
             return Push::NotReported;
         };
+        if self.attempts_count >= MAX_ATTEMPTS {
+            return Push::Full;
+        }
         let (events_len, attempts_len) = (self.events.len(), self.attempts.len());
         let send_id = report.payload.claimed_send().map(|c| c.send_id);
         let with_event = send_id.is_none() && !report.payload.reported.get();
@@ -171,6 +184,7 @@ impl ReportBatch {
             self.records += 1;
         }
         self.records += 1;
+        self.attempts_count += 1;
         self.opened_ms.get_or_insert(report.at_ms);
         if let (Some(id), true) = (send_id, report.outcome.is_final()) {
             self.finished_sends.push(id);
@@ -243,7 +257,7 @@ impl ReportBatch {
             None => {}
         }
         if let Some(latency) = report.latency_ms {
-            let _ = write!(out, ",\"latencyMs\":{latency}");
+            let _ = write!(out, ",\"latencyMs\":{}", latency.min(MAX_LATENCY_MS));
         }
         let _ = write!(out, ",\"outcome\":\"{}\"", report.outcome.name());
         if let Outcome::Dropped(reason) = report.outcome {

@@ -7,6 +7,7 @@ use crate::json::Object;
 use serde_json::{json, Value};
 
 const WEBHOOK: &str = "65b2f0c1a4e5d6f7a8b9c0d1";
+const SEND_EVENT: &str = "6571a0b2c3d4e5f6a7b8c9d0";
 
 fn event(org: &str, object: &str) -> Event {
     let map: serde_json::Map<String, Value> = serde_json::from_str(object).expect("a JSON object");
@@ -144,7 +145,7 @@ fn errors_drops_and_sends_are_reported_as_the_contract_says() {
         code: 200,
         retry_after: None,
     };
-    batch.push(&attempt(&send, "ev-1", Some(&ok), Outcome::Delivered));
+    batch.push(&attempt(&send, SEND_EVENT, Some(&ok), Outcome::Delivered));
     assert_eq!(batch.finished_sends(), &[42]);
     let v = body(batch, &[]);
     let a = v["attempts"].as_array().unwrap();
@@ -157,7 +158,7 @@ fn errors_drops_and_sends_are_reported_as_the_contract_says() {
     assert_eq!(a[2]["attempt"], 0);
     assert!(a[2].get("latencyMs").is_none());
     assert_eq!(a[3]["sendId"], 42);
-    assert_eq!(a[3]["eventId"], "ev-1");
+    assert_eq!(a[3]["eventId"], SEND_EVENT);
     assert_eq!(a[3]["organisationId"], "o1");
     // A send's envelope is the registry's already: no event record for it.
     assert_eq!(v["events"].as_array().unwrap().len(), 1);
@@ -225,10 +226,54 @@ fn dead_letters_are_not_reported() {
     let payload = Payload::raw(b"{}".to_vec());
     let mut batch = ReportBatch::new(1 << 20, 1 << 20);
     assert_eq!(
-        batch.push(&attempt(&payload, "e", None, Outcome::Failed)),
+        batch.push(&attempt(&payload, SEND_EVENT, None, Outcome::Failed)),
         Push::NotReported
     );
     assert!(batch.is_empty());
+}
+
+#[test]
+fn a_record_the_registry_would_refuse_stays_out_and_the_batch_keeps_the_rest() {
+    let send = Payload::claimed(ClaimedBody {
+        bytes: Vec::new(),
+        send_id: 7,
+        organisation_json: "\"o1\"".into(),
+        event_type_json: "\"job.completed\"".into(),
+    });
+    let mut batch = ReportBatch::new(1 << 20, 1 << 20);
+    for bad in ["a\r\nb", "", "6571A0B2C3D4E5F6A7B8C9D0"] {
+        let r = attempt(&send, bad, None, Outcome::Dropped("invalid_send"));
+        assert_eq!(batch.push(&r), Push::NotReported);
+    }
+    let mut bad_webhook = attempt(&send, SEND_EVENT, None, Outcome::Dropped("invalid_send"));
+    bad_webhook.webhook_id = "../x";
+    assert_eq!(batch.push(&bad_webhook), Push::NotReported);
+    assert_eq!(
+        batch.push(&attempt(
+            &send,
+            SEND_EVENT,
+            None,
+            Outcome::Dropped("invalid_send")
+        )),
+        Push::Added
+    );
+    assert_eq!(batch.records(), 1);
+}
+
+#[test]
+fn a_batch_holds_at_most_max_attempts() {
+    let send = Payload::claimed(ClaimedBody {
+        bytes: Vec::new(),
+        send_id: 7,
+        organisation_json: "\"o\"".into(),
+        event_type_json: "\"job.completed\"".into(),
+    });
+    let mut batch = ReportBatch::new(1 << 20, 1 << 20);
+    let r = attempt(&send, SEND_EVENT, None, Outcome::Retrying);
+    for _ in 0..MAX_ATTEMPTS {
+        assert_eq!(batch.push(&r), Push::Added);
+    }
+    assert_eq!(batch.push(&r), Push::Full);
 }
 
 #[test]

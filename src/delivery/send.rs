@@ -56,16 +56,6 @@ pub fn claim_request(proxy: &str, max: usize) -> Vec<u8> {
         .into_bytes()
 }
 
-/// An event id that may go into the `webhook-id` header as it is: visible ASCII letters, digits
-/// and `_-.:`, at most 128 bytes.
-fn is_header_safe_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':'))
-}
-
 /// Reads a claim's answer. Err when it is not a claim answer at all; otherwise every send is
 /// either usable or listed as unusable with the reason.
 pub fn read_claim_answer(body: &[u8]) -> Result<ClaimAnswer, String> {
@@ -106,8 +96,9 @@ fn read_send(send_id: u64, item: &Value) -> Result<ClaimedSend, String> {
         return Err("webhookId is not 24 lowercase hex digits".into());
     }
     let event_id = text("eventId")?;
-    if !is_header_safe_id(event_id) {
-        return Err("eventId cannot be a webhook-id header".into());
+    // The id goes into the webhook-id header as it is: our event ids only.
+    if webhook_id_bytes(event_id).is_none() {
+        return Err("eventId is not an event id (24 lowercase hex digits)".into());
     }
     let organisation = text("organisationId")?;
     let event_type = text("eventType")?;

@@ -54,7 +54,7 @@ fn a_send_that_cannot_be_delivered_is_named_with_its_reason() {
     assert_eq!(
         why,
         vec![
-            (2, "eventId cannot be a webhook-id header"),
+            (2, "eventId is not an event id (24 lowercase hex digits)"),
             (3, "webhookId is not 24 lowercase hex digits"),
             (4, "body is not a string"),
         ]

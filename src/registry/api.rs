@@ -249,7 +249,10 @@ async fn list_webhooks(
     let webhooks = app.store.list(&org).await?;
     let mut webhooks: Vec<Value> = webhooks.iter().map(public).collect();
     super::delivery_upkeep::add_disabled_reasons(&app.store, &org, &mut webhooks).await?;
-    Ok(json_response(StatusCode::OK, &json!({"webhooks": webhooks})))
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"webhooks": webhooks}),
+    ))
 }
 
 async fn get_webhook(

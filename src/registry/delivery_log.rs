@@ -324,7 +324,12 @@ pub fn fold_deliveries(report: &Report) -> Vec<DeliveryChange> {
     let created: BTreeMap<(&str, &str), i64> = report
         .events
         .iter()
-        .map(|e| ((e.organisation_id.as_str(), e.event_id.as_str()), e.created_ms))
+        .map(|e| {
+            (
+                (e.organisation_id.as_str(), e.event_id.as_str()),
+                e.created_ms,
+            )
+        })
         .collect();
     let mut changes: BTreeMap<(&str, &str), DeliveryChange> = BTreeMap::new();
     for a in &report.attempts {
@@ -350,9 +355,7 @@ pub fn fold_deliveries(report: &Report) -> Vec<DeliveryChange> {
         change.attempt_count += left;
         change.created_ms = change.created_ms.min(a.at_ms);
         // Same time: a final outcome wins over a retry.
-        if a.at_ms > change.updated_ms
-            || (a.at_ms == change.updated_ms && a.outcome.is_final())
-        {
+        if a.at_ms > change.updated_ms || (a.at_ms == change.updated_ms && a.outcome.is_final()) {
             change.updated_ms = a.at_ms;
             change.status = a.outcome.status();
             if a.http_status.is_some() || a.error.is_some() {
@@ -510,7 +513,8 @@ pub struct Cursor {
     pub event_id: String,
 }
 
-const DELIVERY_COLUMNS: &str = "event_id, event_type, status, created_ms, updated_ms, attempt_count, \
+const DELIVERY_COLUMNS: &str =
+    "event_id, event_type, status, created_ms, updated_ms, attempt_count, \
     last_http_status, last_error";
 
 fn row_to_delivery(row: &sqlx::any::AnyRow) -> Result<DeliveryRow, sqlx::Error> {

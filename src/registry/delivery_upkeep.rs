@@ -219,12 +219,13 @@ pub async fn prune(
             continue;
         };
         let edge: i64 = edge.try_get("updated_ms")?;
-        deleted += sqlx::query("DELETE FROM deliveries WHERE organisation_id = $1 AND updated_ms <= $2")
-            .bind(&organisation)
-            .bind(edge)
-            .execute(pool)
-            .await?
-            .rows_affected();
+        deleted +=
+            sqlx::query("DELETE FROM deliveries WHERE organisation_id = $1 AND updated_ms <= $2")
+                .bind(&organisation)
+                .bind(edge)
+                .execute(pool)
+                .await?
+                .rows_affected();
         log(&format!(
             "organisation {organisation:?} has more than {} deliveries: the oldest were pruned \
              (--max-deliveries-per-organisation)",
@@ -297,7 +298,8 @@ pub async fn auto_disable(store: &Store, after_ms: i64) -> Result<(), sqlx::Erro
                         actor: "registry",
                         role: "registry",
                         action: "auto-disable",
-                        detail: serde_json::json!({"status": "disabled", "reason": reason}).to_string(),
+                        detail: serde_json::json!({"status": "disabled", "reason": reason})
+                            .to_string(),
                     },
                 )
                 .await?;
@@ -334,7 +336,12 @@ pub async fn auto_disable(store: &Store, after_ms: i64) -> Result<(), sqlx::Erro
 
 /// `5d`, `36h`, `90s`, `250ms`: the largest unit that divides the period.
 pub fn describe_period(ms: i64) -> String {
-    for (unit, scale) in [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)] {
+    for (unit, scale) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1_000),
+    ] {
         if ms % scale == 0 {
             return format!("{}{unit}", ms / scale);
         }

@@ -157,10 +157,7 @@ pub async fn claim(
          RETURNING id, kind, webhook_id, organisation_id, event_id, event_type, body"
     );
     let lease_until = now_ms.saturating_add(lease_ms);
-    let mut query = sqlx::query(&sql)
-        .bind(proxy)
-        .bind(lease_until)
-        .bind(now_ms);
+    let mut query = sqlx::query(&sql).bind(proxy).bind(lease_until).bind(now_ms);
     for id in &chosen {
         query = query.bind(id);
     }
@@ -229,12 +226,7 @@ pub async fn settle(
 
 /// A test event of `event_type` for one webhook, built like a real one (the filter's envelope and id format);
 /// its `data.object` says it is a test. `objectType` is the event type's resource (`job` for `job.completed`).
-pub fn test_event(
-    organisation: &str,
-    event_type: &str,
-    now_ms: i64,
-    random: [u8; 8],
-) -> Event {
+pub fn test_event(organisation: &str, event_type: &str, now_ms: i64, random: [u8; 8]) -> Event {
     let seconds = u64::try_from(now_ms / 1000).unwrap_or(0);
     let id = EventId::new(seconds, random);
     let object_type = event_type.split('.').next().unwrap_or(event_type);

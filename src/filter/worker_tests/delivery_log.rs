@@ -304,12 +304,12 @@ fn a_send_this_proxy_cannot_deliver_is_reported_dropped() {
     w.delivery_log_poll(&host, 100);
     host.take_sent();
     let hook = format!("{:024x}", 1);
-    let mut header_breaking = send(44, &hook, ORG);
-    header_breaking["eventId"] = json!("a\r\nb");
+    let mut no_body = send(44, &hook, ORG);
+    no_body.as_object_mut().unwrap().remove("body");
     let sends = vec![
         send(42, &format!("{:024x}", 9), ORG), // not a webhook of this proxy
         send(43, &hook, OTHER_ORG),            // another organisation's
-        header_breaking,
+        no_body,
     ];
     w.delivery_log_answer(
         &host,

@@ -109,7 +109,11 @@ fn decode_cursor(text: &str) -> Option<Cursor> {
 /// `status`, `cursor` and `limit` from the query string.
 fn read_query(query: Option<&str>) -> Result<(Option<String>, Option<Cursor>, i64), ApiError> {
     let (mut status, mut cursor, mut limit) = (None, None, DEFAULT_PAGE);
-    for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
+    for pair in query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         match key {
             "status" => match value {
@@ -120,7 +124,10 @@ fn read_query(query: Option<&str>) -> Result<(Option<String>, Option<Cursor>, i6
             "cursor" => {
                 if !value.is_empty() {
                     cursor = Some(decode_cursor(value).ok_or_else(|| {
-                        invalid("cursor", "is not a cursor this list gave (ask again without it)")
+                        invalid(
+                            "cursor",
+                            "is not a cursor this list gave (ask again without it)",
+                        )
                     })?);
                 }
             }
@@ -133,7 +140,10 @@ fn read_query(query: Option<&str>) -> Result<(Option<String>, Option<Cursor>, i6
             }
             _ => {
                 let shown: String = key.chars().take(64).collect();
-                return Err(invalid(&shown, "is not a parameter of this list (status, cursor, limit)"));
+                return Err(invalid(
+                    &shown,
+                    "is not a parameter of this list (status, cursor, limit)",
+                ));
             }
         }
     }
@@ -159,10 +169,19 @@ pub fn routes() -> axum::Router<Arc<App>> {
             post(super::reports::store_report)
                 .layer(DefaultBodyLimit::max(super::reports::MAX_REPORT_BODY)),
         )
-        .route("/v2/registry/sends/claim", post(super::reports::claim_sends))
+        .route(
+            "/v2/registry/sends/claim",
+            post(super::reports::claim_sends),
+        )
         .route(&format!("{WEBHOOK}/deliveries"), get(list_deliveries))
-        .route(&format!("{WEBHOOK}/deliveries/{{event}}"), get(get_delivery))
-        .route(&format!("{WEBHOOK}/deliveries/{{event}}/resend"), post(resend))
+        .route(
+            &format!("{WEBHOOK}/deliveries/{{event}}"),
+            get(get_delivery),
+        )
+        .route(
+            &format!("{WEBHOOK}/deliveries/{{event}}/resend"),
+            post(resend),
+        )
         .route(&format!("{WEBHOOK}/recover"), post(recover))
         .route(&format!("{WEBHOOK}/test"), post(send_test))
 }
@@ -319,7 +338,12 @@ pub async fn resend(
         json!({"eventId": event}),
     )
     .await?;
-    audit_line(&caller, &format!("resend of event {event} queued"), &org, &id);
+    audit_line(
+        &caller,
+        &format!("resend of event {event} queued"),
+        &org,
+        &id,
+    );
     Ok(json_response(
         StatusCode::ACCEPTED,
         &json!({"queued": queued, "eventId": event}),
@@ -343,7 +367,10 @@ pub async fn recover(
             }
             match map.get("since") {
                 Some(Value::String(s)) => parse_rfc3339(s).ok_or_else(|| {
-                    invalid("since", "must be a time in RFC 3339, e.g. 2026-01-31T09:30:00Z")
+                    invalid(
+                        "since",
+                        "must be a time in RFC 3339, e.g. 2026-01-31T09:30:00Z",
+                    )
                 })?,
                 Some(_) => return Err(invalid("since", "must be a string")),
                 None => return Err(invalid("since", "is required")),
@@ -401,7 +428,10 @@ pub async fn recover(
     .await?;
     audit_line(
         &caller,
-        &format!("recovery of {queued} failed deliveries since {} queued", rfc3339(since)),
+        &format!(
+            "recovery of {queued} failed deliveries since {} queued",
+            rfc3339(since)
+        ),
         &org,
         &id,
     );
@@ -426,7 +456,10 @@ pub async fn send_test(
             Ok(Value::Object(map)) => {
                 if let Some(key) = map.keys().find(|k| k.as_str() != "eventType") {
                     let shown: String = key.chars().take(64).collect();
-                    return Err(invalid(&shown, "is not a field of this request (eventType)"));
+                    return Err(invalid(
+                        &shown,
+                        "is not a field of this request (eventType)",
+                    ));
                 }
                 match map.get("eventType") {
                     None | Some(Value::Null) => {}
@@ -467,7 +500,12 @@ pub async fn send_test(
         json!({"eventId": event.id_hex, "eventType": event_type}),
     )
     .await?;
-    audit_line(&caller, &format!("test event {} queued", event.id_hex), &org, &id);
+    audit_line(
+        &caller,
+        &format!("test event {} queued", event.id_hex),
+        &org,
+        &id,
+    );
     Ok(json_response(
         StatusCode::ACCEPTED,
         &json!({"eventId": event.id_hex, "eventType": event_type}),
@@ -493,7 +531,20 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
     };
     let (year, month, day) = (digits(0..4)?, digits(5..7)?, digits(8..10)?);
     let (hour, minute, second) = (digits(11..13)?, digits(14..16)?, digits(17..19)?);
-    let month_days = [31, 28 + i64::from(year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)), 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    let month_days = [
+        31,
+        28 + i64::from(year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)),
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
     if !(1..=12).contains(&month)
         || day < 1
         || day > *month_days.get(usize::try_from(month - 1).ok()?)?
@@ -512,7 +563,11 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
         if end == 0 {
             return None;
         }
-        let first3: String = fraction[..end].chars().chain("000".chars()).take(3).collect();
+        let first3: String = fraction[..end]
+            .chars()
+            .chain("000".chars())
+            .take(3)
+            .collect();
         millis = first3.parse::<i64>().ok()?;
         rest = &fraction[end..];
     }
@@ -532,11 +587,8 @@ pub fn parse_rfc3339(text: &str) -> Option<i64> {
             sign * (hours * 60 + minutes)
         }
     };
-    let days = crate::time::days_from_civil(
-        year,
-        u32::try_from(month).ok()?,
-        u32::try_from(day).ok()?,
-    );
+    let days =
+        crate::time::days_from_civil(year, u32::try_from(month).ok()?, u32::try_from(day).ok()?);
     let seconds = days * 86_400 + hour * 3600 + minute * 60 + second.min(59) - offset_minutes * 60;
     Some(seconds * 1000 + millis)
 }

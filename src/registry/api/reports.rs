@@ -5,9 +5,7 @@
 use super::{json_response, ApiError, App};
 use crate::config::{is_event_type, is_webhook_id};
 use crate::event::Envelope;
-use crate::registry::delivery_log::{
-    self, Outcome, Report, ReportedAttempt, ReportedEvent,
-};
+use crate::registry::delivery_log::{self, Outcome, Report, ReportedAttempt, ReportedEvent};
 use crate::registry::sends;
 use crate::registry::validate::FieldError;
 use crate::registry::{log, now_ms};
@@ -143,7 +141,9 @@ pub fn read_report(body: &[u8]) -> Result<Report, FieldError> {
         ..Report::default()
     };
     for (i, item) in array(&map, "events", MAX_EVENTS)?.iter().enumerate() {
-        report.events.push(read_event(item, &format!("events[{i}]"))?);
+        report
+            .events
+            .push(read_event(item, &format!("events[{i}]"))?);
     }
     for (i, item) in array(&map, "attempts", MAX_ATTEMPTS)?.iter().enumerate() {
         report
@@ -164,7 +164,11 @@ pub fn read_report(body: &[u8]) -> Result<Report, FieldError> {
     Ok(report)
 }
 
-fn array<'a>(map: &'a Map<String, Value>, key: &str, most: usize) -> Result<&'a [Value], FieldError> {
+fn array<'a>(
+    map: &'a Map<String, Value>,
+    key: &str,
+    most: usize,
+) -> Result<&'a [Value], FieldError> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(&[]),
         Some(Value::Array(items)) if items.len() <= most => Ok(items),
@@ -188,7 +192,13 @@ fn read_event(item: &Value, path: &str) -> Result<ReportedEvent, FieldError> {
         created_ms: f.time("createdAt")?,
         envelope: f.envelope("envelope")?,
     };
-    f.no_others(&["eventId", "organisationId", "eventType", "createdAt", "envelope"]);
+    f.no_others(&[
+        "eventId",
+        "organisationId",
+        "eventType",
+        "createdAt",
+        "envelope",
+    ]);
     f.error.map_or(Ok(event), Err)
 }
 
@@ -209,12 +219,8 @@ fn read_attempt(item: &Value, path: &str) -> Result<ReportedAttempt, FieldError>
         latency_ms: f.optional_integer("latencyMs", 0, MAX_LATENCY_MS)?,
         outcome: {
             let text = f.word("outcome", 16)?;
-            Outcome::parse(&text).ok_or_else(|| {
-                f.at(
-                    "outcome",
-                    "must be retrying, delivered, failed or dropped",
-                )
-            })?
+            Outcome::parse(&text)
+                .ok_or_else(|| f.at("outcome", "must be retrying, delivered, failed or dropped"))?
         },
         reason: f.optional_word("reason", 64)?,
         send_id: f.optional_integer("sendId", 1, i64::MAX)?,
@@ -315,10 +321,7 @@ impl<'a> Fields<'a> {
         if (1..=MAX_PROXY_NAME).contains(&s.chars().count()) && !s.chars().any(char::is_control) {
             Ok(s.to_string())
         } else {
-            Err(self.at(
-                key,
-                "must be 1 to 200 characters, none a control character",
-            ))
+            Err(self.at(key, "must be 1 to 200 characters, none a control character"))
         }
     }
 
@@ -358,7 +361,12 @@ impl<'a> Fields<'a> {
         }
     }
 
-    fn optional_integer(&self, key: &str, least: i64, most: i64) -> Result<Option<i64>, FieldError> {
+    fn optional_integer(
+        &self,
+        key: &str,
+        least: i64,
+        most: i64,
+    ) -> Result<Option<i64>, FieldError> {
         match self.map.get(key) {
             None | Some(Value::Null) => Ok(None),
             Some(_) => self.integer(key, least, most).map(Some),
