@@ -70,7 +70,8 @@ pub(super) struct Sends {
     pub(super) claiming: bool,
     /// The last claim was answered with as many sends as asked: claim again at once.
     pub(super) again: bool,
-    pub(super) next_claim_ms: u64,
+    /// When the last claim left.
+    pub(super) last_claim_ms: Option<u64>,
     pub(super) lease_ms: Option<u64>,
     /// Claims are failing: logged once until one goes through.
     pub(super) failing: bool,
@@ -93,16 +94,14 @@ impl Sends {
     }
 
     pub(super) fn claim_due(&self, now_ms: u64) -> bool {
-        if self.claiming
-            || now_ms < self.next_claim_ms
-            || self.holding.len() + CLAIM_MAX > MAX_HOLDING
-        {
+        if self.claiming || self.holding.len() + CLAIM_MAX > MAX_HOLDING {
             return false;
         }
+        let since = |gap: u64| self.last_claim_ms.is_none_or(|at| now_ms >= at + gap);
         match self.pending {
-            Some(pending) => pending || self.again,
-            // A registry that does not say: the slow timer (next_claim_ms) decides.
-            None => true,
+            Some(pending) => (pending || self.again) && since(MIN_CLAIM_GAP_MS),
+            // A registry that does not say: a slow timer.
+            None => since(SLOW_CLAIM_MS),
         }
     }
 }

@@ -36,17 +36,13 @@ impl Worker {
         now_ms: u64,
     ) -> Option<(u32, LogRequest)> {
         let settings = self.plan.registry.clone()?;
+        // A send names a webhook of the registry: claim once this proxy's copy is complete.
+        let loaded = !self.waiting_for_registry();
         let dlog = self.delivery_log.as_mut()?;
-        if !dlog.sends.claim_due(now_ms) {
+        if !loaded || !dlog.sends.claim_due(now_ms) {
             return None;
         }
-        let slow = dlog.sends.pending.is_none();
-        dlog.sends.next_claim_ms = now_ms
-            + if slow {
-                SLOW_CLAIM_MS
-            } else {
-                MIN_CLAIM_GAP_MS
-            };
+        dlog.sends.last_claim_ms = Some(now_ms);
         // The next page says again whether more wait.
         dlog.sends.pending = dlog.sends.pending.map(|_| false);
         dlog.sends.again = false;

@@ -347,30 +347,47 @@ fn a_send_this_proxy_cannot_deliver_is_reported_dropped() {
 #[test]
 fn sends_are_claimed_only_when_the_feed_says_so_or_slowly_when_it_does_not_say() {
     let (host, mut w) = worker();
-    load(&host, &mut w, Some(false));
-    assert!(w.delivery_log_poll(&host, 100).is_empty());
-    // The feed says sends wait: one claim, then none until the feed says so again.
-    w.sends_pending_for_tests(Some(true));
-    assert_eq!(w.delivery_log_poll(&host, 200).len(), 1);
+    // A feed that does not say: a claim at once, then not for 30 s...
+    load(&host, &mut w, None);
+    assert_eq!(w.delivery_log_poll(&host, 50).len(), 1);
     w.delivery_log_answer(
         &host,
         LogRequest::Claim,
         Some(200),
         Some(&claim_answer(vec![])),
-        210,
+        60,
     );
+    assert!(w.delivery_log_poll(&host, 80).is_empty());
+    // ...unless a page says sends wait.
+    w.sends_pending_for_tests(Some(true));
+    assert_eq!(w.delivery_log_poll(&host, 300).len(), 1);
+    w.delivery_log_answer(
+        &host,
+        LogRequest::Claim,
+        Some(200),
+        Some(&claim_answer(vec![])),
+        310,
+    );
+    w.sends_pending_for_tests(Some(false));
+    assert!(w.delivery_log_poll(&host, 400).is_empty());
+    // The feed says sends wait: one claim, then none until the feed says so again.
+    w.sends_pending_for_tests(Some(true));
+    assert_eq!(w.delivery_log_poll(&host, 600).len(), 1);
+    let empty = claim_answer(vec![]);
+    w.delivery_log_answer(&host, LogRequest::Claim, Some(200), Some(&empty), 610);
     assert!(w.delivery_log_poll(&host, 1_000).is_empty());
     // A registry whose feed does not say: every 30 s.
     w.sends_pending_for_tests(None);
-    assert_eq!(w.delivery_log_poll(&host, 1_100).len(), 1);
-    w.delivery_log_answer(&host, LogRequest::Claim, Some(404), Some(b"{}"), 1_110);
+    assert!(w.delivery_log_poll(&host, 1_100).is_empty());
+    assert_eq!(w.delivery_log_poll(&host, 30_700).len(), 1);
+    w.delivery_log_answer(&host, LogRequest::Claim, Some(404), Some(b"{}"), 30_710);
     assert_eq!(
         host.logged(LogLevel::Warn, "claiming queued sends failed"),
         1
     );
-    assert!(w.delivery_log_poll(&host, 20_000).is_empty());
-    assert_eq!(w.delivery_log_poll(&host, 31_100).len(), 1);
+    assert!(w.delivery_log_poll(&host, 50_000).is_empty());
+    assert_eq!(w.delivery_log_poll(&host, 60_800).len(), 1);
     // An answer that is not a claim answer changes nothing.
-    w.delivery_log_answer(&host, LogRequest::Claim, Some(200), Some(b"\xff"), 31_110);
-    assert!(w.pump(&host, 31_200).is_empty());
+    w.delivery_log_answer(&host, LogRequest::Claim, Some(200), Some(b"\xff"), 60_810);
+    assert!(w.pump(&host, 60_900).is_empty());
 }
