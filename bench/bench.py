@@ -13,6 +13,8 @@ the other core), all on 127.0.0.1:
   5  webhook-emitter behind the shipped gate (envoy/envoy.yaml), traffic that matches no rule
   6  the floor: a Lua filter that makes one bare asynchronous httpCall per response (bench/bare-callout.lua)
   7  as 2, with the write-ahead journal in a local single-member etcd (Debian's etcd-server, on the load core)
+  8  as 2, the webhook pulled from the registry (`registry serve`, SQLite, on the load core), reports off
+  9  as 8, reports on: every attempt reported to the registry (the delivery log)
 
 Phases, each interleaving the configurations (the order rotates every round), so every ratio is taken within one
 run and, for saturation and the fixed rate, within one round:
@@ -22,13 +24,14 @@ run and, for saturation and the fixed rate, within one round:
               for 2-4 the probe measures event-to-receiver latency meanwhile
   own half    configurations 2-4 at half their own saturation, with the probe
   A/B pairs   BENCH_AB_PAIRS pairs of short (BENCH_AB_DURATION) steps alternating 0/1 (closed loop and fixed rate)
-              and 0/5, 2/4, 2/6, 3/4 (closed loop): the headline ratios (Envoy CPU per request, ours over theirs,
+              and 0/5, 2/4, 2/6, 3/4, 8/9 (closed loop): the headline ratios (Envoy CPU per request, ours over theirs,
               summary.json) need paired samples
   curve       25%, 75% and 90% of configuration 0's saturation for 0, 1, 2 and 4 (latency.png)
 
 Knobs (environment): BENCH_WASM, BENCH_DURATION (seconds per step), BENCH_ROUNDS, BENCH_CONNECTIONS,
 BENCH_RATE_CONNECTIONS, BENCH_AB_PAIRS, BENCH_AB_DURATION, BENCH_PROBE_RATE, BENCH_LOG_LEVEL, BENCH_OUT, BENCH_WORK (Envoy logs; default bench/work), BENCH_ENVOY_CPU,
-BENCH_LOAD_CPU. `--quick` is the smoke test's mode.
+BENCH_LOAD_CPU, BENCH_CONFIGS (a comma-separated subset of the configurations, e.g. 8,9: the phases that need
+configuration 0's saturation run only with 0 in it). `--quick` is the smoke test's mode.
 """
 
 from __future__ import annotations
@@ -69,9 +72,11 @@ CONFIGS = {
     5: "webhook-emitter gated, traffic matching no rule",
     6: "Lua, bare callout per request (the floor)",
     7: "webhook-emitter, job completions, 1 webhook + journal (etcd)",
+    8: "webhook-emitter, job completions, 1 webhook from the registry, reports off",
+    9: "webhook-emitter, job completions, 1 webhook from the registry, reports on",
 }
-HOOKS = {0: 0, 1: 1, 2: 1, 3: 10, 4: 1, 5: 1, 6: 1, 7: 1}
-DELIVERING = (2, 3, 4, 6, 7)
+HOOKS = {0: 0, 1: 1, 2: 1, 3: 10, 4: 1, 5: 1, 6: 1, 7: 1, 8: 1, 9: 1}
+DELIVERING = (2, 3, 4, 6, 7, 8, 9)
 # Configurations whose events the probe can follow (the bare callout sends a fixed body, not the job).
 PROBED = (2, 3, 4, 7)
 PASSTHROUGH = (1, 5)
@@ -79,11 +84,12 @@ CURVE_CONFIGS = (0, 1, 2, 4)
 CURVE_FRACTIONS = (0.25, 0.75, 0.9)
 FIXED_FRACTION = 0.5
 # A/B pairs for the targets that need the finest comparison: short steps, alternating A-B / B-A, one ratio per pair.
-AB_PAIRS = ((0, 1), (0, 5), (2, 4), (2, 6), (3, 4))
+AB_PAIRS = ((0, 1), (0, 5), (2, 4), (2, 6), (3, 4), (8, 9))
 
 STATS = (r"^(http\.ingress\.downstream_rq_(completed|2xx)|cluster\.(webhooks|probe_receiver)\.upstream_rq_"
          r"(active|pending_active|completed|pending_overflow)|wasmcustom\.webhook_emitter\.(outbox_depth|"
-         r"deliveries_(attempted|succeeded|failed|dropped\.queue_full)|events_emitted))$")
+         r"deliveries_(attempted|succeeded|failed|dropped\.queue_full)|events_emitted|registry_updates|"
+         r"reports_(sent|dropped)))$")
 
 
 def env_num(name: str, default, kind=float):
@@ -114,6 +120,7 @@ def settings_from(args) -> dict:
         "envoy_cpu": envoy_cpu,
         "load_cpu": load_cpu,
         "plot": not quick and not args.no_plot,
+        "configs": [int(c) for c in os.environ.get("BENCH_CONFIGS", "").split(",") if c.strip()] or list(CONFIGS),
     }
 
 
@@ -150,19 +157,29 @@ class Bench:
                                               "warning").start()
         self.backend.wait_ready(["jobs", "hooks"])
         jobs_port, hooks_port = self.backend.ports["jobs"], self.backend.ports["hooks"]
-        self.etcd = topology.start_etcd(s["load_cpu"])
-        for c in CONFIGS:
+        configs = s["configs"]
+        self.etcd = topology.start_etcd(s["load_cpu"]) if set(configs) & set(topology.JOURNALED) else None
+        self.registry = (topology.start_registry(s["load_cpu"], self.work)
+                         if set(configs) & set(topology.REGISTRY_REPORTS) else None)
+        for c in configs:
             if HOOKS[c]:
                 self.webhooks[c] = topology.Webhooks(HOOKS[c], hooks_port, self.probe_receiver.port)
-        for c in CONFIGS:
-            filters = topology.filters_for(c, self.wasm, self.webhooks)
+        for c in configs:
+            filters = topology.filters_for(c, self.wasm, self.webhooks, self.registry)
             boot = topology.under_test_bootstrap(f"config{c}", filters, jobs_port, hooks_port,
                                                  self.probe_jobs.port, self.probe_receiver.port,
-                                                 etcd=self.etcd if c in topology.JOURNALED else None)
+                                                 etcd=self.etcd if c in topology.JOURNALED else None,
+                                                 registry=self.registry if c in topology.REGISTRY_REPORTS else None)
             self.envoys[c] = envoyproc.EnvoyProcess(f"config{c}", boot, self.work, s["envoy_cpu"],
                                                     s["log_level"]).start()
         for c, e in self.envoys.items():
             e.wait_ready(["ingress"], timeout=120)
+        for c in set(configs) & set(topology.REGISTRY_REPORTS):  # the registry's webhook is in force
+            deadline = time.monotonic() + 60
+            while not self.envoys[c].stats(STATS).get("wasmcustom.webhook_emitter.registry_updates"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"config{c} did not apply the registry's webhook within 60 s")
+                time.sleep(0.1)
 
     def stop(self) -> None:
         for e in [*self.envoys.values(), self.backend]:
@@ -173,6 +190,8 @@ class Bench:
                 srv.stop()
         if getattr(self, "etcd", None) is not None:
             self.etcd.stop()
+        if getattr(self, "registry", None) is not None:
+            self.registry.stop()
 
     # -- one step ------------------------------------------------------------------------------------------------
     def hooks_delivered(self) -> int:
@@ -268,6 +287,8 @@ class Bench:
                 "dropped_queue_full": d("wasmcustom.webhook_emitter.deliveries_dropped.queue_full"),
                 "deliveries_failed": d("wasmcustom.webhook_emitter.deliveries_failed"),
                 "callout_overflow": d("cluster.webhooks.upstream_rq_pending_overflow"),
+                "reports_sent": d("wasmcustom.webhook_emitter.reports_sent"),
+                "reports_dropped": d("wasmcustom.webhook_emitter.reports_dropped"),
             })
         if pr:
             lat, missing = pr.latencies_ms()
@@ -305,13 +326,21 @@ class Bench:
 
     def run(self) -> dict:
         s = self.s
+        configs = s["configs"]
         if s["warmup_s"] > 0:
-            for c in CONFIGS:
+            for c in configs:
                 self.step("warmup", c, None, duration=s["warmup_s"])
         for rnd in range(s["rounds"]):
-            for c in self.rotated(CONFIGS, rnd):
+            for c in self.rotated(configs, rnd):
                 self.step("saturation", c, None, rnd)
         if s["quick"]:
+            return self.results(None)
+        if 0 not in configs:  # a subset (BENCH_CONFIGS): its own A/B pairs only
+            for a, b in AB_PAIRS:
+                if a in configs and b in configs:
+                    for i in range(s["ab_pairs"]):
+                        for c in ((a, b) if i % 2 == 0 else (b, a)):
+                            self.step(f"ab-sat-{a}{b}", c, None, i, duration=s["ab_duration_s"])
             return self.results(None)
         sat0 = statistics.median(r["rps"] for r in self.steps if r["phase"] == "saturation" and r["config"] == 0)
         fixed = round(sat0 * FIXED_FRACTION)

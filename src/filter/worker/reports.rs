@@ -377,7 +377,8 @@ impl Worker {
         host: &dyn Host,
         now_ms: u64,
     ) -> Option<(u32, LogRequest)> {
-        let settings = self.plan.registry.clone()?;
+        let plan = Rc::clone(&self.plan);
+        let settings = plan.registry.as_ref()?;
         let dlog = self.delivery_log.as_mut()?;
         let open_due = dlog
             .batch
@@ -400,7 +401,7 @@ impl Worker {
         let body = batch.into_body(&dlog.proxy, &holding);
         dlog.last_sent_ms = now_ms;
         let path = dlog.reports_path.clone();
-        match registry_post(host, &settings, &path, &body) {
+        match registry_post(host, settings, &path, &body) {
             Ok(token) => {
                 dlog.out += 1;
                 Some((token, LogRequest::Report { records }))

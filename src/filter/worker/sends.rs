@@ -5,9 +5,7 @@
 //! schedule and reported with their `sendId`. Each report lists the sends still held, which
 //! renews their leases; a proxy that dies lets its leases run out, and another claims them.
 
-use super::reports::{
-    registry_post, LogRequest, Trace, CLAIM_MAX, MIN_CLAIM_GAP_MS, SLOW_CLAIM_MS,
-};
+use super::reports::{registry_post, LogRequest, Trace, CLAIM_MAX};
 use super::Worker;
 use crate::delivery::report::Outcome;
 use crate::delivery::send::{claim_request, read_claim_answer, ClaimedSend};
@@ -35,7 +33,8 @@ impl Worker {
         host: &dyn Host,
         now_ms: u64,
     ) -> Option<(u32, LogRequest)> {
-        let settings = self.plan.registry.clone()?;
+        let plan = Rc::clone(&self.plan);
+        let settings = plan.registry.as_ref()?;
         // A send names a webhook of the registry: claim once this proxy's copy is complete.
         let loaded = !self.waiting_for_registry();
         let dlog = self.delivery_log.as_mut()?;
@@ -47,7 +46,7 @@ impl Worker {
         dlog.sends.pending = dlog.sends.pending.map(|_| false);
         dlog.sends.again = false;
         let body = claim_request(&dlog.proxy, CLAIM_MAX);
-        match registry_post(host, &settings, &dlog.claim_path.clone(), &body) {
+        match registry_post(host, settings, &dlog.claim_path.clone(), &body) {
             Ok(token) => {
                 dlog.sends.claiming = true;
                 Some((token, LogRequest::Claim))
