@@ -226,6 +226,80 @@ pub struct EventRule {
     pub when: Vec<Condition>,
     pub object_pointer: String,
     pub organisation: OrganisationSource,
+    /// How to read the object again when the response was cut short (`refetch`).
+    pub refetch: Option<RefetchSpec>,
+}
+
+/// A rule's `refetch`: the request that reads the object again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefetchSpec {
+    pub method: String,
+    /// The path template; every capture is one of `match.path`'s.
+    pub path: Vec<PathPart>,
+    /// The cluster to send it to; None: the route's upstream cluster as Envoy reports it.
+    pub cluster: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathPart {
+    Literal(String),
+    Capture(String),
+}
+
+impl RefetchSpec {
+    /// Parses `refetch.path` against the rule's `match.path` (whose captures fill it).
+    pub fn parse_path(template: &str, matching: &PathTemplate) -> Result<Vec<PathPart>, String> {
+        // Same syntax and canonical form as match.path, so the same errors.
+        let parsed = PathTemplate::parse(template)?;
+        // Canonicalising drops empty segments but never reorders captures: they come in the
+        // template's order.
+        let mut names = template
+            .split('/')
+            .filter_map(|part| part.strip_prefix('{').and_then(|p| p.strip_suffix('}')));
+        let mut parts = Vec::new();
+        for part in parsed.parts() {
+            match part {
+                Some(literal) => parts.push(PathPart::Literal(literal.to_string())),
+                None => {
+                    let name = names.next().ok_or("a capture without a name")?;
+                    if !matching.has_capture(name) {
+                        return Err(format!(
+                            "{{{name}}} is not a capture of match.path (refetch.path is filled from it)"
+                        ));
+                    }
+                    parts.push(PathPart::Capture(name.to_string()));
+                }
+            }
+        }
+        Ok(parts)
+    }
+
+    /// The refetch path for a request `path` the rule matched, each capture percent-encoded
+    /// where a path segment needs it. None if a capture is missing (the rule did not match).
+    pub fn fill(&self, matching: &PathTemplate, path: &str) -> Option<String> {
+        let mut out = String::new();
+        for part in &self.path {
+            out.push('/');
+            match part {
+                PathPart::Literal(lit) => out.push_str(lit),
+                PathPart::Capture(name) => encode_segment(&mut out, matching.capture(path, name)?),
+            }
+        }
+        Some(out)
+    }
+}
+
+/// Copies a captured segment, percent-encoding what a path segment may not hold as is. `%` stays:
+/// a capture keeps the escapes the client sent.
+fn encode_segment(out: &mut String, segment: &str) {
+    for b in segment.bytes() {
+        let keep = b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@%".contains(&b);
+        if keep {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
 }
 
 /// What the request told us, kept only for candidate streams.
@@ -358,6 +432,7 @@ mod tests {
             }],
             object_pointer: String::new(),
             organisation: org,
+            refetch: None,
         }
     }
 

@@ -19,13 +19,39 @@ enum State {
     #[default]
     Ignored,
     /// Rules (by index) that matched the request, with the facts each needs.
-    Candidate { rules: Vec<(usize, RequestFacts)> },
+    Candidate {
+        rules: Vec<(usize, RequestFacts)>,
+        request: RequestLine,
+    },
     /// The status matched too: the body is being copied.
     Collecting {
         rules: Vec<(usize, RequestFacts)>,
+        request: RequestLine,
         body: BodyBuffer,
         encoding: Encoding,
     },
+    /// The request matched, the status did not: no event, reported once when the stream ends.
+    StatusNotMatched(NoEvent),
+}
+
+/// What a candidate's request said, kept for a stream that ends early (its log line, its
+/// refetch).
+#[derive(Debug, Clone, Default)]
+struct RequestLine {
+    path: String,
+    authority: String,
+}
+
+/// One matched rule of a candidate stream that ended before its response was complete.
+#[derive(Debug, Clone)]
+pub struct Cut {
+    pub rule: usize,
+    pub facts: RequestFacts,
+    /// The request's `:path` and `:authority`.
+    pub path: String,
+    pub authority: String,
+    /// Whether the response headers (with a status the rule matches) had come.
+    pub response_started: bool,
 }
 
 /// Why a candidate response made no event (each is logged and counted by the glue).
@@ -50,6 +76,16 @@ pub enum NoEvent {
     BadObject {
         event_type: String,
         pointer: String,
+    },
+    /// The request matched a rule, the response's status did not (or it had no valid status):
+    /// not a completion, so no loss.
+    StatusNotMatched {
+        status: Option<u16>,
+        path: String,
+    },
+    /// The status matched, the body did not meet the rule's `when`: not a completion either.
+    ConditionsNotMet {
+        event_type: String,
     },
 }
 
@@ -137,7 +173,14 @@ impl Stream {
             })
             .collect();
         if !rules.is_empty() {
-            self.state = State::Candidate { rules };
+            let authority = headers::first(request, headers::AUTHORITY)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .unwrap_or_default();
+            let request = RequestLine {
+                path: path.to_string(),
+                authority,
+            };
+            self.state = State::Candidate { rules, request };
         }
         None
     }
@@ -145,25 +188,28 @@ impl Stream {
     /// The response headers: a candidate whose status matches starts copying the body.
     /// Returns whether it did.
     pub fn on_response_headers(&mut self, plan: &Plan, response: &[(&[u8], &[u8])]) -> bool {
-        let State::Candidate { rules } = std::mem::take(&mut self.state) else {
+        let State::Candidate { rules, request } = std::mem::take(&mut self.state) else {
             return false;
         };
-        let Some(status) =
-            headers::first(response, headers::STATUS).and_then(headers::parse_status)
-        else {
-            return false;
-        };
+        let status = headers::first(response, headers::STATUS).and_then(headers::parse_status);
         let rules: Vec<_> = rules
             .into_iter()
-            .filter(|(i, _)| plan.rules.get(*i).is_some_and(|r| r.matches_status(status)))
+            .filter(|(i, _)| {
+                status.is_some_and(|s| plan.rules.get(*i).is_some_and(|r| r.matches_status(s)))
+            })
             .collect();
         if rules.is_empty() {
+            self.state = State::StatusNotMatched(NoEvent::StatusNotMatched {
+                status,
+                path: request.path,
+            });
             return false;
         }
         let encoding = headers::first(response, headers::CONTENT_ENCODING)
             .map(|v| String::from_utf8_lossy(v).into_owned());
         self.state = State::Collecting {
             rules,
+            request,
             body: BodyBuffer::new(plan.delivery.max_body_bytes),
             encoding: Encoding::from_header(encoding.as_deref()),
         };
@@ -191,79 +237,127 @@ impl Stream {
         &mut self,
         plan: &Plan,
         now_ms: u64,
-        mut random: impl FnMut() -> [u8; 8],
+        random: impl FnMut() -> [u8; 8],
     ) -> Vec<StreamOutcome> {
         let State::Collecting {
             rules,
             body,
             encoding,
+            ..
         } = std::mem::take(&mut self.state)
         else {
             return Vec::new();
         };
-        let decoded = match body.decode(&encoding) {
-            Ok(decoded) => decoded,
-            Err(BodyError::TooLarge) => {
-                return vec![StreamOutcome::NoEvent(NoEvent::BodyTooLarge {
-                    limit: plan.delivery.max_body_bytes,
-                })]
-            }
-            Err(BodyError::Undecodable(why)) => {
-                return vec![StreamOutcome::NoEvent(NoEvent::BodyUndecodable(why))]
-            }
-            Err(BodyError::NotJson(why)) => {
-                return vec![StreamOutcome::NoEvent(NoEvent::BodyNotJson(why))]
-            }
-        };
-        let mut tree = None;
-        let json = match json::parse(&decoded, &mut tree) {
-            Ok(json) => json,
-            Err(why) => return vec![StreamOutcome::NoEvent(NoEvent::BodyNotJson(why))],
-        };
-        let mut outcomes = Vec::new();
-        for (index, facts) in &rules {
-            let Some(rule) = plan.rules.get(*index) else {
-                continue;
-            };
-            let event_type = || rule.event_type.clone();
-            let outcome = match rule.evaluate(facts, json) {
-                Evaluation::Matched {
-                    organisation_id,
-                    object,
-                } => StreamOutcome::Event(Event::new(
-                    EventId::new(now_ms / 1000, random()),
-                    &rule.event_type,
-                    &rule.object_type,
-                    &organisation_id,
-                    object,
-                    now_ms,
-                )),
-                Evaluation::ConditionsNotMet => continue,
-                Evaluation::NoOrganisation => StreamOutcome::NoEvent(NoEvent::NoOrganisation {
-                    event_type: event_type(),
-                }),
-                Evaluation::OrganisationNotUtf8(preview) => {
-                    StreamOutcome::NoEvent(NoEvent::OrganisationNotUtf8 {
-                        event_type: event_type(),
-                        preview,
-                    })
-                }
-                Evaluation::OrganisationRepeated => {
-                    StreamOutcome::NoEvent(NoEvent::OrganisationRepeated {
-                        event_type: event_type(),
-                    })
-                }
-                Evaluation::ObjectNotFound | Evaluation::ObjectNotAnObject => {
-                    StreamOutcome::NoEvent(NoEvent::BadObject {
-                        event_type: event_type(),
-                        pointer: rule.object_pointer.clone(),
-                    })
-                }
-            };
-            outcomes.push(outcome);
-        }
-        outcomes
+        body_outcomes(plan, &rules, &body, &encoding, now_ms, random)
     }
+
+    /// The stream ended: a candidate whose status no rule matched says so (once).
+    pub fn skipped(&mut self) -> Option<NoEvent> {
+        match std::mem::take(&mut self.state) {
+            State::StatusNotMatched(why) => Some(why),
+            other => {
+                self.state = other;
+                None
+            }
+        }
+    }
+
+    /// The stream ended (Envoy's `on_log`): a candidate that did not finish (no response
+    /// headers, or a body cut short by a reset or a timeout) comes back once per matched rule.
+    pub fn ended_early(&mut self) -> Vec<Cut> {
+        let (rules, request, response_started) = match std::mem::take(&mut self.state) {
+            State::Ignored | State::StatusNotMatched(_) => return Vec::new(),
+            State::Candidate { rules, request } => (rules, request, false),
+            State::Collecting { rules, request, .. } => (rules, request, true),
+        };
+        rules
+            .into_iter()
+            .map(|(rule, facts)| Cut {
+                rule,
+                facts,
+                path: request.path.clone(),
+                authority: request.authority.clone(),
+                response_started,
+            })
+            .collect()
+    }
+}
+
+/// A complete response body's outcomes: it is decoded and parsed, and each rule makes its event
+/// or says why not. The end of a stream and a refetch's answer both come here. `random` gives the
+/// 8 random bytes of each event id.
+pub fn body_outcomes(
+    plan: &Plan,
+    rules: &[(usize, RequestFacts)],
+    body: &BodyBuffer,
+    encoding: &Encoding,
+    now_ms: u64,
+    mut random: impl FnMut() -> [u8; 8],
+) -> Vec<StreamOutcome> {
+    let decoded = match body.decode(encoding) {
+        Ok(decoded) => decoded,
+        Err(BodyError::TooLarge) => {
+            return vec![StreamOutcome::NoEvent(NoEvent::BodyTooLarge {
+                limit: plan.delivery.max_body_bytes,
+            })]
+        }
+        Err(BodyError::Undecodable(why)) => {
+            return vec![StreamOutcome::NoEvent(NoEvent::BodyUndecodable(why))]
+        }
+        Err(BodyError::NotJson(why)) => {
+            return vec![StreamOutcome::NoEvent(NoEvent::BodyNotJson(why))]
+        }
+    };
+    let mut tree = None;
+    let json = match json::parse(&decoded, &mut tree) {
+        Ok(json) => json,
+        Err(why) => return vec![StreamOutcome::NoEvent(NoEvent::BodyNotJson(why))],
+    };
+    let mut outcomes = Vec::new();
+    for (index, facts) in rules {
+        let Some(rule) = plan.rules.get(*index) else {
+            continue;
+        };
+        let event_type = || rule.event_type.clone();
+        let outcome = match rule.evaluate(facts, json) {
+            Evaluation::Matched {
+                organisation_id,
+                object,
+            } => StreamOutcome::Event(Event::new(
+                EventId::new(now_ms / 1000, random()),
+                &rule.event_type,
+                &rule.object_type,
+                &organisation_id,
+                object,
+                now_ms,
+            )),
+            Evaluation::ConditionsNotMet => StreamOutcome::NoEvent(NoEvent::ConditionsNotMet {
+                event_type: event_type(),
+            }),
+            Evaluation::NoOrganisation => StreamOutcome::NoEvent(NoEvent::NoOrganisation {
+                event_type: event_type(),
+            }),
+            Evaluation::OrganisationNotUtf8(preview) => {
+                StreamOutcome::NoEvent(NoEvent::OrganisationNotUtf8 {
+                    event_type: event_type(),
+                    preview,
+                })
+            }
+            Evaluation::OrganisationRepeated => {
+                StreamOutcome::NoEvent(NoEvent::OrganisationRepeated {
+                    event_type: event_type(),
+                })
+            }
+            Evaluation::ObjectNotFound | Evaluation::ObjectNotAnObject => {
+                StreamOutcome::NoEvent(NoEvent::BadObject {
+                    event_type: event_type(),
+                    pointer: rule.object_pointer.clone(),
+                })
+            }
+        };
+        outcomes.push(outcome);
+    }
+    outcomes
 }
 
 /// Parses a host header map, treating a malformed one as empty (it then matches nothing).

@@ -29,6 +29,7 @@ import harness  # noqa: E402
 from harness.checks import signature_valid  # noqa: E402
 from harness.config import (  # noqa: E402
     BODY_ORGANISATION,
+    REFETCH_JOB,
     PluginConfig,
     delivery_section,
     job_completed_rule,
@@ -69,7 +70,7 @@ def run(wasm: Path, work: Path, timeout: float) -> int:
 def flow(wasm, registry, jobs, receiver, pki, timeout) -> int:
     # The filter's configuration names no webhook: they all come from the registry. The organisation of an
     # event comes from the job service's answer (its own record of the job), never from the client.
-    config = PluginConfig(hooks=[], events=[job_completed_rule(organisation=BODY_ORGANISATION)],
+    config = PluginConfig(hooks=[], events=[job_completed_rule(organisation=BODY_ORGANISATION, refetch=REFETCH_JOB)],
                           delivery=delivery_section(cluster="webhooks_egress")).to_dict()
     config["registry"] = {"cluster": "registry", "authority": "registry", "tokenEnv": "REGISTRY_TOKEN",
                           "pollMs": POLL_MS}

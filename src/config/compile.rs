@@ -5,14 +5,15 @@
 use super::defaults;
 use super::errors::Errors;
 use super::raw::{
-    RawCondition, RawConfig, RawDeadLetter, RawDelivery, RawJournal, RawOrganisation, RawRegistry,
-    RawRule, RawWebhook,
+    RawCondition, RawConfig, RawDeadLetter, RawDelivery, RawJournal, RawOrganisation, RawRefetch,
+    RawRegistry, RawRule, RawWebhook,
 };
 use super::{DeadLetter, DeliverySettings, Plan, RegistrySettings, Webhook, WebhookRules};
 use crate::delivery::{OutboxSettings, RetryPolicy};
 use crate::journal::JournalSettings;
 use crate::rules::{
-    validate_json_pointer, Check, Condition, EventRule, MethodSet, OrganisationSource, PathTemplate,
+    validate_json_pointer, Check, Condition, EventRule, MethodSet, OrganisationSource,
+    PathTemplate, RefetchSpec,
 };
 use crate::signature::SigningKey;
 use crate::url::WebhookUrl;
@@ -458,6 +459,10 @@ fn compile_rule(raw: &RawRule, at: &str, errors: &mut Errors) -> Option<EventRul
         &format!("{at}.organisationId"),
         errors,
     );
+    let refetch = raw
+        .refetch
+        .as_ref()
+        .and_then(|r| compile_refetch(r, path.as_ref(), &format!("{at}.refetch"), errors));
     if !errors.clean_since(mark) {
         return None;
     }
@@ -470,6 +475,35 @@ fn compile_rule(raw: &RawRule, at: &str, errors: &mut Errors) -> Option<EventRul
         when,
         object_pointer: raw.object.clone(),
         organisation,
+        refetch,
+    })
+}
+
+/// `refetch`: a known method, a path whose captures are all `match.path`'s (`path` is the parsed
+/// `match.path`, if it parsed), a cluster that is not empty.
+fn compile_refetch(
+    raw: &RawRefetch,
+    path: Option<&PathTemplate>,
+    at: &str,
+    errors: &mut Errors,
+) -> Option<RefetchSpec> {
+    if MethodSet::bit(&raw.method).is_none() {
+        errors.push(
+            format!("{at}.method"),
+            format!("{:?} is not an uppercase HTTP method", raw.method),
+        );
+    }
+    if raw.cluster.as_deref() == Some("") {
+        errors.push(format!("{at}.cluster"), "must not be empty");
+    }
+    // A match.path that did not parse has its own error.
+    let parts = RefetchSpec::parse_path(&raw.path, path?)
+        .map_err(|e| errors.push(format!("{at}.path"), e))
+        .ok()?;
+    Some(RefetchSpec {
+        method: raw.method.clone(),
+        path: parts,
+        cluster: raw.cluster.clone(),
     })
 }
 

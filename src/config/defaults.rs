@@ -11,6 +11,8 @@ pub(super) const METHODS: [&str; 3] = ["POST", "PUT", "PATCH"];
 pub(super) const STATUSES: Range<u16> = 200..300;
 /// `object`: the whole response body.
 pub(super) const OBJECT_POINTER: &str = "";
+/// `refetch.method`.
+pub(super) const REFETCH_METHOD: &str = "GET";
 
 // ---- delivery ----
 

@@ -24,6 +24,14 @@ pub(super) struct RawRule {
     pub(super) when: Vec<RawCondition>,
     pub(super) object: String,
     pub(super) organisation_id: RawOrganisation,
+    pub(super) refetch: Option<RawRefetch>,
+}
+
+/// `events[].refetch`: how to read the object again when its response was cut short.
+pub(super) struct RawRefetch {
+    pub(super) path: String,
+    pub(super) method: String,
+    pub(super) cluster: Option<String>,
 }
 
 /// `events[].match`: which requests and responses a rule looks at.
@@ -200,6 +208,7 @@ fn read_rule(value: &Value, at: &str, errors: &mut Errors) -> Option<RawRule> {
         "when",
         "object",
         "organisationId",
+        "refetch",
     ];
     let mark = errors.mark();
     let mut f = fields(value, at, &known, errors)?;
@@ -211,11 +220,13 @@ fn read_rule(value: &Value, at: &str, errors: &mut Errors) -> Option<RawRule> {
     let matching = f.required("match");
     let when = f.opt_array("when");
     let organisation = f.required("organisationId");
+    let refetch = f.get("refetch");
     let errors = f.errors;
     let matching = matching.and_then(|m| read_match(m, &join(at, "match"), errors));
     let when = read_conditions(when.unwrap_or(&Vec::new()), at, errors);
     let organisation_id =
         organisation.and_then(|o| read_organisation(o, &join(at, "organisationId"), errors));
+    let refetch = refetch.and_then(|r| read_refetch(r, &join(at, "refetch"), errors));
     if !errors.clean_since(mark) {
         return None;
     }
@@ -226,6 +237,25 @@ fn read_rule(value: &Value, at: &str, errors: &mut Errors) -> Option<RawRule> {
         when,
         object,
         organisation_id: organisation_id?,
+        refetch,
+    })
+}
+
+fn read_refetch(value: &Value, at: &str, errors: &mut Errors) -> Option<RawRefetch> {
+    let mark = errors.mark();
+    let mut f = fields(value, at, &["path", "method", "cluster"], errors)?;
+    let path = f.string("path");
+    let method = f
+        .opt_string("method")
+        .unwrap_or_else(|| defaults::REFETCH_METHOD.to_string());
+    let cluster = f.opt_string("cluster");
+    if !f.errors.clean_since(mark) {
+        return None;
+    }
+    Some(RawRefetch {
+        path: path?,
+        method,
+        cluster,
     })
 }
 

@@ -746,6 +746,64 @@ fn a_rotated_key_signs_beside_the_new_one_until_it_expires() {
 }
 
 #[test]
+fn refetch_is_read_with_its_defaults_and_checked_against_match_path() {
+    let config = valid_with(|c| {
+        c["events"][0]["refetch"] = json!({"path": "/jobs/{jobId}"});
+    });
+    let plan = Plan::from_json(config.to_string().as_bytes(), &no_env).unwrap();
+    let spec = plan.rules[0].refetch.as_ref().unwrap();
+    assert_eq!(spec.method, "GET");
+    assert_eq!(spec.cluster, None);
+    let matching = &plan.rules[0].path;
+    // The filter hands it the canonical path (no query); a capture keeps its escapes.
+    assert_eq!(
+        spec.fill(matching, "/jobs/j%3B1/complete").as_deref(),
+        Some("/jobs/j%3B1")
+    );
+    let config = valid_with(|c| {
+        c["events"][0]["refetch"] = json!({"path": "//v%31/jobs/{jobId}/"});
+    });
+    let plan = Plan::from_json(config.to_string().as_bytes(), &no_env).unwrap();
+    let spec = plan.rules[0].refetch.as_ref().unwrap();
+    assert_eq!(
+        spec.fill(&plan.rules[0].path, "/jobs/42/complete")
+            .as_deref(),
+        Some("/v1/jobs/42")
+    );
+    let without = Plan::from_json(valid().to_string().as_bytes(), &no_env).unwrap();
+    assert!(without.rules[0].refetch.is_none());
+
+    rejects(
+        |c| c["events"][0]["refetch"] = json!({"path": "/jobs/{id}"}),
+        "events[0].refetch.path: {id} is not a capture of match.path",
+    );
+    rejects(
+        |c| c["events"][0]["refetch"] = json!({"path": "jobs/{jobId}"}),
+        "events[0].refetch.path: must start with '/'",
+    );
+    rejects(
+        |c| c["events"][0]["refetch"] = json!({"path": "/jobs/{jobId}", "method": "get"}),
+        "events[0].refetch.method: \"get\" is not an uppercase HTTP method",
+    );
+    rejects(
+        |c| c["events"][0]["refetch"] = json!({"path": "/jobs/{jobId}", "cluster": ""}),
+        "events[0].refetch.cluster: must not be empty",
+    );
+    rejects(
+        |c| c["events"][0]["refetch"] = json!({"path": "/jobs/{jobId}", "timeout": 1}),
+        "events[0].refetch.timeout: unknown field",
+    );
+    rejects(
+        |c| c["events"][0]["refetch"] = json!({"method": "GET"}),
+        "events[0].refetch.path:",
+    );
+    rejects(
+        |c| c["events"][0]["refetch"] = json!("/jobs/{jobId}"),
+        "events[0].refetch: must be a JSON object",
+    );
+}
+
+#[test]
 fn case_insensitive_paths_and_canonical_templates() {
     let plan = Plan::from_json(valid().to_string().as_bytes(), &no_env).unwrap();
     assert!(!plan.rules[0].path.is_case_insensitive());

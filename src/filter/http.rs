@@ -1,11 +1,15 @@
 //! The HTTP context: one per stream. It hands what Envoy shows of the stream to the core's
 //! pipeline ([`crate::stream::Stream`]) and what the pipeline produces to the worker. Every
 //! callback returns `Continue`: the client's answer is never paused or changed.
+//!
+//! Envoy calls `on_log` (and `on_done`) at the end of every stream, a reset one included: a
+//! candidate that has not finished by then was cut short, and goes to the worker with what Envoy
+//! says of the end (`response.code_details`) and of the route (`xds.cluster_name`).
 
 use super::abi::{self, BufferType, HeaderMap};
 use super::proxy::{now_ms, random_bytes, ProxyHost};
 use super::unusable_path;
-use super::worker::SharedWorker;
+use super::worker::{SharedWorker, StreamEnd};
 use crate::config::Plan;
 use crate::stream::{header_pairs, Stream};
 use proxy_wasm::traits::{Context, HttpContext};
@@ -40,9 +44,47 @@ impl EmitterStream {
                 .on_stream_outcome(&ProxyHost, outcome, now);
         }
     }
+
+    /// The stream is over: a candidate that did not finish is reported as cut.
+    fn ended(&mut self) {
+        if let (Some(why), Some(worker)) = (self.stream.skipped(), &self.worker) {
+            worker.borrow().report_no_event(&ProxyHost, &why);
+        }
+        let cuts = self.stream.ended_early();
+        if cuts.is_empty() {
+            return;
+        }
+        let (Some(worker), Some(plan)) = (&self.worker, &self.plan) else {
+            return;
+        };
+        let text = |path: &[&str]| {
+            abi::property(path)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .filter(|s| !s.is_empty())
+        };
+        let details = text(&["response", "code_details"]);
+        let cluster = text(&["xds", "cluster_name"]);
+        let end = StreamEnd {
+            details: details.as_deref().unwrap_or("no details"),
+            route_cluster: cluster.as_deref(),
+        };
+        worker.borrow_mut().on_stream_cut(
+            &ProxyHost,
+            plan,
+            cuts,
+            &end,
+            now_ms(),
+            random_bytes::<8>,
+        );
+    }
 }
 
-impl Context for EmitterStream {}
+impl Context for EmitterStream {
+    fn on_done(&mut self) -> bool {
+        self.ended();
+        true
+    }
+}
 
 impl HttpContext for EmitterStream {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
@@ -93,5 +135,9 @@ impl HttpContext for EmitterStream {
     fn on_http_response_trailers(&mut self, _trailers: usize) -> Action {
         self.finish();
         Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        self.ended();
     }
 }

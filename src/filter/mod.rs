@@ -13,7 +13,11 @@ mod testing;
 #[cfg(test)]
 mod worker_journal_tests;
 #[cfg(all(test, not(target_arch = "wasm32")))]
+mod worker_ledger_props;
+#[cfg(all(test, not(target_arch = "wasm32")))]
 mod worker_props;
+#[cfg(test)]
+mod worker_refetch_tests;
 #[cfg(test)]
 mod worker_tests;
 

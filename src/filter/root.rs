@@ -11,6 +11,7 @@ use crate::config::Plan;
 use crate::delivery::AttemptOutcome;
 use crate::headers;
 use crate::journal::Purpose as JournalRequest;
+use crate::refetch::{RefetchAnswer, RefetchJob};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::ContextType;
@@ -32,14 +33,15 @@ thread_local! {
     static WORKERS: RefCell<HashMap<String, Weak<RefCell<Worker>>>> = RefCell::new(HashMap::new());
 }
 
-/// What a callout was for: a delivery attempt, a registry poll, or a request to the journal's
-/// etcd.
+/// What a callout was for: a delivery attempt, a registry poll, a request to the journal's
+/// etcd, or the refetch of a completion whose answer was cut short.
 enum Out {
     Delivery(Attempt),
     RegistryPoll,
     Journal(JournalRequest),
     /// A delivery report or a claim of queued sends.
     DeliveryLog(LogRequest),
+    Refetch(RefetchJob),
 }
 
 #[derive(Default)]
@@ -121,6 +123,37 @@ impl EmitterRoot {
         let log = worker.borrow_mut().delivery_log_poll(&ProxyHost, now_ms());
         self.callouts
             .extend(log.into_iter().map(|(t, r)| (t, Out::DeliveryLog(r))));
+        let refetches = worker.borrow_mut().refetch_pump(&ProxyHost, now_ms());
+        self.callouts
+            .extend(refetches.into_iter().map(|(t, j)| (t, Out::Refetch(j))));
+    }
+}
+
+/// A refetch's answer, read as bytes: at most one byte past `max_body_bytes` of its body (more
+/// is too large either way).
+fn refetch_answer(header_count: usize, body_size: usize, max_body_bytes: usize) -> RefetchAnswer {
+    let map = (header_count > 0)
+        .then(|| abi::header_map(HeaderMap::CalloutResponse))
+        .flatten();
+    let pairs = map.as_deref().and_then(headers::parse_map);
+    let Some(pairs) = pairs else {
+        return RefetchAnswer::Failed("no answer (connection reset or timeout)".into());
+    };
+    let Some(code) = headers::first(&pairs, headers::STATUS).and_then(headers::parse_status) else {
+        return RefetchAnswer::Failed("answer without a valid :status".into());
+    };
+    let content_encoding = headers::first(&pairs, headers::CONTENT_ENCODING)
+        .map(|v| String::from_utf8_lossy(v).into_owned());
+    let wanted = body_size.min(max_body_bytes.saturating_add(1));
+    let body = if wanted > 0 {
+        abi::buffer(BufferType::CalloutResponseBody, 0, wanted).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    RefetchAnswer::Status {
+        code,
+        content_encoding,
+        body,
     }
 }
 
@@ -166,6 +199,18 @@ impl Context for EmitterRoot {
         let Some(worker) = self.worker.clone() else {
             return;
         };
+        if let Out::Refetch(job) = out {
+            let answer = refetch_answer(headers, body, job.plan.delivery.max_body_bytes);
+            worker
+                .borrow_mut()
+                .on_refetch_answer(&ProxyHost, job, answer, now_ms());
+            if self.draining && self.callouts.is_empty() {
+                self.done();
+            } else {
+                self.pump();
+            }
+            return;
+        }
         if let Out::RegistryPoll = out {
             let answer = registry_answer(headers, body);
             let mut w = worker.borrow_mut();
@@ -197,7 +242,7 @@ impl Context for EmitterRoot {
                     .borrow_mut()
                     .on_answer(&ProxyHost, attempt, &outcome, now_ms())
             }
-            Out::RegistryPoll => {}
+            Out::RegistryPoll | Out::Refetch(_) => {}
             Out::DeliveryLog(request) => {
                 let status = match outcome {
                     AttemptOutcome::Status { code, .. } => Some(code),

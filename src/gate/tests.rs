@@ -18,6 +18,7 @@ fn rule(methods: &[&str], path: &str) -> EventRule {
         when: vec![],
         object_pointer: String::new(),
         organisation: OrganisationSource::Pointer("/org".into()),
+        refetch: None,
     }
 }
 

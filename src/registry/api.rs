@@ -128,6 +128,10 @@ pub fn router(app: Arc<App>) -> Router {
             post(rotate_key),
         )
         .merge(deliveries::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            reports::pending_sends_flag,
+        ))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(request_deadline))
         .layer(DefaultBodyLimit::max(MAX_BODY))
@@ -297,7 +301,7 @@ async fn create_webhook(
         created_ms: now,
         updated_ms: now,
     };
-    check_entry_size(&webhook).map_err(too_large)?;
+    check_entry_size(&webhook, None).map_err(too_large)?;
     let detail = json!({"name": webhook.name, "url": webhook.url, "status": webhook.status, "events": webhook.events});
     let written = app
         .store
@@ -390,7 +394,7 @@ async fn update_webhook(
     }
     let now = now_ms();
     webhook.updated_ms = now;
-    check_entry_size(&webhook).map_err(too_large)?;
+    check_entry_size(&webhook, Some(&old)).map_err(too_large)?;
     put_existing(
         &app,
         &webhook,
@@ -454,7 +458,7 @@ async fn rotate_key(
     webhook.previous_key_expires_ms = Some(expires);
     webhook.key_rotated_ms = Some(now);
     webhook.updated_ms = now;
-    check_entry_size(&webhook).map_err(too_large)?;
+    check_entry_size(&webhook, Some(&old)).map_err(too_large)?;
     put_existing(
         &app,
         &webhook,
@@ -542,11 +546,10 @@ async fn registry_changes(
             "the registry feed needs the proxies' bearer token".into(),
         ));
     }
-    let answer = app
+    Ok(app
         .changes
         .answer(&app.store, &app.sealer, query.as_deref())
-        .await;
-    Ok(reports::flag_pending_sends(&app, answer).await)
+        .await)
 }
 
 async fn build_feed(app: &App, now: i64) -> Result<Feed, ApiError> {

@@ -41,6 +41,8 @@ pub struct DeliverySettings {
     /// None: never disable.
     pub auto_disable_after_ms: Option<i64>,
     pub lease_ms: i64,
+    /// Whether sends are pending, as last read (not a setting: shared by the requests).
+    pub pending: PendingCache,
 }
 
 impl Default for DeliverySettings {
@@ -50,7 +52,33 @@ impl Default for DeliverySettings {
             max_per_organisation: 100_000,
             auto_disable_after_ms: Some(5 * DAY_MS),
             lease_ms: 60_000,
+            pending: Default::default(),
         }
+    }
+}
+
+/// The last answer of `sends::pending`, shared by the feed's requests for [`PendingCache::FRESH_MS`], so that many
+/// proxies polling at once cost one query. Queueing or claiming on this replica forgets it at once.
+#[derive(Debug, Clone, Default)]
+pub struct PendingCache(std::sync::Arc<std::sync::atomic::AtomicI64>);
+
+impl PendingCache {
+    const FRESH_MS: i64 = 250;
+
+    /// The answer known as of `now_ms`, if fresh.
+    pub fn get(&self, now_ms: i64) -> Option<bool> {
+        let stored = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        let (at, pending) = (stored >> 1, stored & 1 == 1);
+        (stored != 0 && now_ms >= at && now_ms - at < Self::FRESH_MS).then_some(pending)
+    }
+
+    pub fn set(&self, now_ms: i64, pending: bool) {
+        let stored = (now_ms.max(1) << 1) | i64::from(pending);
+        self.0.store(stored, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn forget(&self) {
+        self.0.store(0, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -61,13 +89,16 @@ const MAX_PERIOD_MS: i64 = 3650 * DAY_MS;
 impl DeliveryArgs {
     pub fn settings(&self) -> Result<DeliverySettings, String> {
         let lease_ms = parse_period(&self.send_lease).map_err(|e| format!("--send-lease: {e}"))?;
+        if self.max_deliveries_per_organisation == 0 {
+            return Err("--max-deliveries-per-organisation must be at least 1".into());
+        }
         if !(1_000..=3_600_000).contains(&lease_ms) {
             return Err("--send-lease must be between 1s and 1h".into());
         }
         Ok(DeliverySettings {
             retention_ms: parse_period(&self.delivery_retention)
                 .map_err(|e| format!("--delivery-retention: {e}"))?,
-            max_per_organisation: i64::from(self.max_deliveries_per_organisation.max(1)),
+            max_per_organisation: i64::from(self.max_deliveries_per_organisation),
             auto_disable_after_ms: if self.auto_disable_after == "off" {
                 None
             } else {
@@ -77,6 +108,7 @@ impl DeliveryArgs {
                 )
             },
             lease_ms,
+            pending: Default::default(),
         })
     }
 }
@@ -301,7 +333,7 @@ pub struct Report {
 }
 
 /// Rows per multi-row INSERT (well under SQLite's and Postgres' limits on bound values).
-const ROWS_PER_INSERT: usize = 100;
+pub const ROWS_PER_INSERT: usize = 100;
 
 /// One `deliveries` row's change from one report: the attempts of one (webhook, event) folded together.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -385,99 +417,6 @@ pub fn placeholders(rows: usize, columns: usize) -> String {
         out.push(')');
     }
     out
-}
-
-/// Stores a report in one transaction: events (each once), attempts, the deliveries' status, the webhooks'
-/// health, the sends it completes and the leases it renews.
-pub async fn store_report(
-    store: &Store,
-    report: &Report,
-    now_ms: i64,
-    lease_ms: i64,
-) -> Result<(), sqlx::Error> {
-    let mut tx = store.pool().begin().await?;
-    // A write first, so SQLite takes its write lock before any read of this transaction.
-    for chunk in report.events.chunks(ROWS_PER_INSERT) {
-        let sql = format!(
-            "INSERT INTO delivery_events (organisation_id, event_id, event_type, created_ms, envelope_head, \
-             envelope_tail, stored_ms) VALUES {} ON CONFLICT (organisation_id, event_id) DO NOTHING",
-            placeholders(chunk.len(), 7)
-        );
-        let mut query = sqlx::query(&sql);
-        for e in chunk {
-            query = query
-                .bind(&e.organisation_id)
-                .bind(&e.event_id)
-                .bind(&e.event_type)
-                .bind(e.created_ms)
-                .bind(e.envelope.as_ref().map(|(head, _)| head.as_str()))
-                .bind(e.envelope.as_ref().map(|(_, tail)| tail.as_str()))
-                .bind(now_ms);
-        }
-        query.execute(&mut *tx).await?;
-    }
-    for chunk in report.attempts.chunks(ROWS_PER_INSERT) {
-        let sql = format!(
-            "INSERT INTO delivery_attempts (webhook_id, event_id, organisation_id, attempt, at_ms, http_status, \
-             error, latency_ms, outcome, reason, send_id, proxy) VALUES {}",
-            placeholders(chunk.len(), 12)
-        );
-        let mut query = sqlx::query(&sql);
-        for a in chunk {
-            query = query
-                .bind(&a.webhook_id)
-                .bind(&a.event_id)
-                .bind(&a.organisation_id)
-                .bind(a.attempt)
-                .bind(a.at_ms)
-                .bind(a.http_status)
-                .bind(a.error.as_deref())
-                .bind(a.latency_ms)
-                .bind(a.outcome.as_str())
-                .bind(a.reason.as_deref())
-                .bind(a.send_id)
-                .bind(&report.proxy);
-        }
-        query.execute(&mut *tx).await?;
-    }
-    let changes = fold_deliveries(report);
-    for chunk in changes.chunks(ROWS_PER_INSERT) {
-        let sql = format!(
-            "INSERT INTO deliveries (webhook_id, event_id, organisation_id, event_type, status, created_ms, \
-             updated_ms, attempt_count, last_http_status, last_error) VALUES {} \
-             ON CONFLICT (webhook_id, event_id) DO UPDATE SET \
-             attempt_count = deliveries.attempt_count + excluded.attempt_count, \
-             status = CASE WHEN excluded.updated_ms >= deliveries.updated_ms THEN excluded.status \
-                 ELSE deliveries.status END, \
-             last_http_status = CASE WHEN excluded.updated_ms >= deliveries.updated_ms \
-                 AND (excluded.last_http_status IS NOT NULL OR excluded.last_error IS NOT NULL) \
-                 THEN excluded.last_http_status ELSE deliveries.last_http_status END, \
-             last_error = CASE WHEN excluded.updated_ms >= deliveries.updated_ms \
-                 AND (excluded.last_http_status IS NOT NULL OR excluded.last_error IS NOT NULL) \
-                 THEN excluded.last_error ELSE deliveries.last_error END, \
-             updated_ms = CASE WHEN excluded.updated_ms > deliveries.updated_ms THEN excluded.updated_ms \
-                 ELSE deliveries.updated_ms END",
-            placeholders(chunk.len(), 10)
-        );
-        let mut query = sqlx::query(&sql);
-        for c in chunk {
-            query = query
-                .bind(&c.webhook_id)
-                .bind(&c.event_id)
-                .bind(&c.organisation_id)
-                .bind(&c.event_type)
-                .bind(c.status)
-                .bind(c.created_ms)
-                .bind(c.updated_ms)
-                .bind(c.attempt_count)
-                .bind(c.last_http_status)
-                .bind(c.last_error.as_deref());
-        }
-        query.execute(&mut *tx).await?;
-    }
-    super::delivery_upkeep::record_health(&mut tx, store.is_postgres(), report).await?;
-    super::sends::settle(&mut tx, report, now_ms, lease_ms).await?;
-    tx.commit().await
 }
 
 /// One delivery as the API shows it, with its attempts (oldest first).

@@ -47,7 +47,9 @@ pub async fn record_health(
     postgres: bool,
     report: &Report,
 ) -> Result<(), sqlx::Error> {
-    let mut by_webhook: BTreeMap<&str, (&str, Vec<(i64, bool)>)> = BTreeMap::new();
+    // Per webhook: its organisation and its attempts as (time, succeeded).
+    type Attempts<'a> = (&'a str, Vec<(i64, bool)>);
+    let mut by_webhook: BTreeMap<&str, Attempts> = BTreeMap::new();
     for a in &report.attempts {
         let succeeded = match a.outcome {
             Outcome::Delivered => true,
@@ -286,6 +288,9 @@ pub async fn auto_disable(store: &Store, after_ms: i64) -> Result<(), sqlx::Erro
             continue;
         };
         if webhook.status == "enabled" {
+            // The reason first: it shows only while the webhook is disabled, so it is there the moment the
+            // write below is seen. The failure clock stops only once the write is done.
+            set_reason(store, &id, Some(&reason), now).await?;
             let mut disabled = webhook.clone();
             disabled.status = "disabled".into();
             disabled.updated_ms = now;
@@ -305,6 +310,7 @@ pub async fn auto_disable(store: &Store, after_ms: i64) -> Result<(), sqlx::Erro
                 .await?;
             if !written {
                 // Changed meanwhile: the next round looks again.
+                set_reason(store, &id, None, now).await?;
                 continue;
             }
             log(&format!(
@@ -313,11 +319,8 @@ pub async fn auto_disable(store: &Store, after_ms: i64) -> Result<(), sqlx::Erro
                 rfc3339(last)
             ));
             sqlx::query(
-                "UPDATE webhook_health SET disabled_reason = $1, disabled_ms = $2, failing_since_ms = NULL, \
-                 last_failure_ms = NULL WHERE webhook_id = $3",
+                "UPDATE webhook_health SET failing_since_ms = NULL, last_failure_ms = NULL WHERE webhook_id = $1",
             )
-            .bind(&reason)
-            .bind(now)
             .bind(&id)
             .execute(store.pool())
             .await?;
@@ -331,6 +334,23 @@ pub async fn auto_disable(store: &Store, after_ms: i64) -> Result<(), sqlx::Erro
             .await?;
         }
     }
+    Ok(())
+}
+
+async fn set_reason(
+    store: &Store,
+    webhook: &str,
+    reason: Option<&str>,
+    now_ms: i64,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE webhook_health SET disabled_reason = $1, disabled_ms = $2 WHERE webhook_id = $3",
+    )
+    .bind(reason)
+    .bind(reason.map(|_| now_ms))
+    .bind(webhook)
+    .execute(store.pool())
+    .await?;
     Ok(())
 }
 

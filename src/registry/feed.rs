@@ -1,6 +1,6 @@
 //! The proxies' feed, version 2 (`GET /v2/registry/changes?since=N`, docs/registry-feed.md): the changes after a
 //! cursor, in revision order, in pages bounded in bytes. A poll that finds nothing new costs one read of the head
-//! revision (and the compaction point, in the same statement); pages are built from the revision index, so their cost is their own size, never the registry's; and
+//! revision; pages are built from the revision index, so their cost is their own size, never the registry's; and
 //! concurrent identical polls share one page per `(since, head)`, built once.
 
 use super::keys::Sealer;
@@ -27,8 +27,9 @@ pub const MAX_PAGE_BYTES: usize = 16 * 1024 * 1024;
 const ENVELOPE_BYTES: usize = 90;
 /// The database must answer a poll within this time, or the poll gets 503.
 const DATABASE_DEADLINE: Duration = Duration::from_secs(2);
-/// Pages kept for the current head; beyond, the cache starts over.
-const MAX_CACHED_PAGES: usize = 256;
+/// Pages kept for the current head: at most this many bytes of them (at most 256 pages); beyond, the cache starts
+/// over.
+const MAX_CACHED_BYTES: usize = 32 * 1024 * 1024;
 
 /// The fields of an entry, borrowed from a stored webhook or a feed row.
 struct Entry<'a> {
@@ -62,8 +63,8 @@ impl Entry<'_> {
     }
 }
 
-/// The largest the webhook's entry can be on the wire: its fields as they are, the largest revision, two keys and
-/// an expiry (a rotation adds the second key, so the bound must hold with it).
+/// The largest the webhook's entry can be on the wire: its fields as they are, the largest revision, the longer
+/// status, two keys and an expiry (a disable or a rotation must not push it past the bound).
 pub fn entry_bytes_bound(w: &StoredWebhook) -> usize {
     let key = SigningKey::format_key(&[0u8; 32]);
     Entry {
@@ -73,17 +74,18 @@ pub fn entry_bytes_bound(w: &StoredWebhook) -> usize {
         name: &w.name,
         url: &w.url,
         description: &w.description,
-        status: &w.status,
+        status: "disabled",
         events: &w.events,
     }
     .to_json(&[key.clone(), key], Some(9_999_999_999_999))
     .len()
 }
 
-/// Refuses a webhook whose entry could exceed `MAX_ENTRY_BYTES`, naming the limit.
-pub fn check_entry_size(w: &StoredWebhook) -> Result<(), String> {
+/// Refuses a webhook whose entry could exceed `MAX_ENTRY_BYTES`, naming the limit. A change to a webhook stored
+/// before the bound (`was`) is refused only when it makes the entry larger, so it can still be disabled.
+pub fn check_entry_size(w: &StoredWebhook, was: Option<&StoredWebhook>) -> Result<(), String> {
     let bytes = entry_bytes_bound(w);
-    if bytes > MAX_ENTRY_BYTES {
+    if bytes > MAX_ENTRY_BYTES && was.is_none_or(|old| bytes > entry_bytes_bound(old)) {
         Err(format!(
             "the webhook's entry in the proxies' feed would take {bytes} bytes, more than the limit of \
              {MAX_ENTRY_BYTES} bytes: shorten the description, name or url (characters outside ASCII and \
@@ -153,6 +155,7 @@ struct PageCache {
 
 pub struct ChangesFeed {
     page_bytes: usize,
+    max_cached_pages: usize,
     cache: Mutex<PageCache>,
 }
 
@@ -166,6 +169,7 @@ impl ChangesFeed {
         }
         Ok(ChangesFeed {
             page_bytes,
+            max_cached_pages: (MAX_CACHED_BYTES / page_bytes).clamp(2, 256),
             cache: Mutex::new(PageCache::default()),
         })
     }
@@ -209,7 +213,7 @@ impl ChangesFeed {
     }
 
     async fn page(&self, store: &Store, sealer: &Sealer, since: i64) -> Result<Page, sqlx::Error> {
-        let (head, compacted) = revisions::head_and_compaction_point(store.pool()).await?;
+        let head = revisions::head(store.pool()).await?;
         if since == head {
             return Ok(Page::Changes(Bytes::from(envelope(head, head, false, ""))));
         }
@@ -218,8 +222,12 @@ impl ChangesFeed {
                 "cursor {since} is newer than the head {head} (was the database restored?): list again from 0"
             )));
         }
-        if since > 0 && since < compacted {
-            return Ok(gone_compacted(since, compacted));
+        // Read after the head, so never ahead of it; checked before the cache, whose pages outlive a pruning.
+        if since > 0 {
+            let compacted = revisions::compaction_point(store.pool()).await?;
+            if since < compacted {
+                return Ok(gone_compacted(since, compacted));
+            }
         }
         let cell = self.cell(since, head);
         let build = || self.build(store, sealer, since, head);
@@ -232,7 +240,7 @@ impl ChangesFeed {
     /// The shared slot of `(since, head)`, or None when `head` is behind the cache's (a read that raced a write).
     fn cell(&self, since: i64, head: i64) -> Option<Arc<OnceCell<Page>>> {
         let mut cache = self.cache.lock().ok()?;
-        if head > cache.head || cache.pages.len() >= MAX_CACHED_PAGES {
+        if head > cache.head || cache.pages.len() >= self.max_cached_pages {
             cache.pages.clear();
             cache.head = cache.head.max(head);
         }
@@ -260,7 +268,7 @@ impl ChangesFeed {
         let mut count = 0usize;
         let mut last = since;
         let mut more = false;
-        'pages: loop {
+        'reading: loop {
             let changes = revisions::changes(pool, last, head, chunk, since > 0).await?;
             let exhausted = i64::try_from(changes.len()).unwrap_or(i64::MAX) < chunk;
             for change in &changes {
@@ -276,7 +284,7 @@ impl ChangesFeed {
                     // At least one change per page, whatever its size.
                     if count > 0 && entries.len() + 1 + entry.len() > budget {
                         more = true;
-                        break 'pages;
+                        break 'reading;
                     }
                     if count > 0 {
                         entries.push(',');

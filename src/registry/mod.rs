@@ -7,6 +7,7 @@
 
 mod api;
 mod auth;
+mod delivery_ingest;
 mod delivery_log;
 mod delivery_upkeep;
 mod feed;
@@ -27,7 +28,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 #[derive(Debug, Subcommand)]
 pub enum RegistryCommand {
-    /// Run the registry: the API, the dashboard at /, and the proxies' feed at /v1/registry.
+    /// Run the registry: the API, the dashboard at /, the proxies' feeds (/v2/registry/changes, /v1/registry).
     Serve(ServeArgs),
     /// Print an HS256 token (claims sub, role, organisationId, exp), for demos and tests.
     Token(TokenArgs),
@@ -56,7 +57,7 @@ pub struct ServeArgs {
     /// Also require this `iss` claim.
     #[arg(long, env = "REGISTRY_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
-    /// Environment variable holding the proxies' bearer token for GET /v1/registry (at least 16 characters).
+    /// Environment variable holding the proxies' bearer token for the feeds (at least 16 characters).
     #[arg(long, env = "REGISTRY_PROXY_TOKEN_ENV", value_name = "NAME")]
     pub proxy_token_env: String,
     /// The catalogue of event types a webhook may subscribe to.
@@ -68,7 +69,7 @@ pub struct ServeArgs {
     )]
     pub event_types: Vec<String>,
     #[command(flatten)]
-    pub deliveries: delivery_log::DeliveryArgs,
+    pub deliveries: Box<delivery_log::DeliveryArgs>,
     /// Environment variable holding the main key (base64 of 32 bytes) that encrypts the API keys at rest.
     #[arg(long, env = "REGISTRY_MAIN_KEY_ENV", value_name = "NAME")]
     pub main_key_env: Option<String>,
@@ -94,7 +95,8 @@ pub struct ServeArgs {
     #[arg(
         long,
         env = "REGISTRY_MAX_WEBHOOKS_PER_ORGANISATION",
-        default_value_t = 100
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(1..)
     )]
     pub max_webhooks_per_organisation: u32,
 }

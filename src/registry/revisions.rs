@@ -104,15 +104,11 @@ pub async fn count_in_organisation(
         .try_get("n")
 }
 
-/// The head revision and the compaction point, read together (one statement, one snapshot).
-pub async fn head_and_compaction_point(pool: &AnyPool) -> Result<(i64, i64)> {
-    let row = sqlx::query(
-        "SELECT s.revision AS head, c.revision AS compacted FROM registry_state s, feed_compaction c \
-         WHERE s.id = 1 AND c.id = 1",
-    )
-    .fetch_one(pool)
-    .await?;
-    Ok((row.try_get("head")?, row.try_get("compacted")?))
+pub async fn head(pool: &AnyPool) -> Result<i64> {
+    sqlx::query("SELECT revision FROM registry_state WHERE id = 1")
+        .fetch_one(pool)
+        .await?
+        .try_get("revision")
 }
 
 /// The highest revision whose tombstone was pruned: cursors below it cannot be served.

@@ -109,7 +109,8 @@ pub async fn claim(
 ) -> Result<Vec<Value>, sqlx::Error> {
     let pool = store.pool();
     let candidates = sqlx::query(
-        "SELECT id, body_json_bytes FROM delivery_sends WHERE state = 'open' AND lease_until_ms < $1 \
+        "SELECT id, webhook_id, event_id, body_json_bytes FROM delivery_sends WHERE state = 'open' \
+         AND lease_until_ms < $1 \
          ORDER BY id LIMIT $2",
     )
     .bind(now_ms)
@@ -131,6 +132,16 @@ pub async fn claim(
             .bind(now_ms)
             .bind("too_large: the body does not fit in a claim's answer")
             .bind(id)
+            .execute(pool)
+            .await?;
+            // The delivery it was for is not pending any more: it cannot be sent this way.
+            sqlx::query(
+                "UPDATE deliveries SET status = 'failed', last_http_status = NULL, last_error = 'too_large', \
+                 updated_ms = $1 WHERE webhook_id = $2 AND event_id = $3 AND status = 'pending'",
+            )
+            .bind(now_ms)
+            .bind(row.try_get::<String, _>("webhook_id")?)
+            .bind(row.try_get::<String, _>("event_id")?)
             .execute(pool)
             .await?;
             super::log(&format!(

@@ -301,8 +301,7 @@ def loopback_bootstrap(wasm: Path, jobs_port: int, receiver_port: int, etcd_port
 
 
 def test_compose_config_and_servers_deliver_a_signed_event_on_loopback(wasm, key, envoys):
-    from harness.etcd import Etcd
-    from harness.observe import wait_for_log
+    from harness.etcd import Etcd, wait_journal_live
 
     jobs = Served("jobs", {})
     receiver = Served("receiver", {KEY_VAR: key})
@@ -312,7 +311,7 @@ def test_compose_config_and_servers_deliver_a_signed_event_on_loopback(wasm, key
                               name="compose-envoy", env={KEY_VAR: key, TOKEN_VAR: TOKEN})
         envoys.append(envoy)
         envoy.start()
-        wait_for_log(envoy, r"journal: owner \w+ is live")
+        wait_journal_live(envoy)
         job_id = "job-" + uuid.uuid4().hex[:12]
         # A client naming another organisation changes nothing: the organisation is the job service's answer.
         r = envoy.request("POST", f"/jobs/{job_id}/complete", headers={"x-organisation-id": "f" * 24}, body=b"{}")

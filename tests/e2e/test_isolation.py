@@ -50,7 +50,7 @@ def test_a_hanging_endpoint_does_not_slow_down_a_healthy_one(rc, start_envoy):
     mixed = [latency_of_one_event(envoy, rc, mixed_org, healthy.path) for _ in range(events)]
     # The hung attempts reach the receiver on fresh connections, some after a kernel SYN retry (its listen
     # backlog is small): wait for them rather than read the count at once.
-    harness.wait_until(lambda: len(rc.requests_to(hanging.path)) >= 16, timeout=8, desc="16 hung attempts")
+    harness.wait_until(lambda: len(rc.requests_to(hanging.path)) >= 16, timeout=20, desc="16 hung attempts")
     hung = rc.requests_to(hanging.path)
 
     solo_ms, mixed_ms = statistics.median(solo) * 1000, statistics.median(mixed) * 1000

@@ -20,7 +20,7 @@ import harness
 import pytest
 from harness.checks import signature_valid
 from harness.config import PluginConfig, delivery_section, make_hook, new_id
-from harness.etcd import Etcd, journal_section
+from harness.etcd import Etcd, journal_section, wait_journal_live
 from harness.faults import random_failures
 from harness.observe import Counters, complete_job, complete_jobs_concurrently, plugin_log_lines, wait_for_log
 from harness.util import wait_until
@@ -208,7 +208,7 @@ def test_etcd_down_for_10s_degrades_loudly_and_catches_up(job_service, rc, envoy
         envoys.append(envoy)
         hook = config.hooks[0]
         rc.always(hook.path, 200)
-        wait_for_log(envoy, r"journal: owner \w+ is live")
+        wait_journal_live(envoy)
         before = {complete_job(envoy, org) for _ in range(5)}
         etcd.kill_member(0)
         down_at = time.monotonic()
@@ -243,7 +243,7 @@ def test_an_event_delivered_at_once_costs_two_etcd_writes(job_service, rc, envoy
         envoy = harness.envoy_with_filter(job_service, rc, config, wasm=wasm, name="journal-count",
                                           extra_clusters=[etcd.envoy_cluster()])
         envoys.append(envoy)
-        wait_for_log(envoy, r"journal: owner \w+ is live")
+        wait_journal_live(envoy)
         before = etcd.rpc_counts()
         statuses, errors = complete_jobs_concurrently(envoy.listener_port, org, [new_id() for _ in range(events)],
                                                       clients=8)
@@ -272,7 +272,7 @@ def test_a_record_too_large_for_etcd_is_delivered_from_memory(job_service, rc, e
     envoys.append(envoy)
     hook = config.hooks[0]
     rc.always(hook.path, 200)
-    wait_for_log(envoy, r"journal: owner \w+ is live")
+    wait_journal_live(envoy)
     job = new_id()
     r = envoy.request("POST", f"/jobs/{job}/complete?scenario=large&bytes={2 << 20}",
                       {"x-organisation-id": org}, b"{}")
@@ -318,6 +318,10 @@ def test_a_circuit_opened_by_one_proxy_opens_in_another(job_service, rc, envoys,
     prefix = new_prefix()
     config, org = journal_config(rc, prefix, hooks=1)
     config.delivery["circuitBreaker"] = {"failures": 3}
+    # An open circuit probes once per step of the schedule, and B's first probe is due one step after B opened
+    # its circuit, whatever B holds by then. A step of 5 s (4-6 s with jitter) gives the test that long to see
+    # B hold its event; with 500 ms, B's probe (B's event itself) could go out before a busy machine looked.
+    config.delivery["retrySchedule"] = ["5s"] * 20
     clusters = [etcd.envoy_cluster()]
     a = harness.envoy_with_filter(job_service, rc, config, wasm=wasm, name="journal-circuit-a",
                                   extra_clusters=clusters)
@@ -327,19 +331,27 @@ def test_a_circuit_opened_by_one_proxy_opens_in_another(job_service, rc, envoys,
     envoys.append(b)
     hook = config.hooks[0]
     rc.always(hook.path, 503)
-    wait_for_log(b, r"journal: owner \w+ is live")
+    # Each root context of B (one per worker, one on the main thread) is an owner of its own in the journal and
+    # learns of the circuit on its own scan: B holds an event only once every one of them has opened it.
+    wait_journal_live(b)
+    roots = b.concurrency + 1
     for _ in range(3):
         complete_job(a, org)
     wait_for_log(a, f"circuit opened for webhook {hook.id}: its queue waits")
+    a_events = attempted_ids(rc, hook)
+    assert len(a_events) == 3, f"A's 3 events, attempted once each: {a_events}"
     wait_until(lambda: etcd.keys(prefix + "endpoints/circuit/") == [prefix + "endpoints/circuit/" + hook.id], 30,
                desc="the open circuit published in etcd")
     wait_for_log(b, f"circuit opened for webhook {hook.id}: another proxy of the journal found it failing",
-                 timeout=30)
-    # B holds its new event behind the circuit instead of sending it at once.
+                 count=roots, timeout=30)
+    # B holds its new event behind the circuit instead of sending it at once. A may probe meanwhile (with one of
+    # its own events): what went out since is A's, never B's event.
     sent_before = len(rc.requests_to(hook.path))
     complete_job(b, org)
     wait_until(lambda: b.custom_stats().get(METRIC + "outbox_depth", 0) >= 1, 10, desc="B holds the event")
-    assert len(rc.requests_to(hook.path)) - sent_before <= 1, "more than A's probe went out"
+    sent_since = rc.requests_to(hook.path)[sent_before:]
+    assert {d.headers.get("webhook-id") for d in sent_since} <= a_events, "B sent its event at once"
+    assert len(sent_since) <= 1, "more than A's probe went out"
     # The circuit closes at A once the endpoint answers again; its key goes.
     rc.always(hook.path, 200)
     wait_for_log(a, f"circuit closed for webhook {hook.id}", timeout=30)
@@ -357,7 +369,7 @@ def test_a_three_member_etcd_loses_a_member_under_load_and_nothing_is_lost(job_s
         envoys.append(envoy)
         for h in config.hooks:
             rc.always(h.path, random_failures(0.2, seed=7))
-        wait_for_log(envoy, r"journal: owner \w+ is live")
+        wait_journal_live(envoy)
         jobs = [new_id() for _ in range(events)]
         killer_done = []
 

@@ -99,7 +99,7 @@ def test_disable_stops_deliveries_and_rotation_signs_with_both_keys(job_service,
     new_key = harness.registry.register_secret(rotated.json()["apiKey"])
     # Both changes reached every root context (one document may carry both).
     counters.wait_delta("registry_updates", before + 3, timeout=15)
-    harness.wait_until(lambda: registry.feed().json()["revision"] >= 4, timeout=5, desc="the feed's revision")
+    harness.wait_until(lambda: registry.feed().json()["revision"] >= 4, timeout=15, desc="the feed's revision")
     wait_for_log(envoy, r"registry revision \d+ applied: 2 webhooks in force", count=1)
 
     jobs = [complete(envoy, job_service, org) for _ in range(5)]

@@ -40,10 +40,13 @@ def new_id() -> str:
 # only after its own authorisation. Tests that exercise the header source use HEADER_ORGANISATION.
 BODY_ORGANISATION = {"pointer": "/organisationId"}
 HEADER_ORGANISATION = {"header": "x-organisation-id"}
+# How the shipped configurations read a job again when its completion's answer was cut short.
+REFETCH_JOB = {"path": "/jobs/{jobId}"}
 
 
-def job_completed_rule(path: str = "/jobs/{jobId}/complete", organisation: Optional[dict] = None) -> dict:
-    return {
+def job_completed_rule(path: str = "/jobs/{jobId}/complete", organisation: Optional[dict] = None,
+                       refetch: Optional[dict] = None) -> dict:
+    rule = {
         "type": "job.completed",
         "objectType": "job",
         "match": {"methods": ["POST", "PUT", "PATCH"], "path": path, "status": [200]},
@@ -51,6 +54,9 @@ def job_completed_rule(path: str = "/jobs/{jobId}/complete", organisation: Optio
         "object": "",
         "organisationId": dict(organisation or HEADER_ORGANISATION),
     }
+    if refetch is not None:
+        rule["refetch"] = dict(refetch)
+    return rule
 
 
 def job_started_rule(path: str = "/jobs/{jobId}/start") -> dict:

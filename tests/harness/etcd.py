@@ -217,3 +217,11 @@ class Etcd:
 def journal_section(prefix: str, lease_seconds: int = 2, cluster: str = "etcd") -> dict:
     """`delivery.journal` for the tests: a short lease, so that a dead owner's records are claimed soon."""
     return {"cluster": cluster, "authority": "etcd", "prefix": prefix, "leaseSeconds": lease_seconds}
+
+
+def wait_journal_live(envoy, timeout: float = 30.0) -> list:
+    """Until every root context of `envoy` (one per worker, one on the main thread) is live in the journal: each
+    is an owner of its own and reaches etcd on its own, so one "is live" line says nothing of the others."""
+    from .observe import wait_for_log
+
+    return wait_for_log(envoy, r"journal: owner \w+ is live", count=envoy.concurrency + 1, timeout=timeout)

@@ -4,6 +4,7 @@ completions. Used by the reliability tests; standard library only."""
 from __future__ import annotations
 
 import http.client
+import os
 import re
 import statistics
 import threading
@@ -58,12 +59,44 @@ def plugin_log_lines(envoy, contains: str = "") -> list:
 
 
 def wait_for_log(envoy, pattern: str, count: int = 1, timeout: float = 20.0) -> list:
-    """Wait until at least `count` of the filter's log lines match the regex `pattern`; return the matches."""
+    """Wait until at least `count` of the filter's log lines match the regex `pattern`; return the matches.
+
+    Each poll reads only what Envoy wrote since the last one: a log of many megabytes read whole 50 times a
+    second would keep this process (and the receiver's threads in it) busy."""
     rx = re.compile(pattern)
+    path = getattr(envoy, "log_path", None)
+    if path is None:  # not a harness Envoy: read its lines whole each time
+        def found_whole():
+            hits = [m for m in (rx.search(line) for line in plugin_log_lines(envoy)) if m]
+            return hits if len(hits) >= count else None
+
+        return wait_until(found_whole, timeout, desc=f"{count} filter log line(s) matching {pattern!r}")
+
+    hits: list = []
+    state = {"offset": 0, "partial": b""}
 
     def found():
-        hits = [m for m in (rx.search(line) for line in plugin_log_lines(envoy)) if m]
-        return hits if len(hits) >= count else None
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size < state["offset"]:  # a new log (Envoy started again): start over
+                    state["offset"], state["partial"] = 0, b""
+                    hits.clear()
+                f.seek(state["offset"])
+                chunk = f.read()
+        except FileNotFoundError:
+            return None
+        state["offset"] += len(chunk)
+        lines = (state["partial"] + chunk).split(b"\n")
+        state["partial"] = lines.pop()  # a line Envoy has not finished writing yet
+        for raw in lines:
+            line = raw.decode(errors="replace")
+            if "wasm log" not in line:
+                continue
+            _, sep, message = line.partition("webhook-emitter: ")
+            hit = rx.search(message) if sep else None
+            if hit:
+                hits.append(hit)
+        return list(hits) if len(hits) >= count else None
 
     return wait_until(found, timeout, desc=f"{count} filter log line(s) matching {pattern!r}")
 

@@ -2,7 +2,8 @@
 
 JobService: the upstream service behind Envoy. `POST|PUT|PATCH|GET /jobs/{id}/complete` completes a job;
 `?scenario=` picks a special answer (see JobService.answer). `POST /jobs/{id}/start` starts one (a second
-event type for the rules). Any other path answers 200 {"status":"completed"}.
+event type for the rules). `GET /jobs/{id}` reads a job back as its last completion left it (404 if none did),
+which is what a rule's `refetch` asks for. Any other path answers 200 {"status":"completed"}.
 
 Receiver: the webhook endpoints. Records every request it gets, answers 200 unless a per-path plan says
 otherwise, and lets tests wait for deliveries with a deadline.
@@ -16,7 +17,7 @@ import re
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable, Iterable, Optional
 from urllib.parse import parse_qs, unquote
@@ -94,6 +95,7 @@ class _BackgroundServer:
 
 _COMPLETE = re.compile(r"^/jobs/([^/]+)/complete$")
 _START = re.compile(r"^/jobs/([^/]+)/start$")
+_JOB = re.compile(r"^/jobs/([^/]+)$")
 
 
 def routing_path(target: str) -> str:
@@ -148,6 +150,39 @@ class _JobHandler(BaseHTTPRequestHandler):
     def log_message(self, *args):  # keep the test output clean
         pass
 
+    def _stall(self) -> None:
+        """Sends nothing until the peer closes the connection (at most 30 s), then closes it."""
+        self.connection.settimeout(scaled(30))
+        try:
+            while self.connection.recv(65536):
+                pass
+        except OSError:
+            pass
+        self.close_connection = True
+
+    def _send_cut(self, status: int, body: bytes, hold: bool) -> None:
+        """The headers (with the whole body's Content-Length) and half the body. Then either the connection is
+        closed at once (the upstream cut its body), or, with `hold`, kept until the peer closes it (a client that
+        hangs up after the headers makes Envoy reset the upstream side too), at most 30 s."""
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[: len(body) // 2])
+        self.wfile.flush()
+        if hold:
+            self.connection.settimeout(scaled(30))
+            try:
+                while self.connection.recv(65536):
+                    pass
+            except OSError:
+                pass
+        self.close_connection = True
+        try:
+            self.connection.shutdown(2)
+        except OSError:
+            pass
+
     def _send(self, status: int, body: bytes, headers: Iterable = (), chunk_size: int = 0) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -180,7 +215,17 @@ class _JobHandler(BaseHTTPRequestHandler):
         m = _COMPLETE.match(path)
         if m:
             status, payload, headers, chunk = owner.answer(m.group(1), scenario, query)
+            if scenario in ("hold", "cut"):
+                self._send_cut(status, payload, hold=scenario == "hold")
+                return
+            if scenario in ("stall", "stall-undone"):
+                self._stall()
+                return
             self._send(status, payload, headers, chunk)
+            return
+        m = _JOB.match(path)
+        if m and self.command == "GET":
+            self._send(*owner.read_job(m.group(1)))
             return
         m = _START.match(path)
         if m:
@@ -200,7 +245,8 @@ class JobService(_BackgroundServer):
     BIG_CHUNK = 16 * 1024  # ... in ~320 chunks
     LARGE_BYTES = 1_200_000  # scenario=large default size (over the default maxBodyBytes of 1 MiB)
 
-    SCENARIOS = ("", "failed", "notfound", "big", "invalid", "gzip", "badgzip", "large")
+    SCENARIOS = ("", "failed", "notfound", "big", "invalid", "gzip", "badgzip", "large", "hold", "cut", "stall",
+                 "stall-undone")
 
     def __init__(self, default_owner: Optional[str] = None) -> None:
         super().__init__()
@@ -210,6 +256,10 @@ class JobService(_BackgroundServer):
         # job's organisationId, as an upstream does once its own authorisation has looked the job up.
         self.owners: dict = {}
         self.default_owner = default_owner
+        # What GET /jobs/{id} answers: each job as its last completion answered it (bytes), and how many more
+        # reads of a job must fail with 503 (a failing upstream; -1: all of them).
+        self.jobs: dict = {}
+        self.read_failures: dict = {}
 
     def own(self, job_id: str, organisation_id: str) -> str:
         """Records that job_id belongs to organisation_id; returns job_id."""
@@ -225,8 +275,37 @@ class JobService(_BackgroundServer):
         with self._lock:
             return [r for r in self.requests if r["path"].startswith(path_prefix)]
 
+    def fail_reads(self, job_id: str, times: int = -1) -> str:
+        """The next `times` GET /jobs/{job_id} answer 503 (-1: every one); returns job_id."""
+        with self._lock:
+            self.read_failures[job_id] = times
+        return job_id
+
+    def read_job(self, job_id: str):
+        """(status, body) for GET /jobs/{id}: the job as its last completion left it, 404 if none did."""
+        with self._lock:
+            failures = self.read_failures.get(job_id, 0)
+            if failures:
+                self.read_failures[job_id] = failures - 1 if failures > 0 else -1
+                return 503, b'{"error": "unavailable"}'
+            job = self.jobs.get(job_id)
+        if job is None:
+            return 404, json.dumps({"error": "job not found", "id": job_id}).encode()
+        return 200, job
+
     def answer(self, job_id: str, scenario: str, query: dict):
-        """(status, body bytes, extra headers, chunk size or 0) for /jobs/{id}/complete?scenario=..."""
+        """(status, body bytes, extra headers, chunk size or 0) for /jobs/{id}/complete?scenario=...; a job
+        answered with 200 and a JSON body is kept for GET /jobs/{id}. `hold` and `cut` answer the plain
+        completion, cut after half its body (see _JobHandler._send_cut); `stall` completes the job but sends
+        nothing until the peer hangs up; `stall-undone` does the same without completing it."""
+        answer = self._answer(job_id, scenario, query)
+        status, body, headers, _ = answer
+        if status == 200 and not headers and scenario not in ("invalid", "big", "stall-undone"):
+            with self._lock:
+                self.jobs[job_id] = body
+        return answer
+
+    def _answer(self, job_id: str, scenario: str, query: dict):
         if scenario == "failed":
             job = {"id": job_id, "status": "failed", "error": {"code": "E_TIMEOUT", "message": "worker timed out"}}
             return 200, json.dumps(job).encode(), (), 0
@@ -267,30 +346,40 @@ class Delivery:
     headers: dict  # lowercased names
     body: bytes
     received_at: float  # time.time()
+    # (id, webhookId, data.object.id), parsed once: predicates of wait_for() read them for every recorded
+    # request each time one more arrives, so parsing the body every time would cost O(n^2) JSON decoding.
+    _ids: Optional[tuple] = field(default=None, init=False, repr=False, compare=False)
 
     def json(self):
         return json.loads(self.body)
 
+    def _parsed_ids(self) -> tuple:
+        if self._ids is None:
+            try:
+                doc = self.json()
+            except ValueError:
+                doc = None
+            event_id = webhook_id = object_id = None
+            if isinstance(doc, dict):
+                event_id, webhook_id = doc.get("id"), doc.get("webhookId")
+                try:
+                    object_id = doc["data"]["object"]["id"]
+                except (KeyError, TypeError):
+                    pass
+            self._ids = (event_id, webhook_id, object_id)
+        return self._ids
+
     @property
     def event_id(self) -> Optional[str]:
-        try:
-            return self.json().get("id")
-        except ValueError:
-            return None
+        return self._parsed_ids()[0]
 
     @property
     def webhook_id(self) -> Optional[str]:
-        try:
-            return self.json().get("webhookId")
-        except ValueError:
-            return None
+        return self._parsed_ids()[1]
 
     def object_id(self) -> Optional[str]:
         """data.object.id (the job id), or None."""
-        try:
-            return self.json()["data"]["object"]["id"]
-        except (ValueError, KeyError, TypeError):
-            return None
+        return self._parsed_ids()[2]
 
 
 class _ReceiverHandler(BaseHTTPRequestHandler):
@@ -312,8 +401,10 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
+        # Headers and body in one write: one system call (and one release of the GIL) less per answer.
+        self._headers_buffer.append(b"\r\n")
+        self._headers_buffer.append(payload)
+        self.flush_headers()
         self.wfile.flush()
 
     do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle
@@ -357,15 +448,22 @@ class Receiver(_BackgroundServer):
         """Block until at least `count` recorded requests match `predicate`; return all that match.
         Raises WaitTimeout (an AssertionError) at the deadline, saying how many did arrive."""
         deadline = time.monotonic() + scaled(timeout)
-        with self._cond:
-            while True:
-                matching = [d for d in self._deliveries if predicate is None or predicate(d)]
-                if len(matching) >= count:
-                    return matching
+        seen = -1
+        while True:
+            with self._cond:
+                # Sleep until a new request is recorded (at most 0.5 s), then copy the list and look at it
+                # outside the lock: the handlers need the lock to record, and a predicate over hundreds of
+                # requests must not hold their answers back (the callout times out waiting for them).
                 remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise WaitTimeout(
-                        f"timed out after {scaled(timeout):.1f}s: {len(matching)} of {count} expected deliveries "
-                        f"arrived ({len(self._deliveries)} requests recorded in total)"
-                    )
-                self._cond.wait(min(remaining, 0.5))
+                if len(self._deliveries) == seen and remaining > 0:
+                    self._cond.wait(min(remaining, 0.5))
+                items = list(self._deliveries)
+            seen = len(items)
+            matching = [d for d in items if predicate is None or predicate(d)]
+            if len(matching) >= count:
+                return matching
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(
+                    f"timed out after {scaled(timeout):.1f}s: {len(matching)} of {count} expected deliveries "
+                    f"arrived ({len(items)} requests recorded in total)"
+                )

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from harness.registry_service import Postgres, RegistryService
 from harness.util import wait_until
 
 GOOD = {"name": "Billing", "url": "https://hooks.example.com/webhooks", "description": "Invoices",
@@ -185,7 +187,8 @@ def test_the_version_1_feed_still_works(registry):
 
 
 def largest_description(org: str, name: str, url: str) -> str:
-    """The longest description of three-byte characters whose entry (largest revision, two keys, an expiry) fits."""
+    """The longest description of three-byte characters whose entry (largest revision, the longer status, two keys,
+    an expiry) fits."""
     def size(n):
         return wire({"revision": 2**63 - 1, "id": "0" * 24, "organisationId": org, "name": name, "url": url,
                      "description": "€" * n, "status": "disabled", "events": ["job.completed", "job.failed"],
@@ -198,7 +201,7 @@ def test_a_webhook_entry_is_at_most_4_kib(make_registry, backend):
     reg = make_registry(backend, loopback_webhooks=False, extra_args=["--feed-page-bytes", "4352"])
     name, url = "N" * 200, "https://hooks.example.com/" + "p" * 300
     most = largest_description("org-big", name, url)
-    maximal = dict(name=name, url=url, status="disabled", events=["job.completed", "job.failed"])
+    maximal = dict(name=name, url=url, status="enabled", events=["job.completed", "job.failed"])
     # One character more is refused, naming the limit; nothing is written.
     answer = reg.request("POST", hooks("org-big"), token=reg.token(org="org-big"),
                          body={**GOOD, **maximal, "description": most + "€"})
@@ -215,6 +218,8 @@ def test_a_webhook_entry_is_at_most_4_kib(make_registry, backend):
     answer = reg.request("PATCH", hooks("org-big", hooks_made[0]["id"]), token=reg.token(org="org-big"),
                          body={"name": "€" * 200})
     assert answer.status == 422 and "4096" in answer.json()["errors"][0]["message"]
+    # Disabling one makes its entry a byte longer: the bound counted that already.
+    change(reg, "org-big", hooks_made[1]["id"], body={"status": "disabled"})
     # Rotations give every maximal webhook two keys: each entry still fits, every page too.
     for hook in hooks_made:
         change(reg, "org-big", hook["id"], "POST", "rotate-key")
@@ -298,6 +303,9 @@ def test_a_database_from_before_revisions_is_migrated(make_registry, backend, tm
              '["job.completed"]', f"plain:whsec_{'B' * 43}{i}", 1_700_000_000_000 + i) for i in range(5)]
     insert = ("INSERT INTO webhooks (id, organisation_id, name, url, description, status, events, key_sealed, "
               "created_ms, updated_ms) VALUES ('{0}', '{1}', '{2}', '{3}', '{4}', '{5}', '{6}', '{7}', {8}, {8})")
+    # A webhook stored before the 4 KiB bound: 6,000 bytes of description.
+    rows.append((f"{5:024x}", "org-1", "old 5", "https://hooks.example.com/5", "€" * 2000, "enabled",
+                 '["job.completed"]', f"plain:whsec_{'B' * 43}5", 1_700_000_000_005))
     statements = OLD_SCHEMA + [insert.format(*row) for row in reversed(rows)]
     if backend == "sqlite":
         path = tmp_path / "old.db"
@@ -315,15 +323,21 @@ def test_a_database_from_before_revisions_is_migrated(make_registry, backend, tm
     # Every old row has its own revision after the old head, in creation order; the head moved past them.
     assert [(w["id"], w["revision"]) for w in listing] == [(row[0], 10 + i) for i, row in enumerate(rows)]
     assert listing[0]["apiKeys"] == [rows[0][7].removeprefix("plain:")]
-    assert reg.changes(0).json()["revision"] == 14
-    assert reg.feed().json()["revision"] == 14
+    assert wire(listing[5]) > 6000
+    assert reg.changes(0).json()["revision"] == 15
+    assert reg.feed().json()["revision"] == 15
     hook = create(reg, "org-0")
     change(reg, "org-0", rows[0][0], "DELETE")
-    assert [(w["id"], w["revision"]) for w in reg.list_all(14)[0]] == [(hook["id"], 15), (rows[0][0], 16)]
+    # The oversized one can still be disabled, not made larger.
+    change(reg, "org-1", rows[5][0], body={"status": "disabled"})
+    answer = reg.request("PATCH", hooks("org-1", rows[5][0]), token=reg.token(org="org-1"), body={"name": "n" * 200})
+    assert answer.status == 422 and "4096" in answer.json()["errors"][0]["message"]
+    assert [(w["id"], w["revision"]) for w in reg.list_all(15)[0]] == [
+        (hook["id"], 16), (rows[0][0], 17), (rows[5][0], 18)]
     # A second start finds everything migrated and changes nothing.
     reg.stop()
     reg.start()
-    assert reg.changes(0).json()["revision"] == 16
+    assert reg.changes(0).json()["revision"] == 18
 
 
 @pytest.mark.parametrize("backend_, count, organisations", [("sqlite", 100_000, 10_000),
@@ -347,3 +361,71 @@ def test_a_seeded_registry_lists_completely(make_registry, backend_, count, orga
     assert all(len(body) <= 49_152 for body in pages)
     # The steady state after the listing: the small answer.
     assert reg.changes(count).json() == {"revision": count, "next": count, "more": False, "changes": []}
+
+
+def test_a_database_that_does_not_answer_is_503(make_registry):
+    pg = Postgres()
+    try:
+        reg = make_registry("postgres", database=pg.new_database())
+        create(reg, "org-a")
+        assert reg.changes(0).status == 200
+    finally:
+        pg.stop()
+    for since in (0, 1, 5):
+        answer = reg.changes(since)
+        assert answer.status == 503, answer
+        assert answer.json() == {"errors": [{"path": "", "message": "the database did not answer; try again"}]}
+    assert "registry changes: database error" in reg.log_text() or "within 2 s" in reg.log_text()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--feed-page-bytes", "4351"], "--feed-page-bytes 4351 must be from 4352"),
+    (["--feed-page-bytes", "lots"], "--feed-page-bytes"),
+    (["--tombstone-retention", "48h"], "--tombstone-retention"),
+    (["--max-webhooks-per-organisation", "0"], "--max-webhooks-per-organisation"),
+])
+def test_bad_feed_settings_are_refused(tmp_path, flags, message):
+    reg = RegistryService(tmp_path, start=False, extra_args=flags)
+    done = subprocess.run(reg.args, env=reg.env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
+
+
+def test_a_poller_following_the_cursor_misses_no_concurrent_write(make_registry, postgres):
+    """Revisions become visible in order (the counter row is locked until commit): a proxy that follows `next`
+    while two replicas write at once never steps past a change that was not visible yet."""
+    database = postgres.new_database()
+    replicas = [make_registry("postgres", database=database), None]
+    first = replicas[0]
+    replicas[1] = make_registry("postgres", database=database, jwt_secret=first.jwt_secret,
+                                proxy_token=first.proxy_token, main_key=first.main_key)
+    created, seen, done = [], {}, threading.Event()
+
+    def write(n):
+        reg = replicas[n % 2]
+        for i in range(25):
+            hook = create(reg, f"org-{n}", name=f"w{n}-{i}")
+            created.append(hook["id"])
+            if i % 5 == 0:
+                change(reg, f"org-{n}", hook["id"], body={"status": "disabled"})
+
+    def follow():
+        since = 0
+        while True:
+            finished = done.is_set()
+            page = first.changes(since).json()
+            for c in page["changes"]:
+                seen[c["id"]] = c
+            since = page["next"]
+            if finished and not page["more"]:
+                return since
+
+    with ThreadPoolExecutor(5) as pool:
+        poller = pool.submit(follow)
+        list(pool.map(write, range(4)))
+        done.set()
+        last = poller.result()
+    assert len(created) == 100
+    assert set(seen) == set(created)
+    assert last == 120 == first.changes(0).json()["revision"]
+    assert sum(1 for c in seen.values() if c["status"] == "disabled") == 20

@@ -23,12 +23,14 @@ use std::cell::RefCell;
 use std::rc::Rc;
 
 mod journal;
+mod refetch;
 mod registry_pull;
 mod reports;
 mod sends;
 mod settle;
 mod shared_state;
 
+pub use refetch::StreamEnd;
 pub use registry_pull::RegistryAnswer;
 use registry_pull::RegistryPull;
 pub use reports::LogRequest;
@@ -129,6 +131,8 @@ pub struct Worker {
     journal: Option<crate::journal::Journal>,
     /// Delivery reports to the registry, and the sends claimed from it (`registry.reports`).
     delivery_log: Option<reports::DeliveryLog>,
+    /// Completions whose answer was cut short, to be read again (worker/refetch.rs).
+    refetches: crate::refetch::RefetchQueue,
 }
 
 /// An event after fan-out: what a later fan-out needs of it.
@@ -180,6 +184,7 @@ impl Worker {
             registry: None,
             journal,
             delivery_log,
+            refetches: crate::refetch::RefetchQueue::new(),
         }
     }
 
@@ -266,6 +271,19 @@ impl Worker {
                 LogLevel::Warn,
                 format!("{event_type} matched but its object pointer {pointer:?} is not a JSON object in the body: no event"),
             ),
+            NoEvent::StatusNotMatched { status, path } => (
+                m.events_skipped_status,
+                LogLevel::Debug,
+                match status {
+                    Some(status) => format!("{path:?} answered {status}, a status no matching rule takes: not a completion, no event"),
+                    None => format!("{path:?} answered without a valid :status: not a completion, no event"),
+                },
+            ),
+            NoEvent::ConditionsNotMet { event_type } => (
+                m.events_skipped_when,
+                LogLevel::Debug,
+                format!("{event_type}: the response does not meet the rule's when conditions: not a completion, no event"),
+            ),
         };
         metric.inc(host);
         log(host, level, || line);
@@ -298,6 +316,12 @@ impl Worker {
             }
         } else if sent == 0 {
             self.metrics.events_without_subscribers.inc(host);
+            log(host, LogLevel::Debug, || {
+                format!(
+                    "event {} ({}) of organisation {:?}: no enabled webhook subscribes to it",
+                    event.event_id, event.event_type, event.organisation_id
+                )
+            });
         }
     }
 

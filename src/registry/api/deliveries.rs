@@ -297,6 +297,7 @@ async fn queue_audited(
     )
     .await?;
     tx.commit().await?;
+    app.deliveries.pending.forget();
     Ok(queued)
 }
 

@@ -5,9 +5,9 @@
 use super::{json_response, ApiError, App};
 use crate::config::{is_event_type, is_webhook_id};
 use crate::event::Envelope;
-use crate::registry::delivery_log::{self, Outcome, Report, ReportedAttempt, ReportedEvent};
-use crate::registry::sends;
+use crate::registry::delivery_log::{Outcome, Report, ReportedAttempt, ReportedEvent};
 use crate::registry::validate::FieldError;
+use crate::registry::{delivery_ingest, sends};
 use crate::registry::{log, now_ms};
 use axum::body::Bytes;
 use axum::extract::State;
@@ -49,7 +49,7 @@ pub async fn store_report(
 ) -> Result<Response, ApiError> {
     proxy_only(&app, &headers)?;
     let report = read_report(&body).map_err(|e| ApiError::Invalid(vec![e]))?;
-    delivery_log::store_report(&app.store, &report, now_ms(), app.deliveries.lease_ms).await?;
+    delivery_ingest::store_report(&app.store, &report, now_ms(), app.deliveries.lease_ms).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -75,6 +75,7 @@ pub async fn claim_sends(
     };
     let lease_ms = app.deliveries.lease_ms;
     let claimed = sends::claim(&app.store, &proxy, max, lease_ms, now_ms()).await?;
+    app.deliveries.pending.forget();
     if !claimed.is_empty() {
         log(&format!("{} send(s) claimed by {proxy:?}", claimed.len()));
     }
@@ -84,36 +85,74 @@ pub async fn claim_sends(
     ))
 }
 
-/// Adds `"pendingSends": true` to a 200 answer of the feed while a claim would find a send: the cached page is
-/// the same for every proxy, the flag is added on the way out.
-pub async fn flag_pending_sends(app: &App, answer: Response) -> Response {
+/// The feeds' paths: their 200 answers carry `"pendingSends": true` while a claim would find a send.
+const FEED_PATHS: &[&str] = &["/v1/registry", "/v2/registry/changes"];
+/// How long a feed request waits to learn whether sends are pending.
+const PENDING_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Adds `"pendingSends": true` to the feeds' 200 answers while a claim would find a send. The feed's cached page
+/// is the same for every proxy; the flag is added on the way out. While sends are pending, `If-None-Match` is
+/// not honoured (a 304 has no body to carry the flag).
+pub async fn pending_sends_flag(
+    State(app): State<Arc<App>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !FEED_PATHS.contains(&request.uri().path()) {
+        return next.run(request).await;
+    }
+    let now = now_ms();
+    let cache = &app.deliveries.pending;
+    let pending = match cache.get(now) {
+        Some(pending) => pending,
+        // A database that does not answer must not hold the feed's own answer (its 503) back.
+        None => match tokio::time::timeout(PENDING_CHECK_TIMEOUT, sends::pending(&app.store, now))
+            .await
+        {
+            Ok(Ok(pending)) => {
+                cache.set(now, pending);
+                pending
+            }
+            Ok(Err(e)) => {
+                // The feed still answers; the flag comes back with a later poll.
+                log(&format!("pending sends unknown: {e}"));
+                false
+            }
+            Err(_) => false,
+        },
+    };
+    if !pending {
+        return next.run(request).await;
+    }
+    request.headers_mut().remove(header::IF_NONE_MATCH);
+    let answer = next.run(request).await;
     if answer.status() != StatusCode::OK {
         return answer;
-    }
-    match sends::pending(&app.store, now_ms()).await {
-        Ok(true) => {}
-        Ok(false) => return answer,
-        Err(e) => {
-            // The feed still answers; the flag comes back with the next poll.
-            log(&format!("pending sends unknown: {e}"));
-            return answer;
-        }
     }
     let (mut parts, body) = answer.into_parts();
     let Ok(bytes) = axum::body::to_bytes(body, usize::MAX).await else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    let Some(rest) = bytes.strip_prefix(b"{") else {
-        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(with_pending_flag(&bytes)))
+}
+
+/// `{"pendingSends":true,` then the rest of a JSON object (once: an object that starts with the flag already is
+/// left as it is).
+pub fn with_pending_flag(object: &[u8]) -> Vec<u8> {
+    let Some(rest) = object.strip_prefix(b"{") else {
+        return object.to_vec();
     };
-    let mut flagged = Vec::with_capacity(bytes.len() + 22);
+    if rest.trim_ascii_start().starts_with(b"\"pendingSends\"") {
+        return object.to_vec();
+    }
+    let mut flagged = Vec::with_capacity(object.len() + 22);
     flagged.extend_from_slice(b"{\"pendingSends\":true");
     if rest.trim_ascii_start().first() != Some(&b'}') {
         flagged.push(b',');
     }
     flagged.extend_from_slice(rest);
-    parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(parts, axum::body::Body::from(flagged))
+    flagged
 }
 
 fn object(body: &[u8]) -> Result<Map<String, Value>, FieldError> {

@@ -42,14 +42,21 @@ fn the_bound_counts_both_keys_and_escapes() {
     let two_keys = entry_bytes_bound(&small);
     // Two 50-character keys, a 19-digit revision and an expiry are part of the bound.
     assert!(two_keys > 300, "{two_keys}");
-    assert!(check_entry_size(&small).is_ok());
+    assert!(check_entry_size(&small, None).is_ok());
     // A newline takes two bytes on the wire, a euro sign three.
     let escaped = webhook(&"\n".repeat(2000));
     assert_eq!(entry_bytes_bound(&escaped), two_keys + 4000);
     let wide = webhook(&"€".repeat(1500));
     assert_eq!(entry_bytes_bound(&wide), two_keys + 4500);
-    let message = check_entry_size(&wide).unwrap_err();
+    let message = check_entry_size(&wide, None).unwrap_err();
     assert!(message.contains("4096"), "{message}");
+    // A webhook stored before the bound may change, as long as it does not grow.
+    let mut disabled = wide.clone();
+    disabled.status = "disabled".into();
+    assert!(check_entry_size(&disabled, Some(&wide)).is_ok());
+    let mut longer = wide.clone();
+    longer.name.push('x');
+    assert!(check_entry_size(&longer, Some(&wide)).is_err());
 }
 
 #[test]
