@@ -152,7 +152,9 @@ impl ReportBatch {
         // The registry refuses a whole report for one bad record: ids it can't take stay out.
         let ids_ok = webhook_id_bytes(report.event_id).is_some()
             && webhook_id_bytes(report.webhook_id).is_some();
-        let Some(fields) = report_fields(report.payload).filter(|_| ids_ok) else {
+        let Some(fields) = report_fields(report.payload)
+            .filter(|f| ids_ok && is_registry_organisation(f.organisation))
+        else {
             return Push::NotReported;
         };
         if self.attempts_count >= MAX_ATTEMPTS {
@@ -329,6 +331,17 @@ fn report_fields(payload: &Payload) -> Option<Fields<'_>> {
         }),
         Body::Raw(_) => None,
     }
+}
+
+/// An organisation id the registry takes (1 to 128 characters, no control character), given as a JSON
+/// string. Ids of 128 bytes or fewer without an escape are read as they are; others are decoded.
+fn is_registry_organisation(json: &str) -> bool {
+    if json.len() <= 130 && !json.contains('\\') {
+        return json.len() > 2;
+    }
+    serde_json::from_str::<String>(json).is_ok_and(|id| {
+        (1..=128).contains(&id.chars().count()) && !id.chars().any(char::is_control)
+    })
 }
 
 /// `text` starts with `key` followed by a JSON string: that string (quotes and escapes as they

@@ -51,7 +51,7 @@ fn body(batch: ReportBatch, holding: &[u64]) -> Value {
 
 #[test]
 fn a_report_carries_the_attempt_and_the_envelope_once() {
-    let e = event("org\"\\\n\u{1}", r#"{"id":"j1","note":"é \" \\"}"#);
+    let e = event("org\"\\é", r#"{"id":"j1","note":"é \" \\"}"#);
     let payload = payload_of(&e);
     let mut batch = ReportBatch::new(1 << 20, 1 << 20);
     let failed = AttemptOutcome::Status {
@@ -83,7 +83,7 @@ fn a_report_carries_the_attempt_and_the_envelope_once() {
     let events = v["events"].as_array().unwrap();
     assert_eq!(events.len(), 1, "the envelope goes once");
     assert_eq!(events[0]["eventId"], e.id_hex.as_str());
-    assert_eq!(events[0]["organisationId"], "org\"\\\n\u{1}");
+    assert_eq!(events[0]["organisationId"], "org\"\\é");
     assert_eq!(events[0]["eventType"], "job.completed");
     assert_eq!(events[0]["createdAt"], 1_767_312_000_123u64);
     // The body sent to W is envelope[0] + JSON-string(W) + envelope[1].
@@ -101,7 +101,7 @@ fn a_report_carries_the_attempt_and_the_envelope_once() {
     let attempts = v["attempts"].as_array().unwrap();
     assert_eq!(
         attempts[0],
-        json!({"eventId": e.id_hex, "webhookId": WEBHOOK, "organisationId": "org\"\\\n\u{1}",
+        json!({"eventId": e.id_hex, "webhookId": WEBHOOK, "organisationId": "org\"\\é",
                "eventType": "job.completed", "attempt": 1, "at": 1_767_312_000_130u64,
                "status": 503, "latencyMs": 12, "outcome": "retrying"})
     );
@@ -285,4 +285,29 @@ fn the_fields_are_read_from_any_envelope_of_ours() {
     assert_eq!(json_string_after(r#","k":"open"#, r#","k":"#), None);
     assert_eq!(json_string_after(r#","k":null"#, r#","k":"#), None);
     assert_eq!(json_string_after(r#","k":"\"#, r#","k":"#), None);
+}
+
+#[test]
+fn an_organisation_the_registry_would_refuse_keeps_its_records_out() {
+    assert!(is_registry_organisation("\"o\""));
+    assert!(is_registry_organisation(
+        &Value::from("é\"".repeat(64)).to_string()
+    ));
+    assert!(!is_registry_organisation("\"\""));
+    assert!(!is_registry_organisation(
+        &Value::from("x".repeat(129)).to_string()
+    ));
+    assert!(!is_registry_organisation(&Value::from("a\nb").to_string()));
+    let e = event(&"o".repeat(200), r#"{"id":"j1"}"#);
+    let payload = payload_of(&e);
+    let mut batch = ReportBatch::new(1 << 20, 1 << 20);
+    assert_eq!(
+        batch.push(&attempt(
+            &payload,
+            &e.id_hex,
+            None,
+            Outcome::Dropped("queue_full")
+        )),
+        Push::NotReported
+    );
 }

@@ -184,6 +184,9 @@ impl DeliveryLog {
 impl Worker {
     /// Names this worker in reports and claims as `<node>/<worker id>` (Envoy's node id).
     pub fn set_node(&mut self, node: &str) {
+        // The registry takes names of at most 200 characters without control characters, and the same
+        // name must go into claims and reports.
+        let node: String = node.chars().filter(|c| !c.is_control()).take(180).collect();
         let proxy = format!("{node}/{}", self.id);
         if let Some(dlog) = self.delivery_log.as_mut() {
             dlog.proxy = proxy;
