@@ -57,6 +57,9 @@ pub(super) const CLAIM_MAX: usize = 16;
 pub(super) const SLOW_CLAIM_MS: u64 = 30_000;
 /// The least time between two claims of one worker.
 pub(super) const MIN_CLAIM_GAP_MS: u64 = 200;
+/// How long a claimed send for a webhook this proxy does not know waits for its copy of the registry
+/// to have it (the send was queued after the proxy's last poll).
+pub(super) const UNMATCHED_GRACE_MS: u64 = 10_000;
 /// The lease a claim answer without `leaseMs` is taken to give.
 const DEFAULT_LEASE_MS: u64 = 60_000;
 
@@ -75,6 +78,9 @@ pub(super) struct Sends {
     pub(super) lease_ms: Option<u64>,
     /// Claims are failing: logged once until one goes through.
     pub(super) failing: bool,
+    /// Claimed sends for a webhook not (yet) in this proxy's copy of the registry, with their
+    /// deadlines (they are held meanwhile).
+    pub(super) unmatched: Vec<(crate::delivery::send::ClaimedSend, u64)>,
 }
 
 impl Sends {
@@ -198,6 +204,7 @@ impl Worker {
         if self.delivery_log.is_none() {
             return Vec::new();
         }
+        self.sends_rematch(host, now_ms);
         let report = self.report_flush(host, now_ms);
         let claim = self.sends_claim(host, now_ms);
         report.into_iter().chain(claim).collect()

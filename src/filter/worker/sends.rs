@@ -5,7 +5,7 @@
 //! schedule and reported with their `sendId`. Each report lists the sends still held, which
 //! renews their leases; a proxy that dies lets its leases run out, and another claims them.
 
-use super::reports::{registry_post, LogRequest, Trace, CLAIM_MAX};
+use super::reports::{registry_post, LogRequest, Trace, CLAIM_MAX, UNMATCHED_GRACE_MS};
 use super::Worker;
 use crate::delivery::report::Outcome;
 use crate::delivery::send::{claim_request, read_claim_answer, ClaimedSend};
@@ -127,15 +127,50 @@ impl Worker {
         }
         for send in answer.sends {
             self.metrics.sends_claimed.inc(host);
-            self.take_send(host, send, now_ms);
+            self.take_send(host, send, now_ms, false);
         }
         self.ring(host);
         self.report_gauges(host);
     }
 
-    /// Queues a claimed send as a delivery of its webhook.
-    fn take_send(&mut self, host: &dyn Host, send: ClaimedSend, now_ms: u64) {
+    /// Sends whose webhook this proxy did not know yet: queued once the registry's copy has it, or
+    /// reported dropped when it still does not after [`UNMATCHED_GRACE_MS`].
+    pub(super) fn sends_rematch(&mut self, host: &dyn Host, now_ms: u64) {
+        let Some(dlog) = self.delivery_log.as_mut() else {
+            return;
+        };
+        if dlog.sends.unmatched.is_empty() {
+            return;
+        }
+        let unmatched = std::mem::take(&mut dlog.sends.unmatched);
+        for (send, deadline) in unmatched {
+            let known = self.plan.webhook_index(&send.webhook_id).is_some();
+            if known || now_ms >= deadline {
+                if let Some(dlog) = self.delivery_log.as_mut() {
+                    dlog.sends.holding.remove(&send.send_id);
+                }
+                self.take_send(host, send, now_ms, true);
+            } else if let Some(dlog) = self.delivery_log.as_mut() {
+                dlog.sends.unmatched.push((send, deadline));
+            }
+        }
+        self.ring(host);
+        self.report_gauges(host);
+    }
+
+    /// Queues a claimed send as a delivery of its webhook. A webhook this proxy does not know may
+    /// be one its copy of the registry does not have yet: the send waits for it (unless `last`).
+    fn take_send(&mut self, host: &dyn Host, send: ClaimedSend, now_ms: u64, last: bool) {
         let plan = Rc::clone(&self.plan);
+        if !last && plan.webhook_index(&send.webhook_id).is_none() {
+            if let Some(dlog) = self.delivery_log.as_mut() {
+                dlog.sends.holding.insert(send.send_id);
+                dlog.sends
+                    .unmatched
+                    .push((send, now_ms + UNMATCHED_GRACE_MS));
+            }
+            return;
+        }
         let lane = plan.webhook_index(&send.webhook_id).filter(|&i| {
             plan.webhooks
                 .get(i)
