@@ -339,9 +339,14 @@ fn is_registry_organisation(json: &str) -> bool {
     if json.len() <= 130 && !json.contains('\\') {
         return json.len() > 2;
     }
-    serde_json::from_str::<String>(json).is_ok_and(|id| {
-        (1..=128).contains(&id.chars().count()) && !id.chars().any(char::is_control)
-    })
+    let decoded = serde_json::from_str::<serde_json::Value>(json);
+    decoded
+        .ok()
+        .as_ref()
+        .and_then(serde_json::Value::as_str)
+        .is_some_and(|id| {
+            (1..=128).contains(&id.chars().count()) && !id.chars().any(char::is_control)
+        })
 }
 
 /// `text` starts with `key` followed by a JSON string: that string (quotes and escapes as they
