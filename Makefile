@@ -58,7 +58,7 @@ wasm-unit: $(TARGET_STAMP)
 static: venv
 	$(PY) -m pytest tests/static -q
 
-e2e: wasm venv tools
+e2e: wasm venv tools registry-tools
 	$(PY) -m pytest tests/e2e -q --wasm $(WASM)
 
 test: lint unit wasm-unit static e2e registry-test

@@ -1,9 +1,10 @@
 //! The proxy's copy of the registry, kept in step with the feed (`GET /v2/registry/changes`,
-//! docs/registry-feed.md): a page is read and checked whole before any of it applies, its changes
-//! apply one by one to a map by webhook id (so a page costs what it holds, never the total), and
-//! the plan is rebuilt once per catch-up, when a page says nothing more is left. A 410 starts a
-//! listing from revision 0 into a new map; the copy in force stays until that listing ends, and
-//! then the webhooks it did not contain are forgotten.
+//! docs/registry-feed.md): a page is read and checked whole before any of it applies, and its
+//! changes apply one by one to a [`RegistryTable`] indexed by id and by organisation, so that a
+//! page costs what it holds, never the total. Each registry webhook keeps its slot in the table
+//! while it exists (its outbox lane is the slot's). A 410 starts a listing from revision 0 into a
+//! new map; the copy in force stays until that listing ends, and then the webhooks it did not
+//! contain are forgotten.
 //!
 //! Pure: the glue (`filter/worker/registry_pull.rs`) sends the requests and hands the answers in.
 
@@ -16,13 +17,124 @@ use std::rc::Rc;
 /// Registry webhooks by id.
 type ById = HashMap<WebhookId, Rc<Webhook>>;
 
+/// The registry's enabled webhooks, each in a slot it keeps while it exists, indexed by id and
+/// by organisation (disabled ones are not kept: they get nothing).
+#[derive(Debug, Default, Clone)]
+pub struct RegistryTable {
+    slots: Vec<Option<Rc<Webhook>>>,
+    /// Slots free for a new webhook.
+    free: Vec<u32>,
+    /// Slots emptied by the last page: free once the caller has cleared what it kept for them
+    /// (at the next page), so that a new webhook never inherits a removed one's lane.
+    emptied: Vec<u32>,
+    by_id: HashMap<WebhookId, u32>,
+    by_org: HashMap<Box<str>, Vec<u32>>,
+}
+
+impl RegistryTable {
+    /// The webhook in `slot`.
+    pub fn get(&self, slot: usize) -> Option<&Rc<Webhook>> {
+        self.slots.get(slot)?.as_ref()
+    }
+
+    /// The slot of the webhook with this id.
+    pub fn slot_of(&self, id: &str) -> Option<usize> {
+        let key = webhook_id_bytes(id)?;
+        self.by_id.get(&key).map(|&s| s as usize)
+    }
+
+    /// The slots of `organisation`'s webhooks subscribed to `event_type`.
+    pub fn subscribers<'a>(
+        &'a self,
+        event_type: &'a str,
+        organisation: &str,
+    ) -> impl Iterator<Item = usize> + 'a {
+        self.by_org
+            .get(organisation)
+            .into_iter()
+            .flatten()
+            .map(|&s| s as usize)
+            .filter(move |&s| {
+                self.get(s)
+                    .is_some_and(|w| w.events.iter().any(|e| e == event_type))
+            })
+    }
+
+    /// Slots in use or not: lanes up to this many exist.
+    pub fn slots(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+
+    fn upsert(&mut self, id: WebhookId, webhook: Rc<Webhook>) {
+        if let Some(&slot) = self.by_id.get(&id) {
+            let old = self
+                .slots
+                .get_mut(slot as usize)
+                .and_then(|s| s.replace(Rc::clone(&webhook)));
+            if let Some(old) = old.filter(|o| o.organisation_id != webhook.organisation_id) {
+                self.unindex_org(&old.organisation_id, slot);
+                self.index_org(&webhook.organisation_id, slot);
+            }
+            return;
+        }
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None => {
+                self.slots.push(None);
+                u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        self.index_org(&webhook.organisation_id, slot);
+        if let Some(place) = self.slots.get_mut(slot as usize) {
+            *place = Some(webhook);
+        }
+        self.by_id.insert(id, slot);
+    }
+
+    /// Removes the webhook with this id; returns its slot and the webhook.
+    fn remove(&mut self, id: &WebhookId) -> Option<(usize, Rc<Webhook>)> {
+        let slot = self.by_id.remove(id)?;
+        let webhook = self.slots.get_mut(slot as usize)?.take()?;
+        self.unindex_org(&webhook.organisation_id, slot);
+        self.emptied.push(slot);
+        Some((slot as usize, webhook))
+    }
+
+    fn index_org(&mut self, organisation: &str, slot: u32) {
+        match self.by_org.get_mut(organisation) {
+            Some(slots) => slots.push(slot),
+            None => {
+                self.by_org.insert(organisation.into(), vec![slot]);
+            }
+        }
+    }
+
+    fn unindex_org(&mut self, organisation: &str, slot: u32) {
+        if let Some(slots) = self.by_org.get_mut(organisation) {
+            slots.retain(|&s| s != slot);
+            if slots.is_empty() {
+                self.by_org.remove(organisation);
+            }
+        }
+    }
+}
+
 /// The registry as this proxy knows it, and where it stands in the feed.
 #[derive(Debug, Default)]
 pub struct RegistrySync {
-    /// The registry's webhooks as applied so far (disabled ones are not kept: they get nothing).
-    in_force: ById,
+    /// The registry's webhooks as applied so far. Shared with the worker's views of its
+    /// webhooks, which do not outlive a callback: a page changes it in place.
+    table: Rc<RegistryTable>,
     /// A listing from revision 0 under way (the first one, or after a 410): the new copy, which
-    /// replaces `in_force` when the listing ends.
+    /// replaces the table's webhooks when the listing ends.
     listing: Option<ById>,
     /// `since` of the next request.
     cursor: u64,
@@ -34,8 +146,6 @@ pub struct RegistrySync {
     complete_ms: Option<u64>,
     /// The last page said more changes follow: ask again at once.
     more: bool,
-    /// `in_force` changed since the plan was last built from it.
-    changed: bool,
 }
 
 /// What one page did.
@@ -43,13 +153,13 @@ pub struct RegistrySync {
 pub struct Applied {
     /// Entries left out (each error names the entry by its place in the page).
     pub skipped: Vec<ConfigError>,
-    /// Webhooks added or replaced, and webhooks removed (deleted, disabled, or left out).
+    /// Webhooks added or replaced.
     pub upserted: usize,
-    pub removed: usize,
+    /// Webhooks removed (deleted, disabled, left out, or forgotten by a new listing), with the
+    /// slot each had: what was kept for that slot goes.
+    pub removed: Vec<(usize, Rc<Webhook>)>,
     /// The page ended a catch-up: nothing more is left after it.
     pub complete: bool,
-    /// The plan must be rebuilt from [`RegistrySync::plan`]: a catch-up with changes ended.
-    pub rebuild: bool,
     /// This page ended the first complete listing.
     pub first: bool,
     /// A listing from 0 ended: webhooks of the previous copy it did not contain, now forgotten.
@@ -153,13 +263,9 @@ impl RegistrySync {
         (self.head, self.complete_at)
     }
 
-    /// Registry webhooks in force.
-    pub fn len(&self) -> usize {
-        self.in_force.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.in_force.is_empty()
+    /// The registry's webhooks in force.
+    pub fn table(&self) -> &Rc<RegistryTable> {
+        &self.table
     }
 
     /// The registry answered 410 (the cursor is older than its compaction point, or newer than
@@ -170,12 +276,6 @@ impl RegistrySync {
         }
         self.cursor = 0;
         self.more = true;
-    }
-
-    /// The plan `base` with the registry's webhooks in force.
-    pub fn plan(&mut self, base: &Plan) -> Plan {
-        self.changed = false;
-        base.with_registry_webhooks(self.in_force.values().cloned())
     }
 
     /// Applies one page of the feed (the answer to [`RegistrySync::request_path`]), all or
@@ -194,10 +294,10 @@ impl RegistrySync {
             pending_sends: value.get("pendingSends").and_then(Value::as_bool),
             ..Applied::default()
         };
-        let copy = match self.listing.as_mut() {
-            Some(listing) => listing,
-            None => &mut self.in_force,
-        };
+        // Only views that end with their callback share the table: this does not copy it.
+        let table = Rc::make_mut(&mut self.table);
+        let emptied = std::mem::take(&mut table.emptied);
+        table.free.extend(emptied);
         for (i, change) in page.changes.iter().enumerate() {
             let at = format!("changes[{i}]");
             let Some(id) = change
@@ -219,37 +319,42 @@ impl RegistrySync {
                 // Left out when invalid here: its older version is superseded, so it goes too.
                 base.registry_webhook(change, &at, &mut applied.skipped)
             };
-            match webhook {
-                Some(webhook) => {
-                    copy.insert(id, Rc::new(webhook));
+            match (webhook, self.listing.as_mut()) {
+                (Some(webhook), Some(listing)) => {
+                    listing.insert(id, Rc::new(webhook));
                     applied.upserted += 1;
                 }
-                None => {
-                    if copy.remove(&id).is_some() {
-                        applied.removed += 1;
-                    }
+                (None, Some(listing)) => {
+                    listing.remove(&id);
                 }
+                (Some(webhook), None) => {
+                    table.upsert(id, Rc::new(webhook));
+                    applied.upserted += 1;
+                }
+                (None, None) => applied.removed.extend(table.remove(&id)),
             }
         }
         self.cursor = page.next;
         self.head = page.revision;
         self.more = page.more;
-        if self.listing.is_none() {
-            self.changed |= applied.upserted + applied.removed > 0;
-        }
         if !page.more {
             applied.complete = true;
             applied.first = self.complete_at.is_none();
             if let Some(listing) = self.listing.take() {
-                applied.forgotten = self
-                    .in_force
+                let gone: Vec<WebhookId> = table
+                    .by_id
                     .keys()
                     .filter(|id| !listing.contains_key(*id))
-                    .count();
-                self.in_force = listing;
-                self.changed = true;
+                    .copied()
+                    .collect();
+                applied.forgotten = gone.len();
+                for id in &gone {
+                    applied.removed.extend(table.remove(id));
+                }
+                for (id, webhook) in listing {
+                    table.upsert(id, webhook);
+                }
             }
-            applied.rebuild = self.changed;
             self.complete_at = Some(page.next);
             self.complete_ms = Some(now_ms);
         }

@@ -40,7 +40,6 @@ pub(super) fn compile(raw: RawConfig, env: Env, errors: &mut Errors) -> Option<P
     let by_id = super::index_ids(&webhooks);
     Some(Plan {
         rules,
-        static_webhooks: webhooks.len(),
         by_id,
         webhooks,
         delivery,

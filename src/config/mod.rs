@@ -129,13 +129,11 @@ pub struct DeliverySettings {
 #[derive(Debug)]
 pub struct Plan {
     pub rules: Vec<EventRule>,
-    /// The configuration's own webhooks first, then the registry's (when one is configured).
-    /// Shared: a plan rebuilt from the registry's copy points at the same webhooks.
+    /// The configuration's own webhooks (the registry's are kept beside the plan, by the worker:
+    /// src/registry_sync.rs). Their lanes come first, then the registry's.
     pub webhooks: Vec<Rc<Webhook>>,
     pub delivery: DeliverySettings,
     pub registry: Option<RegistrySettings>,
-    /// How many of `webhooks` come from the configuration itself.
-    static_webhooks: usize,
     webhook_rules: WebhookRules,
     /// Event type → organisation → indexes of the enabled webhooks subscribed to it.
     subscribers: HashMap<String, HashMap<String, Vec<usize>>>,
@@ -224,20 +222,10 @@ impl Plan {
             .map_or(&[], Vec::as_slice)
     }
 
-    /// Whether the webhook at `index` came from the registry (not from the configuration).
-    pub fn is_from_registry(&self, index: usize) -> bool {
-        index >= self.static_webhooks
-    }
-
     pub fn webhook_index(&self, id: &str) -> Option<usize> {
         let key = webhook_id_bytes(id)?;
         let at = self.by_id.binary_search_by(|(k, _)| k.cmp(&key)).ok()?;
         self.by_id.get(at).map(|&(_, i)| i as usize)
-    }
-
-    /// How many of `webhooks` come from the registry.
-    pub fn registry_webhooks(&self) -> usize {
-        self.webhooks.len() - self.static_webhooks
     }
 }
 

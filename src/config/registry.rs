@@ -1,19 +1,18 @@
 //! Registry webhooks (the entries of the registry feed, `GET /v2/registry/changes`, see
-//! docs/registry-feed.md) checked with the same rules as a configured webhook, and a plan that
-//! combines the configuration's own webhooks with the registry's.
+//! docs/registry-feed.md) checked with the same rules as a configured webhook. The worker keeps
+//! them beside the plan (src/registry_sync.rs), which holds the configuration's own only.
 //!
 //! An entry: `{"revision", "id", "organisationId", "name", "url", "description", "status",
 //! "events", "apiKeys": [current, previous?], "previousKeyExpiresAt"?}`. Fields the registry adds
 //! beyond these (timestamps, …) are not the filter's to refuse; the filter keeps neither the name
 //! nor the description.
 
-use super::compile::{compile_registry_webhook, index_subscribers};
+use super::compile::compile_registry_webhook;
 use super::errors::{ConfigError, Errors};
 use super::raw::read_webhook;
-use super::{index_ids, Plan, PreviousKey, Webhook};
+use super::{Plan, PreviousKey, Webhook};
 use crate::signature::SigningKey;
 use serde_json::{Map, Value};
-use std::rc::Rc;
 
 /// The fields of a registry entry that are also a configured webhook's (the description is left
 /// out: it is not used, and may be the largest field).
@@ -34,35 +33,9 @@ impl Plan {
         webhook
     }
 
-    /// This configuration with `registry` as its registry webhooks (replacing any earlier ones).
-    /// The caller has left out ids of the configuration's own webhooks ([`Plan::registry_webhook`]
-    /// does).
-    pub fn with_registry_webhooks(&self, registry: impl Iterator<Item = Rc<Webhook>>) -> Plan {
-        let webhooks: Vec<Rc<Webhook>> = self
-            .webhooks
-            .iter()
-            .take(self.static_webhooks)
-            .cloned()
-            .chain(registry)
-            .collect();
-        let subscribers = index_subscribers(&webhooks);
-        let by_id = index_ids(&webhooks);
-        Plan {
-            rules: self.rules.clone(),
-            webhooks,
-            delivery: self.delivery.clone(),
-            registry: self.registry.clone(),
-            static_webhooks: self.static_webhooks,
-            webhook_rules: self.webhook_rules.clone(),
-            subscribers,
-            by_id,
-        }
-    }
-
     /// Whether `id` names one of the configuration's own webhooks.
     fn is_configured(&self, id: &str) -> bool {
-        self.webhook_index(id)
-            .is_some_and(|i| !self.is_from_registry(i))
+        self.webhook_index(id).is_some()
     }
 }
 

@@ -668,19 +668,15 @@ fn registry_hook(id: &str, url: &str) -> Value {
     })
 }
 
-/// Compiles registry entries one by one, as the feed's pages hand them in, and builds the plan.
-fn with_entries(base: &Plan, entries: &[Value]) -> (Plan, Vec<String>) {
+/// Compiles registry entries one by one, as the feed's pages hand them in.
+fn with_entries(base: &Plan, entries: &[Value]) -> (Vec<Webhook>, Vec<String>) {
     let mut skipped = Vec::new();
-    let webhooks: Vec<Rc<Webhook>> = entries
+    let webhooks: Vec<Webhook> = entries
         .iter()
         .enumerate()
         .filter_map(|(i, e)| base.registry_webhook(e, &format!("changes[{i}]"), &mut skipped))
-        .map(Rc::new)
         .collect();
-    (
-        base.with_registry_webhooks(webhooks.into_iter()),
-        skipped.iter().map(ToString::to_string).collect(),
-    )
+    (webhooks, skipped.iter().map(ToString::to_string).collect())
 }
 
 #[test]
@@ -696,17 +692,11 @@ fn registry_webhooks_join_the_configured_ones_and_the_invalid_are_left_out_by_pa
          "organisationId": "o", "status": "enabled", "events": ["job.completed"]}),
         json!("not an object"),
     ];
-    let (plan, skipped) = with_entries(&base, &entries);
-    let ids: Vec<&str> = plan.webhooks.iter().map(|w| w.id.as_str()).collect();
-    assert_eq!(
-        ids,
-        ["66b2e3ddb97f60b5270d5ce9", "aaaaaaaaaaaaaaaaaaaaaaaa"]
-    );
-    assert_eq!(plan.subscribers("job.completed", "org-r"), &[1]);
-    assert_eq!(plan.webhook_index("aaaaaaaaaaaaaaaaaaaaaaaa"), Some(1));
-    assert_eq!(plan.webhook_index("66b2e3ddb97f60b5270d5ce9"), Some(0));
-    assert_eq!(plan.webhook_index("AAAAAAAAAAAAAAAAAAAAAAAA"), None);
-    assert_eq!(plan.registry_webhooks(), 1);
+    let (webhooks, skipped) = with_entries(&base, &entries);
+    let ids: Vec<&str> = webhooks.iter().map(|w| w.id.as_str()).collect();
+    assert_eq!(ids, ["aaaaaaaaaaaaaaaaaaaaaaaa"]);
+    assert_eq!(base.webhook_index("66b2e3ddb97f60b5270d5ce9"), Some(0));
+    assert_eq!(base.webhook_index("AAAAAAAAAAAAAAAAAAAAAAAA"), None);
     for expected in [
         "changes[1].url:",
         "changes[2].id:",
@@ -722,9 +712,6 @@ fn registry_webhooks_join_the_configured_ones_and_the_invalid_are_left_out_by_pa
         skipped.iter().all(|e| !e.contains(KEY_B)),
         "a key reached an error: {skipped:?}"
     );
-    // New registry webhooks replace the earlier ones; the configuration's own webhook stays.
-    let again = plan.with_registry_webhooks(std::iter::empty());
-    assert_eq!(again.webhooks.len(), 1);
 }
 
 #[test]
@@ -734,14 +721,14 @@ fn a_rotated_key_signs_beside_the_new_one_until_it_expires() {
     let mut hook = registry_hook("aaaaaaaaaaaaaaaaaaaaaaaa", "https://ok.example.com/in");
     hook["apiKeys"] = json!([KEY_B, KEY_A]);
     hook["previousKeyExpiresAt"] = json!(1_000);
-    let (plan, _) = with_entries(&base, &[hook]);
-    let w = &plan.webhooks[0];
+    let (webhooks, _) = with_entries(&base, &[hook]);
+    let w = &webhooks[0];
     assert_eq!(w.signing_keys(999_999).count(), 2);
     assert_eq!(w.signing_keys(1_000_000).count(), 1);
     let mut no_expiry = registry_hook("aaaaaaaaaaaaaaaaaaaaaaaa", "https://ok.example.com/in");
     no_expiry["apiKeys"] = json!([KEY_B, KEY_A]);
-    let (plan, skipped) = with_entries(&base, &[no_expiry]);
-    assert!(plan.webhooks.is_empty());
+    let (webhooks, skipped) = with_entries(&base, &[no_expiry]);
+    assert!(webhooks.is_empty());
     assert!(skipped[0].starts_with("changes[0].previousKeyExpiresAt"));
 }
 

@@ -112,47 +112,102 @@ fn live_worker_with(host: &FakeHost, plan: Plan) -> Worker {
     worker
 }
 
+/// The journal's batches (txns) among the callouts sent.
+fn txns(sent: &[SentCallout]) -> Vec<Value> {
+    sent.iter()
+        .filter(|c| c.cluster == "etcd" && header(c, ":path") == "/v3/kv/txn")
+        .map(|c| serde_json::from_slice(&c.body).expect("JSON"))
+        .collect()
+}
+
+/// The one write of a batch: ("put" or "delete", key).
+fn only_write(txn: &Value) -> (&'static str, String) {
+    let ops = txn["success"].as_array().expect("success");
+    assert_eq!(ops.len(), 1, "{txn}");
+    let (kind, op) = match ops[0].get("request_put") {
+        Some(put) => ("put", put),
+        None => ("delete", &ops[0]["request_delete_range"]),
+    };
+    let key = B64.decode(op["key"].as_str().expect("key")).expect("b64");
+    (kind, String::from_utf8(key).expect("utf-8"))
+}
+
+/// An event whose first attempt answers `code`: the worker's deliveries and journal requests
+/// until then; returns the journal's requests by token.
+fn event_answered(
+    host: &FakeHost,
+    worker: &mut Worker,
+    seconds: u64,
+    code: &[u8],
+    now: u64,
+) -> Vec<(u32, Purpose)> {
+    worker.on_stream_outcome(
+        host,
+        crate::stream::StreamOutcome::Event(event(seconds)),
+        now,
+    );
+    // One pump: the attempt leaves at once, the record waits for its batch.
+    let mut attempts = worker.pump(host, now);
+    let mut journal = worker.journal_poll(host, now);
+    let sent = host.take_sent();
+    assert!(sent.iter().any(|c| c.cluster == "egress"));
+    assert!(txns(&sent).is_empty(), "the record waits for its batch");
+    let (_, attempt) = attempts.remove(0);
+    worker.on_answer(host, attempt, &ok(code), now + 5);
+    journal.extend(worker.journal_poll(host, now + 5));
+    journal
+}
+
 #[test]
-fn the_record_is_written_beside_the_first_attempt_and_deleted_after_it() {
+fn an_event_delivered_before_its_batch_leaves_is_never_written() {
     let host = FakeHost::default();
     let mut worker = live_worker(&host);
-    worker.on_stream_outcome(
-        &host,
-        crate::stream::StreamOutcome::Event(event(1_700_000_000)),
-        1_000,
-    );
-    // One pump: the attempt and the journal put leave together.
-    let mut attempts = worker.pump(&host, 1_000);
-    let mut journal = worker.journal_poll(&host, 1_000);
-    let sent = host.take_sent();
-    let clusters: Vec<&str> = sent.iter().map(|c| c.cluster.as_str()).collect();
-    assert!(clusters.contains(&"egress") && clusters.contains(&"etcd"));
-    let put = sent
-        .iter()
-        .find(|c| header(c, ":path") == "/v3/kv/put")
-        .expect("put");
-    let event_id = event(1_700_000_000).id_hex;
-    assert_eq!(request_key(put), format!("wh/records/{OWNER}/{event_id}"));
-    assert!(!String::from_utf8_lossy(&put.body).contains("whsec_"));
+    let _ = event_answered(&host, &mut worker, 1_700_000_000, b"200", 1_000);
+    let _ = worker.journal_poll(&host, 1_100);
+    assert!(txns(&host.take_sent()).is_empty());
+    assert_eq!(host.metric("journal_records"), 0);
+}
 
-    let (_, attempt) = attempts.remove(0);
-    worker.on_answer(&host, attempt, &ok(b"200"), 1_010);
-    let journal_puts = journal
-        .iter()
-        .position(|(_, p)| matches!(p, Purpose::Write { .. }))
-        .expect("write");
-    let (_, write) = journal.remove(journal_puts);
-    worker.journal_answer(&host, write, Some(200), Some(b"{}"), 1_020);
-    assert_eq!(host.metric("journal_records"), 1);
-    let _ = worker.journal_poll(&host, 1_030);
-    let delete = host
-        .take_sent()
-        .into_iter()
-        .find(|c| header(c, ":path") == "/v3/kv/deleterange")
-        .expect("the record is deleted once delivered");
+#[test]
+fn a_record_owed_a_retry_is_written_in_a_batch_and_deleted_after_it() {
+    let host = FakeHost::default();
+    let mut worker = live_worker(&host);
+    let _ = event_answered(&host, &mut worker, 1_700_000_000, b"503", 1_000);
+    let mut journal = worker.journal_poll(&host, 1_100);
+    let sent = host.take_sent();
+    let batches = txns(&sent);
+    assert_eq!(batches.len(), 1);
+    let event_id = event(1_700_000_000).id_hex;
     assert_eq!(
-        request_key(&delete),
-        format!("wh/records/{OWNER}/{event_id}")
+        only_write(&batches[0]),
+        ("put", format!("wh/records/{OWNER}/{event_id}"))
+    );
+    assert!(!String::from_utf8_lossy(&sent[0].body).contains("whsec_"));
+    let batch = journal
+        .iter()
+        .position(|(_, p)| matches!(p, Purpose::Batch { .. }))
+        .expect("batch");
+    let (_, batch) = journal.remove(batch);
+    worker.journal_answer(
+        &host,
+        batch,
+        Some(200),
+        Some(br#"{"succeeded":true}"#),
+        1_120,
+    );
+    assert_eq!(host.metric("journal_records"), 1);
+
+    // The retry succeeds: the record is deleted with the next batch.
+    let mut attempts = worker.pump(&host, 10_000);
+    let (_, attempt) = attempts.remove(0);
+    worker.on_answer(&host, attempt, &ok(b"200"), 10_010);
+    let _ = worker.journal_poll(&host, 10_010);
+    let _ = worker.journal_poll(&host, 10_100);
+    let batches = txns(&host.take_sent());
+    assert_eq!(batches.len(), 1);
+    assert_eq!(
+        only_write(&batches[0]),
+        ("delete", format!("wh/records/{OWNER}/{event_id}"))
     );
 }
 
@@ -160,31 +215,27 @@ fn the_record_is_written_beside_the_first_attempt_and_deleted_after_it() {
 fn an_unreachable_journal_is_logged_and_counted_and_delivery_goes_on() {
     let host = FakeHost::default();
     let mut worker = live_worker(&host);
-    worker.on_stream_outcome(
-        &host,
-        crate::stream::StreamOutcome::Event(event(1_700_000_000)),
-        1_000,
-    );
-    let mut attempts = worker.pump(&host, 1_000);
-    let mut journal = worker.journal_poll(&host, 1_000);
-    let (_, write) = journal.remove(
+    let _ = event_answered(&host, &mut worker, 1_700_000_000, b"503", 1_000);
+    let mut journal = worker.journal_poll(&host, 1_100);
+    let (_, batch) = journal.remove(
         journal
             .iter()
-            .position(|(_, p)| matches!(p, Purpose::Write { .. }))
-            .expect("write"),
+            .position(|(_, p)| matches!(p, Purpose::Batch { .. }))
+            .expect("batch"),
     );
-    worker.journal_answer(&host, write, None, None, 1_005);
+    worker.journal_answer(&host, batch, None, None, 1_105);
     assert_eq!(host.metric("journal_unavailable"), 1);
     assert_eq!(host.metric("journal_writes_failed"), 1);
     assert_eq!(
         host.logged(
             LogLevel::Warn,
-            "journal unavailable (record write: no answer)"
+            "journal unavailable (record batch of 1 writes: no answer)"
         ),
         1
     );
+    let mut attempts = worker.pump(&host, 10_000);
     let (_, attempt) = attempts.remove(0);
-    worker.on_answer(&host, attempt, &ok(b"204"), 1_010);
+    worker.on_answer(&host, attempt, &ok(b"204"), 10_010);
     assert_eq!(host.metric("deliveries_succeeded"), 1);
 }
 

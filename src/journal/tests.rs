@@ -1,7 +1,11 @@
+use super::batch::{FLUSH_DELAY_MS, MAX_TXNS_IN_FLIGHT};
+use super::recovery::STEPS_PER_SCAN;
 use super::*;
+use crate::delivery::Payload;
 use crate::event::{Event, EventId};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
+use record::PendingWebhook;
 use serde_json::{json, Map, Value};
 
 const OWNER: &str = "00000000000000aa";
@@ -98,13 +102,75 @@ fn live() -> Journal {
     j
 }
 
-/// Polls, answering nothing, and returns the requests (the scan's are left out).
+/// Polls, answering nothing, and returns the batches of writes (the scan's requests are left
+/// out).
 fn writes(j: &mut Journal, now: u64) -> Vec<Request> {
     j.poll_all(now)
         .into_iter()
-        .filter(|r| matches!(r.purpose, Purpose::Write { .. }))
+        .filter(|r| matches!(r.purpose, Purpose::Batch { .. }))
         .collect()
 }
+
+/// The one batch due at `now`.
+fn one_batch(j: &mut Journal, now: u64) -> Request {
+    let mut out = writes(j, now);
+    assert_eq!(out.len(), 1, "one batch");
+    out.remove(0)
+}
+
+/// A write of a batch: a put (with its value) or a delete, and its key.
+#[derive(Debug, PartialEq, Eq)]
+enum Op {
+    Put(String, Vec<u8>),
+    Delete(String),
+}
+
+fn ops(r: &Request) -> Vec<Op> {
+    assert_eq!(r.path, etcd::TXN);
+    let t = body(r);
+    assert_eq!(t["compare"], json!([]), "a batch compares nothing");
+    let text = |v: &Value| {
+        String::from_utf8(B64.decode(v.as_str().expect("key")).expect("b64")).expect("utf-8")
+    };
+    t["success"]
+        .as_array()
+        .expect("success")
+        .iter()
+        .map(|op| {
+            if let Some(put) = op.get("request_put") {
+                let value = B64
+                    .decode(put["value"].as_str().expect("value"))
+                    .expect("b64");
+                Op::Put(text(&put["key"]), value)
+            } else {
+                Op::Delete(text(&op["request_delete_range"]["key"]))
+            }
+        })
+        .collect()
+}
+
+fn put_record(op: &Op) -> record::Record {
+    match op {
+        Op::Put(_, value) => record::decode(value).expect("a record"),
+        Op::Delete(key) => panic!("a delete of {key}"),
+    }
+}
+
+/// The one batch that left by the time the delay after `now` is over.
+fn one_batch_after_delay(j: &mut Journal, now: u64) -> Request {
+    let mut out = flushed(j, now);
+    assert_eq!(out.len(), 1, "one batch");
+    out.remove(0)
+}
+
+/// Polls at `now` and once the delay is over: the batches that left.
+fn flushed(j: &mut Journal, now: u64) -> Vec<Request> {
+    let mut out = writes(j, now);
+    out.extend(writes(j, now + FLUSH_DELAY_MS));
+    out
+}
+
+const TXN_OK: &[u8] = br#"{"header":{"revision":"2"},"succeeded":true}"#;
 
 #[test]
 fn nothing_is_written_before_the_owner_key_is_live() {
@@ -114,7 +180,7 @@ fn nothing_is_written_before_the_owner_key_is_live() {
     let out = j.poll_all(0);
     assert!(out
         .iter()
-        .all(|r| !matches!(r.purpose, Purpose::Write { .. })));
+        .all(|r| !matches!(r.purpose, Purpose::Batch { .. })));
     // A peer that saw a record before its owner key would claim it at once.
     let grant = out.into_iter().next().expect("grant");
     j.on_answer(grant.purpose, Err("no answer".into()), 0, ROOM);
@@ -127,49 +193,168 @@ fn a_record_is_put_then_deleted_once_every_webhook_settled() {
     let mut j = live();
     let (id, p) = payload(1_700_000_000);
     j.track(&id, &p, 5, pending(&[HOOK_A, HOOK_B], 5), false);
-    let put = writes(&mut j, 5);
-    assert_eq!(put.len(), 1);
-    assert_eq!(put[0].path, etcd::PUT);
-    assert_eq!(key_of(&put[0]), format!("wh/records/{OWNER}/{id}"));
-    let value = B64
-        .decode(body(&put[0])["value"].as_str().expect("value"))
-        .expect("base64");
-    let record = record::decode(&value).expect("a record");
-    assert_eq!(record.pending.len(), 2);
+    assert!(
+        writes(&mut j, 5).is_empty(),
+        "a write waits for others to join its batch"
+    );
+    let put = one_batch(&mut j, 5 + FLUSH_DELAY_MS);
+    let written = ops(&put);
+    assert_eq!(written.len(), 1);
+    assert!(matches!(&written[0], Op::Put(key, _) if *key == format!("wh/records/{OWNER}/{id}")));
+    assert_eq!(put_record(&written[0]).pending.len(), 2);
 
     // Both deliveries succeed while the put is out: the delete waits for the put's answer, so
-    // that it cannot overtake it.
+    // that it cannot overtake it (nor name the key twice in one txn).
     j.settled(&id, HOOK_A);
-    let put = put.into_iter().next().expect("put");
-    j.on_answer(put.purpose, Ok(OK), 6, ROOM);
+    j.on_answer(put.purpose, Ok(TXN_OK), 30, ROOM);
     assert_eq!(j.take_notices(), vec![Notice::RecordsDelta(1)]);
     assert!(
-        writes(&mut j, 6).is_empty(),
+        writes(&mut j, 100).is_empty(),
         "one webhook settled of two: no rewrite"
     );
     let (id2, p2) = payload(1_700_000_001);
-    j.track(&id2, &p2, 5, pending(&[HOOK_A, HOOK_B], 5), false);
-    let put = writes(&mut j, 6).into_iter().next().expect("put");
+    j.track(&id2, &p2, 100, pending(&[HOOK_A, HOOK_B], 100), false);
+    writes(&mut j, 100);
+    let put = one_batch(&mut j, 100 + FLUSH_DELAY_MS);
     j.settled(&id2, HOOK_A);
     j.settled(&id2, HOOK_B);
-    assert!(writes(&mut j, 6).is_empty());
-    j.on_answer(put.purpose, Ok(OK), 7, ROOM);
+    assert!(writes(&mut j, 200).is_empty());
+    j.on_answer(put.purpose, Ok(TXN_OK), 200, ROOM);
     j.settled(&id, HOOK_B);
     assert_eq!(j.take_notices(), vec![Notice::RecordsDelta(1)]);
-    let deletes = writes(&mut j, 7);
-    assert_eq!(deletes.len(), 2);
-    assert!(deletes.iter().all(|d| d.path == etcd::DELETE_RANGE));
-    assert_eq!(key_of(&deletes[0]), format!("wh/records/{OWNER}/{id2}"));
-    assert_eq!(key_of(&deletes[1]), format!("wh/records/{OWNER}/{id}"));
-    for delete in deletes {
-        j.on_answer(delete.purpose, Ok(OK), 8, ROOM);
+    // Both deletes leave in one txn.
+    writes(&mut j, 200);
+    let deletes = one_batch(&mut j, 200 + FLUSH_DELAY_MS);
+    assert_eq!(
+        ops(&deletes),
+        vec![
+            Op::Delete(format!("wh/records/{OWNER}/{id2}")),
+            Op::Delete(format!("wh/records/{OWNER}/{id}")),
+        ]
+    );
+    j.on_answer(deletes.purpose, Ok(TXN_OK), 300, ROOM);
+    assert_eq!(
+        j.take_notices(),
+        vec![Notice::RecordsDelta(-2)],
+        "one notice per batch"
+    );
+    assert_eq!(j.tracked(), 0);
+    assert!(writes(&mut j, 1000).is_empty());
+}
+
+#[test]
+fn an_event_settled_before_its_batch_leaves_is_never_written() {
+    let mut j = live();
+    let (id, p) = payload(1_700_000_000);
+    j.track(&id, &p, 5, pending(&[HOOK_A, HOOK_B], 5), false);
+    assert!(writes(&mut j, 5).is_empty());
+    j.settled(&id, HOOK_A);
+    j.settled(&id, HOOK_B);
+    assert!(writes(&mut j, 5 + FLUSH_DELAY_MS).is_empty());
+    assert_eq!(j.tracked(), 0);
+    assert!(j.take_notices().is_empty());
+}
+
+#[test]
+fn many_events_leave_as_few_txns_within_etcds_limits() {
+    let mut j = live();
+    let events: Vec<(Rc<str>, Rc<Payload>)> =
+        (0..200).map(|i| payload(1_700_000_000 + i)).collect();
+    for (id, p) in &events {
+        j.track(id, p, 5, pending(&[HOOK_A, HOOK_B], 5), false);
+    }
+    // A full batch is due: the flush goes at once, everything due in as many txns as it takes.
+    let flush = writes(&mut j, 5);
+    assert_eq!(flush.len(), 2);
+    let (first, second) = (&flush[0], &flush[1]);
+    let first_ops = ops(first);
+    assert_eq!(first_ops.len(), etcd::MAX_TXN_OPS);
+    assert_eq!(ops(second).len(), 200 - etcd::MAX_TXN_OPS);
+    // Each key once, oldest first.
+    let keys: Vec<String> = first_ops
+        .iter()
+        .chain(ops(second).iter())
+        .map(|op| match op {
+            Op::Put(key, _) | Op::Delete(key) => key.clone(),
+        })
+        .collect();
+    let expected: Vec<String> = events
+        .iter()
+        .map(|(id, _)| format!("wh/records/{OWNER}/{id}"))
+        .collect();
+    assert_eq!(keys, expected);
+    // Short of a full batch, a flush waits for the txns out.
+    let (id, p) = payload(1_500_000_000);
+    j.track(&id, &p, 10, pending(&[HOOK_A], 10), false);
+    assert!(
+        flushed(&mut j, 10).is_empty(),
+        "a partial flush waits for the txns out"
+    );
+    for b in flush {
+        j.on_answer(b.purpose, Ok(TXN_OK), 31, ROOM);
     }
     assert_eq!(
         j.take_notices(),
-        vec![Notice::RecordsDelta(-1), Notice::RecordsDelta(-1)]
+        vec![Notice::RecordsDelta(128), Notice::RecordsDelta(72)]
     );
-    assert_eq!(j.tracked(), 0);
-    assert!(writes(&mut j, 9).is_empty());
+    let single = one_batch(&mut j, 31);
+    assert_eq!(ops(&single).len(), 1);
+    j.on_answer(single.purpose, Ok(TXN_OK), 32, ROOM);
+
+    // Full batches go at once while fewer than MAX_TXNS_IN_FLIGHT are out.
+    let more: Vec<(Rc<str>, Rc<Payload>)> = (0..(MAX_TXNS_IN_FLIGHT + 1) * etcd::MAX_TXN_OPS)
+        .map(|i| payload(1_600_000_000 + i as u64))
+        .collect();
+    for (id, p) in &more {
+        j.track(id, p, 40, pending(&[HOOK_A], 40), false);
+    }
+    let out = writes(&mut j, 40);
+    assert_eq!(out.len(), MAX_TXNS_IN_FLIGHT);
+    assert!(out.iter().all(|b| ops(b).len() == etcd::MAX_TXN_OPS));
+    assert!(writes(&mut j, 1_000).is_empty(), "four batches out");
+    let answered = out.into_iter().next().expect("a batch");
+    j.on_answer(answered.purpose, Ok(TXN_OK), 1_001, ROOM);
+    assert_eq!(ops(&one_batch(&mut j, 1_001)).len(), etcd::MAX_TXN_OPS);
+}
+
+#[test]
+fn a_batch_stays_under_etcds_request_limit() {
+    let mut j = live();
+    // Records of about 400 KB: three fit in one request of 1.5 MiB, not four.
+    let big: Vec<(Rc<str>, Rc<Payload>)> = (0..5)
+        .map(|i| {
+            let mut object = Map::new();
+            object.insert("blob".into(), "x".repeat(400_000).into());
+            let e = Event::new(
+                EventId::new(1_700_000_000 + i, [4; 8]),
+                "t",
+                "job",
+                "o",
+                crate::json::Object::Tree(&object),
+                1000,
+            );
+            (
+                Rc::from(e.id_hex.as_str()),
+                Rc::new(Payload::event(e.envelope)),
+            )
+        })
+        .collect();
+    for (id, p) in &big {
+        j.track(id, p, 5, pending(&[HOOK_A], 5), false);
+    }
+    let batches = flushed(&mut j, 5);
+    let sizes: Vec<usize> = batches.iter().map(|b| ops(b).len()).collect();
+    assert_eq!(sizes, vec![3, 2]);
+    for b in &batches {
+        let weight: usize = ops(b)
+            .iter()
+            .map(|op| match op {
+                Op::Put(k, v) => k.len() + v.len(),
+                Op::Delete(k) => k.len(),
+            })
+            .sum();
+        assert!(weight + etcd::REQUEST_OVERHEAD_BYTES <= etcd::MAX_REQUEST_BYTES);
+    }
 }
 
 #[test]
@@ -177,30 +362,31 @@ fn a_retry_updates_the_record() {
     let mut j = live();
     let (id, p) = payload(1_700_000_000);
     j.track(&id, &p, 5, pending(&[HOOK_A], 5), false);
-    let put = writes(&mut j, 5).into_iter().next().expect("put");
-    j.on_answer(put.purpose, Ok(OK), 6, ROOM);
+    writes(&mut j, 5);
+    let put = one_batch(&mut j, 5 + FLUSH_DELAY_MS);
+    j.on_answer(put.purpose, Ok(TXN_OK), 30, ROOM);
     j.scheduled(&id, HOOK_A, 1, 30_000);
-    let update = writes(&mut j, 7);
-    assert_eq!(update.len(), 1);
-    let value = B64
-        .decode(body(&update[0])["value"].as_str().expect("value"))
-        .expect("base64");
-    let record = record::decode(&value).expect("a record");
+    writes(&mut j, 40);
+    let update = one_batch(&mut j, 40 + FLUSH_DELAY_MS);
+    let written = ops(&update);
+    assert_eq!(written.len(), 1);
+    let record = put_record(&written[0]);
     assert_eq!(record.pending[0].attempts, 1);
     assert_eq!(record.pending[0].next_attempt_at_ms, 30_000);
     // Unknown events and webhooks (dead letters, say) change nothing.
     j.scheduled("ffff", HOOK_A, 1, 1);
     j.settled(&id, "abcdef");
-    assert!(writes(&mut j, 8).is_empty());
+    assert!(writes(&mut j, 1000).is_empty());
 }
 
 #[test]
-fn an_unreachable_etcd_is_reported_once_and_writes_are_retried() {
+fn an_unreachable_etcd_is_reported_once_and_writes_are_retried_with_backoff() {
     let mut j = live();
     let (id, p) = payload(1_700_000_000);
     j.track(&id, &p, 5, pending(&[HOOK_A], 5), false);
-    let put = writes(&mut j, 5).into_iter().next().expect("put");
-    j.on_answer(put.purpose, Err("status 503".into()), 10, ROOM);
+    writes(&mut j, 5);
+    let put = one_batch(&mut j, 5 + FLUSH_DELAY_MS);
+    j.on_answer(put.purpose, Err("status 503".into()), 30, ROOM);
     let notices = j.take_notices();
     assert!(notices.contains(&Notice::RequestFailed));
     assert!(notices
@@ -210,13 +396,57 @@ fn an_unreachable_etcd_is_reported_once_and_writes_are_retried() {
         writes(&mut j, 500).is_empty(),
         "writes pause after a failure"
     );
-    let again = writes(&mut j, 1010).into_iter().next().expect("retried");
-    j.on_answer(again.purpose, Err("no answer".into()), 1020, ROOM);
+    writes(&mut j, 1030);
+    let again = one_batch(&mut j, 1030 + FLUSH_DELAY_MS);
+    j.on_answer(again.purpose, Err("no answer".into()), 1100, ROOM);
     assert_eq!(j.take_notices(), vec![Notice::RequestFailed]);
-    let again = writes(&mut j, 2020).into_iter().next().expect("retried");
-    j.on_answer(again.purpose, Ok(OK), 2030, ROOM);
+    assert!(
+        writes(&mut j, 2200).is_empty(),
+        "the second failure in a row pauses twice as long"
+    );
+    writes(&mut j, 3100);
+    let again = one_batch(&mut j, 3100 + FLUSH_DELAY_MS);
+    assert_eq!(ops(&again).len(), 1, "the same record, still owed");
+    j.on_answer(again.purpose, Ok(TXN_OK), 3200, ROOM);
     // The failed put may have landed, so the record already counted once.
     assert_eq!(j.take_notices(), vec![Notice::Recovered]);
+}
+
+#[test]
+fn a_failed_batch_is_split_and_etcd_answering_again_ends_the_pause() {
+    let mut j = live();
+    let events: Vec<(Rc<str>, Rc<Payload>)> = (0..10).map(|i| payload(1_700_000_000 + i)).collect();
+    for (id, p) in &events {
+        j.track(id, p, 5, pending(&[HOOK_A], 5), false);
+    }
+    let mut out = j.poll_all(5);
+    let list_alive = take(&mut out, |p| matches!(p, Purpose::ListAlive));
+    let batch = one_batch(&mut j, 5 + FLUSH_DELAY_MS);
+    assert_eq!(ops(&batch).len(), 10);
+    // An etcd set to a lower --max-txn-ops refuses it: the next batches are half as large.
+    j.on_answer(batch.purpose, Err("status 400".into()), 30, ROOM);
+    j.take_notices();
+    assert!(
+        flushed(&mut j, 40).is_empty(),
+        "writes pause after a failure"
+    );
+    // The scan's answer: etcd is there, the writes need not wait out their pause.
+    j.on_answer(list_alive.purpose, Ok(br#"{"header":{}}"#), 70, ROOM);
+    assert_eq!(j.take_notices(), vec![Notice::Recovered]);
+    let halves = flushed(&mut j, 70);
+    let sizes: Vec<usize> = halves.iter().map(|b| ops(b).len()).collect();
+    assert_eq!(sizes, vec![5, 5]);
+    for b in halves {
+        j.on_answer(b.purpose, Ok(TXN_OK), 100, ROOM);
+    }
+    // Each batch that goes through doubles the bound again: 20 writes leave as one batch.
+    let more: Vec<(Rc<str>, Rc<Payload>)> = (0..20).map(|i| payload(1_600_000_000 + i)).collect();
+    for (id, p) in &more {
+        j.track(id, p, 200, pending(&[HOOK_A], 200), false);
+    }
+    let batches = flushed(&mut j, 200);
+    assert_eq!(batches.len(), 1);
+    assert_eq!(ops(&batches[0]).len(), 20);
 }
 
 #[test]
@@ -235,7 +465,7 @@ fn a_record_too_large_for_etcd_is_not_written() {
     let id: Rc<str> = Rc::from(e.id_hex.as_str());
     let p = Rc::new(Payload::event(e.envelope));
     j.track(&id, &p, 1, pending(&[HOOK_A], 1), false);
-    assert!(writes(&mut j, 1).is_empty());
+    assert!(flushed(&mut j, 1).is_empty());
     assert!(matches!(
         j.take_notices().as_slice(),
         [Notice::TooLarge { bytes, .. }] if *bytes > etcd::MAX_REQUEST_BYTES
@@ -250,8 +480,8 @@ fn a_lost_lease_is_granted_again_and_records_rewritten() {
     let mut j = live();
     let (id, p) = payload(1_700_000_000);
     j.track(&id, &p, 5, pending(&[HOOK_A], 5), false);
-    let put = writes(&mut j, 5).into_iter().next().expect("put");
-    j.on_answer(put.purpose, Ok(OK), 6, ROOM);
+    let put = one_batch_after_delay(&mut j, 5);
+    j.on_answer(put.purpose, Ok(TXN_OK), 6, ROOM);
     j.take_notices();
     let keepalive = j
         .poll_all(5_000)
@@ -273,9 +503,10 @@ fn a_lost_lease_is_granted_again_and_records_rewritten() {
     j.on_answer(grant.purpose, Ok(br#"{"ID":"78","TTL":"15"}"#), 5_003, ROOM);
     let register = j.poll_all(5_003).into_iter().next().expect("register");
     j.on_answer(register.purpose, Ok(OK), 5_004, ROOM);
-    let rewrite = writes(&mut j, 5_005);
-    assert_eq!(rewrite.len(), 1);
-    assert_eq!(key_of(&rewrite[0]), format!("wh/records/{OWNER}/{id}"));
+    let rewrite = one_batch_after_delay(&mut j, 5_005);
+    let written = ops(&rewrite);
+    assert_eq!(written.len(), 1);
+    assert!(matches!(&written[0], Op::Put(key, _) if *key == format!("wh/records/{OWNER}/{id}")));
 }
 
 fn range_answer(kvs: &[(&str, &[u8], i64)]) -> Vec<u8> {
@@ -377,10 +608,14 @@ fn the_records_of_a_dead_owner_are_claimed_within_the_room_left() {
     // The claimed record is tracked as stored: nothing is written until something changes.
     j.track(&id1, &p1, 1, pending(&[HOOK_A, HOOK_B], 99), true);
     assert_eq!(j.take_notices(), vec![Notice::RecordsDelta(1)]);
-    assert!(writes(&mut j, 16).is_empty());
+    assert!(flushed(&mut j, 16).is_empty());
     j.settled(&id1, HOOK_A);
     j.settled(&id1, HOOK_B);
-    assert_eq!(writes(&mut j, 17)[0].path, etcd::DELETE_RANGE);
+    let delete = one_batch_after_delay(&mut j, 100);
+    assert_eq!(
+        ops(&delete),
+        vec![Op::Delete(format!("wh/records/{OWNER}/{id1}"))]
+    );
 }
 
 #[test]
@@ -566,16 +801,13 @@ fn a_later_fan_out_of_the_same_event_adds_its_webhooks_to_the_record() {
     let mut j = live();
     let (id, p) = payload(1_700_000_000);
     j.track(&id, &p, 5, pending(&[HOOK_A], 5), false);
-    let put = writes(&mut j, 5).into_iter().next().expect("put");
-    j.on_answer(put.purpose, Ok(OK), 6, ROOM);
-    j.track(&id, &p, 5, pending(&[HOOK_A, HOOK_B], 7), false);
-    let update = writes(&mut j, 7);
-    assert_eq!(update.len(), 1);
-    let value = B64
-        .decode(body(&update[0])["value"].as_str().expect("value"))
-        .expect("base64");
-    let ids: Vec<String> = record::decode(&value)
-        .expect("record")
+    let put = one_batch_after_delay(&mut j, 5);
+    j.on_answer(put.purpose, Ok(TXN_OK), 30, ROOM);
+    j.track(&id, &p, 5, pending(&[HOOK_A, HOOK_B], 40), false);
+    let update = one_batch_after_delay(&mut j, 40);
+    let written = ops(&update);
+    assert_eq!(written.len(), 1);
+    let ids: Vec<String> = put_record(&written[0])
         .pending
         .into_iter()
         .map(|p| p.webhook_id)
@@ -597,4 +829,30 @@ fn no_dead_owner_is_looked_for_until_this_proxy_knows_its_webhooks() {
         .poll_all(5_001)
         .iter()
         .any(|r| matches!(r.purpose, Purpose::ListAlive)));
+}
+
+#[test]
+fn while_writes_pause_the_events_delivered_meanwhile_are_not_kept() {
+    let mut j = live();
+    let (id, p) = payload(1_600_000_000);
+    j.track(&id, &p, 5, pending(&[HOOK_A], 5), false);
+    let batch = one_batch_after_delay(&mut j, 5);
+    j.on_answer(batch.purpose, Err("no answer".into()), 30, ROOM);
+    // etcd is away: 1,000 events come and are delivered before any write could leave.
+    for i in 0..1000 {
+        let (id, p) = payload(1_700_000_000 + i);
+        j.track(&id, &p, 40, pending(&[HOOK_A, HOOK_B], 40), false);
+        j.settled(&id, HOOK_A);
+        j.settled(&id, HOOK_B);
+    }
+    assert_eq!(j.tracked(), 1, "only the record still owed");
+    // When the pause is over, only that record is written.
+    let again = one_batch_after_delay(&mut j, 1_100);
+    assert_eq!(
+        ops(&again)
+            .iter()
+            .map(|op| matches!(op, Op::Put(..)))
+            .collect::<Vec<_>>(),
+        vec![true]
+    );
 }

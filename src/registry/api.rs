@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 mod deliveries;
 mod reports;
 
-const MAX_BODY: usize = 64 * 1024;
+use super::rejections::MAX_BODY;
 const DASHBOARD_HTML: &str = include_str!("dashboard/index.html");
 const DASHBOARD_JS: &str = include_str!("dashboard/dashboard.js");
 const DASHBOARD_CSS: &str = include_str!("dashboard/dashboard.css");
@@ -96,6 +96,21 @@ impl App {
     }
 }
 
+impl super::health::HasStore for App {
+    fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+impl super::refusals::Refusals for App {
+    fn store(&self) -> &Store {
+        &self.store
+    }
+    fn verifier(&self) -> &Verifier {
+        &self.verifier
+    }
+}
+
 /// Organisation ids come from the tokens and the paths: 1 to 128 characters, none of them a control character.
 fn is_organisation_id(id: &str) -> bool {
     (1..=128).contains(&id.chars().count()) && !id.chars().any(char::is_control)
@@ -109,7 +124,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/", get(dashboard_html))
         .route("/dashboard.js", get(dashboard_js))
         .route("/dashboard.css", get(dashboard_css))
-        .route("/healthz", get(health))
+        .route("/healthz", get(super::health::healthz::<App>))
         .route("/v1/event-types", get(event_types))
         .route("/v1/registry", get(registry_feed))
         .route("/v2/registry/changes", get(registry_changes))
@@ -132,9 +147,23 @@ pub fn router(app: Arc<App>) -> Router {
             app.clone(),
             reports::pending_sends_flag,
         ))
+        .route(
+            "/v1/organisations/{org}/webhooks/{id}/revoke-previous-key",
+            post(revoke_previous_key),
+        )
+        .route("/v1/settings", get(settings))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(request_deadline))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            super::health::database_guard::<App>,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(super::rejections::in_error_shape))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            super::refusals::log_and_audit::<App>,
+        ))
         .with_state(app)
 }
 
@@ -160,11 +189,19 @@ pub enum ApiError {
     NotFound,
     Conflict,
     Invalid(Vec<FieldError>),
+    /// A revoke of the previous key, when there is none in its grace period.
+    NoPreviousKey,
     Internal,
+    /// The database is down, unreachable, too slow, or its file is gone: 503.
+    Unavailable,
 }
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
+        if super::store::is_unavailable(&e) {
+            log(&format!("database unavailable: {e}"));
+            return ApiError::Unavailable;
+        }
         log(&format!("database error: {e}"));
         ApiError::Internal
     }
@@ -193,10 +230,16 @@ impl IntoResponse for ApiError {
                 "",
                 "the webhook changed meanwhile; read it again and retry",
             ),
+            ApiError::NoPreviousKey => one(
+                StatusCode::CONFLICT,
+                "",
+                "the webhook has no previous key in its grace period (none, or it expired or was revoked)",
+            ),
             ApiError::Invalid(errors) => {
                 json_response(StatusCode::UNPROCESSABLE_ENTITY, &errors_body(&errors))
             }
             ApiError::Internal => one(StatusCode::INTERNAL_SERVER_ERROR, "", "internal error"),
+            ApiError::Unavailable => super::health::unavailable(),
         }
     }
 }
@@ -226,6 +269,9 @@ fn public(w: &StoredWebhook) -> Value {
         "createdAt": rfc3339(w.created_ms),
         "updatedAt": rfc3339(w.updated_ms),
         "keyRotatedAt": w.key_rotated_ms.map(rfc3339),
+        "previousKeyExpiresAt": w.previous_key_expires_ms
+            .filter(|expires| w.previous_key_sealed.is_some() && now_ms() < *expires)
+            .map(rfc3339),
     })
 }
 
@@ -479,6 +525,58 @@ async fn rotate_key(
     Ok(json_response(StatusCode::OK, &answer))
 }
 
+/// Ends the previous key's grace at once (a key that leaked): the proxies stop signing with it at their next poll.
+async fn revoke_previous_key(
+    State(app): State<Arc<App>>,
+    Path((org, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let caller = app.authorize(&headers, &org)?;
+    if !is_webhook_id(&id) {
+        return Err(ApiError::NotFound);
+    }
+    let old = app.store.get(&org, &id).await?.ok_or(ApiError::NotFound)?;
+    let now = now_ms();
+    let Some(expires) = old
+        .previous_key_expires_ms
+        .filter(|expires| old.previous_key_sealed.is_some() && now < *expires)
+    else {
+        return Err(ApiError::NoPreviousKey);
+    };
+    let mut webhook = old.clone();
+    webhook.previous_key_sealed = None;
+    webhook.previous_key_expires_ms = None;
+    webhook.updated_ms = now;
+    put_existing(
+        &app,
+        &webhook,
+        &old.key_sealed,
+        Audit {
+            at_ms: now,
+            actor: &caller.sub,
+            role: caller.role.as_str(),
+            action: "revoke-previous-key",
+            detail:
+                json!({"previousKeyExpiredAt": rfc3339(now), "graceWasUntil": rfc3339(expires)})
+                    .to_string(),
+        },
+    )
+    .await?;
+    audit_line(&caller, "revoked the previous key of", &org, &id);
+    Ok(json_response(StatusCode::OK, &public(&webhook)))
+}
+
+/// `GET /v1/settings`: what the dashboard needs to know of the registry's flags (no token).
+async fn settings(State(app): State<Arc<App>>) -> Response {
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "eventTypes": app.policy.event_types,
+            "rotationGraceSeconds": app.rotation_grace_ms / 1000,
+        }),
+    )
+}
+
 /// `GET /v1/registry`: every webhook with its key(s), for the proxies. The ETag is the revision and a digest of
 /// the document, so it also changes when a previous key expires without any write.
 async fn registry_feed(
@@ -514,8 +612,10 @@ async fn registry_feed(
     };
     let etag_value = HeaderValue::from_str(&etag).map_err(|_| ApiError::Internal)?;
     if if_none_match(&headers, &etag) {
+        super::refusals::note_feed_pull(revision, StatusCode::NOT_MODIFIED, 0);
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
     }
+    super::refusals::note_feed_pull(revision, StatusCode::OK, body.len());
     Ok((
         StatusCode::OK,
         [
@@ -617,14 +717,6 @@ fn if_none_match(headers: &HeaderMap, etag: &str) -> bool {
             candidate == b"*" || candidate == etag.as_bytes()
         })
     })
-}
-
-async fn health(State(app): State<Arc<App>>) -> Result<Response, ApiError> {
-    let revision = app.store.revision().await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"status": "ok", "revision": revision}),
-    ))
 }
 
 async fn event_types(State(app): State<Arc<App>>) -> Response {

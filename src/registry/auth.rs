@@ -128,6 +128,11 @@ impl Verifier {
             },
         )?;
         let claim = |name: &str| match data.claims.get(name) {
+            // The claims are stored in the audit table: a control character (a NUL Postgres cannot store) is
+            // refused like any other malformed token.
+            Some(Value::String(s)) if s.chars().any(char::is_control) => Err(format!(
+                "the token's {name} claim holds a control character"
+            )),
             Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
             _ => Err(format!("the token has no {name} claim")),
         };

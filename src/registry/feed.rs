@@ -183,15 +183,22 @@ impl ChangesFeed {
         let outcome =
             tokio::time::timeout(DATABASE_DEADLINE, self.page(store, sealer, since)).await;
         match outcome {
-            Ok(Ok(Page::Changes(body))) => (
-                StatusCode::OK,
-                [
-                    (header::CONTENT_TYPE, "application/json"),
-                    (header::CACHE_CONTROL, "no-store"),
-                ],
-                body,
-            )
-                .into_response(),
+            Ok(Ok(Page::Changes(body))) => {
+                let head = self
+                    .cache
+                    .lock()
+                    .map_or(since, |cache| cache.head.max(since));
+                super::refusals::note_feed_pull(head, StatusCode::OK, body.len());
+                (
+                    StatusCode::OK,
+                    [
+                        (header::CONTENT_TYPE, "application/json"),
+                        (header::CACHE_CONTROL, "no-store"),
+                    ],
+                    body,
+                )
+                    .into_response()
+            }
             Ok(Ok(Page::Gone(message))) => error(StatusCode::GONE, "since", &message),
             Ok(Err(e)) => {
                 log(&format!("registry changes: database error: {e}"));

@@ -1,6 +1,8 @@
 //! API keys and webhook ids: made from the OS's randomness, and sealed at rest with AES-256-GCM under the main key,
 //! so a copy of the database does not reveal them.
 
+use super::store::{Audit, Store};
+use super::{log, now_ms};
 use crate::signature::SigningKey;
 use aes_gcm::aead::{Aead, KeyInit, Payload};
 use aes_gcm::{Aes256Gcm, Nonce};
@@ -30,7 +32,8 @@ pub fn new_webhook_id() -> Result<String, String> {
 }
 
 /// Seals keys for the database. Without a main key (`--insecure-plaintext-keys`, demos only) keys are stored as
-/// they are, marked `plain:` so a later start with a main key still reads them.
+/// they are, marked `plain:`. With a main key a `plain:` key is refused (anyone who can write a row could plant
+/// a key of their own); `--seal-plaintext-keys` seals such keys once, at start, when leaving the demo mode.
 pub struct Sealer {
     cipher: Option<Aes256Gcm>,
 }
@@ -81,8 +84,23 @@ impl Sealer {
         Ok(format!("{SEALED_PREFIX}{}", STANDARD.encode(out)))
     }
 
+    /// A stored `plain:` key sealed under the main key; None when `stored` is not in the clear or there is no
+    /// main key.
+    pub fn seal_plaintext(&self, id: &str, stored: &str) -> Option<Result<String, String>> {
+        let key = stored.strip_prefix(PLAIN_PREFIX)?;
+        self.cipher.as_ref()?;
+        Some(self.seal(id, key))
+    }
+
     pub fn open(&self, id: &str, stored: &str) -> Result<String, String> {
         if let Some(key) = stored.strip_prefix(PLAIN_PREFIX) {
+            if self.cipher.is_some() {
+                return Err(format!(
+                    "webhook {id}: the stored key is in the clear, and a registry with a main key serves only \
+                     encrypted keys (keys stored by a registry run with --insecure-plaintext-keys: start once \
+                     with --seal-plaintext-keys to encrypt them)"
+                ));
+            }
             return Ok(key.to_string());
         }
         let sealed = stored
@@ -115,6 +133,44 @@ impl Sealer {
     }
 }
 
+/// `--seal-plaintext-keys`: seals every key stored in the clear (current and previous) under the main key, each
+/// webhook in one audited write, so the keys of a registry that ran with `--insecure-plaintext-keys` are served
+/// again, and no longer readable in a copy of the database.
+pub async fn seal_plaintext_keys(store: &Store, sealer: &Sealer) -> Result<(), String> {
+    let failed = |e: sqlx::Error| format!("--seal-plaintext-keys: {e}");
+    for (organisation, id) in store.with_plaintext_keys().await.map_err(failed)? {
+        let Some(old) = store.get(&organisation, &id).await.map_err(failed)? else {
+            continue;
+        };
+        let mut webhook = old.clone();
+        if let Some(sealed) = sealer.seal_plaintext(&id, &old.key_sealed) {
+            webhook.key_sealed = sealed?;
+        }
+        if let Some(previous) = old.previous_key_sealed.as_deref() {
+            if let Some(sealed) = sealer.seal_plaintext(&id, previous) {
+                webhook.previous_key_sealed = Some(sealed?);
+            }
+        }
+        let audit = Audit {
+            at_ms: now_ms(),
+            actor: "registry",
+            role: "registry",
+            action: "seal-key",
+            detail: "{}".into(),
+        };
+        if store
+            .put(&webhook, Some(&old.key_sealed), audit)
+            .await
+            .map_err(failed)?
+        {
+            log(&format!(
+                "--seal-plaintext-keys: sealed the plaintext key(s) of webhook {id} of organisation {organisation:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -144,6 +200,15 @@ mod tests {
         let other = Sealer::from_main_key("ZmVkY2JhOTg3NjU0MzIxMGZlZGNiYTk4NzY1NDMyMTA=").unwrap();
         assert!(other.open("a", &sealed).is_err());
         assert!(Sealer::plaintext().open("a", &sealed).is_err());
+        // A key in the clear opens only without a main key; with one, it is sealed once on request.
+        let plain = Sealer::plaintext().seal("a", &key).unwrap();
+        assert_eq!(Sealer::plaintext().open("a", &plain).unwrap(), key);
+        let refused = sealer.open("a", &plain).unwrap_err();
+        assert!(refused.contains("in the clear") && !refused.contains(&key));
+        let resealed = sealer.seal_plaintext("a", &plain).unwrap().unwrap();
+        assert_eq!(sealer.open("a", &resealed).unwrap(), key);
+        assert!(sealer.seal_plaintext("a", &sealed).is_none());
+        assert!(Sealer::plaintext().seal_plaintext("a", &plain).is_none());
         // Two seals of one key differ (fresh nonce each time).
         assert_ne!(sealer.seal("a", &key).unwrap(), sealed);
     }

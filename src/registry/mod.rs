@@ -11,7 +11,11 @@ mod delivery_ingest;
 mod delivery_log;
 mod delivery_upkeep;
 mod feed;
+mod health;
+mod json;
 mod keys;
+mod refusals;
+mod rejections;
 mod revisions;
 mod seed;
 mod sends;
@@ -76,6 +80,10 @@ pub struct ServeArgs {
     /// Store the API keys unencrypted (demos only; anyone with a copy of the database has the keys).
     #[arg(long)]
     pub insecure_plaintext_keys: bool,
+    /// With --main-key-env: at start, encrypt every key stored in the clear (by a registry that ran with
+    /// --insecure-plaintext-keys); without it such keys are refused.
+    #[arg(long)]
+    pub seal_plaintext_keys: bool,
     /// Accept http:// webhook URLs (as the filter's delivery.allowInsecureHttp).
     #[arg(long)]
     pub allow_insecure_http: bool,
@@ -177,6 +185,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             )
         }
     };
+    if args.seal_plaintext_keys && !sealer.encrypts() {
+        return Err("--seal-plaintext-keys needs --main-key-env (the key that seals them)".into());
+    }
     let rotation_grace_ms =
         parse_duration_ms(&args.rotation_grace).map_err(|e| format!("--rotation-grace: {e}"))?;
     let tombstone_retention_ms = parse_duration_ms(&args.tombstone_retention)
@@ -195,6 +206,9 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     runtime.block_on(async move {
         let mut store = store::Store::open(&args.database).await?;
         store.max_webhooks_per_organisation = i64::from(args.max_webhooks_per_organisation);
+        if args.seal_plaintext_keys {
+            keys::seal_plaintext_keys(&store, &sealer).await?;
+        }
         delivery_log::migrate(&store).await?;
         let mut app = api::App::new(
             store,

@@ -6,6 +6,15 @@
 use super::revisions;
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How long a request waits for a database connection before it is answered 503 (a database that is down must
+/// not hold requests).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(1);
+/// The longest a statement may run, or wait for a lock, in milliseconds (Postgres `statement_timeout`, SQLite
+/// `busy_timeout`).
+const STATEMENT_TIMEOUT_MS: u32 = 1500;
 
 const SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS registry_state (id INTEGER PRIMARY KEY, revision BIGINT NOT NULL)",
@@ -71,6 +80,8 @@ pub struct Store {
     postgres: bool,
     /// A create beyond this many webhooks in one organisation writes nothing.
     pub max_webhooks_per_organisation: i64,
+    /// The SQLite file as it was opened, to notice it being deleted or replaced while the registry runs.
+    sqlite_file: Option<SqliteFile>,
 }
 
 type Result<T> = std::result::Result<T, sqlx::Error>;
@@ -124,6 +135,18 @@ impl Store {
         let sqlite = url.starts_with("sqlite:");
         let pool = AnyPoolOptions::new()
             .max_connections(if sqlite { 4 } else { 8 })
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(move |connection, _| {
+                Box::pin(async move {
+                    let bound = if sqlite {
+                        format!("PRAGMA busy_timeout = {STATEMENT_TIMEOUT_MS}")
+                    } else {
+                        format!("SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+                    };
+                    sqlx::query(&bound).execute(&mut *connection).await?;
+                    Ok(())
+                })
+            })
             .connect(&url)
             .await
             .map_err(|e| format!("--database: cannot open the database: {e}"))?;
@@ -134,15 +157,19 @@ impl Store {
                 .await
                 .map_err(|e| format!("--database: {e}"))?;
         }
-        let store = Store {
+        let mut store = Store {
             pool,
             postgres: !sqlite,
             max_webhooks_per_organisation: i64::MAX,
+            sqlite_file: None,
         };
         store
             .migrate()
             .await
             .map_err(|e| format!("--database: creating the tables failed: {e}"))?;
+        if sqlite {
+            store.sqlite_file = Some(SqliteFile::opened(&url)?);
+        }
         Ok(store)
     }
 
@@ -151,6 +178,10 @@ impl Store {
         if self.postgres {
             // Replicas starting together would race on CREATE TABLE IF NOT EXISTS: one migrates at a time.
             sqlx::query("SELECT pg_advisory_xact_lock(7215860413)")
+                .execute(&mut *tx)
+                .await?;
+            // Waiting for another replica's migration, or migrating a large table, may take longer than a request.
+            sqlx::query("SET LOCAL statement_timeout = 0")
                 .execute(&mut *tx)
                 .await?;
         }
@@ -334,4 +365,111 @@ pub(super) async fn insert_audit(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// The identity of the SQLite file the registry opened. A file deleted while the registry runs stays readable and
+/// writable through the connections already open, so every write would vanish with the last of them: the health
+/// check and every request compare the path's file with this one first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SqliteFile {
+    path: PathBuf,
+    identity: (u64, u64),
+}
+
+impl SqliteFile {
+    fn opened(url: &str) -> std::result::Result<SqliteFile, String> {
+        let path = url.strip_prefix("sqlite:").unwrap_or(url);
+        let path = path.strip_prefix("//").unwrap_or(path);
+        let path = PathBuf::from(path.split('?').next().unwrap_or(path));
+        let identity = file_identity(&path)
+            .map_err(|e| format!("--database: the file {}: {e}", path.display()))?;
+        Ok(SqliteFile { path, identity })
+    }
+
+    fn check(&self) -> Result<()> {
+        match file_identity(&self.path) {
+            Ok(identity) if identity == self.identity => Ok(()),
+            _ => Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!(
+                    "the database file {} was deleted or replaced while the registry ran (restart it on the \
+                     right file)",
+                    self.path.display()
+                ),
+            ))),
+        }
+    }
+}
+
+#[cfg(unix)]
+fn file_identity(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_identity(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    std::fs::metadata(path).map(|meta| (meta.len().min(1), 0))
+}
+
+impl Store {
+    /// The SQLite file is still the one opened (always true on Postgres).
+    pub fn check_file(&self) -> Result<()> {
+        self.sqlite_file.as_ref().map_or(Ok(()), SqliteFile::check)
+    }
+
+    /// An audit row alone, for a refused write: nothing changed, so the revision stays.
+    pub async fn audit_only(&self, organisation: &str, id: &str, audit: Audit<'_>) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        insert_audit(&mut tx, organisation, id, &audit).await?;
+        tx.commit().await
+    }
+
+    /// The webhooks (organisation, id) with a key stored in the clear, current or previous.
+    pub async fn with_plaintext_keys(&self) -> Result<Vec<(String, String)>> {
+        sqlx::query(
+            "SELECT organisation_id, id FROM webhooks \
+             WHERE key_sealed LIKE 'plain:%' OR previous_key_sealed LIKE 'plain:%'",
+        )
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get("organisation_id")?, row.try_get("id")?)))
+        .collect()
+    }
+
+    /// The database answers a query on the registry's own table (for the health check).
+    pub async fn check(&self) -> Result<()> {
+        self.check_file()?;
+        self.revision().await.map(|_| ())
+    }
+}
+
+/// Whether an error means the database is not there (down, unreachable, too slow, its file gone) rather than a
+/// fault of the request or of the registry: the answer is then 503, and the client may retry.
+pub fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                // SQLite (extended result codes): BUSY, LOCKED, READONLY, IOERR, FULL, CANTOPEN.
+                let primary = code.parse::<u32>().unwrap_or(0) & 0xff;
+                [5, 6, 8, 10, 13, 14].contains(&primary)
+            } else {
+                // Postgres SQLSTATE: connection exceptions, insufficient resources, operator intervention
+                // (shutdown, a cancelled statement), lock not available.
+                code.starts_with("08")
+                    || code.starts_with("53")
+                    || code.starts_with("57")
+                    || code == "55P03"
+            }
+        }
+        _ => false,
+    }
 }

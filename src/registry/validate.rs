@@ -1,6 +1,7 @@
 //! Reading a webhook's fields from a request body, with the filter's own rules: `WebhookUrl::parse` and its
 //! private-address guard for the URL, the filter's event-type pattern, and a catalogue of event types.
 
+use super::json::{parse_without_duplicate_keys, JsonError};
 use crate::config::is_event_type;
 use crate::url::WebhookUrl;
 use serde_json::{Map, Value};
@@ -66,11 +67,15 @@ pub struct Fields {
 /// Reads a create (`full`: name, url and events required; description defaults to "", status to "enabled") or an
 /// update (any of the five fields). Every bad field is reported, each with its path.
 pub fn read_fields(body: &[u8], policy: &Policy, full: bool) -> Result<Fields, Vec<FieldError>> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        vec![FieldError::new(
-            "",
-            format!("the body must be a JSON object ({e})"),
-        )]
+    let value = parse_without_duplicate_keys(body).map_err(|e| {
+        vec![match e {
+            JsonError::Syntax(e) => {
+                FieldError::new("", format!("the body must be a JSON object ({e})"))
+            }
+            JsonError::DuplicateKey(path) => {
+                FieldError::new(shown_path(&path), "is given more than once")
+            }
+        }]
     })?;
     let Value::Object(map) = value else {
         return Err(vec![FieldError::new("", "the body must be a JSON object")]);
@@ -79,7 +84,7 @@ pub fn read_fields(body: &[u8], policy: &Policy, full: bool) -> Result<Fields, V
     for key in map.keys() {
         if !["name", "url", "description", "status", "events"].contains(&key.as_str()) {
             errors.push(FieldError::new(
-                key.as_str(),
+                shown_path(key),
                 "unknown field (expected name, url, description, status, events)",
             ));
         }
@@ -92,8 +97,8 @@ pub fn read_fields(body: &[u8], policy: &Policy, full: bool) -> Result<Fields, V
         events: None,
     };
     if let Some(name) = &fields.name {
-        if name.trim().is_empty() {
-            errors.push(FieldError::new("name", "must not be empty"));
+        if let Err(message) = check_name(name) {
+            errors.push(FieldError::new("name", message));
         }
     }
     if let Some(url) = &fields.url {
@@ -105,7 +110,7 @@ pub fn read_fields(body: &[u8], policy: &Policy, full: bool) -> Result<Fields, V
         if status != "enabled" && status != "disabled" {
             errors.push(FieldError::new(
                 "status",
-                format!("must be \"enabled\" or \"disabled\", not {status:?}"),
+                format!("must be \"enabled\" or \"disabled\", not {}", shown(status)),
             ));
         }
     }
@@ -133,7 +138,53 @@ pub fn read_fields(body: &[u8], policy: &Policy, full: bool) -> Result<Fields, V
     if errors.is_empty() {
         Ok(fields)
     } else {
-        Err(errors)
+        Err(bounded(errors))
+    }
+}
+
+/// At most this many errors are listed in one answer; the rest are counted.
+const MAX_ERRORS: usize = 20;
+/// Longest piece of the request echoed back in an error (a key or a value), in characters.
+const MAX_ECHO: usize = 64;
+/// Longest error message, in characters (a URL's own errors may quote its host).
+const MAX_MESSAGE: usize = 300;
+
+/// The errors of one body, bounded: a body of 64 KiB of bad items gets an answer of a few KiB.
+fn bounded(mut errors: Vec<FieldError>) -> Vec<FieldError> {
+    for e in &mut errors {
+        if e.message.chars().count() > MAX_MESSAGE {
+            e.message = format!(
+                "{}…",
+                e.message.chars().take(MAX_MESSAGE).collect::<String>()
+            );
+        }
+    }
+    if errors.len() > MAX_ERRORS {
+        let more = errors.len() - MAX_ERRORS;
+        errors.truncate(MAX_ERRORS);
+        errors.push(FieldError::new(
+            "",
+            format!("and {more} more errors (fix these first)"),
+        ));
+    }
+    errors
+}
+
+/// A key of the request as an error's path, cut to `MAX_ECHO` characters.
+fn shown_path(path: &str) -> String {
+    if path.chars().count() <= MAX_ECHO {
+        path.to_string()
+    } else {
+        format!("{}…", path.chars().take(MAX_ECHO).collect::<String>())
+    }
+}
+
+/// A value of the request, quoted for an error message and cut to `MAX_ECHO` characters.
+fn shown(value: &str) -> String {
+    if value.chars().count() <= MAX_ECHO {
+        format!("{value:?}")
+    } else {
+        format!("{:?}…", value.chars().take(MAX_ECHO).collect::<String>())
     }
 }
 
@@ -151,8 +202,15 @@ fn text(
             ));
             None
         }
-        Value::String(s) if key != "description" && s.chars().any(char::is_control) => {
-            errors.push(FieldError::new(key, "must not contain control characters"));
+        Value::String(s) if s.chars().any(|c| is_refused_control(key, c)) => {
+            errors.push(FieldError::new(
+                key,
+                if key == "description" {
+                    "must not contain control characters (newline and tab are allowed)"
+                } else {
+                    "must not contain control characters"
+                },
+            ));
             None
         }
         Value::String(s) => Some(s.clone()),
@@ -161,6 +219,56 @@ fn text(
             None
         }
     }
+}
+
+/// Control characters are refused in every text field (Postgres cannot store NUL, and none of them belongs in a
+/// name or a URL); a description may hold newlines and tabs.
+fn is_refused_control(key: &str, c: char) -> bool {
+    if key == "description" {
+        c.is_ascii_control() && c != '\n' && c != '\t'
+    } else {
+        c.is_control()
+    }
+}
+
+/// A name is shown to people (the dashboard, logs): it must show something, and must not reorder the text
+/// around it.
+fn check_name(name: &str) -> Result<(), &'static str> {
+    if name.trim().is_empty() {
+        return Err("must not be empty");
+    }
+    if name.chars().any(is_bidi_control) {
+        return Err("must not contain bidirectional controls (U+202A to U+202E, U+2066 to U+2069)");
+    }
+    if !name.chars().any(is_visible) {
+        return Err("must hold at least one visible character");
+    }
+    Ok(())
+}
+
+/// The embeddings, overrides and isolates that can make text display in another order than it is stored.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Whether a character shows on its own: not a space, control, format character (zero-width space, joiners,
+/// byte order mark, tags), combining mark, private-use or unassigned code point, nor one of the letters and
+/// symbols that render blank (Hangul fillers, the blank Braille pattern).
+fn is_visible(c: char) -> bool {
+    use unicode_properties::{GeneralCategory as G, GeneralCategoryGroup, UnicodeGeneralCategory};
+    if c.is_whitespace()
+        || matches!(
+            c,
+            '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' | '\u{2800}'
+        )
+        || c.general_category_group() == GeneralCategoryGroup::Mark
+    {
+        return false;
+    }
+    !matches!(
+        c.general_category(),
+        G::Control | G::Format | G::Surrogate | G::PrivateUse | G::Unassigned
+    )
 }
 
 /// The filter's URL rules, with the registry's flags in place of `delivery.allowInsecureHttp` and
@@ -201,17 +309,21 @@ fn read_events(
         match item {
             Value::String(e) if !is_event_type(e) => errors.push(FieldError::new(
                 at,
-                format!("{e:?} must look like resource.event (lowercase letters, digits, _)"),
+                format!(
+                    "{} must look like resource.event (lowercase letters, digits, _)",
+                    shown(e)
+                ),
             )),
+            // The catalogue is not repeated in every error: GET /v1/event-types lists it.
             Value::String(e) if !policy.event_types.contains(e) => errors.push(FieldError::new(
                 at,
                 format!(
-                    "{e:?} is not in the catalogue ({})",
-                    policy.event_types.join(", ")
+                    "{} is not in the catalogue (GET /v1/event-types lists it)",
+                    shown(e)
                 ),
             )),
             Value::String(e) if events.contains(e) => {
-                errors.push(FieldError::new(at, format!("{e:?} is listed twice")))
+                errors.push(FieldError::new(at, format!("{} is listed twice", shown(e))))
             }
             Value::String(e) => events.push(e.clone()),
             _ => errors.push(FieldError::new(at, "must be a string")),

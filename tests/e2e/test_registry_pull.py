@@ -1,7 +1,8 @@
 """The filter pulls the registry, through the real Envoy (two workers) and the real `registry serve`: a webhook
 registered through the API is delivered to and verified with the key the API returned once; disabling it stops
 its deliveries; after a key rotation each delivery verifies under the old and the new key; with the registry
-down, deliveries go on from the last good copy; events emitted before the first document wait for it."""
+down, deliveries go on from the copy in force; events emitted before the first complete listing of the feed
+(version 2, `GET /v2/registry/changes`) wait for it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from harness.config import BODY_ORGANISATION, PluginConfig, delivery_section, jo
 from harness.envoy import static_cluster
 from harness.observe import Counters, wait_for_log
 from harness.registry_service import RegistryService, free_port
+from registry_feed import applied_by_every_vm
 
 POLL_MS = 500
 
@@ -99,8 +101,10 @@ def test_disable_stops_deliveries_and_rotation_signs_with_both_keys(job_service,
     new_key = harness.registry.register_secret(rotated.json()["apiKey"])
     # Both changes reached every root context (one document may carry both).
     counters.wait_delta("registry_updates", before + 3, timeout=15)
-    harness.wait_until(lambda: registry.feed().json()["revision"] >= 4, timeout=15, desc="the feed's revision")
-    wait_for_log(envoy, r"registry revision \d+ applied: 2 webhooks in force", count=1)
+    # Every VM has applied the registry's head (both changes; they may come in one catch-up or two).
+    head = registry.changes(0).json()["revision"]
+    harness.wait_until(lambda: applied_by_every_vm(envoy, rf"registry revision {head} applied: 1 registry webhooks"),
+                       timeout=15, desc=f"every VM to apply revision {head}")
 
     jobs = [complete(envoy, job_service, org) for _ in range(5)]
     got = rc.wait_for(lambda d: d.object_id() in jobs and d.path == kept_path, count=5, timeout=15)
@@ -128,13 +132,13 @@ def test_with_the_registry_down_deliveries_go_on_from_the_last_good_copy(job_ser
         delivered += 1
         time.sleep(0.5)
     assert counters.delta("registry_fetch_failed") >= 3
-    wait_for_log(envoy, r"registry poll failed \(.*\): the last good copy stays in force")
+    wait_for_log(envoy, r"registry poll failed \(.*\): the copy complete at revision \d+ stays in force")
     registry.start()
     wait_for_log(envoy, r"registry reachable again")
     print(f"\nregistry down 10 s: {delivered} events delivered meanwhile")
 
 
-def test_events_before_the_first_document_wait_for_it(job_service, rc, registry, envoys, wasm):
+def test_events_before_the_first_listing_wait_for_it(job_service, rc, registry, envoys, wasm):
     org = new_id()
     path = f"/hooks/{new_id()}"
     registry.register(org, rc.url(path))
@@ -142,8 +146,9 @@ def test_events_before_the_first_document_wait_for_it(job_service, rc, registry,
     envoy = envoy_pulling(job_service, rc, registry, envoys, wasm, "registry-late")
     counters = Counters(envoy)
     jobs = [complete(envoy, job_service, org) for _ in range(4)]
-    wait_for_log(envoy, r"registry poll failed \(.*\): events wait for its first answer")
+    wait_for_log(envoy, r"registry poll failed \(.*\): events for the registry's webhooks wait for its first complete listing")
     assert not [d for d in rc.requests_to(path) if d.object_id() in jobs]
     registry.start()
     rc.wait_for(lambda d: d.object_id() in jobs and d.path == path, count=4, timeout=15)
     assert counters.delta("events_without_subscribers") == 0
+    assert counters.delta("events_registry_not_loaded") >= 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -186,6 +187,21 @@ class Etcd:
 
         counts: dict = {}
         rx = re.compile(r'^grpc_server_handled_total\{[^}]*grpc_method="(\w+)"[^}]*\} (\S+)$')
+        for m in self.members:
+            if not m.running:
+                continue
+            r = http_request(m.client_port, "GET", "/metrics", timeout=5)
+            for line in r.body.decode(errors="replace").splitlines():
+                hit = rx.match(line)
+                if hit:
+                    counts[hit.group(1)] = counts.get(hit.group(1), 0) + int(float(hit.group(2)))
+        return counts
+
+    def key_writes(self) -> dict:
+        """{"put": n, "delete": n, "txn": n} from etcd's own counters of key operations (etcd_mvcc_*_total, the puts
+        and deletes inside txns included), summed over the running members."""
+        counts: dict = {}
+        rx = re.compile(r'^etcd_mvcc_(put|delete|txn)_total (\S+)$')
         for m in self.members:
             if not m.running:
                 continue

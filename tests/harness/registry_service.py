@@ -225,12 +225,19 @@ class Postgres:
         self._run([str(self.bin / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=scram-sha-256",
                    f"--pwfile={pwfile}", "--no-sync", "-E", "UTF8", "--locale=C"])
         self.log_path = self.dir / "postgres.log"
-        log = open(self.log_path, "wb")
+        self.durable = durable
+        self.start_server(timeout)
+        self._databases = 0
+
+    def start_server(self, timeout: float = 60.0) -> None:
+        """Starts the server on its data directory and port (again, after `stop_server`)."""
+        log = open(self.log_path, "ab")
         if self.as_root:
             shutil.chown(self.log_path, "postgres", "postgres")
         # Durability is not what the tests are about: fsync off keeps them fast on a shared machine. The load
         # test asks for a durable server, to compare with SQLite's synced commits.
-        fast = [] if durable else ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]
+        fast = [] if self.durable else ["-c", "fsync=off", "-c", "synchronous_commit=off",
+                                        "-c", "full_page_writes=off"]
         self.proc = subprocess.Popen(
             self._as_postgres([str(self.bin / "postgres"), "-D", str(self.data), "-p", str(self.port),
                                "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.dir}",
@@ -244,7 +251,11 @@ class Postgres:
             return self.psql("SELECT 1", check=False).returncode == 0
 
         wait_until(ready, timeout, "postgres to accept connections", interval=0.2)
-        self._databases = 0
+
+    def stop_server(self) -> None:
+        """Stops the server as an outage would: open sessions are cut (pg_ctl's fast mode); the data stays."""
+        self._run([str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"])
+        self.proc.wait(scaled(60))
 
     def _as_postgres(self, argv: list) -> list:
         return ["runuser", "-u", "postgres", "--", *argv] if self.as_root else argv

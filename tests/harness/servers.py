@@ -245,8 +245,10 @@ class JobService(_BackgroundServer):
     BIG_CHUNK = 16 * 1024  # ... in ~320 chunks
     LARGE_BYTES = 1_200_000  # scenario=large default size (over the default maxBodyBytes of 1 MiB)
 
-    SCENARIOS = ("", "failed", "notfound", "big", "invalid", "gzip", "badgzip", "large", "hold", "cut", "stall",
-                 "stall-undone")
+    # Scenarios that answer completely: through Envoy they must arrive byte-identical.
+    SCENARIOS = ("", "failed", "notfound", "big", "invalid", "gzip", "badgzip", "large")
+    # Scenarios that hang or cut the answer on purpose (the hang-up and refetch tests).
+    BROKEN_SCENARIOS = ("hold", "cut", "stall", "stall-undone")
 
     def __init__(self, default_owner: Optional[str] = None) -> None:
         super().__init__()

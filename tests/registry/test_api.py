@@ -368,10 +368,10 @@ def test_every_change_is_audited(registry, postgres_if_used):
     registry.request("PATCH", hooks("org-b", hook["id"]), token=root, body={"status": "disabled"})
     registry.request("POST", hooks("org-b", hook["id"], "rotate-key"), token=root)
     registry.request("DELETE", hooks("org-b", hook["id"]), token=root)
-    # Refused and invalid requests change nothing and are not audited as changes.
+    # Refused and invalid requests change nothing and are not audited as changes (but as refusals).
     registry.request("DELETE", hooks("org-b", hook["id"]), token=registry.token(org="org-a"))
     registry.request("POST", hooks("org-b"), token=root, body={**GOOD, "url": "nope"})
-    rows = audit_rows(registry, postgres_if_used)
+    rows = [r for r in audit_rows(registry, postgres_if_used) if not r[0].startswith("refused-")]
     assert [r[0] for r in rows] == ["create", "update", "rotate-key", "delete"]
     assert all(r[1:5] == ("root@example.com", "super_admin", "org-b", hook["id"]) for r in rows)
     assert json.loads(rows[1][5]) == {"status": "disabled"}

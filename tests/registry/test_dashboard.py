@@ -251,3 +251,45 @@ def test_a_token_for_another_organisation_is_refused_on_the_page(browser, make_r
     assert "may not manage" in d.find_element(By.ID, "token-error").text
     assert visible(d, "sign-in") and not visible(d, "webhooks")
     s.shot("refused")
+
+
+@pytest.mark.parametrize("browser", [1280, 360], indirect=True, ids=["desktop", "360px"])
+def test_rotation_says_the_configured_grace_and_a_leaked_previous_key_is_revoked(browser, make_registry):
+    registry = make_registry(extra_args=["--rotation-grace", "90m"])
+    webhook, key = registry.register("org-a", "https://hooks.example.com/webhooks", name="Billing")
+    d, s = browser, Steps(browser, prefix="revoke-")
+    d.get(registry.base_url + "/")
+    s.wait(lambda d: visible(d, "sign-in"), "the sign-in form")
+    d.find_element(By.TAG_NAME, "body").click()
+    s.tab_to("the token field", lambda el: el.get_attribute("id") == "token")
+    s.keys(registry.token(role="organisation_admin", org="org-a"))
+    s.tab_to_button("Sign in")
+    s.keys(Keys.ENTER)
+    s.wait(lambda d: d.find_elements(By.CSS_SELECTOR, f'tr[data-id="{webhook["id"]}"]'), "the webhook's row")
+    assert not [b for b in d.find_elements(By.TAG_NAME, "button") if b.text == "Revoke previous key"]
+
+    # Rotate: the confirmation says the grace the registry runs with, not a fixed 24 hours.
+    s.tab_to_button("Rotate key", webhook["id"])
+    s.keys(Keys.ENTER)
+    alert = s.wait(lambda d: _alert(d), "the rotation's confirmation")
+    assert "90 minutes" in alert.text and "24 hours" not in alert.text, alert.text
+    alert.accept()
+    s.wait(lambda d: visible(d, "new-key"), "the rotated key")
+    new_key = d.find_element(By.ID, "new-key-value").get_attribute("value")
+    assert registry.feed().json()["webhooks"][0]["apiKeys"] == [new_key, key]
+    row = lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-id="{webhook["id"]}"]')  # noqa: E731
+    s.wait(lambda d: "previous key also works until" in row(d).text, "the previous key's note")
+    s.shot("rotated-previous-key-listed")
+
+    # Revoke the previous key: it leaves the feed at once, the button and the note go.
+    s.tab_to_button("Revoke previous key", webhook["id"])
+    s.keys(Keys.ENTER)
+    alert = s.wait(lambda d: _alert(d), "the revocation's confirmation")
+    assert "Revoke the previous key of Billing" in alert.text
+    alert.accept()
+    s.wait(lambda d: "previous key also works" not in row(d).text, "the previous key's note to go")
+    assert registry.feed().json()["webhooks"][0]["apiKeys"] == [new_key]
+    assert "no longer works" in d.find_element(By.ID, "status").text
+    assert s.active().text == "Rotate key", "focus moves to the row's Rotate key"
+    assert not [b for b in d.find_elements(By.TAG_NAME, "button") if b.text == "Revoke previous key"]
+    s.shot("previous-key-revoked")

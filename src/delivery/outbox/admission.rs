@@ -113,7 +113,7 @@ impl Outbox {
     fn active_lanes(&self, lane: LaneId) -> usize {
         let holding = self
             .webhooks
-            .iter()
+            .values()
             .chain(std::iter::once(&self.dead_letter))
             .filter(|l| l.queued > 0)
             .count();
@@ -135,14 +135,13 @@ impl Outbox {
     fn stuck_victim(&self, except: LaneId, progress: u64) -> Option<usize> {
         self.webhooks
             .iter()
-            .enumerate()
-            .filter(|(i, l)| {
-                LaneId::Webhook(*i) != except
+            .filter(|(&i, l)| {
+                LaneId::Webhook(i) != except
                     && l.progress_ms.saturating_add(STUCK_MARGIN_MS) <= progress
                     && l.evictable()
             })
             .min_by_key(|(_, l)| l.progress_ms)
-            .map(|(i, _)| i)
+            .map(|(&i, _)| i)
     }
 
     /// The webhook lane furthest over its fair share (never `except`, never the dead-letter lane),
@@ -163,20 +162,19 @@ impl Outbox {
         };
         self.webhooks
             .iter()
-            .enumerate()
-            .filter(|(i, l)| {
-                LaneId::Webhook(*i) != except
+            .filter(|(&i, l)| {
+                LaneId::Webhook(i) != except
                     && excess(l) > 1000
                     && l.evictable()
                     && l.last_progress(now) <= progress
             })
             .max_by_key(|(_, l)| excess(l))
-            .map(|(i, _)| i)
+            .map(|(&i, _)| i)
     }
 
     /// Evicts the newest queued (not in flight) delivery of webhook lane `index`.
     fn evict_from(&mut self, index: usize) -> Option<Delivery> {
-        let d = self.webhooks.get_mut(index)?.pop_newest()?;
+        let d = self.webhooks.get_mut(&index)?.pop_newest()?;
         self.release(&d);
         Some(d)
     }

@@ -13,7 +13,7 @@ impl Outbox {
         let max_out_bytes = (self.settings.max_queued_bytes / ATTEMPT_BYTES_SHARE).max(1);
         let lanes = self
             .webhooks
-            .iter_mut()
+            .values_mut()
             .chain(std::iter::once(&mut self.dead_letter));
         for lane in lanes {
             if !lane.waiting.is_empty() {
@@ -52,6 +52,8 @@ impl Outbox {
                 due.push(d);
             }
         }
+        // A lane with nothing left to remember goes: only lanes with work cost a pump its time.
+        self.webhooks.retain(|_, lane| !lane.idle());
         due
     }
 
@@ -59,7 +61,7 @@ impl Outbox {
     pub fn next_due_at(&self) -> Option<u64> {
         let lanes = || {
             self.webhooks
-                .iter()
+                .values()
                 .chain(std::iter::once(&self.dead_letter))
         };
         let retries = lanes()

@@ -19,7 +19,7 @@
 
 use super::policy::RetryPolicy;
 use super::{Delivery, LaneId};
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 mod admission;
 mod due;
@@ -136,6 +136,18 @@ impl Lane {
         }
     }
 
+    /// Nothing held, nothing out, nothing learnt about its endpoint: the same as a new lane.
+    fn idle(&self) -> bool {
+        self.queued == 0
+            && self.attempts_out == 0
+            && self.ready.is_empty()
+            && self.waiting.is_empty()
+            && !self.gone
+            && self.consecutive_failures == 0
+            && self.probe_at_ms.is_none()
+            && self.failed_probes == 0
+    }
+
     fn evictable(&self) -> bool {
         !self.ready.is_empty() || !self.waiting.is_empty()
     }
@@ -160,8 +172,14 @@ impl Lane {
 
 #[derive(Debug)]
 pub struct Outbox {
-    /// One lane per webhook of the plan, by index.
-    webhooks: Vec<Lane>,
+    /// The lanes of the webhooks (by index) that are not idle: a webhook with nothing held and
+    /// nothing known about it has no entry, so that the outbox costs what it holds, not the
+    /// number of webhooks.
+    webhooks: BTreeMap<usize, Lane>,
+    /// Webhook lanes that exist: indexes below this.
+    lanes: usize,
+    /// What a webhook lane without an entry is.
+    idle_lane: Lane,
     dead_letter: Lane,
     settings: OutboxSettings,
     /// Deliveries held, waiting or in flight.
@@ -184,7 +202,9 @@ pub type Admitted = Vec<Delivery>;
 impl Outbox {
     pub fn new(webhooks: usize, settings: OutboxSettings) -> Self {
         Outbox {
-            webhooks: (0..webhooks).map(|_| Lane::default()).collect(),
+            webhooks: BTreeMap::new(),
+            lanes: webhooks,
+            idle_lane: Lane::default(),
             dead_letter: Lane::default(),
             settings,
             queued: 0,
@@ -248,14 +268,18 @@ impl Outbox {
 
     fn lane(&self, id: LaneId) -> Option<&Lane> {
         match id {
-            LaneId::Webhook(i) => self.webhooks.get(i),
+            LaneId::Webhook(i) if i < self.lanes => {
+                Some(self.webhooks.get(&i).unwrap_or(&self.idle_lane))
+            }
+            LaneId::Webhook(_) => None,
             LaneId::DeadLetter => Some(&self.dead_letter),
         }
     }
 
     fn lane_mut(&mut self, id: LaneId) -> Option<&mut Lane> {
         match id {
-            LaneId::Webhook(i) => self.webhooks.get_mut(i),
+            LaneId::Webhook(i) if i < self.lanes => Some(self.webhooks.entry(i).or_default()),
+            LaneId::Webhook(_) => None,
             LaneId::DeadLetter => Some(&mut self.dead_letter),
         }
     }
@@ -299,6 +323,34 @@ impl Outbox {
         }
     }
 
+    /// Webhook lanes now exist up to `webhooks` (more webhooks were added after the others).
+    pub fn grow(&mut self, webhooks: usize) {
+        self.lanes = self.lanes.max(webhooks);
+    }
+
+    /// A webhook's lane starts over (its webhook was removed, and the index may be reused):
+    /// returns its queued deliveries (each must be logged). Its attempts out stay counted in the
+    /// outbox until they are answered, as orphans ([`Outbox::release_orphan`]).
+    pub fn clear_lane(&mut self, index: usize) -> Vec<Delivery> {
+        let Some(lane) = self.webhooks.remove(&index) else {
+            return Vec::new();
+        };
+        let dropped: Vec<Delivery> = lane.ready.into_iter().chain(lane.waiting).collect();
+        for d in &dropped {
+            self.let_go(d);
+        }
+        dropped
+    }
+
+    /// Webhook lanes whose circuit is open here.
+    pub fn lanes_with_open_circuits(&self) -> Vec<LaneId> {
+        self.webhooks
+            .iter()
+            .filter(|(_, l)| l.probe_at_ms.is_some())
+            .map(|(&i, _)| LaneId::Webhook(i))
+            .collect()
+    }
+
     /// Moves the outbox onto a new configuration of `webhooks` webhooks. `new_index` maps an old
     /// webhook index to the new one, or None when the webhook was removed or disabled. The
     /// dead-letter lane carries over. Returns the dropped deliveries (each must be logged).
@@ -309,12 +361,12 @@ impl Outbox {
         settings: OutboxSettings,
     ) -> Vec<Delivery> {
         let old = std::mem::take(&mut self.webhooks);
-        self.webhooks = (0..webhooks).map(|_| Lane::default()).collect();
+        self.lanes = webhooks;
         self.settings = settings;
         let mut dropped = Vec::new();
-        for (i, lane) in old.into_iter().enumerate() {
-            let target = new_index(i).filter(|_| !lane.gone);
-            let Some((t, new_lane)) = target.and_then(|t| Some((t, self.webhooks.get_mut(t)?)))
+        for (i, lane) in old {
+            let target = new_index(i).filter(|&t| !lane.gone && t < webhooks);
+            let Some((t, new_lane)) = target.map(|t| (t, self.webhooks.entry(t).or_default()))
             else {
                 dropped.extend(lane.ready.into_iter().chain(lane.waiting));
                 continue;

@@ -3,7 +3,7 @@
 //! hands their answers back, and turns the journal's notices into log lines, metrics and, for a
 //! record claimed from a dead owner, deliveries queued again.
 
-use super::{lane_name, Worker};
+use super::{lane_name, Hooks, Worker};
 use crate::config::Plan;
 use crate::delivery::{DeadLetterReason, Delivery, LaneId, Payload};
 use crate::filter::host::{log, Callout, Host, LogLevel};
@@ -44,12 +44,13 @@ impl Worker {
         accepted: &[usize],
         now_ms: u64,
     ) {
+        let hooks = self.hooks();
         let Some(j) = &mut self.journal else {
             return;
         };
         let pending = accepted
             .iter()
-            .filter_map(|&i| self.plan.webhooks.get(i))
+            .filter_map(|&i| hooks.get(i))
             .map(|w| PendingWebhook {
                 webhook_id: w.id.clone(),
                 attempts: 0,
@@ -67,16 +68,17 @@ impl Worker {
         attempts: u32,
         at_ms: u64,
     ) {
+        let hooks = self.hooks();
         if let (Some(j), LaneId::Webhook(_)) = (&mut self.journal, lane) {
-            j.scheduled(event_id, lane_name(&self.plan, lane), attempts, at_ms);
+            j.scheduled(event_id, lane_name(&hooks, lane), attempts, at_ms);
         }
     }
 
-    /// Nothing more is owed to this lane for this event (`plan` is the plan its lane index
-    /// refers to).
-    pub(super) fn journal_settled(&mut self, plan: &Plan, event_id: &str, lane: LaneId) {
+    /// Nothing more is owed to this lane for this event (`hooks` are the webhooks its lane
+    /// index refers to).
+    pub(super) fn journal_settled(&mut self, hooks: &Hooks, event_id: &str, lane: LaneId) {
         if let (Some(j), LaneId::Webhook(_)) = (&mut self.journal, lane) {
-            j.settled(event_id, lane_name(plan, lane));
+            j.settled(event_id, lane_name(hooks, lane));
         }
     }
 
@@ -89,8 +91,9 @@ impl Worker {
 
     /// A webhook answered 410 Gone: every proxy of the journal learns it.
     pub(super) fn journal_publish_gone(&mut self, lane: LaneId) {
+        let hooks = self.hooks();
         if let (Some(j), LaneId::Webhook(i)) = (&mut self.journal, lane) {
-            if let Some(w) = self.plan.webhooks.get(i) {
+            if let Some(w) = hooks.get(i) {
                 j.publish_gone(&w.id, &endpoint(&w.url));
             }
         }
@@ -98,8 +101,9 @@ impl Worker {
 
     /// A circuit opened or closed here: every proxy of the journal learns it.
     pub(super) fn journal_publish_circuit(&mut self, lane: LaneId, open: bool) {
+        let hooks = self.hooks();
         if let (Some(j), LaneId::Webhook(i)) = (&mut self.journal, lane) {
-            if let Some(w) = self.plan.webhooks.get(i) {
+            if let Some(w) = hooks.get(i) {
                 j.publish_circuit(&w.id, &endpoint(&w.url), open);
             }
         }
@@ -265,12 +269,10 @@ impl Worker {
         } = record;
         let event_id: Rc<str> = Rc::from(event_id.as_str());
         let payload = Rc::new(Payload::event(envelope));
-        let plan = Rc::clone(&self.plan);
+        let hooks = self.hooks();
         let mut kept = Vec::with_capacity(pending.len());
         for p in pending {
-            let lane = plan
-                .webhook_index(&p.webhook_id)
-                .filter(|&i| plan.webhooks.get(i).is_some_and(|w| w.enabled));
+            let lane = hooks.lane_of(&p.webhook_id);
             let Some(i) = lane else {
                 self.metrics.deliveries_dropped_webhook_removed.inc(host);
                 log(host, LogLevel::Warn, || {
@@ -315,11 +317,11 @@ impl Worker {
     /// Another proxy of the journal opened the circuit of this webhook (at this URL): it opens
     /// here too, so that this proxy probes the failing endpoint instead of sending its queue.
     fn apply_remote_circuit(&mut self, host: &dyn Host, webhook_id: &str, url: &[u8], now_ms: u64) {
-        let plan = Rc::clone(&self.plan);
-        let Some(i) = plan.webhook_index(webhook_id) else {
+        let hooks = self.hooks();
+        let Some(i) = hooks.lane_of(webhook_id) else {
             return;
         };
-        if plan.webhooks.get(i).map(|w| endpoint(&w.url)).as_deref() != Some(url) {
+        if hooks.get(i).map(|w| endpoint(&w.url)).as_deref() != Some(url) {
             return;
         }
         if self
@@ -336,12 +338,12 @@ impl Worker {
     /// Another proxy of the journal got 410 Gone from this webhook (at this URL): it is turned off
     /// here too, and its queued deliveries are dropped like those queued at a 410 of its own.
     fn apply_remote_gone(&mut self, host: &dyn Host, webhook_id: &str, url: &[u8], now_ms: u64) {
-        let plan = Rc::clone(&self.plan);
-        let Some(i) = plan.webhook_index(webhook_id) else {
+        let hooks = self.hooks();
+        let Some(i) = hooks.lane_of(webhook_id) else {
             return;
         };
         // A new URL is a new endpoint: the 410 of the old one does not hold for it.
-        if plan.webhooks.get(i).map(|w| endpoint(&w.url)).as_deref() != Some(url) {
+        if hooks.get(i).map(|w| endpoint(&w.url)).as_deref() != Some(url) {
             return;
         }
         let lane = LaneId::Webhook(i);

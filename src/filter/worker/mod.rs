@@ -12,10 +12,11 @@
 
 use super::host::{log, Callout, Host, LogLevel};
 use super::metrics::Metrics;
-use crate::config::Plan;
+use crate::config::{Plan, Webhook};
 use crate::delivery::{AttemptOutcome, Delivery, LaneId, Outbox, Payload};
 use crate::event::Event;
 use crate::headers;
+use crate::registry_sync::RegistryTable;
 use crate::signature::SigningKey;
 use crate::stream::{NoEvent, StreamOutcome};
 use crate::url::WebhookUrl;
@@ -63,6 +64,62 @@ pub struct Attempt {
     pub lane: LaneKey,
 }
 
+/// The webhooks the lanes are: the configuration's first (lanes `0..n`), then the registry's
+/// table, slot by slot. A cheap copy for one callback (never kept: a page changes the table in
+/// place when nothing else holds it).
+#[derive(Clone)]
+pub(super) struct Hooks {
+    plan: Rc<Plan>,
+    registry: Option<Rc<RegistryTable>>,
+}
+
+impl Hooks {
+    /// The webhook of lane `i`.
+    pub(super) fn get(&self, i: usize) -> Option<&Webhook> {
+        let configured = self.plan.webhooks.len();
+        match self.plan.webhooks.get(i) {
+            Some(w) => Some(w),
+            None => self.registry.as_ref()?.get(i - configured).map(|w| &**w),
+        }
+    }
+
+    /// The lane of the enabled webhook with this id.
+    pub(super) fn lane_of(&self, id: &str) -> Option<usize> {
+        match self.plan.webhook_index(id) {
+            Some(i) => self.plan.webhooks.get(i).filter(|w| w.enabled).map(|_| i),
+            None => self
+                .registry
+                .as_ref()?
+                .slot_of(id)
+                .map(|s| s + self.plan.webhooks.len()),
+        }
+    }
+
+    /// Lanes that exist: the configuration's webhooks and the registry's slots.
+    pub(super) fn lanes(&self) -> usize {
+        self.plan.webhooks.len() + self.registry.as_ref().map_or(0, |r| r.slots())
+    }
+
+    /// Whether lane `i` is a registry webhook's.
+    fn is_from_registry(&self, i: usize) -> bool {
+        i >= self.plan.webhooks.len()
+    }
+
+    /// The lanes of the enabled webhooks of `organisation` subscribed to `event_type`.
+    fn subscribers(&self, event_type: &str, organisation: &str) -> Vec<usize> {
+        let configured = self.plan.webhooks.len();
+        let mut lanes = self.plan.subscribers(event_type, organisation).to_vec();
+        if let Some(registry) = &self.registry {
+            lanes.extend(
+                registry
+                    .subscribers(event_type, organisation)
+                    .map(|s| s + configured),
+            );
+        }
+        lanes
+    }
+}
+
 /// Where one lane's deliveries go.
 struct Target<'p> {
     key: LaneKey,
@@ -72,15 +129,15 @@ struct Target<'p> {
     signing_keys: Vec<&'p SigningKey>,
 }
 
-fn target(plan: &Plan, lane: LaneId, now_ms: u64) -> Option<Target<'_>> {
+fn target(hooks: &Hooks, lane: LaneId, now_ms: u64) -> Option<Target<'_>> {
     match lane {
-        LaneId::Webhook(i) => plan.webhooks.get(i).map(|w| Target {
+        LaneId::Webhook(i) => hooks.get(i).map(|w| Target {
             key: LaneKey::Webhook(w.id.clone()),
             url: &w.url,
             cluster: &w.cluster,
             signing_keys: w.signing_keys(now_ms).collect(),
         }),
-        LaneId::DeadLetter => plan.delivery.dead_letter.as_ref().map(|dl| Target {
+        LaneId::DeadLetter => hooks.plan.delivery.dead_letter.as_ref().map(|dl| Target {
             key: LaneKey::DeadLetter,
             url: &dl.url,
             cluster: &dl.cluster,
@@ -89,9 +146,9 @@ fn target(plan: &Plan, lane: LaneId, now_ms: u64) -> Option<Target<'_>> {
     }
 }
 
-fn lane_name(plan: &Plan, lane: LaneId) -> &str {
+fn lane_name(hooks: &Hooks, lane: LaneId) -> &str {
     match lane {
-        LaneId::Webhook(i) => plan.webhooks.get(i).map_or("?", |w| w.id.as_str()),
+        LaneId::Webhook(i) => hooks.get(i).map_or("?", |w| w.id.as_str()),
         LaneId::DeadLetter => DEAD_LETTER_NAME,
     }
 }
@@ -154,7 +211,7 @@ impl Worker {
     ) -> Self {
         let mut worker = Self::without_registry(host, plan, doorbell, plugin, id);
         if worker.plan.registry.is_some() {
-            worker.registry = Some(RegistryPull::new(Rc::clone(&worker.plan)));
+            worker.registry = Some(RegistryPull::new());
         }
         worker
     }
@@ -190,6 +247,19 @@ impl Worker {
 
     pub fn plan(&self) -> &Rc<Plan> {
         &self.plan
+    }
+
+    /// The webhooks of the lanes, for one callback.
+    pub(super) fn hooks(&self) -> Hooks {
+        Hooks {
+            plan: Rc::clone(&self.plan),
+            registry: self.registry.as_ref().map(|p| Rc::clone(p.table())),
+        }
+    }
+
+    /// How many webhooks this worker delivers to: the configuration's and the registry's.
+    pub fn webhook_count(&self) -> usize {
+        self.plan.webhooks.len() + self.registry.as_ref().map_or(0, |p| p.table().len())
     }
 
     pub fn outbox(&self) -> &Outbox {
@@ -335,14 +405,14 @@ impl Worker {
         now_ms: u64,
         registry_only: bool,
     ) -> usize {
-        let plan = Rc::clone(&self.plan);
-        let subscribers = plan
+        let hooks = self.hooks();
+        let subscribers = hooks
             .subscribers(&event.event_type, &event.organisation_id)
-            .iter()
-            .filter(|&&w| !registry_only || plan.is_from_registry(w));
+            .into_iter()
+            .filter(|&w| !registry_only || hooks.is_from_registry(w));
         let (mut subscribed, mut accepted) = (0, 0);
         let mut journaled = Vec::new();
-        for &w in subscribers {
+        for w in subscribers {
             subscribed += 1;
             let delivery = Delivery::new(
                 Rc::clone(&event.event_id),
@@ -410,8 +480,8 @@ impl Worker {
         now_ms: u64,
     ) -> Option<(u32, Attempt)> {
         delivery.sent_at_ms = now_ms;
-        let plan = Rc::clone(&self.plan);
-        let Some(target) = target(&plan, delivery.lane, now_ms) else {
+        let hooks = self.hooks();
+        let Some(target) = target(&hooks, delivery.lane, now_ms) else {
             // Only the dead-letter lane can lose its target (a new configuration without
             // deadLetter); adopt() hands those back before this can happen.
             self.outbox.release_orphan(&delivery);
@@ -455,7 +525,7 @@ impl Worker {
             cluster: target.cluster,
             headers: callout_headers,
             body: &body,
-            timeout_ms: plan.delivery.timeout_ms,
+            timeout_ms: hooks.plan.delivery.timeout_ms,
         });
         self.metrics.deliveries_attempted.inc(host);
         match result {
@@ -479,27 +549,25 @@ impl Worker {
         }
     }
 
+    /// Moves this worker onto a new configuration. The registry's webhooks keep their slots:
+    /// their lanes move by the change in the number of configured webhooks.
     fn adopt_plan(&mut self, host: &dyn Host, plan: Plan) {
-        let old = Rc::clone(&self.plan);
+        let old = self.hooks();
+        let (old_configured, new_configured) = (old.plan.webhooks.len(), plan.webhooks.len());
         let new_index = |i: usize| {
-            let id = &old.webhooks.get(i)?.id;
+            if i >= old_configured {
+                return Some(i - old_configured + new_configured);
+            }
+            let id = &old.get(i)?.id;
             plan.webhook_index(id)
                 .filter(|&j| plan.webhooks.get(j).is_some_and(|h| h.enabled))
         };
-        let dropped =
-            self.outbox
-                .reconfigure(plan.webhooks.len(), new_index, plan.delivery.outbox.clone());
+        let lanes = old.lanes() - old_configured + new_configured;
+        let dropped = self
+            .outbox
+            .reconfigure(lanes, new_index, plan.delivery.outbox.clone());
         for d in dropped {
-            self.report_dropped(host, &old, &d, "webhook_removed", 0);
-            self.metrics.deliveries_dropped_webhook_removed.inc(host);
-            self.journal_settled(&old, &d.event_id, d.lane);
-            let name = lane_name(&old, d.lane).to_string();
-            log(host, LogLevel::Warn, || {
-                format!(
-                    "delivery dropped: event={} webhook={name} reason=the webhook was removed or disabled by a new configuration",
-                    d.event_id
-                )
-            });
+            self.webhook_removed(host, &old, &d, "a new configuration");
         }
         if plan.delivery.dead_letter.is_none() {
             for d in self.outbox.drain_queued(LaneId::DeadLetter) {
@@ -515,5 +583,20 @@ impl Worker {
         self.plan = Rc::new(plan);
         self.ring(host);
         self.report_gauges(host);
+    }
+
+    /// A queued delivery dropped because its webhook was removed or disabled (`hooks` still
+    /// holds it): logged, counted, and settled in the journal.
+    fn webhook_removed(&mut self, host: &dyn Host, hooks: &Hooks, d: &Delivery, by: &str) {
+        self.report_dropped(host, hooks, d, "webhook_removed", 0);
+        self.metrics.deliveries_dropped_webhook_removed.inc(host);
+        self.journal_settled(hooks, &d.event_id, d.lane);
+        let name = lane_name(hooks, d.lane);
+        log(host, LogLevel::Warn, || {
+            format!(
+                "delivery dropped: event={} webhook={name} reason=the webhook was removed or disabled by {by}",
+                d.event_id
+            )
+        });
     }
 }

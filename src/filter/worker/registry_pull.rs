@@ -1,22 +1,20 @@
 //! The registry pull: the feed (`GET /v2/registry/changes?since=N`, docs/registry-feed.md)
-//! polled one request at a time, its pages followed back to back while more are left, and the
-//! plan rebuilt from the registry's copy (src/registry_sync.rs) once per catch-up. Events emitted
-//! before the first complete listing wait for it. A new configuration (`adopt`) is combined here
-//! with the registry's copy too.
+//! polled one request at a time, its pages followed back to back while more are left, each
+//! applied to the registry's table (src/registry_sync.rs) as it arrives: a removed webhook's
+//! queued deliveries go with it. Events emitted before the first complete listing wait for it.
+//! A new configuration (`adopt`) lists the registry again.
 
 use super::{Waiting, Worker, USER_AGENT};
 use crate::config::Plan;
 use crate::filter::host::{log, Callout, Host, LogLevel};
 use crate::filter::metrics::Metrics;
 use crate::headers;
-use crate::registry_sync::{Applied, RegistrySync};
+use crate::registry_sync::{Applied, RegistrySync, RegistryTable};
 use std::collections::VecDeque;
 use std::rc::Rc;
 
 /// The registry feed as this worker pulls it.
 pub(super) struct RegistryPull {
-    /// The plan as configured, without registry webhooks: the registry's copy applies to it.
-    base: Rc<Plan>,
     sync: RegistrySync,
     next_poll_ms: u64,
     polling: bool,
@@ -46,9 +44,8 @@ const REGISTRY_TIMEOUT_MS: u64 = 5_000;
 const AGE_STEP_MS: i64 = 1_000;
 
 impl RegistryPull {
-    pub(super) fn new(base: Rc<Plan>) -> Self {
+    pub(super) fn new() -> Self {
         RegistryPull {
-            base,
             sync: RegistrySync::new(),
             next_poll_ms: 0,
             polling: false,
@@ -86,6 +83,10 @@ impl RegistryPull {
 }
 
 impl RegistryPull {
+    pub(super) fn table(&self) -> &Rc<RegistryTable> {
+        self.sync.table()
+    }
+
     /// Moves this worker's gauges to what the pull holds now.
     fn report(&mut self, host: &dyn Host, metrics: Metrics, now_ms: u64) {
         let since = self
@@ -94,7 +95,7 @@ impl RegistryPull {
             .or(self.started_ms)
             .unwrap_or(now_ms);
         let age = i64::try_from(now_ms.saturating_sub(since)).unwrap_or(i64::MAX);
-        let count = i64::try_from(self.sync.len()).unwrap_or(i64::MAX);
+        let count = i64::try_from(self.sync.table().len()).unwrap_or(i64::MAX);
         let lag = i64::try_from(self.sync.lag()).unwrap_or(i64::MAX);
         let (reported_count, reported_lag, reported_age) = &mut self.reported;
         for (now, before, metric) in [
@@ -123,25 +124,32 @@ impl Worker {
     /// dropped, and queued dead letters with no dead-letter endpoint left are lost: each is
     /// logged and counted.
     pub fn adopt(&mut self, host: &dyn Host, plan: Plan) {
-        let plan = if plan.registry.is_some() {
-            let base = Rc::new(plan);
-            let mut pull = match self.registry.take() {
+        if plan.registry.is_some() {
+            let pull = match self.registry.take() {
                 Some(mut pull) => {
                     // Registry webhooks were checked against the old configuration: list again,
                     // keeping the copy in force until that listing ends.
                     pull.sync.relist();
                     pull
                 }
-                None => RegistryPull::new(Rc::clone(&base)),
+                None => RegistryPull::new(),
             };
-            pull.base = Rc::clone(&base);
-            let combined = pull.sync.plan(&base);
             self.registry = Some(pull);
-            combined
         } else {
-            self.registry = None;
-            plan
-        };
+            if let Some(pull) = self.registry.take() {
+                // No registry any more: its webhooks' queued deliveries go.
+                let hooks = super::Hooks {
+                    plan: Rc::clone(&self.plan),
+                    registry: Some(Rc::clone(pull.table())),
+                };
+                let configured = self.plan.webhooks.len();
+                for slot in 0..pull.table().slots() {
+                    for d in self.outbox.clear_lane(configured + slot) {
+                        self.webhook_removed(host, &hooks, &d, "a new configuration");
+                    }
+                }
+            }
+        }
         self.adopt_plan(host, plan);
     }
 
@@ -152,7 +160,9 @@ impl Worker {
         let settings = self.plan.registry.as_ref()?;
         pull.started_ms.get_or_insert(now_ms);
         pull.report(host, self.metrics, now_ms);
-        if pull.polling || (now_ms < pull.next_poll_ms && !pull.sync.more()) {
+        // More pages are asked for at once, but not after a failure: that waits for pollMs.
+        let at_once = pull.sync.more() && !pull.failing;
+        if pull.polling || (now_ms < pull.next_poll_ms && !at_once) {
             return None;
         }
         pull.next_poll_ms = now_ms + settings.poll_ms;
@@ -196,7 +206,7 @@ impl Worker {
         pull.polling = false;
         let failure = match answer {
             RegistryAnswer::Status { code: 200, body } => {
-                let base = Rc::clone(&pull.base);
+                let base = Rc::clone(&self.plan);
                 match pull.sync.apply_page(&base, &body, now_ms) {
                     Ok(applied) => {
                         self.sends_pending(applied.pending_sends);
@@ -256,6 +266,8 @@ impl Worker {
         }
     }
 
+    /// A page applied: the lanes of removed webhooks are cleared (their queued deliveries
+    /// dropped with a trace), and the events that waited for the first listing go out.
     fn page_applied(&mut self, host: &dyn Host, applied: Applied, now_ms: u64) {
         for e in &applied.skipped {
             self.metrics.registry_webhooks_skipped.inc(host);
@@ -263,46 +275,68 @@ impl Worker {
                 format!("registry webhook skipped: {e}")
             });
         }
-        if !applied.rebuild {
-            return;
+        let hooks = self.hooks();
+        let configured = self.plan.webhooks.len();
+        for (slot, webhook) in &applied.removed {
+            for d in self.outbox.clear_lane(configured + slot) {
+                self.metrics.deliveries_dropped_webhook_removed.inc(host);
+                if let Some(j) = &mut self.journal {
+                    j.settled(&d.event_id, &webhook.id);
+                }
+                log(host, LogLevel::Warn, || {
+                    format!(
+                        "delivery dropped: event={} webhook={} reason=the webhook was removed or disabled in the registry",
+                        d.event_id, webhook.id
+                    )
+                });
+            }
         }
+        self.outbox.grow(hooks.lanes());
+        drop(hooks);
         let Some(pull) = self.registry.as_mut() else {
             return;
         };
-        let base = Rc::clone(&pull.base);
-        let plan = pull.sync.plan(&base);
-        let (_, complete) = pull.sync.revisions();
-        let count = pull.sync.len();
+        let changed = applied.upserted > 0 || !applied.removed.is_empty();
         let waiting: Vec<Waiting> = if applied.first {
             pull.waiting_bytes = 0;
             pull.waiting.drain(..).collect()
         } else {
             Vec::new()
         };
-        self.metrics.registry_updates.inc(host);
-        log(host, LogLevel::Info, || {
-            format!(
-                "registry revision {} applied{}: {count} registry webhooks in force{}",
-                complete.unwrap_or(0),
-                if applied.first { " (first)" } else { "" },
-                if applied.forgotten > 0 {
-                    format!(", {} forgotten by a new listing", applied.forgotten)
-                } else {
-                    String::new()
-                }
-            )
-        });
-        self.adopt_plan(host, plan);
+        if applied.complete && (changed || applied.first || applied.forgotten > 0) {
+            let (_, complete) = pull.sync.revisions();
+            let count = pull.sync.table().len();
+            self.metrics.registry_updates.inc(host);
+            log(host, LogLevel::Info, || {
+                format!(
+                    "registry revision {} applied{}: {count} registry webhooks in force{}",
+                    complete.unwrap_or(0),
+                    if applied.first { " (first)" } else { "" },
+                    if applied.forgotten > 0 {
+                        format!(", {} forgotten by a new listing", applied.forgotten)
+                    } else {
+                        String::new()
+                    }
+                )
+            });
+        }
         for event in &waiting {
             if self.fan_out(host, event, now_ms, true) == 0
                 && self
-                    .plan
+                    .hooks()
                     .subscribers(&event.event_type, &event.organisation_id)
                     .is_empty()
             {
                 self.metrics.events_without_subscribers.inc(host);
+                log(host, LogLevel::Debug, || {
+                    format!(
+                        "event {} ({}) of organisation {:?}: no enabled webhook subscribes to it",
+                        event.event_id, event.event_type, event.organisation_id
+                    )
+                });
             }
         }
+        self.ring(host);
     }
 }
 

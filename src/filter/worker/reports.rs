@@ -5,7 +5,7 @@
 //! registry does not take, or that finds two reports still out, is dropped, counted and logged
 //! once, so reports hold no memory while the registry is down and never change a delivery.
 
-use super::{Worker, USER_AGENT};
+use super::{Hooks, Worker, USER_AGENT};
 use crate::config::{Plan, RegistrySettings};
 use crate::delivery::report::{AttemptReport, Outcome, Push, ReportBatch, MAX_HOLDING};
 use crate::delivery::{AttemptOutcome, Delivery, LaneId, Payload, Verdict};
@@ -230,7 +230,7 @@ impl Worker {
     pub(super) fn report_verdict(
         &mut self,
         host: &dyn Host,
-        plan: &Plan,
+        hooks: &Hooks,
         trace: Option<Trace>,
         answer: &AttemptOutcome,
         verdict: &Verdict,
@@ -246,12 +246,12 @@ impl Worker {
             Verdict::Gone { dropped } => {
                 // The first is the attempt that got the 410; the rest were queued behind it.
                 for d in dropped.iter().skip(1) {
-                    self.report_dropped(host, plan, d, "webhook_gone", now_ms);
+                    self.report_dropped(host, hooks, d, "webhook_gone", now_ms);
                 }
                 Outcome::Failed
             }
         };
-        let Some(webhook_id) = lane_webhook(plan, trace.lane) else {
+        let Some(webhook_id) = lane_webhook(hooks, trace.lane) else {
             return;
         };
         self.report(host, &webhook_id, &trace, outcome, Some(answer), now_ms);
@@ -266,7 +266,7 @@ impl Worker {
     pub(super) fn report_dropped(
         &mut self,
         host: &dyn Host,
-        plan: &Plan,
+        hooks: &Hooks,
         d: &Delivery,
         reason: &str,
         now_ms: u64,
@@ -274,7 +274,7 @@ impl Worker {
         if self.delivery_log.is_none() {
             return;
         }
-        if let Some(webhook_id) = lane_webhook(plan, d.lane) {
+        if let Some(webhook_id) = lane_webhook(hooks, d.lane) {
             self.report(
                 host,
                 &webhook_id,
@@ -452,10 +452,10 @@ impl Worker {
     }
 }
 
-/// The webhook id of a lane in `plan`.
-fn lane_webhook(plan: &Plan, lane: LaneId) -> Option<String> {
+/// The webhook id of a lane.
+fn lane_webhook(hooks: &Hooks, lane: LaneId) -> Option<String> {
     match lane {
-        LaneId::Webhook(i) => plan.webhooks.get(i).map(|w| w.id.clone()),
+        LaneId::Webhook(i) => hooks.get(i).map(|w| w.id.clone()),
         LaneId::DeadLetter => None,
     }
 }

@@ -144,7 +144,7 @@ impl Worker {
         }
         let unmatched = std::mem::take(&mut dlog.sends.unmatched);
         for (send, deadline) in unmatched {
-            let known = self.plan.webhook_index(&send.webhook_id).is_some();
+            let known = self.hooks().lane_of(&send.webhook_id).is_some();
             if known || now_ms >= deadline {
                 if let Some(dlog) = self.delivery_log.as_mut() {
                     dlog.sends.holding.remove(&send.send_id);
@@ -161,8 +161,8 @@ impl Worker {
     /// Queues a claimed send as a delivery of its webhook. A webhook this proxy does not know may
     /// be one its copy of the registry does not have yet: the send waits for it (unless `last`).
     fn take_send(&mut self, host: &dyn Host, send: ClaimedSend, now_ms: u64, last: bool) {
-        let plan = Rc::clone(&self.plan);
-        if !last && plan.webhook_index(&send.webhook_id).is_none() {
+        let hooks = self.hooks();
+        if !last && hooks.lane_of(&send.webhook_id).is_none() {
             if let Some(dlog) = self.delivery_log.as_mut() {
                 dlog.sends.holding.insert(send.send_id);
                 dlog.sends
@@ -171,8 +171,8 @@ impl Worker {
             }
             return;
         }
-        let lane = plan.webhook_index(&send.webhook_id).filter(|&i| {
-            plan.webhooks
+        let lane = hooks.lane_of(&send.webhook_id).filter(|&i| {
+            hooks
                 .get(i)
                 .is_some_and(|w| w.enabled && w.organisation_id == send.organisation_id)
         });

@@ -24,11 +24,7 @@ impl Worker {
         let Attempt { mut delivery, lane } = attempt;
         let current = match &lane {
             // Only an enabled webhook takes the attempt back; a disabled one gets nothing more.
-            LaneKey::Webhook(id) => self
-                .plan
-                .webhook_index(id)
-                .filter(|&i| self.plan.webhooks.get(i).is_some_and(|h| h.enabled))
-                .map(LaneId::Webhook),
+            LaneKey::Webhook(id) => self.hooks().lane_of(id).map(LaneId::Webhook),
             LaneKey::DeadLetter => self
                 .plan
                 .delivery
@@ -56,8 +52,8 @@ impl Worker {
         let m = self.metrics;
         let lane = delivery.lane;
         let is_dead_letter = lane == LaneId::DeadLetter;
-        let plan = Rc::clone(&self.plan);
-        let name = lane_name(&plan, lane);
+        let hooks = self.hooks();
+        let name = lane_name(&hooks, lane);
         let (event_id, attempts) = (Rc::clone(&delivery.event_id), delivery.attempts);
         let was_probe = delivery.is_probe;
         // Jitter is only drawn for a failure (a host call saved on every success).
@@ -69,7 +65,7 @@ impl Worker {
         let last = outcome.describe();
         let trace = self.trace(&delivery);
         let verdict = self.outbox.finish(delivery, outcome, now_ms, random);
-        self.report_verdict(host, &plan, trace, outcome, &verdict, now_ms);
+        self.report_verdict(host, &hooks, trace, outcome, &verdict, now_ms);
         match verdict {
             Verdict::Delivered { .. } if is_dead_letter => {
                 m.dead_letters_delivered.inc(host);
@@ -78,7 +74,7 @@ impl Worker {
                 });
             }
             Verdict::Delivered { latency_ms } => {
-                self.journal_settled(&plan, &event_id, lane);
+                self.journal_settled(&hooks, &event_id, lane);
                 m.deliveries_succeeded.inc(host);
                 m.delivery_latency_ms.record(host, latency_ms);
                 // A first-attempt success is a debug line: at info, one line per delivery costs
@@ -108,7 +104,7 @@ impl Worker {
                 self.dead_letter_lost(host, &failed, &format!("last={last}"));
             }
             Verdict::Exhausted(failed) => {
-                self.journal_settled(&plan, &event_id, lane);
+                self.journal_settled(&hooks, &event_id, lane);
                 m.deliveries_failed.inc(host);
                 m.deliveries_exhausted.inc(host);
                 log(host, LogLevel::Error, || {
@@ -132,13 +128,13 @@ impl Worker {
         let m = self.metrics;
         self.publish_endpoint(host, lane, Some(EndpointState::Gone));
         m.webhooks_disabled_gone.inc(host);
-        let plan = Rc::clone(&self.plan);
-        let name = lane_name(&plan, lane);
+        let hooks = self.hooks();
+        let name = lane_name(&hooks, lane);
         log(host, LogLevel::Warn, || {
             format!("webhook {name} answered 410 Gone: disabled for this proxy until its URL changes or Envoy restarts")
         });
         for d in dropped {
-            self.journal_settled(&plan, &d.event_id, d.lane);
+            self.journal_settled(&hooks, &d.event_id, d.lane);
             m.deliveries_dropped_webhook_gone.inc(host);
             log(host, LogLevel::Error, || {
                 format!("delivery dropped: event={} webhook={name} reason=the webhook answered 410 Gone", d.event_id)
@@ -156,8 +152,8 @@ impl Worker {
         was_probe: bool,
         now_ms: u64,
     ) {
-        let plan = Rc::clone(&self.plan);
-        let name = lane_name(&plan, lane);
+        let hooks = self.hooks();
+        let name = lane_name(&hooks, lane);
         match self.outbox.take_circuit_change() {
             Some(CircuitChange::Opened) => {
                 self.journal_publish_circuit(lane, true);
@@ -241,10 +237,10 @@ impl Worker {
     }
 
     pub(super) fn drop_evicted(&mut self, host: &dyn Host, d: Delivery, now_ms: u64) {
-        self.report_dropped(host, &Rc::clone(&self.plan), &d, "over_share", now_ms);
+        self.report_dropped(host, &self.hooks(), &d, "over_share", now_ms);
         self.metrics.deliveries_dropped_over_share.inc(host);
-        self.journal_settled(&Rc::clone(&self.plan), &d.event_id, d.lane);
-        let name = lane_name(&self.plan, d.lane).to_string();
+        self.journal_settled(&self.hooks(), &d.event_id, d.lane);
+        let name = lane_name(&self.hooks(), d.lane).to_string();
         log(host, LogLevel::Error, || {
             format!(
                 "delivery dropped: event={} webhook={name} reason=the outbox is full and this webhook holds more than its fair share",
@@ -278,14 +274,14 @@ impl Worker {
             ),
         };
         let report_reason = reason.map_or("queue_full", DeadLetterReason::as_str);
-        self.report_dropped(host, &Rc::clone(&self.plan), &d, report_reason, now_ms);
+        self.report_dropped(host, &self.hooks(), &d, report_reason, now_ms);
         if d.lane == LaneId::DeadLetter {
             self.dead_letter_lost(host, &d, &format!("reason={why}"));
             return;
         }
-        self.journal_settled(&Rc::clone(&self.plan), &d.event_id, d.lane);
+        self.journal_settled(&self.hooks(), &d.event_id, d.lane);
         metric.inc(host);
-        let name = lane_name(&self.plan, d.lane).to_string();
+        let name = lane_name(&self.hooks(), d.lane).to_string();
         log(host, LogLevel::Error, || {
             format!(
                 "delivery dropped: event={} webhook={name} reason={why}",
@@ -322,7 +318,7 @@ impl Worker {
         }
         let body = dead_letter_body(
             delivery,
-            lane_name(&self.plan, delivery.lane),
+            lane_name(&self.hooks(), delivery.lane),
             reason,
             now_ms,
         );

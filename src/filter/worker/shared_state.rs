@@ -6,7 +6,6 @@ use super::Worker;
 use crate::delivery::shared::{EndpointKey, EndpointState, EndpointTable, HeldByWorker, HeldTable};
 use crate::delivery::{DeadLetterReason, LaneId};
 use crate::filter::host::{log, Host, LogLevel};
-use std::rc::Rc;
 
 /// How often a worker tells the others what it holds even when nothing changed (it is forgotten
 /// after [`HeldTable::STALE_MS`] of silence).
@@ -29,7 +28,8 @@ impl Worker {
         let LaneId::Webhook(i) = lane else {
             return None;
         };
-        let w = self.plan.webhooks.get(i)?;
+        let hooks = self.hooks();
+        let w = hooks.get(i)?;
         let url = format!(
             "{}://{}{}",
             if w.url.https { "https" } else { "http" },
@@ -77,9 +77,22 @@ impl Worker {
         }
         self.endpoints_seen = cas;
         let table = EndpointTable::parse(&bytes);
-        let plan = Rc::clone(&self.plan);
-        for i in 0..plan.webhooks.len() {
-            let lane = LaneId::Webhook(i);
+        // The lanes the table names (by webhook id and URL), and the lanes whose circuit is open
+        // here (a circuit closed elsewhere is no longer in the table): not every webhook.
+        let hooks = self.hooks();
+        let mut lanes: Vec<LaneId> = table
+            .entries
+            .keys()
+            .filter_map(|k| hooks.lane_of(&k.webhook_id))
+            .map(LaneId::Webhook)
+            .collect();
+        lanes.extend(self.outbox.lanes_with_open_circuits());
+        lanes.sort_unstable_by_key(|l| match l {
+            LaneId::Webhook(i) => *i,
+            LaneId::DeadLetter => usize::MAX,
+        });
+        lanes.dedup();
+        for lane in lanes {
             let Some(key) = self.endpoint_key(lane) else {
                 continue;
             };
@@ -93,7 +106,7 @@ impl Worker {
                         )
                     });
                     for d in &dropped {
-                        self.report_dropped(host, &plan, d, "webhook_gone", now_ms);
+                        self.report_dropped(host, &self.hooks(), d, "webhook_gone", now_ms);
                         self.metrics.deliveries_dropped_webhook_gone.inc(host);
                         log(host, LogLevel::Error, || {
                             format!("delivery dropped: event={} webhook={name} reason=the webhook answered 410 Gone", d.event_id)

@@ -110,7 +110,7 @@ fn the_poll_carries_the_proxy_token_and_the_cursor_and_follows_more_at_once() {
     );
     let path = poll(&host, &mut w, 1_006, page(9, 9, false, vec![]));
     assert_eq!(path, "/v2/registry/changes?since=9");
-    assert_eq!(w.plan().webhooks.len(), 2);
+    assert_eq!(w.webhook_count(), 2);
     assert_eq!(
         host.metric("registry_updates"),
         1,
@@ -293,7 +293,25 @@ fn a_410_lists_again_and_the_webhooks_it_did_not_contain_go_when_it_ends() {
         1_003,
         page(50, 50, false, vec![enabled(3, 50)]),
     );
-    let mut ids: Vec<String> = w.plan().webhooks.iter().map(|h| h.id.clone()).collect();
+    host.take_sent();
+    complete(
+        &host,
+        &mut w,
+        ORG.as_bytes(),
+        br#"{"status":"completed"}"#,
+        1_004,
+    );
+    assert_eq!(w.pump(&host, 1_004).len(), 2);
+    let mut ids: Vec<String> = host
+        .take_sent()
+        .iter()
+        .map(|c| {
+            serde_json::from_slice::<Value>(&c.body).unwrap()["webhookId"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
     ids.sort();
     assert_eq!(ids, [format!("{:024x}", 2), format!("{:024x}", 3)]);
     assert_eq!(
@@ -417,8 +435,24 @@ fn a_new_configuration_keeps_the_copy_in_force_and_lists_again() {
     })
     .unwrap();
     w.adopt(&host, plan);
-    assert_eq!(w.plan().webhooks.len(), 1);
+    assert_eq!(w.webhook_count(), 1);
     let path = poll(&host, &mut w, 10, page(1, 1, false, vec![enabled(7, 1)]));
     assert_eq!(path, "/v2/registry/changes?since=0");
-    assert_eq!(w.plan().webhooks.len(), 1);
+    assert_eq!(w.webhook_count(), 1);
+}
+
+#[test]
+fn a_failure_in_the_middle_of_a_catch_up_waits_for_poll_ms_before_the_next_try() {
+    let host = FakeHost::default();
+    let mut w = worker(&host);
+    poll(&host, &mut w, 0, page(9, 4, true, vec![enabled(1, 4)]));
+    poll(&host, &mut w, 1, status(503, b""));
+    assert!(
+        w.registry_poll(&host, 2).is_none(),
+        "no tight loop on a failing registry"
+    );
+    assert!(w.registry_poll(&host, 999).is_none());
+    let path = poll(&host, &mut w, 1_001, page(9, 9, false, vec![enabled(2, 9)]));
+    assert_eq!(path, "/v2/registry/changes?since=4", "the cursor stayed");
+    assert_eq!(w.webhook_count(), 2);
 }

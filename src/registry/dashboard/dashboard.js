@@ -3,7 +3,7 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { token: "", organisation: "", eventTypes: [], webhooks: [], editing: null };
+const state = { token: "", organisation: "", eventTypes: [], rotationGraceSeconds: 0, webhooks: [], editing: null };
 
 function say(message) {
   $("status").textContent = message;
@@ -112,11 +112,12 @@ $("sign-out").addEventListener("click", () => signOut());
 // --- the table ---
 
 async function load() {
-  const [types, list] = await Promise.all([
-    fetch("/v1/event-types").then((r) => r.json()),
+  const [settings, list] = await Promise.all([
+    fetch("/v1/settings").then((r) => r.json()),
     api("GET", webhooksPath()),
   ]);
-  state.eventTypes = types.eventTypes || [];
+  state.eventTypes = settings.eventTypes || [];
+  state.rotationGraceSeconds = settings.rotationGraceSeconds || 0;
   if (list.status !== 200) {
     $("token-error").textContent = messageOf(list.data) || "The registry answered " + list.status + ".";
     if (!$("webhooks").hidden) say(messageOf(list.data));
@@ -164,6 +165,12 @@ function render() {
       d.textContent = w.description;
       name.append(d);
     }
+    if (w.previousKeyExpiresAt) {
+      const p = document.createElement("div");
+      p.className = "help previous-key";
+      p.textContent = "The previous key also works until " + new Date(w.previousKeyExpiresAt).toLocaleString() + ".";
+      name.append(p);
+    }
     cell(tr, "Name", name);
     cell(tr, "URL", w.url, "url");
     cell(tr, "Events", w.events.join(", "));
@@ -180,6 +187,13 @@ function render() {
       button("Edit", "secondary", () => openEditor(w), "Edit " + w.name),
       button(toggle, "secondary", () => setStatus(w, toggle), toggle + " " + w.name),
       button("Rotate key", "secondary", () => rotate(w), "Rotate the key of " + w.name),
+    );
+    if (w.previousKeyExpiresAt) {
+      actions.append(
+        button("Revoke previous key", "danger", () => revokePrevious(w), "Revoke the previous key of " + w.name),
+      );
+    }
+    actions.append(
       button("Delete", "danger", () => remove(w), "Delete " + w.name),
     );
     cell(tr, "Actions", actions);
@@ -198,13 +212,31 @@ async function setStatus(w, verb) {
   focusRow(w.id, status === "enabled" ? "Disable" : "Enable");
 }
 
+// The grace period as people say it: "24 hours", "90 minutes", "30 seconds".
+function duration(seconds) {
+  const [amount, unit] =
+    seconds % 3600 === 0 ? [seconds / 3600, "hour"] : seconds % 60 === 0 ? [seconds / 60, "minute"] : [seconds, "second"];
+  return `${amount} ${unit}${amount === 1 ? "" : "s"}`;
+}
+
 async function rotate(w) {
-  if (!confirm(`Rotate the key of ${w.name}? The old key keeps working for 24 hours.`)) return;
+  const grace = state.rotationGraceSeconds;
+  const keeps = grace > 0 ? `The old key keeps working for ${duration(grace)}.` : "The old key stops working at once.";
+  if (!confirm(`Rotate the key of ${w.name}? ${keeps}`)) return;
   const answer = await api("POST", webhooksPath(w.id, "rotate-key"));
   if (answer.status !== 200) return say(messageOf(answer.data) || "Could not rotate the key.");
   await load();
   showKey(answer.data.name, answer.data.apiKey);
   say(`New key for ${w.name}; the previous key works until ${answer.data.previousKeyExpiresAt}.`);
+}
+
+async function revokePrevious(w) {
+  if (!confirm(`Revoke the previous key of ${w.name} now? Deliveries stop being signed with it at once.`)) return;
+  const answer = await api("POST", webhooksPath(w.id, "revoke-previous-key"));
+  if (answer.status !== 200) return say(messageOf(answer.data) || "Could not revoke the previous key.");
+  await load();
+  say(`The previous key of ${w.name} no longer works; only the current key signs deliveries.`);
+  focusRow(w.id, "Rotate key");
 }
 
 async function remove(w) {
