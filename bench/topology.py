@@ -135,8 +135,10 @@ def start_registry(cpu: int, workdir: Path):
 
     if not BINARY.is_file():
         subprocess.run(["cargo", "build", "--quiet", "--bin", "webhook-emitter"], cwd=BENCH.parent, check=True)
-    registry = RegistryService(workdir / "registry")
-    subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(registry.proc.pid)], capture_output=True)
+    registry = RegistryService(workdir / "registry", start=False)
+    # Started under taskset, so that the threads it makes later (SQLite's) stay on the load core too.
+    registry.args = ["taskset", "-c", str(cpu), *registry.args]
+    registry.start()
     os.environ[REGISTRY_TOKEN_ENV] = registry.proxy_token
     return registry
 
