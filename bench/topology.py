@@ -14,6 +14,7 @@ uses cluster `probe_receiver` (the Python probe receiver).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -120,17 +121,18 @@ def lua_filter(webhooks: Webhooks) -> dict:
 
 
 # Configurations whose filter journals to etcd (bench.py CONFIGS).
-JOURNALED = (7,)
+JOURNALED = (7, 8)
+# Configuration 8's outbox bound: small enough that saturation overflows it within a step (the default 10,000 holds
+# a few seconds of it), so that its saturation steps are the overload case.
+OVERLOAD_MAX_QUEUED = int(os.environ.get("BENCH_OVERLOAD_MAX_QUEUED", "") or 1000)
 # Configurations whose load webhook comes from the registry, and whether they report to it (bench.py CONFIGS).
-REGISTRY_REPORTS = {8: False, 9: True}
+REGISTRY_REPORTS = {9: False, 10: True}
 REGISTRY_TOKEN_ENV = "BENCH_REGISTRY_TOKEN"
 
 
 def start_registry(cpu: int, workdir: Path):
     """The registry (`webhook-emitter registry serve`, SQLite) for the registry configurations, pinned to the
     load core like the backend; the proxy token reaches the Envoys under test through their environment."""
-    import os
-
     from harness.registry_service import BINARY, RegistryService
 
     if not BINARY.is_file():
@@ -205,7 +207,7 @@ def bare_callout_filter(webhooks: Webhooks) -> dict:
 
 
 def filters_for(config: int, wasm: Path, webhooks_by_config: dict, registry=None) -> list:
-    """The HTTP filters of configuration 0..9 (see bench.py CONFIGS)."""
+    """The HTTP filters of configuration 0..10 (see bench.py CONFIGS)."""
     if config in REGISTRY_REPORTS:
         from harness import registry as keys
 
@@ -225,5 +227,7 @@ def filters_for(config: int, wasm: Path, webhooks_by_config: dict, registry=None
     if config in JOURNALED:
         plugin = webhooks_by_config[config].plugin_config()
         plugin["delivery"]["journal"] = journal_section(f"bench-{new_id()[:8]}/", lease_seconds=15)
+        if config == 8:
+            plugin["delivery"]["maxQueued"] = OVERLOAD_MAX_QUEUED
         return [wasm_http_filter(wasm, plugin)]
     raise ValueError(config)

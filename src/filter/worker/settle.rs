@@ -237,6 +237,11 @@ impl Worker {
     }
 
     pub(super) fn drop_evicted(&mut self, host: &dyn Host, d: Delivery, now_ms: u64) {
+        // With a journal it waits in etcd instead, first of its webhook's spilled deliveries:
+        // not a final outcome, so not reported until it is delivered, fails or is dropped.
+        if self.spill(host, &d, true, now_ms) {
+            return;
+        }
         self.report_dropped(host, &self.hooks(), &d, "over_share", now_ms);
         self.metrics.deliveries_dropped_over_share.inc(host);
         self.journal_settled(&self.hooks(), &d.event_id, d.lane);
