@@ -16,6 +16,8 @@ the other core), all on 127.0.0.1:
   8  as 3 (10 webhooks), with the journal and maxQueued 1,000 (BENCH_OVERLOAD_MAX_QUEUED): at saturation its outbox
      overflows, so its saturation steps are the overload case (deliveries spill to etcd: dropped count, and the
      drain time until every one is delivered)
+  9  as 2, the webhook pulled from the registry (`registry serve`, SQLite, on the load core), reports off
+  10 as 9, reports on: every attempt reported to the registry (the delivery log)
 
 Phases, each interleaving the configurations (the order rotates every round), so every ratio is taken within one
 run and, for saturation and the fixed rate, within one round:
@@ -25,14 +27,14 @@ run and, for saturation and the fixed rate, within one round:
               for 2-4 the probe measures event-to-receiver latency meanwhile
   own half    configurations 2-4 at half their own saturation, with the probe
   A/B pairs   BENCH_AB_PAIRS pairs of short (BENCH_AB_DURATION) steps alternating 0/1 (closed loop and fixed rate)
-              and 0/5, 2/4, 2/6, 3/4, 2/7 (closed loop): the headline ratios (Envoy CPU per request, ours over
+              and 0/5, 2/4, 2/6, 3/4, 2/7, 9/10 (closed loop): the headline ratios (Envoy CPU per request, ours over
               theirs, summary.json; 7 over 2 is the journal's cost) need paired samples
   curve       25%, 75% and 90% of configuration 0's saturation for 0, 1, 2 and 4 (latency.png)
 
 Knobs (environment): BENCH_WASM, BENCH_DURATION (seconds per step), BENCH_ROUNDS, BENCH_CONNECTIONS,
 BENCH_RATE_CONNECTIONS, BENCH_AB_PAIRS, BENCH_AB_DURATION, BENCH_PROBE_RATE, BENCH_LOG_LEVEL, BENCH_OUT, BENCH_WORK (Envoy logs; default bench/work), BENCH_ENVOY_CPU,
-BENCH_LOAD_CPU, BENCH_CONFIGS (e.g. "2,7,8": only these configurations; the fixed-rate, own-half and curve phases
-need 0 among them, the A/B pairs both of theirs). `--quick` is the smoke test's mode.
+BENCH_LOAD_CPU, BENCH_CONFIGS (e.g. "2,7,8" or "9,10": only these configurations; the fixed-rate, own-half and
+curve phases need 0 among them, the A/B pairs both of theirs). `--quick` is the smoke test's mode.
 
 With the journal (7, 8) each step also counts the requests etcd handled (its gRPC metrics; the idle journaled
 configuration's keepalives and scans included) per event, and the deliveries spilled and paged back in; a step's
@@ -79,9 +81,11 @@ CONFIGS = {
     6: "Lua, bare callout per request (the floor)",
     7: "webhook-emitter, job completions, 1 webhook + journal (etcd)",
     8: "webhook-emitter, job completions, 10 webhooks + journal (etcd)",
+    9: "webhook-emitter, job completions, 1 webhook from the registry, reports off",
+    10: "webhook-emitter, job completions, 1 webhook from the registry, reports on",
 }
-HOOKS = {0: 0, 1: 1, 2: 1, 3: 10, 4: 1, 5: 1, 6: 1, 7: 1, 8: 10}
-DELIVERING = (2, 3, 4, 6, 7, 8)
+HOOKS = {0: 0, 1: 1, 2: 1, 3: 10, 4: 1, 5: 1, 6: 1, 7: 1, 8: 10, 9: 1, 10: 1}
+DELIVERING = (2, 3, 4, 6, 7, 8, 9, 10)
 # Configurations whose events the probe can follow (the bare callout sends a fixed body, not the job).
 PROBED = (2, 3, 4, 7)
 PASSTHROUGH = (1, 5)
@@ -89,12 +93,12 @@ CURVE_CONFIGS = (0, 1, 2, 4)
 CURVE_FRACTIONS = (0.25, 0.75, 0.9)
 FIXED_FRACTION = 0.5
 # A/B pairs for the targets that need the finest comparison: short steps, alternating A-B / B-A, one ratio per pair.
-AB_PAIRS = ((0, 1), (0, 5), (2, 4), (2, 6), (3, 4), (2, 7))
+AB_PAIRS = ((0, 1), (0, 5), (2, 4), (2, 6), (3, 4), (2, 7), (9, 10))
 
 STATS = (r"^(http\.ingress\.downstream_rq_(completed|2xx)|cluster\.(webhooks|probe_receiver)\.upstream_rq_"
          r"(active|pending_active|completed|pending_overflow)|wasmcustom\.webhook_emitter\.(outbox_depth|"
          r"deliveries_(attempted|succeeded|failed|dropped\.queue_full|dropped\.over_share|spilled|paged_in)|"
-         r"events_emitted))$")
+         r"events_emitted|registry_updates|reports_(sent|dropped)))$")
 
 
 def env_num(name: str, default, kind=float):
@@ -163,19 +167,28 @@ class Bench:
                                               "warning").start()
         self.backend.wait_ready(["jobs", "hooks"])
         jobs_port, hooks_port = self.backend.ports["jobs"], self.backend.ports["hooks"]
-        self.etcd = topology.start_etcd(s["load_cpu"])
+        self.etcd = topology.start_etcd(s["load_cpu"]) if set(self.configs) & set(topology.JOURNALED) else None
+        self.registry = (topology.start_registry(s["load_cpu"], self.work)
+                         if set(self.configs) & set(topology.REGISTRY_REPORTS) else None)
         for c in self.configs:
             if HOOKS[c]:
                 self.webhooks[c] = topology.Webhooks(HOOKS[c], hooks_port, self.probe_receiver.port)
         for c in self.configs:
-            filters = topology.filters_for(c, self.wasm, self.webhooks)
+            filters = topology.filters_for(c, self.wasm, self.webhooks, self.registry)
             boot = topology.under_test_bootstrap(f"config{c}", filters, jobs_port, hooks_port,
                                                  self.probe_jobs.port, self.probe_receiver.port,
-                                                 etcd=self.etcd if c in topology.JOURNALED else None)
+                                                 etcd=self.etcd if c in topology.JOURNALED else None,
+                                                 registry=self.registry if c in topology.REGISTRY_REPORTS else None)
             self.envoys[c] = envoyproc.EnvoyProcess(f"config{c}", boot, self.work, s["envoy_cpu"],
                                                     s["log_level"]).start()
         for c, e in self.envoys.items():
             e.wait_ready(["ingress"], timeout=120)
+        for c in set(self.configs) & set(topology.REGISTRY_REPORTS):  # the registry's webhook is in force
+            deadline = time.monotonic() + 60
+            while not self.envoys[c].stats(STATS).get("wasmcustom.webhook_emitter.registry_updates"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"config{c} did not apply the registry's webhook within 60 s")
+                time.sleep(0.1)
 
     def stop(self) -> None:
         for e in [*self.envoys.values(), self.backend]:
@@ -186,6 +199,8 @@ class Bench:
                 srv.stop()
         if getattr(self, "etcd", None) is not None:
             self.etcd.stop()
+        if getattr(self, "registry", None) is not None:
+            self.registry.stop()
 
     # -- one step ------------------------------------------------------------------------------------------------
     def hooks_delivered(self) -> int:
@@ -286,6 +301,8 @@ class Bench:
                 "dropped_queue_full": d("wasmcustom.webhook_emitter.deliveries_dropped.queue_full"),
                 "deliveries_failed": d("wasmcustom.webhook_emitter.deliveries_failed"),
                 "callout_overflow": d("cluster.webhooks.upstream_rq_pending_overflow"),
+                "reports_sent": d("wasmcustom.webhook_emitter.reports_sent"),
+                "reports_dropped": d("wasmcustom.webhook_emitter.reports_dropped"),
                 "dropped_over_share": d("wasmcustom.webhook_emitter.deliveries_dropped.over_share"),
             })
         if c in topology.JOURNALED:

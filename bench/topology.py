@@ -125,6 +125,39 @@ JOURNALED = (7, 8)
 # Configuration 8's outbox bound: small enough that saturation overflows it within a step (the default 10,000 holds
 # a few seconds of it), so that its saturation steps are the overload case.
 OVERLOAD_MAX_QUEUED = int(os.environ.get("BENCH_OVERLOAD_MAX_QUEUED", "") or 1000)
+# Configurations whose load webhook comes from the registry, and whether they report to it (bench.py CONFIGS).
+REGISTRY_REPORTS = {9: False, 10: True}
+REGISTRY_TOKEN_ENV = "BENCH_REGISTRY_TOKEN"
+
+
+def start_registry(cpu: int, workdir: Path):
+    """The registry (`webhook-emitter registry serve`, SQLite) for the registry configurations, pinned to the
+    load core like the backend; the proxy token reaches the Envoys under test through their environment."""
+    from harness.registry_service import BINARY, RegistryService
+
+    if not BINARY.is_file():
+        subprocess.run(["cargo", "build", "--quiet", "--bin", "webhook-emitter"], cwd=BENCH.parent, check=True)
+    registry = RegistryService(workdir / "registry", start=False)
+    # Started under taskset, so that the threads it makes later (SQLite's) stay on the load core too.
+    registry.args = ["taskset", "-c", str(cpu), *registry.args]
+    registry.start()
+    os.environ[REGISTRY_TOKEN_ENV] = registry.proxy_token
+    return registry
+
+
+def registry_plugin_config(webhooks: "Webhooks", registry, reports: bool) -> dict:
+    """The load organisation's webhooks registered in the registry (the filter pulls them); the probe's stays
+    in the configuration."""
+    for h in webhooks.load:
+        answer = registry.request("POST", f"/v1/organisations/{h.organisation_id}/webhooks",
+                                  token=registry.token(org=h.organisation_id),
+                                  body={"name": h.name or "bench", "url": h.url, "events": h.events})
+        assert answer.status == 201, answer
+    probe = webhooks.probe.to_config()
+    probe["cluster"] = "probe_receiver"
+    return {"events": [job_completed_rule()], "webhooks": [probe], "delivery": delivery_section(),
+            "registry": {"cluster": "registry", "authority": "registry", "tokenEnv": REGISTRY_TOKEN_ENV,
+                         "pollMs": 1000, "reports": reports}}
 
 
 def start_etcd(cpu: int):
@@ -139,7 +172,7 @@ def start_etcd(cpu: int):
 
 
 def under_test_bootstrap(name: str, http_filters: list, backend_jobs_port: int, backend_hooks_port: int,
-                         probe_jobs_port: int, probe_receiver_port: int, etcd=None) -> dict:
+                         probe_jobs_port: int, probe_receiver_port: int, etcd=None, registry=None) -> dict:
     routes = [
         {"match": {"prefix": "/", "headers": [{"name": "x-bench-probe", "present_match": True}]},
          "route": {"cluster": "probe_jobs", "timeout": "30s"}},
@@ -153,6 +186,8 @@ def under_test_bootstrap(name: str, http_filters: list, backend_jobs_port: int, 
     ]
     if etcd is not None:
         clusters.append(etcd.envoy_cluster())
+    if registry is not None:
+        clusters.append(static_cluster("registry", registry.port))
     return _bootstrap(f"bench-{name}", [_listener("ingress", "ingress", routes, http_filters)], clusters)
 
 
@@ -171,8 +206,13 @@ def bare_callout_filter(webhooks: Webhooks) -> dict:
                              "default_source_code": {"inline_string": code}}}
 
 
-def filters_for(config: int, wasm: Path, webhooks_by_config: dict) -> list:
-    """The HTTP filters of configuration 0..8 (see bench.py CONFIGS)."""
+def filters_for(config: int, wasm: Path, webhooks_by_config: dict, registry=None) -> list:
+    """The HTTP filters of configuration 0..10 (see bench.py CONFIGS)."""
+    if config in REGISTRY_REPORTS:
+        from harness import registry as keys
+
+        plugin = registry_plugin_config(webhooks_by_config[config], registry, REGISTRY_REPORTS[config])
+        return [wasm_http_filter(wasm, plugin, host_env_keys=[*keys.key_env_names(), REGISTRY_TOKEN_ENV])]
     if config == 0:
         return []
     if config in (1, 2, 3):

@@ -164,6 +164,8 @@ pub struct Applied {
     pub first: bool,
     /// A listing from 0 ended: webhooks of the previous copy it did not contain, now forgotten.
     pub forgotten: usize,
+    /// The page's `pendingSends`: whether the registry holds sends to claim (None: not said).
+    pub pending_sends: Option<bool>,
 }
 
 /// Why a page was not taken. Nothing of it applies; the cursor stays.
@@ -288,7 +290,10 @@ impl RegistrySync {
             serde_json::from_slice(body).map_err(|e| PageError::NotJson(e.to_string()))?;
         let page = read_page(&value)?;
         self.check_cursor(&page)?;
-        let mut applied = Applied::default();
+        let mut applied = Applied {
+            pending_sends: value.get("pendingSends").and_then(Value::as_bool),
+            ..Applied::default()
+        };
         // Only views that end with their callback share the table: this does not copy it.
         let table = Rc::make_mut(&mut self.table);
         let emptied = std::mem::take(&mut table.emptied);

@@ -6,7 +6,9 @@ event over HTTPS and verifies it with that key.
 Starts, all on 127.0.0.1 with ports chosen by the OS: the webhook registry (`webhook-emitter registry serve`,
 SQLite in a temporary folder), a job service, an HTTPS webhook receiver (its certificate for `localhost` is
 signed by a CA made for this run), and Envoy with the webhook-emitter filter, which pulls the registry and
-delivers through the egress of envoy/envoy.yaml. Stops everything. Exit code 0 when the signature is valid.
+delivers through the egress of envoy/envoy.yaml. Ends with the organisation admin's view: the delivery listed
+as delivered, with its attempt, from the registry's deliveries API (the proxy reported it). Stops everything.
+Exit code 0 when the signature is valid and the delivery is listed.
 
     make demo                     # builds the filter, the CLI and the .venv first
     .venv/bin/python tests/demo.py --wasm target/wasm32-wasip1/release/webhook_emitter.wasm
@@ -136,13 +138,40 @@ def flow(wasm, registry, jobs, receiver, pki, timeout) -> int:
         except ValueError:
             print(delivery.body.decode(errors="replace"))
         print()
-        if signature_valid(delivery, key):
-            print("signature valid (checked with standardwebhooks under the key the registry showed once)")
-            return 0
-        print("signature INVALID (standardwebhooks rejected it under the key the registry showed once)")
-        return 1
+        if not signature_valid(delivery, key):
+            print("signature INVALID (standardwebhooks rejected it under the key the registry showed once)")
+            return 1
+        print("signature valid (checked with standardwebhooks under the key the registry showed once)")
+        print()
+        return admin_view(registry, token, org, webhook["id"], delivery.headers["webhook-id"], timeout)
     finally:
         envoy.stop()
+
+
+def admin_view(registry, token, org, webhook_id, event_id, timeout) -> int:
+    """The organisation admin's view of the delivery, from the registry's deliveries API: the proxy reported
+    its attempt (one report per worker per second at most)."""
+    listing = f"/v1/organisations/{org}/webhooks/{webhook_id}/deliveries"
+    print("4. The organisation admin looks at the webhook's deliveries:")
+    print(f"   GET {registry.base_url}{listing}")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        answer = registry.request("GET", listing, token=token)
+        if answer.status != 200:
+            print(f"   the registry answered {answer.status}: {answer.body[:300]!r}", file=sys.stderr)
+            return 1
+        listed = [d for d in answer.json()["deliveries"] if d["eventId"] == event_id]
+        if listed and listed[0]["status"] == "delivered":
+            (item,) = listed
+            print(f"   <- 200, event {item['eventId']} ({item['eventType']}): {item['status']}")
+            for a in item["attempts"]:
+                print(f"      attempt {a['attempt']} at {a['at']}: status {a.get('status', a.get('error'))}, "
+                      f"{a.get('latencyMs')} ms, {a['outcome']}")
+            print("   (the dashboard shows the same under Deliveries, with Resend, Recover and Send test event)")
+            return 0
+        time.sleep(0.2)
+    print(f"the delivery of {event_id} was not listed as delivered within {timeout:.0f} s", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

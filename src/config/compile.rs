@@ -86,6 +86,21 @@ fn compile_registry(raw: &RawRegistry, env: Env, errors: &mut Errors) -> Option<
             format!("must be from 100 to 3600000, not {}", raw.poll_ms),
         );
     }
+    if !defaults::REPORT_FLUSH_MS_RANGE.contains(&raw.report_flush_ms) {
+        errors.push(
+            "registry.reportFlushMs",
+            format!("must be from 50 to 60000, not {}", raw.report_flush_ms),
+        );
+    }
+    if !defaults::MAX_REPORT_BYTES_RANGE.contains(&raw.max_report_bytes) {
+        errors.push(
+            "registry.maxReportBytes",
+            format!(
+                "must be from 16384 to 1048576 (the registry's limit), not {}",
+                raw.max_report_bytes
+            ),
+        );
+    }
     let token = match env(&raw.token_env).map(|t| t.trim().to_string()) {
         Some(token) if !token.is_empty() => Some(token),
         Some(_) => {
@@ -112,6 +127,9 @@ fn compile_registry(raw: &RawRegistry, env: Env, errors: &mut Errors) -> Option<
         path: raw.path.clone(),
         token: token?,
         poll_ms: raw.poll_ms,
+        reports: raw.reports,
+        report_flush_ms: raw.report_flush_ms,
+        max_report_bytes: usize::try_from(raw.max_report_bytes).unwrap_or(usize::MAX),
     })
 }
 

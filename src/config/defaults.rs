@@ -37,6 +37,10 @@ pub(super) const JOURNAL_MAX_SPILLED_BYTES: u64 = 64 << 20;
 
 pub(super) const REGISTRY_PATH: &str = "/v2/registry/changes";
 pub(super) const REGISTRY_POLL_MS: u64 = 2_000;
+/// `registry.reports`, `reportFlushMs`, `maxReportBytes`.
+pub(super) const REGISTRY_REPORTS: bool = true;
+pub(super) const REPORT_FLUSH_MS: u64 = 1_000;
+pub(super) const MAX_REPORT_BYTES: u64 = 256 << 10;
 
 // ---- bounds: a value outside is an error ----
 
@@ -50,3 +54,6 @@ pub(super) const MAX_IN_FLIGHT_PER_WEBHOOK_RANGE: RangeInclusive<u64> = 1..=10_0
 pub(super) const JOURNAL_LEASE_SECONDS_RANGE: RangeInclusive<u64> = 2..=3600;
 
 pub(super) const REGISTRY_POLL_MS_RANGE: RangeInclusive<u64> = 100..=3_600_000;
+pub(super) const REPORT_FLUSH_MS_RANGE: RangeInclusive<u64> = 50..=60_000;
+/// The registry takes a report body of at most 1 MiB.
+pub(super) const MAX_REPORT_BYTES_RANGE: RangeInclusive<u64> = 16_384..=1 << 20;

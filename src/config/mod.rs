@@ -77,6 +77,10 @@ pub struct RegistrySettings {
     /// The proxy token (a secret: never printed, see the Debug impl).
     pub token: String,
     pub poll_ms: u64,
+    /// Delivery reports to the registry, and claiming its queued sends.
+    pub reports: bool,
+    pub report_flush_ms: u64,
+    pub max_report_bytes: usize,
 }
 
 impl std::fmt::Debug for RegistrySettings {
@@ -87,6 +91,9 @@ impl std::fmt::Debug for RegistrySettings {
             .field("path", &self.path)
             .field("token", &"<redacted>")
             .field("poll_ms", &self.poll_ms)
+            .field("reports", &self.reports)
+            .field("report_flush_ms", &self.report_flush_ms)
+            .field("max_report_bytes", &self.max_report_bytes)
             .finish()
     }
 }

@@ -75,6 +75,9 @@ pub(super) struct RawRegistry {
     pub(super) path: String,
     pub(super) token_env: String,
     pub(super) poll_ms: u64,
+    pub(super) reports: bool,
+    pub(super) report_flush_ms: u64,
+    pub(super) max_report_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -163,7 +166,16 @@ static NO_WEBHOOKS: Vec<Value> = Vec::new();
 
 fn read_registry(value: &Value, errors: &mut Errors) -> Option<RawRegistry> {
     let at = "registry";
-    let known = ["cluster", "authority", "path", "tokenEnv", "pollMs"];
+    let known = [
+        "cluster",
+        "authority",
+        "path",
+        "tokenEnv",
+        "pollMs",
+        "reports",
+        "reportFlushMs",
+        "maxReportBytes",
+    ];
     let mark = errors.mark();
     let mut f = fields(value, at, &known, errors)?;
     let cluster = f.string("cluster");
@@ -171,6 +183,9 @@ fn read_registry(value: &Value, errors: &mut Errors) -> Option<RawRegistry> {
     let path = f.opt_string("path");
     let token_env = f.string("tokenEnv");
     let poll_ms = f.opt_u64("pollMs");
+    let reports = f.opt_bool("reports");
+    let report_flush_ms = f.opt_u64("reportFlushMs");
+    let max_report_bytes = f.opt_u64("maxReportBytes");
     if !f.errors.clean_since(mark) {
         return None;
     }
@@ -180,6 +195,9 @@ fn read_registry(value: &Value, errors: &mut Errors) -> Option<RawRegistry> {
         path: path.unwrap_or_else(|| defaults::REGISTRY_PATH.to_string()),
         token_env: token_env?,
         poll_ms: poll_ms.unwrap_or(defaults::REGISTRY_POLL_MS),
+        reports: reports.unwrap_or(defaults::REGISTRY_REPORTS),
+        report_flush_ms: report_flush_ms.unwrap_or(defaults::REPORT_FLUSH_MS),
+        max_report_bytes: max_report_bytes.unwrap_or(defaults::MAX_REPORT_BYTES),
     })
 }
 

@@ -7,6 +7,8 @@
 pub mod dead_letter;
 pub mod outbox;
 pub mod policy;
+pub mod report;
+pub mod send;
 pub mod shared;
 
 pub use dead_letter::{dead_letter_body, DeadLetterReason};
@@ -32,6 +34,8 @@ pub struct Payload {
     body: Body,
     /// Deliveries in the outbox's custody that hold this payload: its bytes count while any does.
     holders: Cell<usize>,
+    /// The envelope went into a delivery report (each event's once).
+    reported: Cell<bool>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -40,20 +44,38 @@ enum Body {
     Event(Envelope),
     /// A body sent as it is (dead letters).
     Raw(Vec<u8>),
+    /// A send the registry queued (resend, recover, test): its exact bytes, and what its reports
+    /// name.
+    Claimed(send::ClaimedBody),
 }
 
 impl Payload {
     pub fn event(envelope: Envelope) -> Self {
-        Payload {
-            body: Body::Event(envelope),
-            holders: Cell::new(0),
-        }
+        Self::of(Body::Event(envelope))
     }
 
     pub fn raw(bytes: Vec<u8>) -> Self {
+        Self::of(Body::Raw(bytes))
+    }
+
+    /// A send claimed from the registry.
+    pub fn claimed(body: send::ClaimedBody) -> Self {
+        Self::of(Body::Claimed(body))
+    }
+
+    fn of(body: Body) -> Self {
         Payload {
-            body: Body::Raw(bytes),
+            body,
             holders: Cell::new(0),
+            reported: Cell::new(false),
+        }
+    }
+
+    /// The claimed send this payload carries, if it is one.
+    pub fn claimed_send(&self) -> Option<&send::ClaimedBody> {
+        match &self.body {
+            Body::Claimed(body) => Some(body),
+            _ => None,
         }
     }
 
@@ -62,6 +84,7 @@ impl Payload {
         match &self.body {
             Body::Event(envelope) => Cow::Owned(envelope.for_webhook(webhook_id)),
             Body::Raw(bytes) => Cow::Borrowed(bytes),
+            Body::Claimed(claimed) => Cow::Borrowed(&claimed.bytes),
         }
     }
 
@@ -69,7 +92,7 @@ impl Payload {
     pub fn envelope(&self) -> Option<&Envelope> {
         match &self.body {
             Body::Event(envelope) => Some(envelope),
-            Body::Raw(_) => None,
+            Body::Raw(_) | Body::Claimed(_) => None,
         }
     }
 
@@ -78,6 +101,7 @@ impl Payload {
         match &self.body {
             Body::Event(envelope) => envelope.held_bytes(),
             Body::Raw(bytes) => bytes.len(),
+            Body::Claimed(claimed) => claimed.bytes.len(),
         }
     }
 
@@ -112,6 +136,8 @@ pub struct Delivery {
     pub last_failure: Option<String>,
     /// This attempt is the one probe of an open circuit.
     pub is_probe: bool,
+    /// When the last attempt was dispatched (Unix ms; 0 before the first).
+    pub sent_at_ms: u64,
 }
 
 impl Delivery {
@@ -125,6 +151,7 @@ impl Delivery {
             next_attempt_at_ms: now_ms,
             last_failure: None,
             is_probe: false,
+            sent_at_ms: 0,
         }
     }
 }

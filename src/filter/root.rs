@@ -6,7 +6,7 @@ use super::abi::{self, BufferType, HeaderMap};
 use super::host::{Host, LogLevel};
 use super::http::EmitterStream;
 use super::proxy::{now_ms, random_bytes, ProxyHost};
-use super::worker::{Attempt, RegistryAnswer, SharedWorker, Worker};
+use super::worker::{Attempt, LogRequest, RegistryAnswer, SharedWorker, Worker};
 use crate::config::Plan;
 use crate::delivery::policy::honours_retry_after;
 use crate::delivery::AttemptOutcome;
@@ -25,6 +25,8 @@ use std::time::Duration;
 const TICK: Duration = Duration::from_millis(50);
 /// A journal answer larger than this is not read (a claim batch of the largest records fits).
 const MAX_JOURNAL_ANSWER_BYTES: usize = 32 << 20;
+/// A claim answer larger than this is not read (the registry keeps them well under 64 KiB).
+const MAX_CLAIM_ANSWER_BYTES: usize = 1 << 20;
 
 thread_local! {
     /// This thread's worker of each plugin (by plugin name). A new configuration arrives as a new
@@ -38,6 +40,8 @@ enum Out {
     Delivery(Attempt),
     RegistryPoll,
     Journal(JournalRequest),
+    /// A delivery report or a claim of queued sends.
+    DeliveryLog(LogRequest),
     Refetch(RefetchJob),
 }
 
@@ -93,13 +97,11 @@ impl EmitterRoot {
                     .iter()
                     .map(|b| format!("{b:02x}"))
                     .collect();
-                Rc::new(RefCell::new(Worker::new(
-                    &ProxyHost,
-                    plan,
-                    Self::register_doorbell(),
-                    &key,
-                    id,
-                )))
+                let mut worker = Worker::new(&ProxyHost, plan, Self::register_doorbell(), &key, id);
+                if let Some(node) = abi::property(&["node", "id"]).filter(|n| !n.is_empty()) {
+                    worker.set_node(&String::from_utf8_lossy(&node));
+                }
+                Rc::new(RefCell::new(worker))
             }
         };
         WORKERS.with(|w| w.borrow_mut().insert(key, Rc::downgrade(&worker)));
@@ -120,6 +122,9 @@ impl EmitterRoot {
         let journal = worker.borrow_mut().journal_poll(&ProxyHost, now);
         self.callouts
             .extend(journal.into_iter().map(|(t, r)| (t, Out::Journal(r))));
+        let log = worker.borrow_mut().delivery_log_poll(&ProxyHost, now);
+        self.callouts
+            .extend(log.into_iter().map(|(t, r)| (t, Out::DeliveryLog(r))));
         let refetches = worker.borrow_mut().refetch_pump(&ProxyHost, now);
         self.callouts
             .extend(refetches.into_iter().map(|(t, j)| (t, Out::Refetch(j))));
@@ -255,6 +260,24 @@ impl Context for EmitterRoot {
                 .borrow_mut()
                 .on_answer(&ProxyHost, attempt, &outcome, now),
             Out::RegistryPoll | Out::Refetch(_) => {}
+            Out::DeliveryLog(request) => {
+                let status = match outcome {
+                    AttemptOutcome::Status { code, .. } => Some(code),
+                    AttemptOutcome::NoResponse { .. } => None,
+                };
+                let answer = match body {
+                    _ if request != LogRequest::Claim || body > MAX_CLAIM_ANSWER_BYTES => None,
+                    0 => Some(Vec::new()),
+                    _ => abi::buffer(BufferType::CalloutResponseBody, 0, body),
+                };
+                worker.borrow_mut().delivery_log_answer(
+                    &ProxyHost,
+                    request,
+                    status,
+                    answer.as_deref(),
+                    now_ms(),
+                );
+            }
             Out::Journal(request) => {
                 let status = match outcome {
                     AttemptOutcome::Status { code, .. } => Some(code),

@@ -627,4 +627,5 @@ fn large_events_to_hanging_endpoints_are_trimmed_back_within_the_proxy_byte_boun
     assert!(total <= 8_000_000, "{total}");
 }
 
+mod delivery_log;
 mod registry;

@@ -1,6 +1,7 @@
 """`make demo` stays true: the demo script runs the product's flow end to end (a webhook registered through the
 registry's API, its key shown once, an HTTPS delivery through Envoy, the signature checked by standardwebhooks
-under that key), prints the delivered event, and exits 0."""
+under that key), prints the delivered event, shows the organisation admin's view of it (listed as delivered with its attempt, from
+the registry's deliveries API), and exits 0."""
 
 import json
 import subprocess
@@ -20,3 +21,7 @@ def test_demo_delivers_over_https_and_the_signature_is_valid(wasm):
     body = json.loads(out[out.index("\n{\n") + 1: out.index("\n}\n") + 2])
     assert body["eventType"] == "job.completed" and body["data"]["object"]["objectType"] == "job", body
     assert "x-envoy" not in out.split("(over HTTPS)")[1].split("{")[0], "Envoy's callout headers reached the receiver"
+    view = out.split("4. The organisation admin looks at the webhook's deliveries:")[1]
+    event_id = next(line.split(": ", 1)[1] for line in out.splitlines() if line.strip().startswith("webhook-id:"))
+    assert f"<- 200, event {event_id} (job.completed): delivered" in view, out
+    assert "attempt 1 at " in view and "status 200" in view and "delivered" in view, out

@@ -26,12 +26,15 @@ use std::rc::Rc;
 mod journal;
 mod refetch;
 mod registry_pull;
+mod reports;
+mod sends;
 mod settle;
 mod shared_state;
 
 pub use refetch::StreamEnd;
 pub use registry_pull::RegistryAnswer;
 use registry_pull::RegistryPull;
+pub use reports::LogRequest;
 pub use shared_state::FOLLOWER_GRACE_MS;
 
 pub const USER_AGENT: &str = concat!("webhook-emitter/", env!("CARGO_PKG_VERSION"));
@@ -183,6 +186,8 @@ pub struct Worker {
     registry: Option<RegistryPull>,
     /// The write-ahead journal in etcd (`delivery.journal`).
     journal: Option<crate::journal::Journal>,
+    /// Delivery reports to the registry, and the sends claimed from it (`registry.reports`).
+    delivery_log: Option<reports::DeliveryLog>,
     /// Completions whose answer was cut short, to be read again (worker/refetch.rs).
     refetches: crate::refetch::RefetchQueue,
 }
@@ -220,6 +225,7 @@ impl Worker {
     ) -> Self {
         let outbox = Outbox::new(plan.webhooks.len(), plan.delivery.outbox.clone());
         let journal = journal::open(host, &plan);
+        let delivery_log = reports::DeliveryLog::open(&plan, format!("envoy/{id}"));
         Worker {
             plan: Rc::new(plan),
             outbox,
@@ -234,6 +240,7 @@ impl Worker {
             reported: Reported::default(),
             registry: None,
             journal,
+            delivery_log,
             refetches: crate::refetch::RefetchQueue::new(),
         }
     }
@@ -486,9 +493,10 @@ impl Worker {
     fn dispatch(
         &mut self,
         host: &dyn Host,
-        delivery: Delivery,
+        mut delivery: Delivery,
         now_ms: u64,
     ) -> Option<(u32, Attempt)> {
+        delivery.sent_at_ms = now_ms;
         let hooks = self.hooks();
         let Some(target) = target(&hooks, delivery.lane, now_ms) else {
             // Only the dead-letter lane can lose its target (a new configuration without
@@ -588,6 +596,7 @@ impl Worker {
             }
         }
         self.journal_adopt(host, &plan);
+        self.delivery_log = reports::DeliveryLog::reopen(self.delivery_log.take(), &plan, &self.id);
         self.plan = Rc::new(plan);
         self.ring(host);
         self.report_gauges(host);
@@ -596,6 +605,7 @@ impl Worker {
     /// A queued delivery dropped because its webhook was removed or disabled (`hooks` still
     /// holds it): logged, counted, and settled in the journal.
     fn webhook_removed(&mut self, host: &dyn Host, hooks: &Hooks, d: &Delivery, by: &str) {
+        self.report_dropped(host, hooks, d, "webhook_removed", 0);
         self.metrics.deliveries_dropped_webhook_removed.inc(host);
         self.journal_settled(hooks, &d.event_id, d.lane);
         let name = lane_name(hooks, d.lane);

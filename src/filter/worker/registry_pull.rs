@@ -209,6 +209,7 @@ impl Worker {
                 let base = Rc::clone(&self.plan);
                 match pull.sync.apply_page(&base, &body, now_ms) {
                     Ok(applied) => {
+                        self.sends_pending(applied.pending_sends);
                         self.page_applied(host, applied, now_ms);
                         None
                     }

@@ -63,7 +63,10 @@ impl Worker {
             host.random_u32()
         };
         let last = outcome.describe();
-        match self.outbox.finish(delivery, outcome, now_ms, random) {
+        let trace = self.trace(&delivery);
+        let verdict = self.outbox.finish(delivery, outcome, now_ms, random);
+        self.report_verdict(host, &hooks, trace, outcome, &verdict, now_ms);
+        match verdict {
             Verdict::Delivered { .. } if is_dead_letter => {
                 m.dead_letters_delivered.inc(host);
                 log(host, LogLevel::Info, || {
@@ -186,6 +189,9 @@ impl Worker {
         now_ms: u64,
     ) {
         self.outbox.release_orphan(&delivery);
+        if let LaneKey::Webhook(id) = lane {
+            self.report_orphan(host, id, &delivery, outcome, now_ms);
+        }
         let m = self.metrics;
         let (event_id, attempts) = (&delivery.event_id, delivery.attempts);
         match (outcome.is_success(), lane) {
@@ -231,10 +237,12 @@ impl Worker {
     }
 
     pub(super) fn drop_evicted(&mut self, host: &dyn Host, d: Delivery, now_ms: u64) {
-        // With a journal it waits in etcd instead, first of its webhook's spilled deliveries.
+        // With a journal it waits in etcd instead, first of its webhook's spilled deliveries:
+        // not a final outcome, so not reported until it is delivered, fails or is dropped.
         if self.spill(host, &d, true, now_ms) {
             return;
         }
+        self.report_dropped(host, &self.hooks(), &d, "over_share", now_ms);
         self.metrics.deliveries_dropped_over_share.inc(host);
         self.journal_settled(&self.hooks(), &d.event_id, d.lane);
         let name = lane_name(&self.hooks(), d.lane).to_string();
@@ -270,6 +278,8 @@ impl Worker {
                 Some(DeadLetterReason::WebhookGone),
             ),
         };
+        let report_reason = reason.map_or("queue_full", DeadLetterReason::as_str);
+        self.report_dropped(host, &self.hooks(), &d, report_reason, now_ms);
         if d.lane == LaneId::DeadLetter {
             self.dead_letter_lost(host, &d, &format!("reason={why}"));
             return;

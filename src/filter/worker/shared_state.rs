@@ -106,6 +106,7 @@ impl Worker {
                         )
                     });
                     for d in &dropped {
+                        self.report_dropped(host, &self.hooks(), d, "webhook_gone", now_ms);
                         self.metrics.deliveries_dropped_webhook_gone.inc(host);
                         log(host, LogLevel::Error, || {
                             format!("delivery dropped: event={} webhook={name} reason=the webhook answered 410 Gone", d.event_id)
