@@ -80,6 +80,33 @@ impl RegistryPull {
         self.waiting_bytes += size;
         self.waiting.push_back(event);
     }
+
+    /// The pull ends (a new configuration has no `registry`): the events still waiting for the
+    /// first complete listing are dropped, each logged and counted, and this worker's gauges go
+    /// back to what they were before it reported anything.
+    fn end(mut self, host: &dyn Host, metrics: Metrics) {
+        for event in self.waiting.drain(..) {
+            metrics.events_dropped_registry_not_loaded.inc(host);
+            log(host, LogLevel::Error, || {
+                format!(
+                    "event dropped for the registry's webhooks: event={} reason=a new configuration removed registry before its first complete listing",
+                    event.event_id
+                )
+            });
+        }
+        self.waiting_bytes = 0;
+        let (count, lag, age) = self.reported;
+        for (reported, metric) in [
+            (count, metrics.registry_webhooks),
+            (lag, metrics.registry_revision_lag),
+            (age, metrics.registry_sync_age_ms),
+        ] {
+            if reported != 0 {
+                metric.add(host, -reported);
+            }
+        }
+        self.reported = (0, 0, 0);
+    }
 }
 
 impl RegistryPull {
@@ -148,6 +175,8 @@ impl Worker {
                         self.webhook_removed(host, &hooks, &d, "a new configuration");
                     }
                 }
+                drop(hooks);
+                pull.end(host, self.metrics);
             }
         }
         self.adopt_plan(host, plan);

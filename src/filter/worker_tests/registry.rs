@@ -456,3 +456,54 @@ fn a_failure_in_the_middle_of_a_catch_up_waits_for_poll_ms_before_the_next_try()
     assert_eq!(path, "/v2/registry/changes?since=4", "the cursor stayed");
     assert_eq!(w.webhook_count(), 2);
 }
+
+#[test]
+fn a_configuration_without_registry_drops_the_waiting_events_loudly_and_zeroes_the_gauges() {
+    let host = FakeHost::default();
+    let mut w = worker(&host);
+    for _ in 0..2 {
+        complete(
+            &host,
+            &mut w,
+            ORG.as_bytes(),
+            br#"{"status":"completed"}"#,
+            0,
+        );
+    }
+    // A listing that has begun and not ended: the events wait, the gauges moved.
+    poll(&host, &mut w, 0, page(9, 4, true, vec![enabled(1, 4)]));
+    poll(&host, &mut w, 1, status(503, b""));
+    assert!(w.registry_poll(&host, 3_000).is_some());
+    assert_ne!(host.metric("registry_revision_lag"), 0);
+    assert_ne!(host.metric("registry_sync_age_ms"), 0);
+    w.adopt(&host, plan(&config(vec![], json!({}))));
+    assert_eq!(host.metric("events_dropped.registry_not_loaded"), 2);
+    assert_eq!(
+        host.logged(
+            LogLevel::Error,
+            "reason=a new configuration removed registry before its first complete listing"
+        ),
+        2
+    );
+    let logs = host.logs.borrow();
+    let line = logs
+        .iter()
+        .find(|(_, m)| m.contains("removed registry"))
+        .map(|(_, m)| m.clone())
+        .unwrap();
+    let id = line
+        .split("event=")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap();
+    assert_eq!(id.len(), 24, "the event id is in the line: {line}");
+    drop(logs);
+    for gauge in [
+        "registry_webhooks",
+        "registry_revision_lag",
+        "registry_sync_age_ms",
+    ] {
+        assert_eq!(host.metric(gauge), 0, "{gauge}");
+    }
+    assert!(w.pump(&host, 10).is_empty());
+}
