@@ -368,14 +368,10 @@ impl Worker {
         let sent = self.fan_out(host, &event, now_ms, false);
         if waiting_for_registry {
             // The configured webhooks have it; the registry's, not known yet, get it with the first
-            // document.
-            let (max, max_bytes) = (
-                self.plan.delivery.outbox.max_queued,
-                self.plan.delivery.outbox.max_queued_bytes,
-            );
+            // document (charged to the outbox's bounds meanwhile).
             self.metrics.events_registry_not_loaded.inc(host);
             if let Some(pull) = self.registry.as_mut() {
-                pull.wait(host, self.metrics, event, max, max_bytes);
+                pull.wait(host, self.metrics, event, &mut self.outbox);
             }
         } else if sent == 0 {
             self.metrics.events_without_subscribers.inc(host);

@@ -6,6 +6,7 @@
 
 use super::{Waiting, Worker, USER_AGENT};
 use crate::config::Plan;
+use crate::delivery::Outbox;
 use crate::filter::host::{log, Callout, Host, LogLevel};
 use crate::filter::metrics::Metrics;
 use crate::headers;
@@ -26,7 +27,7 @@ pub(super) struct RegistryPull {
     /// the age of the last complete sync.
     reported: (i64, i64, i64),
     /// Events emitted before the first complete listing: the configured webhooks have them; the
-    /// registry's get them when the listing ends (bounded like the outbox).
+    /// registry's get them when the listing ends (charged to the outbox's bounds meanwhile).
     waiting: VecDeque<Waiting>,
     waiting_bytes: usize,
 }
@@ -57,17 +58,18 @@ impl RegistryPull {
         }
     }
 
-    /// Keeps an event until the first document arrives, within the outbox's bounds.
+    /// Keeps an event until the first document arrives, within what the outbox's bounds leave
+    /// (the proxy's, shared with the deliveries): the waiting events are charged to them.
     pub(super) fn wait(
         &mut self,
         host: &dyn Host,
         metrics: Metrics,
         event: Waiting,
-        max: usize,
-        max_bytes: usize,
+        outbox: &mut Outbox,
     ) {
         let size = event.payload.held_bytes();
-        if self.waiting.len() >= max || self.waiting_bytes + size > max_bytes {
+        let (room, room_bytes) = outbox.room();
+        if room == 0 || size > room_bytes {
             metrics.events_dropped_registry_not_loaded.inc(host);
             log(host, LogLevel::Error, || {
                 format!(
@@ -79,6 +81,7 @@ impl RegistryPull {
         }
         self.waiting_bytes += size;
         self.waiting.push_back(event);
+        outbox.reserve(self.waiting.len(), self.waiting_bytes);
     }
 
     /// The pull ends (a new configuration has no `registry`): the events still waiting for the
@@ -177,6 +180,7 @@ impl Worker {
                 }
                 drop(hooks);
                 pull.end(host, self.metrics);
+                self.outbox.reserve(0, 0);
             }
         }
         self.adopt_plan(host, plan);
@@ -327,6 +331,7 @@ impl Worker {
         let changed = applied.upserted > 0 || !applied.removed.is_empty();
         let waiting: Vec<Waiting> = if applied.first {
             pull.waiting_bytes = 0;
+            self.outbox.reserve(0, 0);
             pull.waiting.drain(..).collect()
         } else {
             Vec::new()

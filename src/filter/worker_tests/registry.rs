@@ -507,3 +507,35 @@ fn a_configuration_without_registry_drops_the_waiting_events_loudly_and_zeroes_t
     }
     assert!(w.pump(&host, 10).is_empty());
 }
+
+#[test]
+fn events_waiting_for_the_registry_count_against_the_outbox_bounds() {
+    let host = FakeHost::default();
+    let mut c = registry_config();
+    c["webhooks"] = json!([webhook(1, ORG)]);
+    c["delivery"]["maxQueued"] = json!(4);
+    let plan = Plan::from_json(c.to_string().as_bytes(), &|name| {
+        (name == "REGISTRY_TOKEN").then(|| PROXY_TOKEN.to_string())
+    })
+    .unwrap();
+    let mut w = Worker::new(&host, plan, None, "p", "w1".into());
+    for _ in 0..3 {
+        complete(
+            &host,
+            &mut w,
+            ORG.as_bytes(),
+            br#"{"status":"completed"}"#,
+            0,
+        );
+    }
+    // Two deliveries to the configured webhook and two events waiting fill maxQueued 4.
+    assert_eq!(host.metric("deliveries_dropped.queue_full"), 1);
+    assert_eq!(host.metric("events_dropped.registry_not_loaded"), 1);
+    poll(&host, &mut w, 0, page(1, 1, false, vec![enabled(7, 1)]));
+    assert_eq!(
+        w.pump(&host, 10).len(),
+        4,
+        "the waiting events take their places in the outbox"
+    );
+    assert_eq!(host.metric("deliveries_dropped.queue_full"), 1);
+}
