@@ -86,6 +86,12 @@ fn compile_registry(raw: &RawRegistry, env: Env, errors: &mut Errors) -> Option<
             format!("must be from 100 to 3600000, not {}", raw.poll_ms),
         );
     }
+    if !defaults::REGISTRY_MAX_WEBHOOKS_RANGE.contains(&raw.max_webhooks) {
+        errors.push(
+            "registry.maxWebhooks",
+            format!("must be from 1 to 10000000, not {}", raw.max_webhooks),
+        );
+    }
     let token = match env(&raw.token_env).map(|t| t.trim().to_string()) {
         Some(token) if !token.is_empty() => Some(token),
         Some(_) => {
@@ -112,6 +118,7 @@ fn compile_registry(raw: &RawRegistry, env: Env, errors: &mut Errors) -> Option<
         path: raw.path.clone(),
         token: token?,
         poll_ms: raw.poll_ms,
+        max_webhooks: usize::try_from(raw.max_webhooks).unwrap_or(usize::MAX),
     })
 }
 

@@ -35,6 +35,8 @@ pub(super) const JOURNAL_LEASE_SECONDS: u64 = 15;
 
 pub(super) const REGISTRY_PATH: &str = "/v2/registry/changes";
 pub(super) const REGISTRY_POLL_MS: u64 = 2_000;
+/// Each VM holds its own copy of the registry's webhooks (a few hundred bytes each).
+pub(super) const REGISTRY_MAX_WEBHOOKS: u64 = 200_000;
 
 // ---- bounds: a value outside is an error ----
 
@@ -48,3 +50,4 @@ pub(super) const MAX_IN_FLIGHT_PER_WEBHOOK_RANGE: RangeInclusive<u64> = 1..=10_0
 pub(super) const JOURNAL_LEASE_SECONDS_RANGE: RangeInclusive<u64> = 2..=3600;
 
 pub(super) const REGISTRY_POLL_MS_RANGE: RangeInclusive<u64> = 100..=3_600_000;
+pub(super) const REGISTRY_MAX_WEBHOOKS_RANGE: RangeInclusive<u64> = 1..=10_000_000;

@@ -77,6 +77,8 @@ pub struct RegistrySettings {
     /// The proxy token (a secret: never printed, see the Debug impl).
     pub token: String,
     pub poll_ms: u64,
+    /// Registry webhooks taken at most; those beyond are refused.
+    pub max_webhooks: usize,
 }
 
 impl std::fmt::Debug for RegistrySettings {
@@ -87,6 +89,7 @@ impl std::fmt::Debug for RegistrySettings {
             .field("path", &self.path)
             .field("token", &"<redacted>")
             .field("poll_ms", &self.poll_ms)
+            .field("max_webhooks", &self.max_webhooks)
             .finish()
     }
 }

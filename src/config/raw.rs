@@ -75,6 +75,7 @@ pub(super) struct RawRegistry {
     pub(super) path: String,
     pub(super) token_env: String,
     pub(super) poll_ms: u64,
+    pub(super) max_webhooks: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -162,7 +163,14 @@ static NO_WEBHOOKS: Vec<Value> = Vec::new();
 
 fn read_registry(value: &Value, errors: &mut Errors) -> Option<RawRegistry> {
     let at = "registry";
-    let known = ["cluster", "authority", "path", "tokenEnv", "pollMs"];
+    let known = [
+        "cluster",
+        "authority",
+        "path",
+        "tokenEnv",
+        "pollMs",
+        "maxWebhooks",
+    ];
     let mark = errors.mark();
     let mut f = fields(value, at, &known, errors)?;
     let cluster = f.string("cluster");
@@ -170,6 +178,7 @@ fn read_registry(value: &Value, errors: &mut Errors) -> Option<RawRegistry> {
     let path = f.opt_string("path");
     let token_env = f.string("tokenEnv");
     let poll_ms = f.opt_u64("pollMs");
+    let max_webhooks = f.opt_u64("maxWebhooks");
     if !f.errors.clean_since(mark) {
         return None;
     }
@@ -179,6 +188,7 @@ fn read_registry(value: &Value, errors: &mut Errors) -> Option<RawRegistry> {
         path: path.unwrap_or_else(|| defaults::REGISTRY_PATH.to_string()),
         token_env: token_env?,
         poll_ms: poll_ms.unwrap_or(defaults::REGISTRY_POLL_MS),
+        max_webhooks: max_webhooks.unwrap_or(defaults::REGISTRY_MAX_WEBHOOKS),
     })
 }
 

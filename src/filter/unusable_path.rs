@@ -21,7 +21,7 @@ pub struct LogSampler {
 
 impl LogSampler {
     /// Whether to write a line now; if so, how many were not logged before it.
-    fn take(&self, now_ms: u64) -> Option<u64> {
+    pub(crate) fn take(&self, now_ms: u64) -> Option<u64> {
         if self
             .last_ms
             .get()

@@ -9,6 +9,7 @@ use crate::config::Plan;
 use crate::delivery::Outbox;
 use crate::filter::host::{log, Callout, Host, LogLevel};
 use crate::filter::metrics::Metrics;
+use crate::filter::unusable_path::LogSampler;
 use crate::headers;
 use crate::registry_sync::{Applied, RegistrySync, RegistryTable};
 use std::collections::VecDeque;
@@ -30,6 +31,10 @@ pub(super) struct RegistryPull {
     /// registry's get them when the listing ends (charged to the outbox's bounds meanwhile).
     waiting: VecDeque<Waiting>,
     waiting_bytes: usize,
+    /// Webhooks refused over `registry.maxWebhooks` are logged at most once a second, saying
+    /// how many were refused since the last line.
+    refused_lines: LogSampler,
+    refused_unlogged: usize,
 }
 
 /// A registry poll's answer, as the host reported it.
@@ -55,6 +60,8 @@ impl RegistryPull {
             reported: (0, 0, 0),
             waiting: VecDeque::new(),
             waiting_bytes: 0,
+            refused_lines: LogSampler::default(),
+            refused_unlogged: 0,
         }
     }
 
@@ -307,6 +314,9 @@ impl Worker {
                 format!("registry webhook skipped: {e}")
             });
         }
+        if applied.refused > 0 {
+            self.webhooks_refused(host, &applied, now_ms);
+        }
         let hooks = self.hooks();
         let configured = self.plan.webhooks.len();
         for (slot, webhook) in &applied.removed {
@@ -370,6 +380,33 @@ impl Worker {
             }
         }
         self.ring(host);
+    }
+}
+
+impl Worker {
+    /// New registry webhooks refused over `registry.maxWebhooks`: counted, and logged at most
+    /// once a second (a registry far over the bound would otherwise write a line per webhook).
+    fn webhooks_refused(&mut self, host: &dyn Host, applied: &Applied, now_ms: u64) {
+        let max = self.plan.registry.as_ref().map_or(0, |r| r.max_webhooks);
+        self.metrics
+            .registry_webhooks_skipped
+            .add(host, i64::try_from(applied.refused).unwrap_or(i64::MAX));
+        let Some(pull) = self.registry.as_mut() else {
+            return;
+        };
+        pull.refused_unlogged += applied.refused;
+        if pull.refused_lines.take(now_ms).is_none() {
+            return;
+        }
+        let refused = std::mem::take(&mut pull.refused_unlogged);
+        let first = applied.first_refused.as_deref().unwrap_or("?");
+        log(host, LogLevel::Warn, || {
+            let more = match refused.saturating_sub(1) {
+                0 => String::new(),
+                n => format!(" ({n} more since the last such line)"),
+            };
+            format!("registry webhook skipped: {first}{more}: registry.maxWebhooks ({max}) registry webhooks are in force already")
+        });
     }
 }
 

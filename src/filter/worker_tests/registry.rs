@@ -539,3 +539,52 @@ fn events_waiting_for_the_registry_count_against_the_outbox_bounds() {
     );
     assert_eq!(host.metric("deliveries_dropped.queue_full"), 1);
 }
+
+#[test]
+fn webhooks_beyond_max_webhooks_are_refused_counted_and_logged_once_a_second() {
+    let host = FakeHost::default();
+    let mut c = registry_config();
+    c["registry"]["maxWebhooks"] = json!(2);
+    c["registry"]["pollMs"] = json!(100);
+    let plan = Plan::from_json(c.to_string().as_bytes(), &|name| {
+        (name == "REGISTRY_TOKEN").then(|| PROXY_TOKEN.to_string())
+    })
+    .unwrap();
+    let mut w = Worker::new(&host, plan, None, "p", "w1".into());
+    let first: Vec<Value> = (1..=4).map(|n| enabled(n, n as u64)).collect();
+    poll(&host, &mut w, 0, page(4, 4, false, first));
+    assert_eq!(w.webhook_count(), 2);
+    assert_eq!(host.metric("registry_webhooks_skipped"), 2);
+    let line = format!(
+        "registry webhook skipped: {:024x} (1 more since the last such line): registry.maxWebhooks (2)",
+        3
+    );
+    assert_eq!(host.logged(LogLevel::Warn, &line), 1);
+    // A webhook in force still changes; a new one is refused, its line held back within the second.
+    let again = vec![enabled(1, 5), enabled(5, 6)];
+    poll(&host, &mut w, 200, page(6, 6, false, again));
+    assert_eq!(w.webhook_count(), 2);
+    assert_eq!(host.metric("registry_webhooks_skipped"), 3);
+    assert_eq!(host.logged(LogLevel::Warn, "registry webhook skipped"), 1);
+    // Room again after a delete: the next new one gets in.
+    let room = vec![
+        entry(2, 7, "enabled", json!([SIGNING_KEY]), None),
+        json!({"id": format!("{:024x}", 1), "revision": 8, "deleted": true}),
+        enabled(6, 9),
+        enabled(7, 10),
+    ];
+    poll(&host, &mut w, 1_500, page(10, 10, false, room));
+    assert_eq!(w.webhook_count(), 2);
+    assert_eq!(host.metric("registry_webhooks_skipped"), 4);
+    assert_eq!(
+        host.logged(
+            LogLevel::Warn,
+            &format!(
+                "registry webhook skipped: {:024x} (1 more since the last such line)",
+                7
+            )
+        ),
+        1,
+        "the line says how many were held back"
+    );
+}
