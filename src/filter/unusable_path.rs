@@ -35,11 +35,6 @@ impl LogSampler {
     }
 }
 
-thread_local! {
-    /// The worker's sampler (a VM is single-threaded: one per worker).
-    pub static SAMPLER: LogSampler = LogSampler::default();
-}
-
 pub fn report(
     host: &dyn Host,
     metrics: Metrics,

@@ -12,13 +12,14 @@
 
 use super::host::{log, Callout, Host, LogLevel};
 use super::metrics::Metrics;
+use super::unusable_path::{self, LogSampler};
 use crate::config::{Plan, Webhook};
 use crate::delivery::{AttemptOutcome, Delivery, LaneId, Outbox, Payload};
 use crate::event::Event;
 use crate::headers;
 use crate::registry_sync::RegistryTable;
 use crate::signature::SigningKey;
-use crate::stream::{NoEvent, StreamOutcome};
+use crate::stream::{NoEvent, StreamOutcome, UnusablePath};
 use crate::url::WebhookUrl;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -185,6 +186,10 @@ pub struct Worker {
     journal: Option<crate::journal::Journal>,
     /// Completions whose answer was cut short, to be read again (worker/refetch.rs).
     refetches: crate::refetch::RefetchQueue,
+    /// Lines a client or an upstream could flood, at most one a second each: requests with an
+    /// unusable path, and events lost.
+    bad_path_lines: LogSampler,
+    lost_lines: LogSampler,
 }
 
 /// An event after fan-out: what a later fan-out needs of it.
@@ -235,6 +240,8 @@ impl Worker {
             registry: None,
             journal,
             refetches: crate::refetch::RefetchQueue::new(),
+            bad_path_lines: LogSampler::default(),
+            lost_lines: LogSampler::default(),
         }
     }
 
@@ -261,6 +268,11 @@ impl Worker {
 
     pub fn metrics(&self) -> Metrics {
         self.metrics
+    }
+
+    /// A request whose path has no canonical form: counted, and logged at most once a second.
+    pub fn on_unusable_path(&self, host: &dyn Host, path: &UnusablePath, now_ms: u64) {
+        unusable_path::report(host, self.metrics, &self.bad_path_lines, path, now_ms);
     }
 
     /// The doorbell now wakes another root context (the one that adopted this worker).
