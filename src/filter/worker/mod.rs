@@ -567,7 +567,7 @@ impl Worker {
             .outbox
             .reconfigure(lanes, new_index, plan.delivery.outbox.clone());
         for d in dropped {
-            self.webhook_removed(host, &old, &d, "a new configuration");
+            self.webhook_removed(host, lane_name(&old, d.lane), &d, "by a new configuration");
         }
         if plan.delivery.dead_letter.is_none() {
             for d in self.outbox.drain_queued(LaneId::DeadLetter) {
@@ -584,15 +584,14 @@ impl Worker {
         self.report_gauges(host);
     }
 
-    /// A queued delivery dropped because its webhook was removed or disabled (`hooks` still
-    /// holds it): logged, counted, and settled in the journal.
-    fn webhook_removed(&mut self, host: &dyn Host, hooks: &Hooks, d: &Delivery, by: &str) {
+    /// A queued delivery dropped because its webhook (by id: its slot may be empty already) was
+    /// removed or disabled `by` (how): logged, counted, and settled in the journal.
+    fn webhook_removed(&mut self, host: &dyn Host, webhook_id: &str, d: &Delivery, by: &str) {
         self.metrics.deliveries_dropped_webhook_removed.inc(host);
-        self.journal_settled(hooks, &d.event_id, d.lane);
-        let name = lane_name(hooks, d.lane);
+        self.journal_settled_id(&d.event_id, webhook_id);
         log(host, LogLevel::Warn, || {
             format!(
-                "delivery dropped: event={} webhook={name} reason=the webhook was removed or disabled by {by}",
+                "delivery dropped: event={} webhook={webhook_id} reason=the webhook was removed or disabled {by}",
                 d.event_id
             )
         });

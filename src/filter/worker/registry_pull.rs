@@ -175,17 +175,14 @@ impl Worker {
         } else {
             if let Some(pull) = self.registry.take() {
                 // No registry any more: its webhooks' queued deliveries go.
-                let hooks = super::Hooks {
-                    plan: Rc::clone(&self.plan),
-                    registry: Some(Rc::clone(pull.table())),
-                };
+                let table = Rc::clone(pull.table());
                 let configured = self.plan.webhooks.len();
-                for slot in 0..pull.table().slots() {
+                for slot in 0..table.slots() {
+                    let id = table.get(slot).map_or("?", |w| w.id.as_str());
                     for d in self.outbox.clear_lane(configured + slot) {
-                        self.webhook_removed(host, &hooks, &d, "a new configuration");
+                        self.webhook_removed(host, id, &d, "by a new configuration");
                     }
                 }
-                drop(hooks);
                 pull.end(host, self.metrics);
                 self.outbox.reserve(0, 0);
             }
@@ -317,24 +314,14 @@ impl Worker {
         if applied.refused > 0 {
             self.webhooks_refused(host, &applied, now_ms);
         }
-        let hooks = self.hooks();
         let configured = self.plan.webhooks.len();
         for (slot, webhook) in &applied.removed {
             for d in self.outbox.clear_lane(configured + slot) {
-                self.metrics.deliveries_dropped_webhook_removed.inc(host);
-                if let Some(j) = &mut self.journal {
-                    j.settled(&d.event_id, &webhook.id);
-                }
-                log(host, LogLevel::Warn, || {
-                    format!(
-                        "delivery dropped: event={} webhook={} reason=the webhook was removed or disabled in the registry",
-                        d.event_id, webhook.id
-                    )
-                });
+                self.webhook_removed(host, &webhook.id, &d, "in the registry");
             }
         }
-        self.outbox.grow(hooks.lanes());
-        drop(hooks);
+        let lanes = self.hooks().lanes();
+        self.outbox.grow(lanes);
         let Some(pull) = self.registry.as_mut() else {
             return;
         };
