@@ -315,11 +315,12 @@ impl RegistrySync {
             };
             let deleted = change.get("deleted").and_then(Value::as_bool) == Some(true);
             let disabled = change.get("status").and_then(Value::as_str) == Some("disabled");
-            let held = match self.listing.as_ref() {
+            let (held, known) = match self.listing.as_ref() {
                 Some(listing) => (listing.len(), listing.contains_key(&id)),
                 None => (table.len(), table.by_id.contains_key(&id)),
             };
-            if !(deleted || disabled) && !held.1 && held.0 >= max_webhooks {
+            let adds = !deleted && !disabled && !known;
+            if adds && held >= max_webhooks {
                 // Each VM holds its own copy: a registry that grows past the bound is refused
                 // here rather than exhausting the VM's memory.
                 applied.refused += 1;
