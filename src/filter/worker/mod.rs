@@ -187,9 +187,10 @@ pub struct Worker {
     /// Completions whose answer was cut short, to be read again (worker/refetch.rs).
     refetches: crate::refetch::RefetchQueue,
     /// Lines a client or an upstream could flood, at most one a second each: requests with an
-    /// unusable path, and events lost.
+    /// unusable path, and events lost (a stream cut short, a refetch failed).
     bad_path_lines: LogSampler,
-    lost_lines: LogSampler,
+    reset_lines: LogSampler,
+    refetch_lost_lines: LogSampler,
 }
 
 /// An event after fan-out: what a later fan-out needs of it.
@@ -241,7 +242,8 @@ impl Worker {
             journal,
             refetches: crate::refetch::RefetchQueue::new(),
             bad_path_lines: LogSampler::default(),
-            lost_lines: LogSampler::default(),
+            reset_lines: LogSampler::default(),
+            refetch_lost_lines: LogSampler::default(),
         }
     }
 

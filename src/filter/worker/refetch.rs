@@ -71,7 +71,7 @@ impl Worker {
                         }
                     };
                     // Clients that hang up can come by the thousand: one line a second.
-                    let Some(unlogged) = self.lost_lines.take(now_ms) else {
+                    let Some(unlogged) = self.reset_lines.take(now_ms) else {
                         continue;
                     };
                     log(host, LogLevel::Warn, || {
@@ -184,7 +184,7 @@ impl Worker {
 
     fn refetch_lost(&self, host: &dyn Host, job: &RefetchJob, why: &str, now_ms: u64) {
         self.metrics.events_lost_refetch_failed.inc(host);
-        let Some(unlogged) = self.lost_lines.take(now_ms) else {
+        let Some(unlogged) = self.refetch_lost_lines.take(now_ms) else {
             return;
         };
         log(host, LogLevel::Warn, || {
