@@ -13,6 +13,9 @@ the other core), all on 127.0.0.1:
   5  webhook-emitter behind the shipped gate (envoy/envoy.yaml), traffic that matches no rule
   6  the floor: a Lua filter that makes one bare asynchronous httpCall per response (bench/bare-callout.lua)
   7  as 2, with the write-ahead journal in a local single-member etcd (Debian's etcd-server, on the load core)
+  8  as 3 (10 webhooks), with the journal and maxQueued 1,000 (BENCH_OVERLOAD_MAX_QUEUED): at saturation its outbox
+     overflows, so its saturation steps are the overload case (deliveries spill to etcd: dropped count, and the
+     drain time until every one is delivered)
 
 Phases, each interleaving the configurations (the order rotates every round), so every ratio is taken within one
 run and, for saturation and the fixed rate, within one round:
@@ -22,13 +25,18 @@ run and, for saturation and the fixed rate, within one round:
               for 2-4 the probe measures event-to-receiver latency meanwhile
   own half    configurations 2-4 at half their own saturation, with the probe
   A/B pairs   BENCH_AB_PAIRS pairs of short (BENCH_AB_DURATION) steps alternating 0/1 (closed loop and fixed rate)
-              and 0/5, 2/4, 2/6, 3/4 (closed loop): the headline ratios (Envoy CPU per request, ours over theirs,
-              summary.json) need paired samples
+              and 0/5, 2/4, 2/6, 3/4, 2/7 (closed loop): the headline ratios (Envoy CPU per request, ours over
+              theirs, summary.json; 7 over 2 is the journal's cost) need paired samples
   curve       25%, 75% and 90% of configuration 0's saturation for 0, 1, 2 and 4 (latency.png)
 
 Knobs (environment): BENCH_WASM, BENCH_DURATION (seconds per step), BENCH_ROUNDS, BENCH_CONNECTIONS,
 BENCH_RATE_CONNECTIONS, BENCH_AB_PAIRS, BENCH_AB_DURATION, BENCH_PROBE_RATE, BENCH_LOG_LEVEL, BENCH_OUT, BENCH_WORK (Envoy logs; default bench/work), BENCH_ENVOY_CPU,
-BENCH_LOAD_CPU. `--quick` is the smoke test's mode.
+BENCH_LOAD_CPU, BENCH_CONFIGS (e.g. "2,7,8": only these configurations; the fixed-rate, own-half and curve phases
+need 0 among them, the A/B pairs both of theirs). `--quick` is the smoke test's mode.
+
+With the journal (7, 8) each step also counts the requests etcd handled (its gRPC metrics; the idle journaled
+configuration's keepalives and scans included) per event, and the deliveries spilled and paged back in; a step's
+drain waits until nothing is spilled either.
 """
 
 from __future__ import annotations
@@ -55,6 +63,7 @@ from harness.envoy import DEFAULT_WASM, ENVOY_BIN  # noqa: E402
 from harness.servers import Receiver  # noqa: E402
 
 import envoyproc  # noqa: E402
+import journal_summary  # noqa: E402
 import loadgen  # noqa: E402
 import report  # noqa: E402
 import topology  # noqa: E402
@@ -69,9 +78,10 @@ CONFIGS = {
     5: "webhook-emitter gated, traffic matching no rule",
     6: "Lua, bare callout per request (the floor)",
     7: "webhook-emitter, job completions, 1 webhook + journal (etcd)",
+    8: "webhook-emitter, job completions, 10 webhooks + journal (etcd)",
 }
-HOOKS = {0: 0, 1: 1, 2: 1, 3: 10, 4: 1, 5: 1, 6: 1, 7: 1}
-DELIVERING = (2, 3, 4, 6, 7)
+HOOKS = {0: 0, 1: 1, 2: 1, 3: 10, 4: 1, 5: 1, 6: 1, 7: 1, 8: 10}
+DELIVERING = (2, 3, 4, 6, 7, 8)
 # Configurations whose events the probe can follow (the bare callout sends a fixed body, not the job).
 PROBED = (2, 3, 4, 7)
 PASSTHROUGH = (1, 5)
@@ -79,11 +89,12 @@ CURVE_CONFIGS = (0, 1, 2, 4)
 CURVE_FRACTIONS = (0.25, 0.75, 0.9)
 FIXED_FRACTION = 0.5
 # A/B pairs for the targets that need the finest comparison: short steps, alternating A-B / B-A, one ratio per pair.
-AB_PAIRS = ((0, 1), (0, 5), (2, 4), (2, 6), (3, 4))
+AB_PAIRS = ((0, 1), (0, 5), (2, 4), (2, 6), (3, 4), (2, 7))
 
 STATS = (r"^(http\.ingress\.downstream_rq_(completed|2xx)|cluster\.(webhooks|probe_receiver)\.upstream_rq_"
          r"(active|pending_active|completed|pending_overflow)|wasmcustom\.webhook_emitter\.(outbox_depth|"
-         r"deliveries_(attempted|succeeded|failed|dropped\.queue_full)|events_emitted))$")
+         r"deliveries_(attempted|succeeded|failed|dropped\.queue_full|dropped\.over_share|spilled|paged_in)|"
+         r"events_emitted))$")
 
 
 def env_num(name: str, default, kind=float):
@@ -114,6 +125,7 @@ def settings_from(args) -> dict:
         "envoy_cpu": envoy_cpu,
         "load_cpu": load_cpu,
         "plot": not quick and not args.no_plot,
+        "configs": [int(c) for c in os.environ.get("BENCH_CONFIGS", "").split(",") if c.strip()] or list(CONFIGS),
     }
 
 
@@ -128,6 +140,7 @@ class Bench:
         self.src_dirty = bool(_cmd("git", "-C", str(REPO), "status", "--porcelain", "--", "src", "Cargo.toml",
                                    "Cargo.lock"))
         self.steps: list = []
+        self.configs = [c for c in CONFIGS if c in s["configs"]]
         self.envoys: dict = {}
         self.backend = None
         self.webhooks: dict = {}
@@ -151,10 +164,10 @@ class Bench:
         self.backend.wait_ready(["jobs", "hooks"])
         jobs_port, hooks_port = self.backend.ports["jobs"], self.backend.ports["hooks"]
         self.etcd = topology.start_etcd(s["load_cpu"])
-        for c in CONFIGS:
+        for c in self.configs:
             if HOOKS[c]:
                 self.webhooks[c] = topology.Webhooks(HOOKS[c], hooks_port, self.probe_receiver.port)
-        for c in CONFIGS:
+        for c in self.configs:
             filters = topology.filters_for(c, self.wasm, self.webhooks)
             boot = topology.under_test_bootstrap(f"config{c}", filters, jobs_port, hooks_port,
                                                  self.probe_jobs.port, self.probe_receiver.port,
@@ -187,7 +200,10 @@ class Bench:
             st = e.stats(STATS)
             busy = (st.get("cluster.webhooks.upstream_rq_active", 0) + st.get("cluster.probe_receiver.upstream_rq_active", 0)
                     + st.get("cluster.webhooks.upstream_rq_pending_active", 0)
-                    + st.get("wasmcustom.webhook_emitter.outbox_depth", 0))
+                    + st.get("wasmcustom.webhook_emitter.outbox_depth", 0)
+                    # deliveries waiting in etcd only (the counters run from Envoy's start)
+                    + st.get("wasmcustom.webhook_emitter.deliveries_spilled", 0)
+                    - st.get("wasmcustom.webhook_emitter.deliveries_paged_in", 0))
             if busy == 0:
                 return time.monotonic() - t0, True, st
             if time.monotonic() - t0 > timeout:
@@ -203,6 +219,7 @@ class Bench:
         if HOOKS[c]:
             headers["x-organisation-id"] = self.webhooks[c].load_org
         st0 = e.stats(STATS)
+        etcd0 = self.etcd.rpc_counts() if c in topology.JOURNALED else {}
         hooks0 = self.hooks_delivered()
         cpu0, ecore0, lcore0, t0 = (e.cpu_seconds(), envoyproc.core_busy_seconds(s["envoy_cpu"]),
                                     envoyproc.core_busy_seconds(s["load_cpu"]), time.monotonic())
@@ -222,7 +239,8 @@ class Bench:
         lcore1 = envoyproc.core_busy_seconds(s["load_cpu"])
         if pr:
             pr.stop()
-        drain_s, drained, st1 = self.drain(c, 10.0 if s["quick"] else 30.0)
+        drain_s, drained, st1 = self.drain(c, 10.0 if s["quick"] else (120.0 if c in topology.JOURNALED else 30.0))
+        etcd1 = self.etcd.rpc_counts() if c in topology.JOURNALED else {}
         if pr:  # the probe's own deliveries go to the Python receiver: give the last one a moment
             deadline = time.monotonic() + 2.0
             while time.monotonic() < deadline and pr.latencies_ms()[1] > 0:
@@ -268,6 +286,17 @@ class Bench:
                 "dropped_queue_full": d("wasmcustom.webhook_emitter.deliveries_dropped.queue_full"),
                 "deliveries_failed": d("wasmcustom.webhook_emitter.deliveries_failed"),
                 "callout_overflow": d("cluster.webhooks.upstream_rq_pending_overflow"),
+                "dropped_over_share": d("wasmcustom.webhook_emitter.deliveries_dropped.over_share"),
+            })
+        if c in topology.JOURNALED:
+            etcd_requests = sum(etcd1.values()) - sum(etcd0.values())
+            events = d("wasmcustom.webhook_emitter.events_emitted")
+            rec.update({
+                "events": events, "etcd_requests": etcd_requests,
+                "etcd_requests_by_method": {k: v - etcd0.get(k, 0) for k, v in etcd1.items() if v - etcd0.get(k, 0)},
+                "etcd_requests_per_event": etcd_requests / events if events else None,
+                "spilled": d("wasmcustom.webhook_emitter.deliveries_spilled"),
+                "paged_in": d("wasmcustom.webhook_emitter.deliveries_paged_in"),
             })
         if pr:
             lat, missing = pr.latencies_ms()
@@ -292,6 +321,9 @@ class Bench:
                 f"loadcore={r['load_core_util'] or 0:.2f} foreign={r['foreign_cpu_on_envoy_core']:.2f}")
         if "deliveries" in r:
             line += f" deliv={r['deliveries']}/{r['deliveries_expected']} drain={r['drain_s']:.2f}s"
+        if "etcd_requests_per_event" in r:
+            line += (f" etcd/event={r['etcd_requests_per_event'] or 0:.3f} spilled={r['spilled']}"
+                     f" dropped={r['dropped_queue_full'] + r['dropped_over_share']}")
         if "e2r_p99_ms" in r:
             line += f" e2r p50/p99={_ms(r['e2r_p50_ms'])}/{_ms(r['e2r_p99_ms'])}ms missing={r['probe_missing']}"
         print(line, flush=True)
@@ -306,32 +338,43 @@ class Bench:
     def run(self) -> dict:
         s = self.s
         if s["warmup_s"] > 0:
-            for c in CONFIGS:
+            for c in self.configs:
                 self.step("warmup", c, None, duration=s["warmup_s"])
         for rnd in range(s["rounds"]):
-            for c in self.rotated(CONFIGS, rnd):
+            for c in self.rotated(self.configs, rnd):
                 self.step("saturation", c, None, rnd)
         if s["quick"]:
+            return self.results(None)
+        if 0 not in self.configs:  # only the pairs among the configurations chosen
+            self.ab_pairs(None)
             return self.results(None)
         sat0 = statistics.median(r["rps"] for r in self.steps if r["phase"] == "saturation" and r["config"] == 0)
         fixed = round(sat0 * FIXED_FRACTION)
         for rnd in range(s["rounds"]):
-            for c in self.rotated(CONFIGS, rnd):
+            for c in self.rotated(self.configs, rnd):
                 self.step("fixed", c, fixed, rnd, probe=c in PROBED)
-        for c in self.rotated(PROBED, 0):  # half of each one's own saturation: the delivery latency target
+        for c in self.rotated([c for c in PROBED if c in self.configs], 0):  # the delivery latency target
             self.step("own-half", c, round(self.saturation(c) * 0.5), probe=True)
+        self.ab_pairs(fixed)
+        for i, f in enumerate(CURVE_FRACTIONS):
+            for c in self.rotated([c for c in CURVE_CONFIGS if c in self.configs], i):
+                self.step(f"curve-{f:g}", c, round(sat0 * f))
+        return self.results(fixed)
+
+    def ab_pairs(self, fixed) -> None:
+        s = self.s
         for a, b in AB_PAIRS:
+            if a not in self.configs or b not in self.configs:
+                continue
             for i in range(s["ab_pairs"]):
                 for c in ((a, b) if i % 2 == 0 else (b, a)):
                     self.step(f"ab-sat-{a}{b}", c, None, i, duration=s["ab_duration_s"])
         a, b = AB_PAIRS[0]
+        if fixed is None or a not in self.configs or b not in self.configs:
+            return
         for i in range(s["ab_pairs"]):
             for c in ((a, b) if i % 2 == 0 else (b, a)):
                 self.step(f"ab-fixed-{a}{b}", c, fixed, i, duration=s["ab_duration_s"])
-        for i, f in enumerate(CURVE_FRACTIONS):
-            for c in self.rotated(CURVE_CONFIGS, i):
-                self.step(f"curve-{f:g}", c, round(sat0 * f))
-        return self.results(fixed)
 
     def results(self, fixed_rate) -> dict:
         s = self.s
@@ -340,13 +383,14 @@ class Bench:
         return {
             "meta": meta,
             "settings": s,
-            "configs": {str(c): CONFIGS[c] for c in CONFIGS},
-            "webhooks_per_config": {str(c): HOOKS[c] for c in CONFIGS},
+            "configs": {str(c): CONFIGS[c] for c in self.configs},
+            "webhooks_per_config": {str(c): HOOKS[c] for c in self.configs},
             "wasm": {"path": s["wasm"], "bytes": self.wasm.stat().st_size,
                      "sha256": hashlib.sha256(self.wasm.read_bytes()).hexdigest()},
             "fixed_rate_rps": fixed_rate,
             "steps": self.steps,
-            "summary": report.summarise(self.steps, fixed_rate, s),
+            "summary": {**report.summarise(self.steps, fixed_rate, s),
+                        "journal": journal_summary.summarise(self.steps)},
         }
 
 
@@ -428,7 +472,11 @@ def main() -> int:
     if s["plot"]:
         report.plot(results, out / "latency.png")
     (out / "results.md").write_text(report.markdown(results, plotted=s["plot"]))
-    (out / "summary.json").write_text(json.dumps(report.headline(results), indent=1) + "\n")
+    head = report.headline(results)
+    for key, value in results["summary"]["journal"].items():  # the journal's keys, where report leaves them out
+        if head.get(key) is None:
+            head[key] = value
+    (out / "summary.json").write_text(json.dumps(head, indent=1) + "\n")
     print(f"bench: done in {results['meta']['wall_s']:.0f}s; wrote {out}/results.md, results.json, summary.json"
           + (", latency.png" if s["plot"] else ""))
     print(report.headline_table(results))

@@ -14,6 +14,7 @@ uses cluster `probe_receiver` (the Python probe receiver).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -120,7 +121,10 @@ def lua_filter(webhooks: Webhooks) -> dict:
 
 
 # Configurations whose filter journals to etcd (bench.py CONFIGS).
-JOURNALED = (7,)
+JOURNALED = (7, 8)
+# Configuration 8's outbox bound: small enough that saturation overflows it within a step (the default 10,000 holds
+# a few seconds of it), so that its saturation steps are the overload case.
+OVERLOAD_MAX_QUEUED = int(os.environ.get("BENCH_OVERLOAD_MAX_QUEUED", "") or 1000)
 
 
 def start_etcd(cpu: int):
@@ -168,7 +172,7 @@ def bare_callout_filter(webhooks: Webhooks) -> dict:
 
 
 def filters_for(config: int, wasm: Path, webhooks_by_config: dict) -> list:
-    """The HTTP filters of configuration 0..7 (see bench.py CONFIGS)."""
+    """The HTTP filters of configuration 0..8 (see bench.py CONFIGS)."""
     if config == 0:
         return []
     if config in (1, 2, 3):
@@ -183,5 +187,7 @@ def filters_for(config: int, wasm: Path, webhooks_by_config: dict) -> list:
     if config in JOURNALED:
         plugin = webhooks_by_config[config].plugin_config()
         plugin["delivery"]["journal"] = journal_section(f"bench-{new_id()[:8]}/", lease_seconds=15)
+        if config == 8:
+            plugin["delivery"]["maxQueued"] = OVERLOAD_MAX_QUEUED
         return [wasm_http_filter(wasm, plugin)]
     raise ValueError(config)

@@ -8,12 +8,37 @@ pub fn rfc3339_utc(unix_millis: u64) -> String {
     let secs = unix_millis / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil_from_days(days as i64);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    // Digit by digit rather than `format!`: this runs once per event.
+    let mut out = String::with_capacity(20);
+    if !(0..=9999).contains(&year) {
+        return format!(
+            "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+            rem / 3600,
+            (rem % 3600) / 60,
+            rem % 60
+        );
+    }
+    push_digits(&mut out, year as u64, 4);
+    for (sep, n) in [
+        ('-', u64::from(month)),
+        ('-', u64::from(day)),
+        ('T', rem / 3600),
+        (':', (rem % 3600) / 60),
+        (':', rem % 60),
+    ] {
+        out.push(sep);
+        push_digits(&mut out, n, 2);
+    }
+    out.push('Z');
+    out
+}
+
+/// Appends the last `width` decimal digits of `n`, zero-padded.
+fn push_digits(out: &mut String, n: u64, width: u32) {
+    for i in (0..width).rev() {
+        let digit = (n / 10u64.pow(i)) % 10;
+        out.push(char::from(b'0' + digit as u8));
+    }
 }
 
 /// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
@@ -67,6 +92,8 @@ mod tests {
         assert_eq!(rfc3339_utc(1_728_086_400_000), "2024-10-05T00:00:00Z");
         assert_eq!(rfc3339_utc(951_782_400_999), "2000-02-29T00:00:00Z");
         assert_eq!(rfc3339_utc(4_102_444_799_000), "2099-12-31T23:59:59Z");
+        assert_eq!(rfc3339_utc(253_402_300_799_000), "9999-12-31T23:59:59Z");
+        assert_eq!(rfc3339_utc(253_402_300_800_000), "10000-01-01T00:00:00Z");
     }
 
     #[test]

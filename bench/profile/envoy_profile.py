@@ -13,6 +13,10 @@ the median reported with the range. Variants (each its own Envoy, pinned like th
   event-warn    the same with Envoy at log level warning (Envoy drops the filter's info lines, if it logs any)
   event-NAME    an ablated build from bench/profile/ablate.py (--ablation NAME=PATH.wasm)
   lua           the Lua peer, 1 webhook (bench configuration 4)
+  bare          one bare asynchronous Lua httpCall per response (bench configuration 6, the floor)
+
+`--pair A:B` (repeatable) runs only those comparisons, with only the variants they name, and skips perf and strace
+unless asked: the quick way to compare two builds (`--ablation new=PATH.wasm --pair event:event-new`).
 
 Then, for none/nomatch/event/lua: `perf record -e cpu-clock` (no hardware counters in this VM) by shared object
 (Envoy is stripped, so its own code, V8 and LuaJIT included, is one bucket; the wasm's JIT code is `[JIT] tid N`),
@@ -45,7 +49,7 @@ import topology  # noqa: E402
 from probe import TimedJobService  # noqa: E402
 
 BASE_PAIRS = [("none", "noop"), ("noop", "calls50"), ("none", "nomatch"), ("event", "event-warn"), ("lua", "event")]
-PROFILED = ("none", "nomatch", "event", "lua")
+PROFILED = ("none", "nomatch", "event", "lua", "bare")
 
 
 def noop_filter(wasm: Path, mode: str) -> dict:
@@ -77,6 +81,7 @@ def main() -> int:
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--perf", action="store_true")
     ap.add_argument("--strace", action="store_true")
+    ap.add_argument("--pair", action="append", default=[], help="A:B, only these comparisons (repeatable)")
     ap.add_argument("--out")
     args = ap.parse_args()
     ablations = dict(a.split("=", 1) for a in args.ablation)
@@ -87,7 +92,9 @@ def main() -> int:
     probe_jobs, probe_rx = TimedJobService().start(), Receiver().start()
     backend = envoyproc.EnvoyProcess("backend", topology.backend_bootstrap(), work, load_cpu, "warning").start()
     envoys, hooks = {}, {}
-    pairs = BASE_PAIRS + [("event", f"event-{n}") for n in ablations]
+    pairs = [tuple(p.split(":", 1)) for p in args.pair] or \
+        BASE_PAIRS + [("event", f"event-{n}") for n in ablations]
+    wanted = {v for p in pairs for v in p} | (set() if args.pair else set(PROFILED))
     try:
         backend.wait_ready(["jobs", "hooks"])
         jp, hp = backend.ports["jobs"], backend.ports["hooks"]
@@ -99,6 +106,9 @@ def main() -> int:
             filters[v] = [wasm_http_filter(Path(wasm), hooks[v].plugin_config())]
         hooks["lua"] = topology.Webhooks(1, hp, probe_rx.port)
         filters["lua"] = [topology.lua_filter(hooks["lua"])]
+        hooks["bare"] = topology.Webhooks(1, hp, probe_rx.port)
+        filters["bare"] = [topology.bare_callout_filter(hooks["bare"])]
+        filters = {v: f for v, f in filters.items() if v in wanted}
         for v, f in filters.items():
             boot = topology.under_test_bootstrap(v, f, jp, hp, probe_jobs.port, probe_rx.port)
             envoys[v] = envoyproc.EnvoyProcess(v, boot, work, envoy_cpu,
@@ -136,18 +146,23 @@ def main() -> int:
         for v in envoys:  # warm-up
             step(v, 2.0)
         results = []
-        for a, b in pairs:
-            for i in range(args.pairs):
+        # Round-robin over the comparisons, so that the machine's drift (other users come and go) falls on all
+        # of them alike.
+        for i in range(args.pairs):
+            for a, b in pairs:
                 ra, rb = (step(a, args.duration), step(b, args.duration)) if i % 2 == 0 else \
                     tuple(reversed((step(b, args.duration), step(a, args.duration))))
                 results.append({"a": a, "b": b, "pair": i, "a_rps": ra["rps"], "b_rps": rb["rps"],
                                 "a_cpu_us": ra["cpu_us"], "b_cpu_us": rb["cpu_us"]})
+        for a, b in pairs:
             diffs = [r["b_cpu_us"] - r["a_cpu_us"] for r in results if (r["a"], r["b"]) == (a, b)]
-            print(f"{b} − {a}: {statistics.median(diffs):+.1f} us/request  {[round(d, 1) for d in diffs]}", flush=True)
+            ratios = [r["b_cpu_us"] / r["a_cpu_us"] for r in results if (r["a"], r["b"]) == (a, b)]
+            print(f"{b} − {a}: {statistics.median(diffs):+.1f} us/request  {[round(d, 1) for d in diffs]}  "
+                  f"{b}/{a}: {statistics.median(ratios):.3f} {[round(x, 3) for x in ratios]}", flush=True)
 
         syscalls = {}
         if args.strace:
-            for v in PROFILED:
+            for v in [v for v in PROFILED if v in envoys]:
                 e, out = envoys[v], work / f"strace-{v}.txt"
                 tracer = subprocess.Popen(["strace", "-c", "-f", "-p", str(e.pid), "-o", str(out)],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -165,7 +180,7 @@ def main() -> int:
                 syscalls[v] = counts
         perf = {}
         if args.perf:
-            for v in PROFILED:
+            for v in [v for v in PROFILED if v in envoys]:
                 data = work / f"perf-{v}.data"
                 rec = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", "2999", "-p",
                                         str(envoys[v].pid), "-o", str(data), "--", "sleep", "5"],

@@ -229,6 +229,7 @@ fn compile_journal(raw: &RawJournal, errors: &mut Errors) -> Option<JournalSetti
         authority,
         prefix: raw.prefix.clone(),
         lease_seconds: raw.lease_seconds,
+        max_spilled_bytes: to_usize(raw.max_spilled_bytes),
     })
 }
 

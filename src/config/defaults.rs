@@ -30,6 +30,8 @@ pub(super) const CIRCUIT_FAILURES: u32 = 10;
 /// `journal.prefix` and `journal.leaseSeconds`.
 pub(super) const JOURNAL_PREFIX: &str = "webhook-emitter/";
 pub(super) const JOURNAL_LEASE_SECONDS: u64 = 15;
+/// `journal.maxSpilledBytes`: records of deliveries that wait in etcd only, per worker.
+pub(super) const JOURNAL_MAX_SPILLED_BYTES: u64 = 64 << 20;
 
 // ---- registry ----
 

@@ -100,6 +100,7 @@ pub(super) struct RawJournal {
     pub(super) authority: Option<String>,
     pub(super) prefix: String,
     pub(super) lease_seconds: u64,
+    pub(super) max_spilled_bytes: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -468,7 +469,13 @@ fn read_journal(value: &Value, errors: &mut Errors) -> Option<RawJournal> {
     let mut f = fields(
         value,
         "delivery.journal",
-        &["cluster", "authority", "prefix", "leaseSeconds"],
+        &[
+            "cluster",
+            "authority",
+            "prefix",
+            "leaseSeconds",
+            "maxSpilledBytes",
+        ],
         errors,
     )?;
     let cluster = f.string("cluster");
@@ -479,10 +486,14 @@ fn read_journal(value: &Value, errors: &mut Errors) -> Option<RawJournal> {
     let lease_seconds = f
         .opt_u64("leaseSeconds")
         .unwrap_or(defaults::JOURNAL_LEASE_SECONDS);
+    let max_spilled_bytes = f
+        .opt_u64("maxSpilledBytes")
+        .unwrap_or(defaults::JOURNAL_MAX_SPILLED_BYTES);
     Some(RawJournal {
         cluster: cluster?,
         authority,
         prefix,
         lease_seconds,
+        max_spilled_bytes,
     })
 }

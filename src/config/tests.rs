@@ -567,6 +567,15 @@ fn the_journal() {
         (j.authority.as_str(), j.prefix.as_str(), j.lease_seconds),
         ("etcd.db.svc", "a/b/", 5)
     );
+    assert_eq!(j.max_spilled_bytes, 64 << 20, "maxSpilledBytes by default");
+    let config =
+        valid_with(|c| c["delivery"]["journal"] = json!({"cluster": "etcd", "maxSpilledBytes": 0}));
+    let plan = Plan::from_json(config.to_string().as_bytes(), &no_env).unwrap();
+    assert_eq!(plan.delivery.journal.as_ref().unwrap().max_spilled_bytes, 0);
+    rejects(
+        |c| c["delivery"]["journal"] = json!({"cluster": "etcd", "maxSpilledBytes": -1}),
+        "delivery.journal.maxSpilledBytes",
+    );
     rejects(
         |c| c["delivery"]["journal"] = json!({"prefix": "x/"}),
         "delivery.journal.cluster: missing required field",

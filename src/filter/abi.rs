@@ -24,6 +24,7 @@ pub enum BufferType {
 }
 
 const STATUS_OK: u32 = 0;
+const STATUS_NOT_FOUND: u32 = 1;
 /// Bounds one drain of a queue, so that a host that never says Empty cannot hold the root forever.
 const MAX_DEQUEUES: usize = 4096;
 
@@ -33,6 +34,13 @@ extern "C" {
         map_type: u32,
         return_map_data: *mut *mut u8,
         return_map_size: *mut usize,
+    ) -> u32;
+    fn proxy_get_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        return_value_data: *mut *mut u8,
+        return_value_size: *mut usize,
     ) -> u32;
     fn proxy_get_buffer_bytes(
         buffer_type: u32,
@@ -80,6 +88,24 @@ pub fn header_map(map: HeaderMap) -> Option<Vec<u8>> {
     // SAFETY: on success the host handed over ownership of `data`.
     let bytes = unsafe { take(data, size) };
     (status == STATUS_OK).then_some(bytes)
+}
+
+/// The first value of one header, as bytes: None when the host has no such map now, Some(None)
+/// when the map has no such header. Cheaper than the whole map when a header or two is all that
+/// is wanted: the host copies one value.
+pub fn header_value(map: HeaderMap, name: &str) -> Option<Option<Vec<u8>>> {
+    let (mut data, mut size) = (null_mut(), 0usize);
+    // SAFETY: as in `header_map`; `name` outlives the call.
+    let status = unsafe {
+        proxy_get_header_map_value(map as u32, name.as_ptr(), name.len(), &mut data, &mut size)
+    };
+    // SAFETY: as in `header_map`.
+    let bytes = unsafe { take(data, size) };
+    match status {
+        STATUS_OK => Some(Some(bytes)),
+        STATUS_NOT_FOUND => Some(None),
+        _ => None,
+    }
 }
 
 /// Up to `max_size` bytes of a buffer from `start`, or None when there is none.

@@ -50,6 +50,8 @@ metrics! {
     deliveries_retried: Counter = "deliveries_retried",
     deliveries_exhausted: Counter = "deliveries_exhausted",
     deliveries_dropped_queue_full: Counter = "deliveries_dropped.queue_full",
+    deliveries_spilled: Counter = "deliveries_spilled",
+    deliveries_paged_in: Counter = "deliveries_paged_in",
     deliveries_dropped_over_share: Counter = "deliveries_dropped.over_share",
     deliveries_dropped_webhook_gone: Counter = "deliveries_dropped.webhook_gone",
     deliveries_dropped_webhook_removed: Counter = "deliveries_dropped.webhook_removed",

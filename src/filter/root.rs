@@ -8,6 +8,7 @@ use super::http::EmitterStream;
 use super::proxy::{now_ms, random_bytes, ProxyHost};
 use super::worker::{Attempt, RegistryAnswer, SharedWorker, Worker};
 use crate::config::Plan;
+use crate::delivery::policy::honours_retry_after;
 use crate::delivery::AttemptOutcome;
 use crate::headers;
 use crate::journal::Purpose as JournalRequest;
@@ -108,17 +109,18 @@ impl EmitterRoot {
 
     /// Sends every delivery that is due. A draining root only collects its answers: the root
     /// that adopted the worker (if any) sends what is still queued.
-    fn pump(&mut self) {
+    /// `now` is the callback's clock reading: one host call per callback, not one per step.
+    fn pump(&mut self, now: u64) {
         let Some(worker) = self.worker.clone().filter(|_| !self.draining) else {
             return;
         };
-        let sent = worker.borrow_mut().pump(&ProxyHost, now_ms());
+        let sent = worker.borrow_mut().pump(&ProxyHost, now);
         self.callouts
             .extend(sent.into_iter().map(|(t, a)| (t, Out::Delivery(a))));
-        let journal = worker.borrow_mut().journal_poll(&ProxyHost, now_ms());
+        let journal = worker.borrow_mut().journal_poll(&ProxyHost, now);
         self.callouts
             .extend(journal.into_iter().map(|(t, r)| (t, Out::Journal(r))));
-        let refetches = worker.borrow_mut().refetch_pump(&ProxyHost, now_ms());
+        let refetches = worker.borrow_mut().refetch_pump(&ProxyHost, now);
         self.callouts
             .extend(refetches.into_iter().map(|(t, j)| (t, Out::Refetch(j))));
     }
@@ -184,6 +186,30 @@ fn callout_failure() -> String {
     }
 }
 
+/// What an answer says, from the two headers that matter. They are read as bytes, one value at a
+/// time (not the whole map), and only when Envoy says there are headers: a callout that failed
+/// before or instead of its headers has none to read. `retry-after` is read only for a status
+/// that honours it.
+fn attempt_outcome(header_count: usize) -> AttemptOutcome {
+    if header_count == 0 {
+        return AttemptOutcome::from_answer(0, None);
+    }
+    let status = match abi::header_value(HeaderMap::CalloutResponse, headers::STATUS) {
+        None => return AttemptOutcome::from_answer(header_count, None),
+        Some(None) => return AttemptOutcome::from_answer(header_count, Some(&[])),
+        Some(Some(status)) => status,
+    };
+    let retry_after = headers::parse_status(&status)
+        .filter(|&code| honours_retry_after(code))
+        .and_then(|_| abi::header_value(HeaderMap::CalloutResponse, headers::RETRY_AFTER))
+        .flatten();
+    let mut pairs: Vec<(&[u8], &[u8])> = vec![(headers::STATUS.as_bytes(), &status)];
+    if let Some(value) = &retry_after {
+        pairs.push((headers::RETRY_AFTER.as_bytes(), value));
+    }
+    AttemptOutcome::from_answer(header_count, Some(&pairs))
+}
+
 impl Context for EmitterRoot {
     fn on_http_call_response(&mut self, token: u32, headers: usize, body: usize, _trailers: usize) {
         let Some(out) = self.callouts.remove(&token) else {
@@ -192,25 +218,26 @@ impl Context for EmitterRoot {
         let Some(worker) = self.worker.clone() else {
             return;
         };
+        let now = now_ms();
         if let Out::Refetch(job) = out {
             let answer = refetch_answer(headers, body, job.plan.delivery.max_body_bytes);
             worker
                 .borrow_mut()
-                .on_refetch_answer(&ProxyHost, job, answer, now_ms());
+                .on_refetch_answer(&ProxyHost, job, answer, now);
             if self.draining && self.callouts.is_empty() {
                 self.done();
             } else {
-                self.pump();
+                self.pump(now);
             }
             return;
         }
         if let Out::RegistryPoll = out {
             let answer = registry_answer(headers, body);
             let mut w = worker.borrow_mut();
-            w.on_registry_answer(&ProxyHost, answer, now_ms());
+            w.on_registry_answer(&ProxyHost, answer, now);
             // While the feed has more pages, the next is asked for at once.
             if !self.draining {
-                if let Some(token) = w.registry_poll(&ProxyHost, now_ms()) {
+                if let Some(token) = w.registry_poll(&ProxyHost, now) {
                     self.callouts.insert(token, Out::RegistryPoll);
                 }
             }
@@ -218,23 +245,15 @@ impl Context for EmitterRoot {
             if self.draining && self.callouts.is_empty() {
                 self.done();
             } else {
-                self.pump();
+                self.pump(now);
             }
             return;
         }
-        // The answer's headers are read as bytes, and only when Envoy says there are some: a
-        // callout that failed before or instead of its headers has none to read.
-        let map = (headers > 0)
-            .then(|| abi::header_map(HeaderMap::CalloutResponse))
-            .flatten();
-        let pairs = map.as_deref().and_then(headers::parse_map);
-        let outcome = AttemptOutcome::from_answer(headers, pairs.as_deref());
+        let outcome = attempt_outcome(headers);
         match out {
-            Out::Delivery(attempt) => {
-                worker
-                    .borrow_mut()
-                    .on_answer(&ProxyHost, attempt, &outcome, now_ms())
-            }
+            Out::Delivery(attempt) => worker
+                .borrow_mut()
+                .on_answer(&ProxyHost, attempt, &outcome, now),
             Out::RegistryPoll | Out::Refetch(_) => {}
             Out::Journal(request) => {
                 let status = match outcome {
@@ -249,14 +268,14 @@ impl Context for EmitterRoot {
                     request,
                     status,
                     answer.as_deref(),
-                    now_ms(),
+                    now,
                 );
             }
         }
         if self.draining && self.callouts.is_empty() {
             self.done();
         } else {
-            self.pump();
+            self.pump(now);
         }
     }
 
@@ -304,15 +323,15 @@ impl RootContext for EmitterRoot {
     }
 
     fn on_tick(&mut self) {
+        let now = now_ms();
         if let Some(worker) = self.worker.clone().filter(|_| !self.draining) {
-            let now = now_ms();
             let mut w = worker.borrow_mut();
             w.tick(&ProxyHost, now);
             if let Some(token) = w.registry_poll(&ProxyHost, now) {
                 self.callouts.insert(token, Out::RegistryPoll);
             }
         }
-        self.pump();
+        self.pump(now);
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
@@ -320,7 +339,7 @@ impl RootContext for EmitterRoot {
         if let Some(worker) = &self.worker {
             worker.borrow_mut().doorbell_answered();
         }
-        self.pump();
+        self.pump(now_ms());
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -310,3 +310,5 @@ fn a_proxy_that_pulls_the_registry_claims_nothing_before_its_first_listing() {
         "the scan starts once the webhooks are known"
     );
 }
+
+mod spill;

@@ -29,16 +29,22 @@ pub const MAX_BATCH_BYTES: usize = etcd::MAX_REQUEST_BYTES - etcd::REQUEST_OVERH
 #[derive(Debug)]
 pub(super) struct Tracked {
     /// Weak: the outbox counts a payload's bytes until its last delivery drops it.
-    payload: Weak<Payload>,
-    created_at_ms: u64,
-    pending: Vec<PendingWebhook>,
+    pub(super) payload: Weak<Payload>,
+    pub(super) created_at_ms: u64,
+    pub(super) pending: Vec<PendingWebhook>,
     /// A put may have reached etcd: a delete is owed once every webhook is settled.
-    stored: bool,
+    pub(super) stored: bool,
     /// etcd is behind this record.
-    dirty: bool,
+    pub(super) dirty: bool,
     /// A txn holding this record's write is out.
-    in_flight: bool,
-    too_large: bool,
+    pub(super) in_flight: bool,
+    pub(super) too_large: bool,
+    /// Webhooks whose delivery waits in etcd only ([`super::spill`]).
+    pub(super) spilled: Vec<String>,
+    /// What the spilled record counts against `maxSpilledBytes`.
+    pub(super) spill_bytes: usize,
+    /// The payload of a spilled record, kept until its put lands.
+    pub(super) pinned: Option<Rc<Payload>>,
 }
 
 /// The batcher's state.
@@ -114,6 +120,9 @@ impl Journal {
                 dirty: false,
                 in_flight: false,
                 too_large: false,
+                spilled: Vec::new(),
+                spill_bytes: 0,
+                pinned: None,
             },
         );
         if owes {
@@ -139,6 +148,7 @@ impl Journal {
     /// record is not rewritten for this alone: a webhook it still lists would at worst get the
     /// event twice after a crash (at least once), and a write per settled webhook is saved.
     pub fn settled(&mut self, event_id: &str, webhook_id: &str) {
+        self.unspill(event_id, webhook_id);
         let Some(t) = self.batch.tracked.get_mut(event_id) else {
             return;
         };
@@ -268,7 +278,14 @@ impl Journal {
                 self.batch.due.pop_front();
                 continue;
             }
-            let payload = t.payload.upgrade();
+            let payload = t.payload.upgrade().or_else(|| t.pinned.clone());
+            if payload.is_none() && !t.spilled.is_empty() {
+                // Spilled, its put landed: etcd holds what memory no longer does (a rewrite
+                // after a lost lease cannot be made; a claimant may deliver it instead).
+                t.dirty = false;
+                self.batch.due.pop_front();
+                continue;
+            }
             // Nothing owed (or no delivery holds the event any more): delete.
             let envelope = payload
                 .as_deref()
@@ -371,6 +388,9 @@ impl Journal {
             }
         }
         let (stored, dirty, settled) = (t.stored, t.dirty, t.pending.is_empty());
+        if ok && !delete && !dirty {
+            self.unpin(event_id);
+        }
         if dirty {
             self.batch.due.push_back(Rc::clone(event_id));
         } else if settled && !stored {

@@ -160,6 +160,47 @@ pub fn txn(ops: &[TxnOp]) -> Vec<u8> {
     out.into_bytes()
 }
 
+/// A `txn` without compares that reads each of `keys` (a `request_range` of one key each): the
+/// records paged back in, in one request.
+pub fn txn_reads(keys: &[Vec<u8>]) -> Vec<u8> {
+    let mut out =
+        String::with_capacity(64 + keys.iter().map(|k| k.len() * 4 / 3 + 40).sum::<usize>());
+    out.push_str(r#"{"compare":[],"success":["#);
+    for (i, key) in keys.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(r#"{"request_range":{"key":""#);
+        B64.encode_string(key, &mut out);
+        out.push_str(r#""}}"#);
+    }
+    out.push_str(r#"],"failure":[]}"#);
+    out.into_bytes()
+}
+
+/// The answer to [`txn_reads`]: per key asked, in order, its value and whether it exists.
+/// An answer with fewer responses than keys asked is an error.
+pub fn parse_txn_reads(answer: &[u8], asked: usize) -> Result<Vec<Option<Kv>>, EtcdError> {
+    let map = object(answer)?;
+    let items = match map.get("responses") {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items.clone(),
+        Some(_) => return err("responses is not an array"),
+    };
+    if items.len() != asked {
+        return err(format!("{} responses to {asked} reads", items.len()));
+    }
+    let mut out = Vec::with_capacity(asked);
+    for item in items {
+        let Some(range) = item.get("response_range") else {
+            return err("a response is not a range");
+        };
+        let answer = serde_json::to_vec(range).or_else(|_| err("a range answer"))?;
+        out.push(parse_range(&answer)?.kvs.into_iter().next());
+    }
+    Ok(out)
+}
+
 /// `lease/grant`: etcd picks the id.
 pub fn lease_grant(ttl_seconds: u64) -> Vec<u8> {
     body(json!({ "TTL": ttl_seconds.to_string(), "ID": "0" }))

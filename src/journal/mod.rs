@@ -20,10 +20,12 @@ pub mod etcd;
 mod layout;
 pub mod record;
 pub mod recovery;
+pub mod spill;
 
 use batch::Batcher;
 use record::Record;
 use recovery::Scan;
+use spill::Spill;
 use std::collections::HashSet;
 use std::rc::Rc;
 
@@ -37,6 +39,9 @@ pub struct JournalSettings {
     pub prefix: String,
     /// TTL of the owner's lease: how long a dead owner's records wait before they are claimed.
     pub lease_seconds: u64,
+    /// The most bytes of records (as [`spill`] counts them) this owner keeps in etcd for
+    /// deliveries that wait there only; past it the outbox's bound drops as without a journal.
+    pub max_spilled_bytes: usize,
 }
 
 /// After a failed request, the journal waits this long before writing again; it doubles with
@@ -73,6 +78,10 @@ pub enum Purpose {
     ListGone,
     PublishCircuit,
     ListCircuits,
+    /// A read of spilled records, to page their deliveries back in.
+    PageIn {
+        items: Vec<spill::PageInItem>,
+    },
 }
 
 /// One etcd request: a POST of `body` to `path` on the journal's cluster.
@@ -121,6 +130,26 @@ pub enum Notice {
     EndpointGone { webhook_id: String, url: Vec<u8> },
     /// Some proxy of the journal opened the circuit of this webhook (at this URL).
     EndpointCircuitOpen { webhook_id: String, url: Vec<u8> },
+    /// Deliveries spill to etcd (the outbox is full): `count` since the last such notice (at
+    /// most one per [`spill::NOTICE_EVERY_MS`]), `waiting` in etcd only now, their `bytes`.
+    Spilling {
+        count: u64,
+        waiting: usize,
+        bytes: usize,
+    },
+    /// Spilled deliveries come back: the glue queues them (and spills again what does not fit).
+    PagedIn {
+        event_id: Rc<str>,
+        payload: Rc<crate::delivery::Payload>,
+        created_at_ms: u64,
+        pending: Vec<record::PendingWebhook>,
+    },
+    /// Spilled deliveries this owner cannot page in (their record is gone or unreadable).
+    SpillLost {
+        event_id: String,
+        webhooks: Vec<String>,
+        why: String,
+    },
 }
 #[derive(Debug, Default)]
 struct Lease {
@@ -137,6 +166,7 @@ pub struct Journal {
     owner: String,
     lease: Lease,
     batch: Batcher,
+    spill: Spill,
     healthy: bool,
     /// Failed requests in a row (the pause before writing again grows with it).
     failures: u32,
@@ -160,6 +190,7 @@ impl Journal {
             owner,
             lease: Lease::default(),
             batch: Batcher::default(),
+            spill: Spill::default(),
             healthy: true,
             failures: 0,
             writes_paused_until_ms: 0,
@@ -331,6 +362,7 @@ impl Journal {
             }
             Purpose::ListGone => self.on_list_gone(answer, now_ms),
             Purpose::ListCircuits => self.on_list_circuits(answer, now_ms),
+            Purpose::PageIn { items } => self.on_page_in(items, answer, now_ms),
         }
     }
 

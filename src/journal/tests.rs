@@ -33,6 +33,7 @@ fn settings() -> JournalSettings {
         authority: "etcd".into(),
         prefix: "wh/".into(),
         lease_seconds: 15,
+        max_spilled_bytes: 64 << 20,
     }
 }
 
@@ -856,3 +857,5 @@ fn while_writes_pause_the_events_delivered_meanwhile_are_not_kept() {
         vec![true]
     );
 }
+
+mod spill;

@@ -17,6 +17,9 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::sync::{Arc, Mutex};
 
+mod deliveries;
+mod reports;
+
 use super::rejections::MAX_BODY;
 const DASHBOARD_HTML: &str = include_str!("dashboard/index.html");
 const DASHBOARD_JS: &str = include_str!("dashboard/dashboard.js");
@@ -31,6 +34,7 @@ pub struct App {
     pub proxy_token: ProxyToken,
     pub sealer: Sealer,
     pub policy: Policy,
+    pub deliveries: super::delivery_log::DeliverySettings,
     /// How long the previous key is still served after a rotation.
     pub rotation_grace_ms: i64,
     feed: Mutex<Option<Feed>>,
@@ -61,6 +65,7 @@ impl App {
             proxy_token,
             sealer,
             policy,
+            deliveries: Default::default(),
             rotation_grace_ms,
             feed: Mutex::new(None),
             changes,
@@ -142,6 +147,11 @@ pub fn router(app: Arc<App>) -> Router {
             post(revoke_previous_key),
         )
         .route("/v1/settings", get(settings))
+        .merge(deliveries::routes())
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            reports::pending_sends_flag,
+        ))
         .fallback(not_found)
         .layer(axum::middleware::from_fn(request_deadline))
         .layer(axum::middleware::from_fn_with_state(
@@ -287,9 +297,11 @@ async fn list_webhooks(
 ) -> Result<Response, ApiError> {
     app.authorize(&headers, &org)?;
     let webhooks = app.store.list(&org).await?;
+    let mut webhooks: Vec<Value> = webhooks.iter().map(public).collect();
+    super::delivery_upkeep::add_disabled_reasons(&app.store, &org, &mut webhooks).await?;
     Ok(json_response(
         StatusCode::OK,
-        &json!({"webhooks": webhooks.iter().map(public).collect::<Vec<_>>()}),
+        &json!({"webhooks": webhooks}),
     ))
 }
 
@@ -303,7 +315,10 @@ async fn get_webhook(
         return Err(ApiError::NotFound);
     }
     let webhook = app.store.get(&org, &id).await?.ok_or(ApiError::NotFound)?;
-    Ok(json_response(StatusCode::OK, &public(&webhook)))
+    let mut answer = [public(&webhook)];
+    super::delivery_upkeep::add_disabled_reasons(&app.store, &org, &mut answer).await?;
+    let [answer] = answer;
+    Ok(json_response(StatusCode::OK, &answer))
 }
 
 async fn create_webhook(
@@ -439,6 +454,9 @@ async fn update_webhook(
         },
     )
     .await?;
+    if old.status != "enabled" && webhook.status == "enabled" {
+        super::delivery_upkeep::clear_health(&app.store, &id).await?;
+    }
     audit_line(&caller, "updated", &org, &id);
     Ok(json_response(StatusCode::OK, &public(&webhook)))
 }

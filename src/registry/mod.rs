@@ -7,6 +7,9 @@
 
 mod api;
 mod auth;
+mod delivery_ingest;
+mod delivery_log;
+mod delivery_upkeep;
 mod feed;
 mod health;
 mod json;
@@ -15,6 +18,7 @@ mod refusals;
 mod rejections;
 mod revisions;
 mod seed;
+mod sends;
 mod store;
 mod validate;
 
@@ -68,6 +72,8 @@ pub struct ServeArgs {
         default_value = "job.completed,job.failed"
     )]
     pub event_types: Vec<String>,
+    #[command(flatten)]
+    pub deliveries: Box<delivery_log::DeliveryArgs>,
     /// Environment variable holding the main key (base64 of 32 bytes) that encrypts the API keys at rest.
     #[arg(long, env = "REGISTRY_MAIN_KEY_ENV", value_name = "NAME")]
     pub main_key_env: Option<String>,
@@ -187,6 +193,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
     let tombstone_retention_ms = parse_duration_ms(&args.tombstone_retention)
         .map_err(|e| format!("--tombstone-retention: {e}"))?;
     let changes = feed::ChangesFeed::new(args.feed_page_bytes)?;
+    let delivery_settings = args.deliveries.settings()?;
     let policy = validate::Policy {
         event_types: args.event_types.clone(),
         allow_insecure_http: args.allow_insecure_http,
@@ -202,7 +209,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         if args.seal_plaintext_keys {
             keys::seal_plaintext_keys(&store, &sealer).await?;
         }
-        let app = Arc::new(api::App::new(
+        delivery_log::migrate(&store).await?;
+        let mut app = api::App::new(
             store,
             verifier,
             proxy_token,
@@ -210,11 +218,17 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             policy,
             i64::try_from(rotation_grace_ms).unwrap_or(i64::MAX),
             changes,
-        ));
+        );
+        app.deliveries = delivery_settings.clone();
+        let app = Arc::new(app);
         let pruner = app.clone();
         tokio::spawn(async move {
             let retention = i64::try_from(tombstone_retention_ms).unwrap_or(i64::MAX);
             feed::prune_forever(&pruner.store, retention).await;
+        });
+        let upkeep = app.clone();
+        tokio::spawn(async move {
+            delivery_upkeep::upkeep_forever(&upkeep.store, delivery_settings).await;
         });
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await

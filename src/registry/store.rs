@@ -197,6 +197,10 @@ impl Store {
         &self.pool
     }
 
+    pub(super) fn is_postgres(&self) -> bool {
+        self.postgres
+    }
+
     pub async fn revision(&self) -> Result<i64> {
         sqlx::query("SELECT revision FROM registry_state WHERE id = 1")
             .fetch_one(&self.pool)
@@ -342,7 +346,7 @@ impl Store {
     }
 }
 
-async fn insert_audit(
+pub(super) async fn insert_audit(
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
     organisation: &str,
     id: &str,

@@ -75,6 +75,22 @@ impl Outbox {
         Ok(evicted)
     }
 
+    /// Lanes that hold something.
+    pub fn lanes_holding(&self) -> usize {
+        self.active_lanes(LaneId::DeadLetter)
+            .saturating_sub(usize::from(self.dead_letter.queued == 0))
+    }
+
+    /// How many more deliveries `lane` can take now within the bounds and its fair share among
+    /// `sharing` lanes: what the journal pages back in for it.
+    pub fn headroom(&self, lane: LaneId, sharing: usize) -> usize {
+        let active = sharing.max(1);
+        let (room, _) = self.room();
+        let (max_queued, _) = self.capacity();
+        let (count, _) = self.lane_queued(lane);
+        room.min((max_queued / active).max(1).saturating_sub(count))
+    }
+
     /// Brings the proxy back within its bounds after workers overshot them together: while the
     /// proxy holds more than its bounds and this worker more than its equal split, the newest
     /// queued deliveries of lanes over their share go (each must be logged, counted and

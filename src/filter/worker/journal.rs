@@ -5,7 +5,7 @@
 
 use super::{lane_name, Hooks, Worker};
 use crate::config::Plan;
-use crate::delivery::{DeadLetterReason, Delivery, LaneId, Payload};
+use crate::delivery::{Bound, DeadLetterReason, Delivery, LaneId, Payload, Refused};
 use crate::filter::host::{log, Callout, Host, LogLevel};
 use crate::headers;
 use crate::journal::record::{PendingWebhook, Record};
@@ -126,6 +126,80 @@ impl Worker {
         }
     }
 
+    /// Whether a new delivery to webhook `index` waits in etcd behind those spilled already.
+    pub(super) fn spills_behind(&self, hooks: &Hooks, index: usize) -> bool {
+        match (&self.journal, hooks.get(index)) {
+            (Some(j), Some(w)) => j.spilled() > 0 && j.has_spilled(&w.id),
+            _ => false,
+        }
+    }
+
+    /// The outbox has no room for this delivery: with a journal it waits in etcd only (true),
+    /// counted. False without a journal, while etcd does not answer, past `maxSpilledBytes`, or
+    /// for an event not journaled: the caller drops it as without a journal.
+    pub(super) fn spill(
+        &mut self,
+        host: &dyn Host,
+        d: &Delivery,
+        front: bool,
+        now_ms: u64,
+    ) -> bool {
+        let LaneId::Webhook(i) = d.lane else {
+            return false;
+        };
+        if self.journal.is_none() {
+            return false;
+        }
+        let hooks = self.hooks();
+        let (Some(j), Some(w)) = (&mut self.journal, hooks.get(i)) else {
+            return false;
+        };
+        // Payloads waiting in memory for their put: at most one more outbox's worth of bytes (a
+        // burst spills faster than a loaded etcd takes it; what tracks them is in maxSpilledBytes).
+        let pin_room = (usize::MAX, self.plan.delivery.outbox.max_queued_bytes);
+        let spilled = j.spill(&d.event_id, &d.payload, &w.id, front, pin_room, now_ms);
+        if spilled {
+            self.metrics.deliveries_spilled.inc(host);
+        }
+        spilled
+    }
+
+    /// A delivery of a tracked event that the outbox refused (`bound`), or that waits behind
+    /// spilled ones (None): to etcd, else into the outbox as without a journal.
+    pub(super) fn spill_or_admit(
+        &mut self,
+        host: &dyn Host,
+        d: Delivery,
+        bound: Option<Bound>,
+        now_ms: u64,
+    ) {
+        if self.spill(host, &d, false, now_ms) {
+            return;
+        }
+        match bound {
+            Some(bound) => self.report_refused(host, Refused::QueueFull(d, bound), now_ms),
+            None => self.admit(host, d, false, now_ms),
+        }
+    }
+
+    /// Queues a delivery of a journaled event (claimed, or paged back in); what does not fit is
+    /// spilled (`front`: before the others of its webhook) or, failing that, dropped.
+    fn admit(&mut self, host: &dyn Host, d: Delivery, front: bool, now_ms: u64) {
+        match self.outbox.enqueue(d) {
+            Ok(evicted) => {
+                for d in evicted {
+                    self.drop_evicted(host, d, now_ms);
+                }
+            }
+            Err(Refused::QueueFull(d, bound)) => {
+                if !self.spill(host, &d, front, now_ms) {
+                    self.report_refused(host, Refused::QueueFull(d, bound), now_ms);
+                }
+            }
+            Err(refused) => self.report_refused(host, refused, now_ms),
+        }
+    }
+
     /// What the outbox can still take (within the proxy's bounds, as this worker sees them).
     fn journal_room(&self) -> Room {
         let (deliveries, bytes) = self.outbox.room();
@@ -136,9 +210,21 @@ impl Worker {
     pub fn journal_poll(&mut self, host: &dyn Host, now_ms: u64) -> Vec<(u32, Purpose)> {
         let room = self.journal_room();
         let may_claim = !self.waiting_for_registry();
+        let hooks = self.hooks();
         let Some(j) = &mut self.journal else {
             return Vec::new();
         };
+        if j.spilled() > 0 {
+            let outbox = &self.outbox;
+            let holding = outbox.lanes_holding();
+            // A webhook no longer known (or disabled) is paged in to be dropped with its log line.
+            let lane_room = |webhook_id: &str, spilling: usize| {
+                hooks.lane_of(webhook_id).map_or(usize::MAX, |i| {
+                    outbox.headroom(LaneId::Webhook(i), spilling.max(holding))
+                })
+            };
+            j.page_in(now_ms, (room.deliveries, room.bytes), &lane_room);
+        }
         let mut out = Vec::new();
         for request in j.poll(now_ms, may_claim) {
             let settings = j.settings();
@@ -254,6 +340,26 @@ impl Worker {
                     m.journal_records_claimed.inc(host);
                     self.restore(host, record, now_ms);
                 }
+                Notice::Spilling {
+                    count,
+                    waiting,
+                    bytes,
+                } => log(host, LogLevel::Warn, || {
+                    format!("outbox full: {count} deliveries spilled to the journal since the last such line; {waiting} wait in etcd only ({bytes} bytes counted against journal.maxSpilledBytes), paged back in as the outbox frees room")
+                }),
+                Notice::PagedIn {
+                    event_id,
+                    payload,
+                    created_at_ms,
+                    pending,
+                } => self.page_in(host, event_id, payload, created_at_ms, pending, now_ms),
+                Notice::SpillLost {
+                    event_id,
+                    webhooks,
+                    why,
+                } => log(host, LogLevel::Error, || {
+                    format!("journal: spilled deliveries of event={event_id} to webhooks {} cannot be paged in: {why}", webhooks.join(","))
+                }),
             }
         }
     }
@@ -271,6 +377,7 @@ impl Worker {
         let payload = Rc::new(Payload::event(envelope));
         let hooks = self.hooks();
         let mut kept = Vec::with_capacity(pending.len());
+        let mut deliveries = Vec::with_capacity(pending.len());
         for p in pending {
             let lane = hooks.lane_of(&p.webhook_id);
             let Some(i) = lane else {
@@ -291,15 +398,8 @@ impl Worker {
             );
             delivery.attempts = p.attempts;
             delivery.next_attempt_at_ms = p.next_attempt_at_ms;
-            match self.outbox.enqueue(delivery) {
-                Ok(evicted) => {
-                    kept.push(p);
-                    for d in evicted {
-                        self.drop_evicted(host, d, now_ms);
-                    }
-                }
-                Err(refused) => self.report_refused(host, refused, now_ms),
-            }
+            kept.push(p);
+            deliveries.push(delivery);
         }
         log(host, LogLevel::Info, || {
             format!(
@@ -307,8 +407,51 @@ impl Worker {
                 kept.len()
             )
         });
+        // Tracked first: what the outbox has no room for is spilled (it is in etcd already).
         if let Some(j) = &mut self.journal {
             j.track(&event_id, &payload, created_at_ms, kept, true);
+        }
+        for delivery in deliveries {
+            self.admit(host, delivery, false, now_ms);
+        }
+        self.ring(host);
+        self.report_gauges(host);
+    }
+
+    /// Spilled deliveries of an event come back from the journal: queued at their next attempt
+    /// time (what does not fit goes back to etcd, first in line).
+    fn page_in(
+        &mut self,
+        host: &dyn Host,
+        event_id: Rc<str>,
+        payload: Rc<Payload>,
+        created_at_ms: u64,
+        pending: Vec<PendingWebhook>,
+        now_ms: u64,
+    ) {
+        let hooks = self.hooks();
+        for p in pending {
+            let Some(i) = hooks.lane_of(&p.webhook_id) else {
+                self.journal_settled_id(&event_id, &p.webhook_id);
+                self.metrics.deliveries_dropped_webhook_removed.inc(host);
+                log(host, LogLevel::Warn, || {
+                    format!(
+                        "delivery dropped: event={event_id} webhook={} reason=paged in from the journal, but the webhook was removed or disabled by a new configuration",
+                        p.webhook_id
+                    )
+                });
+                continue;
+            };
+            let mut delivery = Delivery::new(
+                Rc::clone(&event_id),
+                LaneId::Webhook(i),
+                Rc::clone(&payload),
+                created_at_ms,
+            );
+            delivery.attempts = p.attempts;
+            delivery.next_attempt_at_ms = p.next_attempt_at_ms;
+            self.metrics.deliveries_paged_in.inc(host);
+            self.admit(host, delivery, true, now_ms);
         }
         self.ring(host);
         self.report_gauges(host);

@@ -14,7 +14,7 @@ use super::host::{log, Callout, Host, LogLevel};
 use super::metrics::Metrics;
 use super::unusable_path::{self, LogSampler};
 use crate::config::{Plan, Webhook};
-use crate::delivery::{AttemptOutcome, Delivery, LaneId, Outbox, Payload};
+use crate::delivery::{AttemptOutcome, Delivery, LaneId, Outbox, Payload, Refused};
 use crate::event::Event;
 use crate::headers;
 use crate::registry_sync::RegistryTable;
@@ -413,8 +413,12 @@ impl Worker {
             .subscribers(&event.event_type, &event.organisation_id)
             .into_iter()
             .filter(|&w| !registry_only || hooks.is_from_registry(w));
-        let (mut subscribed, mut accepted) = (0, 0);
+        let mut subscribed = 0;
         let mut journaled = Vec::new();
+        // With a journal: deliveries the outbox has no room for, and those of webhooks with
+        // deliveries spilled already (they wait behind them), go to etcd once tracked.
+        let mut to_spill = Vec::new();
+        let mut made_room = Vec::new();
         for w in subscribers {
             subscribed += 1;
             let delivery = Delivery::new(
@@ -423,20 +427,33 @@ impl Worker {
                 Rc::clone(&event.payload),
                 now_ms,
             );
+            if self.spills_behind(&hooks, w) {
+                journaled.push(w);
+                to_spill.push((delivery, None));
+                continue;
+            }
             match self.outbox.enqueue(delivery) {
                 Ok(evicted) => {
-                    accepted += 1;
                     journaled.push(w);
-                    for d in evicted {
-                        self.drop_evicted(host, d, now_ms);
-                    }
+                    // Handled once the event is tracked: one may be this event's (it spills then).
+                    made_room.extend(evicted);
+                }
+                Err(Refused::QueueFull(d, bound)) if self.journal.is_some() => {
+                    journaled.push(w);
+                    to_spill.push((d, Some(bound)));
                 }
                 Err(refused) => self.report_refused(host, refused, now_ms),
             }
         }
-        if accepted > 0 {
+        if !journaled.is_empty() {
             self.journal_track(&event.event_id, &event.payload, &journaled, now_ms);
+            for (d, bound) in to_spill {
+                self.spill_or_admit(host, d, bound, now_ms);
+            }
             self.ring(host);
+        }
+        for d in made_room {
+            self.drop_evicted(host, d, now_ms);
         }
         self.report_gauges(host);
         subscribed

@@ -231,6 +231,10 @@ impl Worker {
     }
 
     pub(super) fn drop_evicted(&mut self, host: &dyn Host, d: Delivery, now_ms: u64) {
+        // With a journal it waits in etcd instead, first of its webhook's spilled deliveries.
+        if self.spill(host, &d, true, now_ms) {
+            return;
+        }
         self.metrics.deliveries_dropped_over_share.inc(host);
         self.journal_settled(&self.hooks(), &d.event_id, d.lane);
         let name = lane_name(&self.hooks(), d.lane).to_string();

@@ -57,6 +57,7 @@ function showSignedIn(signedIn) {
   $("sign-in").hidden = signedIn;
   $("webhooks").hidden = !signedIn;
   $("sign-out").hidden = !signedIn;
+  $("deliveries").hidden = true;
   const c = signedIn ? claims(state.token) : null;
   $("who").textContent = c ? `${c.sub} (${c.role}) · organisation ${state.organisation}` : "";
 }
@@ -176,11 +177,13 @@ function render() {
     const badge = document.createElement("span");
     badge.className = "badge " + w.status;
     badge.textContent = w.status === "enabled" ? "Enabled" : "Disabled";
-    cell(tr, "Status", badge);
+    const status = cell(tr, "Status", badge);
+    if (w.disabledReason) status.append(Object.assign(document.createElement("p"), { className: "help reason", textContent: w.disabledReason }));
     const actions = document.createElement("div");
     actions.className = "row-actions";
     const toggle = w.status === "enabled" ? "Disable" : "Enable";
     actions.append(
+      button("Deliveries", "secondary", () => openDeliveries(w), "Deliveries of " + w.name),
       button("Edit", "secondary", () => openEditor(w), "Edit " + w.name),
       button(toggle, "secondary", () => setStatus(w, toggle), toggle + " " + w.name),
       button("Rotate key", "secondary", () => rotate(w), "Rotate the key of " + w.name),
