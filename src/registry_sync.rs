@@ -166,6 +166,9 @@ pub struct Applied {
     pub forgotten: usize,
     /// The page's `pendingSends`: whether the registry holds sends to claim (None: not said).
     pub pending_sends: Option<bool>,
+    /// New webhooks refused because `registry.maxWebhooks` were held, and the id of the first.
+    pub refused: usize,
+    pub first_refused: Option<String>,
 }
 
 /// Why a page was not taken. Nothing of it applies; the cursor stays.
@@ -298,6 +301,10 @@ impl RegistrySync {
         let table = Rc::make_mut(&mut self.table);
         let emptied = std::mem::take(&mut table.emptied);
         table.free.extend(emptied);
+        let max_webhooks = base
+            .registry
+            .as_ref()
+            .map_or(usize::MAX, |r| r.max_webhooks);
         for (i, change) in page.changes.iter().enumerate() {
             let at = format!("changes[{i}]");
             let Some(id) = change
@@ -313,6 +320,21 @@ impl RegistrySync {
             };
             let deleted = change.get("deleted").and_then(Value::as_bool) == Some(true);
             let disabled = change.get("status").and_then(Value::as_str) == Some("disabled");
+            let (held, known) = match self.listing.as_ref() {
+                Some(listing) => (listing.len(), listing.contains_key(&id)),
+                None => (table.len(), table.by_id.contains_key(&id)),
+            };
+            let adds = !deleted && !disabled && !known;
+            if adds && held >= max_webhooks {
+                // Each VM holds its own copy: a registry that grows past the bound is refused
+                // here rather than exhausting the VM's memory.
+                applied.refused += 1;
+                if applied.first_refused.is_none() {
+                    applied.first_refused =
+                        change.get("id").and_then(Value::as_str).map(str::to_string);
+                }
+                continue;
+            }
             let webhook = if deleted || disabled {
                 None
             } else {

@@ -47,7 +47,8 @@ struct RequestLine {
 pub struct Cut {
     pub rule: usize,
     pub facts: RequestFacts,
-    /// The request's `:path` and `:authority`.
+    /// The request's `:path` and `:authority` (the authority only when a matched rule has
+    /// `refetch`: empty otherwise).
     pub path: String,
     pub authority: String,
     /// Whether the response headers (with a status the rule matches) had come.
@@ -159,25 +160,31 @@ impl Stream {
             Ok(path) => path,
             Err(why) => return Some(UnusablePath::new(why, method, raw)),
         };
-        let path = path.as_ref();
         let rules: Vec<(usize, RequestFacts)> = plan
             .rules
             .iter()
             .enumerate()
-            .filter(|(_, rule)| rule.matches_request(method, path))
+            .filter(|(_, rule)| rule.matches_request(method, &path))
             .map(|(i, rule)| {
                 (
                     i,
-                    rule.request_facts(path, |name| headers::lookup(request, name)),
+                    rule.request_facts(&path, |name| headers::lookup(request, name)),
                 )
             })
             .collect();
         if !rules.is_empty() {
+            // Only a refetch sends the authority again; a rule without one never reads it.
+            let refetch = rules
+                .iter()
+                .any(|(i, _)| plan.rules.get(*i).is_some_and(|r| r.refetch.is_some()));
             let authority = headers::first(request, headers::AUTHORITY)
+                .filter(|_| refetch)
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .unwrap_or_default();
+            // The path names the job in the lines of a stream that ends without its event (and
+            // a refetch fills it in); a path canonicalised already is moved, not copied.
             let request = RequestLine {
-                path: path.to_string(),
+                path: path.into_owned(),
                 authority,
             };
             self.state = State::Candidate { rules, request };

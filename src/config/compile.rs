@@ -101,6 +101,12 @@ fn compile_registry(raw: &RawRegistry, env: Env, errors: &mut Errors) -> Option<
             ),
         );
     }
+    if !defaults::REGISTRY_MAX_WEBHOOKS_RANGE.contains(&raw.max_webhooks) {
+        errors.push(
+            "registry.maxWebhooks",
+            format!("must be from 1 to 10000000, not {}", raw.max_webhooks),
+        );
+    }
     let token = match env(&raw.token_env).map(|t| t.trim().to_string()) {
         Some(token) if !token.is_empty() => Some(token),
         Some(_) => {
@@ -130,6 +136,7 @@ fn compile_registry(raw: &RawRegistry, env: Env, errors: &mut Errors) -> Option<
         reports: raw.reports,
         report_flush_ms: raw.report_flush_ms,
         max_report_bytes: usize::try_from(raw.max_report_bytes).unwrap_or(usize::MAX),
+        max_webhooks: usize::try_from(raw.max_webhooks).unwrap_or(usize::MAX),
     })
 }
 

@@ -41,6 +41,8 @@ pub(super) const REGISTRY_POLL_MS: u64 = 2_000;
 pub(super) const REGISTRY_REPORTS: bool = true;
 pub(super) const REPORT_FLUSH_MS: u64 = 1_000;
 pub(super) const MAX_REPORT_BYTES: u64 = 256 << 10;
+/// Each VM holds its own copy of the registry's webhooks (a few hundred bytes each).
+pub(super) const REGISTRY_MAX_WEBHOOKS: u64 = 200_000;
 
 // ---- bounds: a value outside is an error ----
 
@@ -57,3 +59,4 @@ pub(super) const REGISTRY_POLL_MS_RANGE: RangeInclusive<u64> = 100..=3_600_000;
 pub(super) const REPORT_FLUSH_MS_RANGE: RangeInclusive<u64> = 50..=60_000;
 /// The registry takes a report body of at most 1 MiB.
 pub(super) const MAX_REPORT_BYTES_RANGE: RangeInclusive<u64> = 16_384..=1 << 20;
+pub(super) const REGISTRY_MAX_WEBHOOKS_RANGE: RangeInclusive<u64> = 1..=10_000_000;

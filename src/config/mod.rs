@@ -81,6 +81,8 @@ pub struct RegistrySettings {
     pub reports: bool,
     pub report_flush_ms: u64,
     pub max_report_bytes: usize,
+    /// Registry webhooks taken at most; those beyond are refused.
+    pub max_webhooks: usize,
 }
 
 impl std::fmt::Debug for RegistrySettings {
@@ -94,6 +96,7 @@ impl std::fmt::Debug for RegistrySettings {
             .field("reports", &self.reports)
             .field("report_flush_ms", &self.report_flush_ms)
             .field("max_report_bytes", &self.max_report_bytes)
+            .field("max_webhooks", &self.max_webhooks)
             .finish()
     }
 }

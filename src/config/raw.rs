@@ -78,6 +78,7 @@ pub(super) struct RawRegistry {
     pub(super) reports: bool,
     pub(super) report_flush_ms: u64,
     pub(super) max_report_bytes: u64,
+    pub(super) max_webhooks: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -175,6 +176,7 @@ fn read_registry(value: &Value, errors: &mut Errors) -> Option<RawRegistry> {
         "reports",
         "reportFlushMs",
         "maxReportBytes",
+        "maxWebhooks",
     ];
     let mark = errors.mark();
     let mut f = fields(value, at, &known, errors)?;
@@ -186,6 +188,7 @@ fn read_registry(value: &Value, errors: &mut Errors) -> Option<RawRegistry> {
     let reports = f.opt_bool("reports");
     let report_flush_ms = f.opt_u64("reportFlushMs");
     let max_report_bytes = f.opt_u64("maxReportBytes");
+    let max_webhooks = f.opt_u64("maxWebhooks");
     if !f.errors.clean_since(mark) {
         return None;
     }
@@ -198,6 +201,7 @@ fn read_registry(value: &Value, errors: &mut Errors) -> Option<RawRegistry> {
         reports: reports.unwrap_or(defaults::REGISTRY_REPORTS),
         report_flush_ms: report_flush_ms.unwrap_or(defaults::REPORT_FLUSH_MS),
         max_report_bytes: max_report_bytes.unwrap_or(defaults::MAX_REPORT_BYTES),
+        max_webhooks: max_webhooks.unwrap_or(defaults::REGISTRY_MAX_WEBHOOKS),
     })
 }
 

@@ -627,6 +627,7 @@ fn a_registry_block_is_checked_and_its_token_read_from_the_environment() {
         ),
         ("/v2/registry/changes", 2_000, "proxy-token")
     );
+    assert_eq!(registry.max_webhooks, 200_000);
     assert!(
         !format!("{registry:?}").contains("proxy-token"),
         "the token stays out of Debug"
@@ -641,6 +642,10 @@ fn a_registry_block_is_checked_and_its_token_read_from_the_environment() {
     assert!(errors_of(&none).iter().any(|e| e.starts_with("webhooks:")));
     for (edit, expected) in [
         (json!({"pollMs": 5}), "registry.pollMs: must be from 100"),
+        (
+            json!({"maxWebhooks": 0}),
+            "registry.maxWebhooks: must be from 1 to 10000000, not 0",
+        ),
         (json!({"path": "v1"}), "registry.path: must start with '/'"),
         (
             json!({"cluster": ""}),

@@ -8,7 +8,6 @@
 
 use super::abi::{self, BufferType, HeaderMap};
 use super::proxy::{now_ms, random_bytes, ProxyHost};
-use super::unusable_path;
 use super::worker::{SharedWorker, StreamEnd};
 use crate::config::Plan;
 use crate::stream::{header_pairs, Stream};
@@ -92,10 +91,9 @@ impl HttpContext for EmitterStream {
             let map = abi::header_map(HeaderMap::Request).unwrap_or_default();
             let unusable = self.stream.on_request_headers(plan, &header_pairs(&map));
             if let (Some(unusable), Some(worker)) = (unusable, &self.worker) {
-                let metrics = worker.borrow().metrics();
-                unusable_path::SAMPLER.with(|sampler| {
-                    unusable_path::report(&ProxyHost, metrics, sampler, &unusable, now_ms())
-                });
+                worker
+                    .borrow()
+                    .on_unusable_path(&ProxyHost, &unusable, now_ms());
             }
         }
         Action::Continue

@@ -21,7 +21,7 @@ pub struct LogSampler {
 
 impl LogSampler {
     /// Whether to write a line now; if so, how many were not logged before it.
-    fn take(&self, now_ms: u64) -> Option<u64> {
+    pub(crate) fn take(&self, now_ms: u64) -> Option<u64> {
         if self
             .last_ms
             .get()
@@ -33,11 +33,6 @@ impl LogSampler {
         self.last_ms.set(Some(now_ms));
         Some(self.unlogged.replace(0))
     }
-}
-
-thread_local! {
-    /// The worker's sampler (a VM is single-threaded: one per worker).
-    pub static SAMPLER: LogSampler = LogSampler::default();
 }
 
 pub fn report(

@@ -43,6 +43,10 @@ fn from_json(config: &Value) -> Plan {
 
 /// A worker on `plan`, and a stream of `POST /jobs/j1/complete` cut after its headers.
 fn cut(host: &FakeHost, plan: &Rc<Plan>, worker: &mut Worker, route: Option<&str>) {
+    cut_at(host, plan, worker, route, 5_000);
+}
+
+fn cut_at(host: &FakeHost, plan: &Rc<Plan>, worker: &mut Worker, route: Option<&str>, now: u64) {
     let mut stream = Stream::new();
     let request = serialize_map(&[
         (b":method", b"POST"),
@@ -58,7 +62,7 @@ fn cut(host: &FakeHost, plan: &Rc<Plan>, worker: &mut Worker, route: Option<&str
         details: "downstream_remote_disconnect",
         route_cluster: route,
     };
-    worker.on_stream_cut(host, plan, stream.ended_early(), &end, 5_000, || [3; 8]);
+    worker.on_stream_cut(host, plan, stream.ended_early(), &end, now, || [3; 8]);
 }
 
 /// A worker whose own plan is read from the same configuration as `plan`.
@@ -142,6 +146,27 @@ fn without_refetch_or_a_cluster_the_loss_is_counted_and_logged() {
         1
     );
     assert!(w.refetch_pump(&host, 5_000).is_empty());
+}
+
+#[test]
+fn lost_event_lines_are_written_at_most_once_a_second_saying_how_many_were_held_back() {
+    let host = FakeHost::default();
+    let plan_without = plan(None);
+    let mut w = worker(&host, &plan_without);
+    for now in [5_000, 5_100, 5_999] {
+        cut_at(&host, &plan_without, &mut w, Some("job_service"), now);
+    }
+    assert_eq!(host.metric("events_lost.stream_reset"), 3);
+    assert_eq!(host.logged(LogLevel::Warn, "event lost:"), 1);
+    cut_at(&host, &plan_without, &mut w, Some("job_service"), 6_000);
+    assert_eq!(host.metric("events_lost.stream_reset"), 4);
+    assert_eq!(
+        host.logged(
+            LogLevel::Warn,
+            "(reason=stream_reset) (2 more since the last such line)"
+        ),
+        1
+    );
 }
 
 #[test]

@@ -277,3 +277,18 @@ fn the_queue_is_bounded_in_bytes() {
         "{accepted}"
     );
 }
+
+#[test]
+fn a_cut_keeps_the_authority_only_when_a_matched_rule_can_refetch() {
+    let without = plan(json!(null), json!({"header": "x-organisation-id"}));
+    let cuts = cut_of(&without, "/orgs/o1/jobs/j1/complete", Some(b"o1"), None);
+    assert_eq!(cuts.len(), 1);
+    assert_eq!(cuts[0].path, "/orgs/o1/jobs/j1/complete");
+    assert_eq!(cuts[0].authority, "");
+    let with = plan(
+        json!({"path": "/orgs/{org}/jobs/{jobId}"}),
+        json!({"header": "x-organisation-id"}),
+    );
+    let cuts = cut_of(&with, "/orgs/o1/jobs/j1/complete", Some(b"o1"), None);
+    assert_eq!(cuts[0].authority, "jobs.internal");
+}

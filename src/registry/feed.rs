@@ -6,7 +6,7 @@
 use super::keys::Sealer;
 use super::log;
 use super::revisions::{self, Change, LiveRow};
-use super::store::{Store, StoredWebhook};
+use super::store::{self, Store, StoredWebhook};
 use crate::signature::SigningKey;
 use axum::body::Bytes;
 use axum::http::{header, StatusCode};
@@ -98,8 +98,9 @@ pub fn check_entry_size(w: &StoredWebhook, was: Option<&StoredWebhook>) -> Resul
 
 /// A live webhook's entry with its key(s), or None when its key does not open (logged; one unreadable key must
 /// not take the other webhooks off the proxies).
-fn live_entry(row: &LiveRow, sealer: &Sealer, now_ms: i64) -> Option<String> {
-    let current = match sealer.open(&row.id, &row.key_sealed) {
+fn live_entry(row: &LiveRow<StoredWebhook>, sealer: &Sealer, now_ms: i64) -> Option<String> {
+    let w = &row.webhook;
+    let current = match sealer.open(&w.id, &w.key_sealed) {
         Ok(key) => key,
         Err(e) => {
             log(&format!("registry changes: skipped: {e}"));
@@ -108,10 +109,9 @@ fn live_entry(row: &LiveRow, sealer: &Sealer, now_ms: i64) -> Option<String> {
     };
     let mut keys = vec![current];
     let mut expires_ms = None;
-    if let (Some(previous), Some(expires)) = (&row.previous_key_sealed, row.previous_key_expires_ms)
-    {
+    if let (Some(previous), Some(expires)) = (&w.previous_key_sealed, w.previous_key_expires_ms) {
         if now_ms < expires {
-            match sealer.open(&row.id, previous) {
+            match sealer.open(&w.id, previous) {
                 Ok(key) => {
                     keys.push(key);
                     expires_ms = Some(expires);
@@ -123,13 +123,13 @@ fn live_entry(row: &LiveRow, sealer: &Sealer, now_ms: i64) -> Option<String> {
     Some(
         Entry {
             revision: row.revision,
-            id: &row.id,
-            organisation_id: &row.organisation_id,
-            name: &row.name,
-            url: &row.url,
-            description: &row.description,
-            status: &row.status,
-            events: &row.events,
+            id: &w.id,
+            organisation_id: &w.organisation_id,
+            name: &w.name,
+            url: &w.url,
+            description: &w.description,
+            status: &w.status,
+            events: &w.events,
         }
         .to_json(&keys, expires_ms),
     )
@@ -220,7 +220,7 @@ impl ChangesFeed {
     }
 
     async fn page(&self, store: &Store, sealer: &Sealer, since: i64) -> Result<Page, sqlx::Error> {
-        let head = revisions::head(store.pool()).await?;
+        let head = store.revision().await?;
         if since == head {
             return Ok(Page::Changes(Bytes::from(envelope(head, head, false, ""))));
         }
@@ -276,7 +276,16 @@ impl ChangesFeed {
         let mut last = since;
         let mut more = false;
         'reading: loop {
-            let changes = revisions::changes(pool, last, head, chunk, since > 0).await?;
+            let changes = revisions::changes(
+                pool,
+                last,
+                head,
+                chunk,
+                since > 0,
+                store::COLUMNS,
+                store::row_to_webhook,
+            )
+            .await?;
             let exhausted = i64::try_from(changes.len()).unwrap_or(i64::MAX) < chunk;
             for change in &changes {
                 let entry = match change {

@@ -19,25 +19,58 @@ pub enum JsonError {
 /// Parses `body` like `serde_json::from_slice`, but refuses an object holding the same key twice (keys compared
 /// after unescaping, so `"n\u0061me"` is `"name"`).
 pub fn parse_without_duplicate_keys(body: &[u8]) -> Result<Value, JsonError> {
-    let duplicate = RefCell::new(None);
+    let walk = Walk::default();
     let mut deserializer = serde_json::Deserializer::from_slice(body);
-    let parsed = Strict {
-        path: String::new(),
-        duplicate: &duplicate,
-    }
-    .deserialize(&mut deserializer)
-    .and_then(|value| deserializer.end().map(|()| value));
-    match (parsed, duplicate.into_inner()) {
+    let parsed = Strict { walk: &walk }
+        .deserialize(&mut deserializer)
+        .and_then(|value| deserializer.end().map(|()| value));
+    match (parsed, walk.duplicate.into_inner()) {
         (_, Some(path)) => Err(JsonError::DuplicateKey(path)),
         (Ok(value), None) => Ok(value),
         (Err(e), None) => Err(JsonError::Syntax(e.to_string())),
     }
 }
 
-/// One value at `path`; records the first duplicate key it meets in `duplicate` and stops there.
+/// One step from the document's root: an object's key or an array's index.
+#[derive(Debug)]
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+/// Where the reader is (a stack of steps, formatted as a path only when a duplicate is found: a hostile body
+/// of deeply nested arrays would otherwise copy its path for every element), and the first duplicate key.
+#[derive(Debug, Default)]
+struct Walk {
+    steps: RefCell<Vec<Step>>,
+    duplicate: RefCell<Option<String>>,
+}
+
+impl Walk {
+    /// The path of the steps taken and `last`, like `webhooks[2].url`.
+    fn path_to(&self, last: &str) -> String {
+        let mut path = String::new();
+        for step in self.steps.borrow().iter() {
+            match step {
+                Step::Key(key) if path.is_empty() => path.push_str(key),
+                Step::Key(key) => {
+                    path.push('.');
+                    path.push_str(key);
+                }
+                Step::Index(i) => path.push_str(&format!("[{i}]")),
+            }
+        }
+        if !path.is_empty() {
+            path.push('.');
+        }
+        path.push_str(last);
+        path
+    }
+}
+
+/// One value where `walk` says; records the first duplicate key it meets and stops there.
 struct Strict<'a> {
-    path: String,
-    duplicate: &'a RefCell<Option<String>>,
+    walk: &'a Walk,
 }
 
 impl<'de> DeserializeSeed<'de> for Strict<'_> {
@@ -45,21 +78,6 @@ impl<'de> DeserializeSeed<'de> for Strict<'_> {
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
         deserializer.deserialize_any(self)
-    }
-}
-
-impl Strict<'_> {
-    fn child(&self, step: &str) -> Strict<'_> {
-        Strict {
-            path: if self.path.is_empty() {
-                step.to_string()
-            } else if step.starts_with('[') {
-                format!("{}{step}", self.path)
-            } else {
-                format!("{}.{step}", self.path)
-            },
-            duplicate: self.duplicate,
-        }
     }
 }
 
@@ -104,22 +122,30 @@ impl<'de> Visitor<'de> for Strict<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
         let mut items = Vec::new();
-        while let Some(item) = seq.next_element_seed(self.child(&format!("[{}]", items.len())))? {
-            items.push(item);
+        loop {
+            self.walk.steps.borrow_mut().push(Step::Index(items.len()));
+            let item = seq.next_element_seed(Strict { walk: self.walk });
+            self.walk.steps.borrow_mut().pop();
+            match item? {
+                Some(item) => items.push(item),
+                None => return Ok(Value::Array(items)),
+            }
         }
-        Ok(Value::Array(items))
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut object = Map::new();
         while let Some(key) = map.next_key::<String>()? {
             if object.contains_key(&key) {
-                let path = self.child(&key).path;
-                *self.duplicate.borrow_mut() = Some(path);
+                *self.walk.duplicate.borrow_mut() = Some(self.walk.path_to(&key));
                 return Err(A::Error::custom("duplicate key"));
             }
-            let value = map.next_value_seed(self.child(&key))?;
-            object.insert(key, value);
+            self.walk.steps.borrow_mut().push(Step::Key(key));
+            let value = map.next_value_seed(Strict { walk: self.walk });
+            let step = self.walk.steps.borrow_mut().pop();
+            if let Some(Step::Key(key)) = step {
+                object.insert(key, value?);
+            }
         }
         Ok(Value::Object(object))
     }

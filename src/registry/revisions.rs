@@ -104,13 +104,6 @@ pub async fn count_in_organisation(
         .try_get("n")
 }
 
-pub async fn head(pool: &AnyPool) -> Result<i64> {
-    sqlx::query("SELECT revision FROM registry_state WHERE id = 1")
-        .fetch_one(pool)
-        .await?
-        .try_get("revision")
-}
-
 /// The highest revision whose tombstone was pruned: cursors below it cannot be served.
 pub async fn compaction_point(pool: &AnyPool) -> Result<i64> {
     sqlx::query("SELECT revision FROM feed_compaction WHERE id = 1")
@@ -146,25 +139,17 @@ pub async fn prune_tombstones(pool: &AnyPool, before_ms: i64) -> Result<u64> {
     Ok(pruned)
 }
 
-/// One webhook's row as the feed reads it (keys still sealed).
+/// One webhook's row as the feed reads it (keys still sealed), with its revision. `W` is the store's webhook: the
+/// store reads it (its columns and its row reader), this module only its revision.
 #[derive(Debug, Clone)]
-pub struct LiveRow {
+pub struct LiveRow<W> {
     pub revision: i64,
-    pub id: String,
-    pub organisation_id: String,
-    pub name: String,
-    pub url: String,
-    pub description: String,
-    pub status: String,
-    pub events: Vec<String>,
-    pub key_sealed: String,
-    pub previous_key_sealed: Option<String>,
-    pub previous_key_expires_ms: Option<i64>,
+    pub webhook: W,
 }
 
 #[derive(Debug, Clone)]
-pub enum Change {
-    Live(LiveRow),
+pub enum Change<W> {
+    Live(LiveRow<W>),
     Deleted {
         revision: i64,
         id: String,
@@ -172,7 +157,7 @@ pub enum Change {
     },
 }
 
-impl Change {
+impl<W> Change<W> {
     pub fn revision(&self) -> i64 {
         match self {
             Change::Live(row) => row.revision,
@@ -181,45 +166,35 @@ impl Change {
     }
 }
 
-fn live_row(row: &AnyRow) -> Result<LiveRow> {
-    let events: String = row.try_get("events")?;
-    Ok(LiveRow {
-        revision: row.try_get("revision")?,
-        id: row.try_get("id")?,
-        organisation_id: row.try_get("organisation_id")?,
-        name: row.try_get("name")?,
-        url: row.try_get("url")?,
-        description: row.try_get("description")?,
-        status: row.try_get("status")?,
-        events: serde_json::from_str(&events).map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
-        key_sealed: row.try_get("key_sealed")?,
-        previous_key_sealed: row.try_get("previous_key_sealed")?,
-        previous_key_expires_ms: row.try_get("previous_key_expires_ms")?,
-    })
-}
-
 /// The first `limit` changes with a revision in `(after, up_to]`, in revision order: live webhooks, and with
 /// `tombstones` the deletions too. Both reads use the revision indexes, so a page costs its own size only.
-pub async fn changes(
+pub async fn changes<W>(
     pool: &AnyPool,
     after: i64,
     up_to: i64,
     limit: i64,
     tombstones: bool,
-) -> Result<Vec<Change>> {
-    let rows = sqlx::query(
-        "SELECT revision, id, organisation_id, name, url, description, status, events, key_sealed, \
-         previous_key_sealed, previous_key_expires_ms FROM webhooks \
-         WHERE revision > $1 AND revision <= $2 ORDER BY revision LIMIT $3",
-    )
-    .bind(after)
-    .bind(up_to)
-    .bind(limit)
-    .fetch_all(pool)
-    .await?;
+    columns: &str,
+    read: fn(&AnyRow) -> Result<W>,
+) -> Result<Vec<Change<W>>> {
+    let sql = format!(
+        "SELECT revision, {columns} FROM webhooks WHERE revision > $1 AND revision <= $2 \
+         ORDER BY revision LIMIT $3"
+    );
+    let rows = sqlx::query(&sql)
+        .bind(after)
+        .bind(up_to)
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
     let mut out = rows
         .iter()
-        .map(|r| live_row(r).map(Change::Live))
+        .map(|row| {
+            Ok(Change::Live(LiveRow {
+                revision: row.try_get("revision")?,
+                webhook: read(row)?,
+            }))
+        })
         .collect::<Result<Vec<_>>>()?;
     if tombstones {
         let rows = sqlx::query(

@@ -1,16 +1,21 @@
 //! `registry seed` (hidden): writes many webhooks straight into a registry's database, for scale tests and the
 //! load benchmark. Rows are what the API writes (ids and keys from the same generators, keys sealed under the
-//! main key and bound to their webhook's id, one revision each), in batched multi-row inserts, one transaction.
+//! main key and bound to their webhook's id, one revision each, checked by the API's own validator), in batched
+//! multi-row inserts with bound values, one transaction.
 
 use super::feed::{entry_bytes_bound, MAX_ENTRY_BYTES};
 use super::keys::{new_api_key, new_webhook_id, Sealer};
 use super::store::{Store, StoredWebhook};
+use super::validate::{read_fields, Policy};
 use super::{env_var, now_ms};
 use clap::Args;
 use std::time::Instant;
 
-/// Rows per INSERT.
+/// Values bound per row of the INSERT.
+const BINDS_PER_ROW: usize = 11;
+/// Rows per INSERT: 11,000 bound values, under SQLite's 32,766 and Postgres's 65,535 a statement.
 const ROWS_PER_INSERT: usize = 1000;
+const _: () = assert!(ROWS_PER_INSERT * BINDS_PER_ROW <= 32_766);
 
 #[derive(Debug, Args)]
 pub struct SeedArgs {
@@ -38,6 +43,12 @@ pub struct SeedArgs {
     /// The event types each webhook subscribes to.
     #[arg(long, value_delimiter = ',', default_value = "job.completed")]
     pub events: Vec<String>,
+    /// Accept an http:// --url-prefix (as `registry serve --allow-insecure-http`).
+    #[arg(long)]
+    pub allow_insecure_http: bool,
+    /// Accept a --url-prefix with a private or loopback address (as `registry serve --allow-private-networks`).
+    #[arg(long)]
+    pub allow_private_networks: bool,
 }
 
 /// The organisation ids of a seed: 24 hex digits, like the product's.
@@ -72,6 +83,7 @@ pub fn run(args: SeedArgs) -> Result<(), String> {
     let webhooks = (0..args.count)
         .map(|i| webhook(&args, &sealer, i, &maximal_description))
         .collect::<Result<Vec<_>, String>>()?;
+    check(&args, &webhooks)?;
     let made = started.elapsed();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -128,6 +140,42 @@ fn webhook(
     })
 }
 
+/// Checks the seed's webhooks as the API checks a registration: the first, the last (the longest URL) and the
+/// last maximal one stand for all (the others differ from them only in the number after --url-prefix).
+fn check(args: &SeedArgs, webhooks: &[StoredWebhook]) -> Result<(), String> {
+    Policy::check_catalogue(&args.events).map_err(|e| e.replace("--event-types", "--events"))?;
+    let policy = Policy {
+        event_types: args.events.clone(),
+        allow_insecure_http: args.allow_insecure_http,
+        allow_private_networks: args.allow_private_networks,
+    };
+    let last = webhooks.len().saturating_sub(1);
+    let last_maximal = last - last.checked_rem(args.maximal_every).unwrap_or(0);
+    for i in [0, last_maximal, last] {
+        let Some(w) = webhooks.get(i) else {
+            continue;
+        };
+        let body = serde_json::json!({
+            "name": w.name, "url": w.url, "description": w.description, "status": w.status, "events": w.events,
+        });
+        if let Err(errors) = read_fields(body.to_string().as_bytes(), &policy, true) {
+            let named: Vec<String> = errors
+                .iter()
+                .map(|e| {
+                    let flag = match e.path.split('[').next() {
+                        Some("url") => "--url-prefix",
+                        Some("events") => "--events",
+                        _ => "the seed's",
+                    };
+                    format!("{flag}: webhook {i}'s {}: {}", e.path, e.message)
+                })
+                .collect();
+            return Err(named.join("; "));
+        }
+    }
+    Ok(())
+}
+
 /// A name of the most characters allowed (200).
 fn maximal_name(i: usize) -> String {
     format!("Seed webhook {i} ")
@@ -166,42 +214,60 @@ async fn insert(store: &Store, webhooks: &[StoredWebhook]) -> Result<i64, sqlx::
     .await?
     .try_get("revision")?;
     let mut revision = head - count;
-    // Values are written into the statement as literals (our own strings, quotes doubled): binding 14 values a
-    // row costs more than the rows themselves.
+    // Values are bound, never written into the statement. Placeholders are numbered ($N) by hand: through
+    // `sqlx::Any`, `QueryBuilder` writes `?`, which Postgres refuses.
     for batch in webhooks.chunks(ROWS_PER_INSERT) {
-        let mut sql = String::with_capacity(batch.len() * 400);
-        sql.push_str(
-            "INSERT INTO webhooks (id, organisation_id, name, url, description, status, events, key_sealed, \
-             previous_key_sealed, previous_key_expires_ms, key_rotated_ms, created_ms, updated_ms, revision) VALUES ",
-        );
-        for (row, w) in batch.iter().enumerate() {
+        let sql = insert_statement(batch.len());
+        let mut insert = sqlx::query(&sql);
+        for w in batch {
             revision += 1;
             let events =
                 serde_json::to_string(&w.events).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-            if row > 0 {
-                sql.push(',');
-            }
-            sql.push_str(&format!(
-                "({},{},{},{},{},{},{},{},NULL,NULL,NULL,{},{},{revision})",
-                literal(&w.id),
-                literal(&w.organisation_id),
-                literal(&w.name),
-                literal(&w.url),
-                literal(&w.description),
-                literal(&w.status),
-                literal(&events),
-                literal(&w.key_sealed),
-                w.created_ms,
-                w.updated_ms,
-            ));
+            insert = insert
+                .bind(w.id.clone())
+                .bind(w.organisation_id.clone())
+                .bind(w.name.clone())
+                .bind(w.url.clone())
+                .bind(w.description.clone())
+                .bind(w.status.clone())
+                .bind(events)
+                .bind(w.key_sealed.clone())
+                .bind(w.created_ms)
+                .bind(w.updated_ms)
+                .bind(revision);
         }
-        sqlx::raw_sql(&sql).execute(&mut *tx).await?;
+        insert.execute(&mut *tx).await?;
     }
     tx.commit().await?;
     Ok(head)
 }
 
-/// A string as an SQL literal, for SQLite and Postgres alike (standard strings: a quote is doubled).
-fn literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
+/// `INSERT INTO webhooks … VALUES` with `rows` rows of numbered placeholders (`BINDS_PER_ROW` each).
+fn insert_statement(rows: usize) -> String {
+    use std::fmt::Write;
+    let mut sql = String::from(
+        "INSERT INTO webhooks (id, organisation_id, name, url, description, status, events, key_sealed, \
+         previous_key_sealed, previous_key_expires_ms, key_rotated_ms, created_ms, updated_ms, revision) VALUES ",
+    );
+    for row in 0..rows {
+        let n = row * BINDS_PER_ROW;
+        let p = |i: usize| n + i;
+        let _ = write!(
+            sql,
+            "{}(${},${},${},${},${},${},${},${},NULL,NULL,NULL,${},${},${})",
+            if row > 0 { "," } else { "" },
+            p(1),
+            p(2),
+            p(3),
+            p(4),
+            p(5),
+            p(6),
+            p(7),
+            p(8),
+            p(9),
+            p(10),
+            p(11),
+        );
+    }
+    sql
 }

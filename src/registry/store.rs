@@ -45,7 +45,8 @@ const SCHEMA: &[&str] = &[
         detail TEXT NOT NULL)",
 ];
 
-const COLUMNS: &str = "id, organisation_id, name, url, description, status, events, key_sealed, \
+pub(super) const COLUMNS: &str =
+    "id, organisation_id, name, url, description, status, events, key_sealed, \
     previous_key_sealed, previous_key_expires_ms, key_rotated_ms, created_ms, updated_ms";
 
 /// A stored webhook; keys stay sealed here.
@@ -86,7 +87,7 @@ pub struct Store {
 
 type Result<T> = std::result::Result<T, sqlx::Error>;
 
-fn row_to_webhook(row: &AnyRow) -> Result<StoredWebhook> {
+pub(super) fn row_to_webhook(row: &AnyRow) -> Result<StoredWebhook> {
     let events: String = row.try_get("events")?;
     Ok(StoredWebhook {
         id: row.try_get("id")?,

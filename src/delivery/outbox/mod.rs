@@ -192,6 +192,9 @@ pub struct Outbox {
     /// What the proxy's other live workers hold (deliveries, bytes), as they last said, and how
     /// many they are: the bounds are the proxy's, not one worker's.
     others: Others,
+    /// Held outside the outbox but charged to its bounds (events, bytes): events waiting for the
+    /// registry's first complete listing.
+    reserved: (usize, usize),
     /// The latest time the outbox was told (by `take_due` and `finish`), for stall checks.
     clock_ms: u64,
 }
@@ -212,6 +215,7 @@ impl Outbox {
             attempts_out: 0,
             circuit_change: None,
             others: Others::default(),
+            reserved: (0, 0),
             clock_ms: 0,
         }
     }
@@ -221,19 +225,36 @@ impl Outbox {
         self.others = others;
     }
 
-    /// What this worker may hold: what the others leave of the proxy's bounds, and at least an
-    /// equal split of them (so that a worker never waits for another to make room; the tick's
-    /// [`Outbox::trim`] brings an overshoot back within the bounds).
+    /// Charges what this worker holds outside the outbox (events, bytes) to its bounds.
+    pub fn reserve(&mut self, count: usize, bytes: usize) {
+        self.reserved = (count, bytes);
+    }
+
+    /// What this worker holds against the proxy's bounds: its deliveries and what it reserved.
+    pub fn held(&self) -> (usize, usize) {
+        (
+            self.queued + self.reserved.0,
+            self.queued_bytes + self.reserved.1,
+        )
+    }
+
+    /// What this worker's deliveries may hold: what the others leave of the proxy's bounds, and
+    /// at least an equal split of them (so that a worker never waits for another to make room;
+    /// the tick's [`Outbox::trim`] brings an overshoot back within the bounds), less what it
+    /// reserved.
     fn capacity(&self) -> (usize, usize) {
         let workers = self.others.workers + 1;
         let s = &self.settings;
+        let (reserved, reserved_bytes) = self.reserved;
         (
             s.max_queued
                 .saturating_sub(self.others.queued)
-                .max(s.max_queued / workers),
+                .max(s.max_queued / workers)
+                .saturating_sub(reserved),
             s.max_queued_bytes
                 .saturating_sub(self.others.queued_bytes)
-                .max(s.max_queued_bytes / workers),
+                .max(s.max_queued_bytes / workers)
+                .saturating_sub(reserved_bytes),
         )
     }
 

@@ -12,13 +12,14 @@
 
 use super::host::{log, Callout, Host, LogLevel};
 use super::metrics::Metrics;
+use super::unusable_path::{self, LogSampler};
 use crate::config::{Plan, Webhook};
 use crate::delivery::{AttemptOutcome, Delivery, LaneId, Outbox, Payload, Refused};
 use crate::event::Event;
 use crate::headers;
 use crate::registry_sync::RegistryTable;
 use crate::signature::SigningKey;
-use crate::stream::{NoEvent, StreamOutcome};
+use crate::stream::{NoEvent, StreamOutcome, UnusablePath};
 use crate::url::WebhookUrl;
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -190,6 +191,11 @@ pub struct Worker {
     delivery_log: Option<reports::DeliveryLog>,
     /// Completions whose answer was cut short, to be read again (worker/refetch.rs).
     refetches: crate::refetch::RefetchQueue,
+    /// Lines a client or an upstream could flood, at most one a second each: requests with an
+    /// unusable path, and events lost (a stream cut short, a refetch failed).
+    bad_path_lines: LogSampler,
+    reset_lines: LogSampler,
+    refetch_lost_lines: LogSampler,
 }
 
 /// An event after fan-out: what a later fan-out needs of it.
@@ -242,6 +248,9 @@ impl Worker {
             journal,
             delivery_log,
             refetches: crate::refetch::RefetchQueue::new(),
+            bad_path_lines: LogSampler::default(),
+            reset_lines: LogSampler::default(),
+            refetch_lost_lines: LogSampler::default(),
         }
     }
 
@@ -268,6 +277,11 @@ impl Worker {
 
     pub fn metrics(&self) -> Metrics {
         self.metrics
+    }
+
+    /// A request whose path has no canonical form: counted, and logged at most once a second.
+    pub fn on_unusable_path(&self, host: &dyn Host, path: &UnusablePath, now_ms: u64) {
+        unusable_path::report(host, self.metrics, &self.bad_path_lines, path, now_ms);
     }
 
     /// The doorbell now wakes another root context (the one that adopted this worker).
@@ -375,14 +389,10 @@ impl Worker {
         let sent = self.fan_out(host, &event, now_ms, false);
         if waiting_for_registry {
             // The configured webhooks have it; the registry's, not known yet, get it with the first
-            // document.
-            let (max, max_bytes) = (
-                self.plan.delivery.outbox.max_queued,
-                self.plan.delivery.outbox.max_queued_bytes,
-            );
+            // document (charged to the outbox's bounds meanwhile).
             self.metrics.events_registry_not_loaded.inc(host);
             if let Some(pull) = self.registry.as_mut() {
-                pull.wait(host, self.metrics, event, max, max_bytes);
+                pull.wait(host, self.metrics, event, &mut self.outbox);
             }
         } else if sent == 0 {
             self.metrics.events_without_subscribers.inc(host);
@@ -584,7 +594,7 @@ impl Worker {
             .outbox
             .reconfigure(lanes, new_index, plan.delivery.outbox.clone());
         for d in dropped {
-            self.webhook_removed(host, &old, &d, "a new configuration");
+            self.webhook_removed(host, lane_name(&old, d.lane), &d, "by a new configuration");
         }
         if plan.delivery.dead_letter.is_none() {
             for d in self.outbox.drain_queued(LaneId::DeadLetter) {
@@ -602,16 +612,15 @@ impl Worker {
         self.report_gauges(host);
     }
 
-    /// A queued delivery dropped because its webhook was removed or disabled (`hooks` still
-    /// holds it): logged, counted, and settled in the journal.
-    fn webhook_removed(&mut self, host: &dyn Host, hooks: &Hooks, d: &Delivery, by: &str) {
-        self.report_dropped(host, hooks, d, "webhook_removed", 0);
+    /// A queued delivery dropped because its webhook (by id: its slot may be empty already) was
+    /// removed or disabled `by` (how): logged, counted, and settled in the journal.
+    fn webhook_removed(&mut self, host: &dyn Host, webhook_id: &str, d: &Delivery, by: &str) {
+        self.report_dropped_id(host, webhook_id, d, "webhook_removed", 0);
         self.metrics.deliveries_dropped_webhook_removed.inc(host);
-        self.journal_settled(hooks, &d.event_id, d.lane);
-        let name = lane_name(hooks, d.lane);
+        self.journal_settled_id(&d.event_id, webhook_id);
         log(host, LogLevel::Warn, || {
             format!(
-                "delivery dropped: event={} webhook={name} reason=the webhook was removed or disabled by {by}",
+                "delivery dropped: event={} webhook={webhook_id} reason=the webhook was removed or disabled {by}",
                 d.event_id
             )
         });

@@ -58,7 +58,7 @@ impl Worker {
                     match self.refetches.push(job) {
                         Ok(()) => self.ring(host),
                         Err(Refused::QueueFull(job) | Refused::Exhausted(job)) => {
-                            self.refetch_lost(host, &job, "the refetch queue is full")
+                            self.refetch_lost(host, &job, "the refetch queue is full", now_ms)
                         }
                     }
                 }
@@ -70,11 +70,16 @@ impl Worker {
                             "Envoy did not say which cluster the route chose, and the rule's refetch names none"
                         }
                     };
+                    // Clients that hang up can come by the thousand: one line a second.
+                    let Some(unlogged) = self.reset_lines.take(now_ms) else {
+                        continue;
+                    };
                     log(host, LogLevel::Warn, || {
                         format!(
-                            "event lost: {event_type} for {path:?}: the stream ended before {when} ({details}) and {what} (reason=stream_reset)",
+                            "event lost: {event_type} for {path:?}: the stream ended before {when} ({details}) and {what} (reason=stream_reset){more}",
                             path = cut.path,
                             details = end.details,
+                            more = more_since(unlogged),
                         )
                     });
                 }
@@ -145,7 +150,7 @@ impl Worker {
                 }
             }
             Verdict::Retry(why) => self.refetch_retry(host, job, why, now_ms),
-            Verdict::GiveUp(why) => self.refetch_lost(host, &job, &why),
+            Verdict::GiveUp(why) => self.refetch_lost(host, &job, &why, now_ms),
         }
     }
 
@@ -162,26 +167,45 @@ impl Worker {
                     )
                 });
             }
-            Err(Refused::Exhausted(job)) => {
-                self.refetch_lost(host, &job, &format!("{why}, after {attempts} attempts"))
-            }
-            Err(Refused::QueueFull(job)) => {
-                self.refetch_lost(host, &job, &format!("{why}, and the refetch queue is full"))
-            }
+            Err(Refused::Exhausted(job)) => self.refetch_lost(
+                host,
+                &job,
+                &format!("{why}, after {attempts} attempts"),
+                now_ms,
+            ),
+            Err(Refused::QueueFull(job)) => self.refetch_lost(
+                host,
+                &job,
+                &format!("{why}, and the refetch queue is full"),
+                now_ms,
+            ),
         }
     }
 
-    fn refetch_lost(&self, host: &dyn Host, job: &RefetchJob, why: &str) {
+    fn refetch_lost(&self, host: &dyn Host, job: &RefetchJob, why: &str, now_ms: u64) {
         self.metrics.events_lost_refetch_failed.inc(host);
+        let Some(unlogged) = self.refetch_lost_lines.take(now_ms) else {
+            return;
+        };
         log(host, LogLevel::Warn, || {
             format!(
-                "event lost: {} for {:?}: the stream ended early ({}) and the refetch {} {} failed: {why} (reason=refetch_failed)",
+                "event lost: {} for {:?}: the stream ended early ({}) and the refetch {} {} failed: {why} (reason=refetch_failed){}",
                 job.event_type(),
                 job.job_path,
                 job.reason,
                 job.method,
-                job.path
+                job.path,
+                more_since(unlogged),
             )
         });
+    }
+}
+
+/// What a sampled line says of the lines held back before it.
+fn more_since(unlogged: u64) -> String {
+    if unlogged > 0 {
+        format!(" ({unlogged} more since the last such line)")
+    } else {
+        String::new()
     }
 }

@@ -6,8 +6,10 @@
 
 use super::{Waiting, Worker, USER_AGENT};
 use crate::config::Plan;
+use crate::delivery::Outbox;
 use crate::filter::host::{log, Callout, Host, LogLevel};
 use crate::filter::metrics::Metrics;
+use crate::filter::unusable_path::LogSampler;
 use crate::headers;
 use crate::registry_sync::{Applied, RegistrySync, RegistryTable};
 use std::collections::VecDeque;
@@ -26,9 +28,13 @@ pub(super) struct RegistryPull {
     /// the age of the last complete sync.
     reported: (i64, i64, i64),
     /// Events emitted before the first complete listing: the configured webhooks have them; the
-    /// registry's get them when the listing ends (bounded like the outbox).
+    /// registry's get them when the listing ends (charged to the outbox's bounds meanwhile).
     waiting: VecDeque<Waiting>,
     waiting_bytes: usize,
+    /// Webhooks refused over `registry.maxWebhooks` are logged at most once a second, saying
+    /// how many were refused since the last line.
+    refused_lines: LogSampler,
+    refused_unlogged: usize,
 }
 
 /// A registry poll's answer, as the host reported it.
@@ -54,20 +60,23 @@ impl RegistryPull {
             reported: (0, 0, 0),
             waiting: VecDeque::new(),
             waiting_bytes: 0,
+            refused_lines: LogSampler::default(),
+            refused_unlogged: 0,
         }
     }
 
-    /// Keeps an event until the first document arrives, within the outbox's bounds.
+    /// Keeps an event until the first document arrives, within what the outbox's bounds leave
+    /// (the proxy's, shared with the deliveries): the waiting events are charged to them.
     pub(super) fn wait(
         &mut self,
         host: &dyn Host,
         metrics: Metrics,
         event: Waiting,
-        max: usize,
-        max_bytes: usize,
+        outbox: &mut Outbox,
     ) {
         let size = event.payload.held_bytes();
-        if self.waiting.len() >= max || self.waiting_bytes + size > max_bytes {
+        let (room, room_bytes) = outbox.room();
+        if room == 0 || size > room_bytes {
             metrics.events_dropped_registry_not_loaded.inc(host);
             log(host, LogLevel::Error, || {
                 format!(
@@ -79,6 +88,34 @@ impl RegistryPull {
         }
         self.waiting_bytes += size;
         self.waiting.push_back(event);
+        outbox.reserve(self.waiting.len(), self.waiting_bytes);
+    }
+
+    /// The pull ends (a new configuration has no `registry`): the events still waiting for the
+    /// first complete listing are dropped, each logged and counted, and this worker's gauges go
+    /// back to what they were before it reported anything.
+    fn end(mut self, host: &dyn Host, metrics: Metrics) {
+        for event in self.waiting.drain(..) {
+            metrics.events_dropped_registry_not_loaded.inc(host);
+            log(host, LogLevel::Error, || {
+                format!(
+                    "event dropped for the registry's webhooks: event={} reason=a new configuration removed registry before its first complete listing",
+                    event.event_id
+                )
+            });
+        }
+        self.waiting_bytes = 0;
+        let (count, lag, age) = self.reported;
+        for (reported, metric) in [
+            (count, metrics.registry_webhooks),
+            (lag, metrics.registry_revision_lag),
+            (age, metrics.registry_sync_age_ms),
+        ] {
+            if reported != 0 {
+                metric.add(host, -reported);
+            }
+        }
+        self.reported = (0, 0, 0);
     }
 }
 
@@ -138,16 +175,16 @@ impl Worker {
         } else {
             if let Some(pull) = self.registry.take() {
                 // No registry any more: its webhooks' queued deliveries go.
-                let hooks = super::Hooks {
-                    plan: Rc::clone(&self.plan),
-                    registry: Some(Rc::clone(pull.table())),
-                };
+                let table = Rc::clone(pull.table());
                 let configured = self.plan.webhooks.len();
-                for slot in 0..pull.table().slots() {
+                for slot in 0..table.slots() {
+                    let id = table.get(slot).map_or("?", |w| w.id.as_str());
                     for d in self.outbox.clear_lane(configured + slot) {
-                        self.webhook_removed(host, &hooks, &d, "a new configuration");
+                        self.webhook_removed(host, id, &d, "by a new configuration");
                     }
                 }
+                pull.end(host, self.metrics);
+                self.outbox.reserve(0, 0);
             }
         }
         self.adopt_plan(host, plan);
@@ -275,30 +312,24 @@ impl Worker {
                 format!("registry webhook skipped: {e}")
             });
         }
-        let hooks = self.hooks();
+        if applied.refused > 0 {
+            self.webhooks_refused(host, &applied, now_ms);
+        }
         let configured = self.plan.webhooks.len();
         for (slot, webhook) in &applied.removed {
             for d in self.outbox.clear_lane(configured + slot) {
-                self.metrics.deliveries_dropped_webhook_removed.inc(host);
-                if let Some(j) = &mut self.journal {
-                    j.settled(&d.event_id, &webhook.id);
-                }
-                log(host, LogLevel::Warn, || {
-                    format!(
-                        "delivery dropped: event={} webhook={} reason=the webhook was removed or disabled in the registry",
-                        d.event_id, webhook.id
-                    )
-                });
+                self.webhook_removed(host, &webhook.id, &d, "in the registry");
             }
         }
-        self.outbox.grow(hooks.lanes());
-        drop(hooks);
+        let lanes = self.hooks().lanes();
+        self.outbox.grow(lanes);
         let Some(pull) = self.registry.as_mut() else {
             return;
         };
         let changed = applied.upserted > 0 || !applied.removed.is_empty();
         let waiting: Vec<Waiting> = if applied.first {
             pull.waiting_bytes = 0;
+            self.outbox.reserve(0, 0);
             pull.waiting.drain(..).collect()
         } else {
             Vec::new()
@@ -337,6 +368,33 @@ impl Worker {
             }
         }
         self.ring(host);
+    }
+}
+
+impl Worker {
+    /// New registry webhooks refused over `registry.maxWebhooks`: counted, and logged at most
+    /// once a second (a registry far over the bound would otherwise write a line per webhook).
+    fn webhooks_refused(&mut self, host: &dyn Host, applied: &Applied, now_ms: u64) {
+        let max = self.plan.registry.as_ref().map_or(0, |r| r.max_webhooks);
+        self.metrics
+            .registry_webhooks_skipped
+            .add(host, i64::try_from(applied.refused).unwrap_or(i64::MAX));
+        let Some(pull) = self.registry.as_mut() else {
+            return;
+        };
+        pull.refused_unlogged += applied.refused;
+        if pull.refused_lines.take(now_ms).is_none() {
+            return;
+        }
+        let refused = std::mem::take(&mut pull.refused_unlogged);
+        let first = applied.first_refused.as_deref().unwrap_or("?");
+        log(host, LogLevel::Warn, || {
+            let more = match refused.saturating_sub(1) {
+                0 => String::new(),
+                n => format!(" ({n} more since the last such line)"),
+            };
+            format!("registry webhook skipped: {first}{more}: registry.maxWebhooks ({max}) registry webhooks are in force already")
+        });
     }
 }
 

@@ -275,15 +275,30 @@ impl Worker {
             return;
         }
         if let Some(webhook_id) = lane_webhook(hooks, d.lane) {
-            self.report(
-                host,
-                &webhook_id,
-                &Trace::of(d),
-                Outcome::Dropped(reason),
-                None,
-                now_ms,
-            );
+            self.report_dropped_id(host, &webhook_id, d, reason, now_ms);
         }
+    }
+
+    /// The same for a webhook known by its id (its slot may be empty already).
+    pub(super) fn report_dropped_id(
+        &mut self,
+        host: &dyn Host,
+        webhook_id: &str,
+        d: &Delivery,
+        reason: &str,
+        now_ms: u64,
+    ) {
+        if self.delivery_log.is_none() {
+            return;
+        }
+        self.report(
+            host,
+            webhook_id,
+            &Trace::of(d),
+            Outcome::Dropped(reason),
+            None,
+            now_ms,
+        );
     }
 
     /// The answer to an attempt whose webhook a new configuration removed while it was out.

@@ -141,7 +141,7 @@ impl Worker {
     /// Tells the other workers what this one holds, and learns what they hold, so that
     /// `maxQueued` and `maxQueuedBytes` bound the whole proxy (to within a tick).
     fn sync_held(&mut self, host: &dyn Host, now_ms: u64) {
-        let mine = (self.outbox.queued(), self.outbox.queued_bytes());
+        let mine = self.outbox.held();
         let (said_queued, said_bytes, said_at) = self.held_said;
         let due = (said_queued, said_bytes) != mine
             || now_ms.saturating_sub(said_at) >= HELD_HEARTBEAT_MS;

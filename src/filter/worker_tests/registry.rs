@@ -456,3 +456,135 @@ fn a_failure_in_the_middle_of_a_catch_up_waits_for_poll_ms_before_the_next_try()
     assert_eq!(path, "/v2/registry/changes?since=4", "the cursor stayed");
     assert_eq!(w.webhook_count(), 2);
 }
+
+#[test]
+fn a_configuration_without_registry_drops_the_waiting_events_loudly_and_zeroes_the_gauges() {
+    let host = FakeHost::default();
+    let mut w = worker(&host);
+    for _ in 0..2 {
+        complete(
+            &host,
+            &mut w,
+            ORG.as_bytes(),
+            br#"{"status":"completed"}"#,
+            0,
+        );
+    }
+    // A listing that has begun and not ended: the events wait, the gauges moved.
+    poll(&host, &mut w, 0, page(9, 4, true, vec![enabled(1, 4)]));
+    poll(&host, &mut w, 1, status(503, b""));
+    assert!(w.registry_poll(&host, 3_000).is_some());
+    assert_ne!(host.metric("registry_revision_lag"), 0);
+    assert_ne!(host.metric("registry_sync_age_ms"), 0);
+    w.adopt(&host, plan(&config(vec![], json!({}))));
+    assert_eq!(host.metric("events_dropped.registry_not_loaded"), 2);
+    assert_eq!(
+        host.logged(
+            LogLevel::Error,
+            "reason=a new configuration removed registry before its first complete listing"
+        ),
+        2
+    );
+    let logs = host.logs.borrow();
+    let line = logs
+        .iter()
+        .find(|(_, m)| m.contains("removed registry"))
+        .map(|(_, m)| m.clone())
+        .unwrap();
+    let id = line
+        .split("event=")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .unwrap();
+    assert_eq!(id.len(), 24, "the event id is in the line: {line}");
+    drop(logs);
+    for gauge in [
+        "registry_webhooks",
+        "registry_revision_lag",
+        "registry_sync_age_ms",
+    ] {
+        assert_eq!(host.metric(gauge), 0, "{gauge}");
+    }
+    assert!(w.pump(&host, 10).is_empty());
+}
+
+#[test]
+fn events_waiting_for_the_registry_count_against_the_outbox_bounds() {
+    let host = FakeHost::default();
+    let mut c = registry_config();
+    c["webhooks"] = json!([webhook(1, ORG)]);
+    c["delivery"]["maxQueued"] = json!(4);
+    let plan = Plan::from_json(c.to_string().as_bytes(), &|name| {
+        (name == "REGISTRY_TOKEN").then(|| PROXY_TOKEN.to_string())
+    })
+    .unwrap();
+    let mut w = Worker::new(&host, plan, None, "p", "w1".into());
+    for _ in 0..3 {
+        complete(
+            &host,
+            &mut w,
+            ORG.as_bytes(),
+            br#"{"status":"completed"}"#,
+            0,
+        );
+    }
+    // Two deliveries to the configured webhook and two events waiting fill maxQueued 4.
+    assert_eq!(host.metric("deliveries_dropped.queue_full"), 1);
+    assert_eq!(host.metric("events_dropped.registry_not_loaded"), 1);
+    poll(&host, &mut w, 0, page(1, 1, false, vec![enabled(7, 1)]));
+    assert_eq!(
+        w.pump(&host, 10).len(),
+        4,
+        "the waiting events take their places in the outbox"
+    );
+    assert_eq!(host.metric("deliveries_dropped.queue_full"), 1);
+}
+
+#[test]
+fn webhooks_beyond_max_webhooks_are_refused_counted_and_logged_once_a_second() {
+    let host = FakeHost::default();
+    let mut c = registry_config();
+    c["registry"]["maxWebhooks"] = json!(2);
+    c["registry"]["pollMs"] = json!(100);
+    let plan = Plan::from_json(c.to_string().as_bytes(), &|name| {
+        (name == "REGISTRY_TOKEN").then(|| PROXY_TOKEN.to_string())
+    })
+    .unwrap();
+    let mut w = Worker::new(&host, plan, None, "p", "w1".into());
+    let first: Vec<Value> = (1..=4).map(|n| enabled(n, n as u64)).collect();
+    poll(&host, &mut w, 0, page(4, 4, false, first));
+    assert_eq!(w.webhook_count(), 2);
+    assert_eq!(host.metric("registry_webhooks_skipped"), 2);
+    let line = format!(
+        "registry webhook skipped: {:024x} (1 more since the last such line): registry.maxWebhooks (2)",
+        3
+    );
+    assert_eq!(host.logged(LogLevel::Warn, &line), 1);
+    // A webhook in force still changes; a new one is refused, its line held back within the second.
+    let again = vec![enabled(1, 5), enabled(5, 6)];
+    poll(&host, &mut w, 200, page(6, 6, false, again));
+    assert_eq!(w.webhook_count(), 2);
+    assert_eq!(host.metric("registry_webhooks_skipped"), 3);
+    assert_eq!(host.logged(LogLevel::Warn, "registry webhook skipped"), 1);
+    // Room again after a delete: the next new one gets in.
+    let room = vec![
+        entry(2, 7, "enabled", json!([SIGNING_KEY]), None),
+        json!({"id": format!("{:024x}", 1), "revision": 8, "deleted": true}),
+        enabled(6, 9),
+        enabled(7, 10),
+    ];
+    poll(&host, &mut w, 1_500, page(10, 10, false, room));
+    assert_eq!(w.webhook_count(), 2);
+    assert_eq!(host.metric("registry_webhooks_skipped"), 4);
+    assert_eq!(
+        host.logged(
+            LogLevel::Warn,
+            &format!(
+                "registry webhook skipped: {:024x} (1 more since the last such line)",
+                7
+            )
+        ),
+        1,
+        "the line says how many were held back"
+    );
+}

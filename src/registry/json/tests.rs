@@ -25,6 +25,11 @@ fn duplicate_keys_are_named_by_their_path() {
         (r#"{"x": {"k": 1, "k": 2}}"#, "x.k"),
         (r#"{"e": [{"k": 1}, {"k": 1, "k": 1}]}"#, "e[1].k"),
         (r#"[{"a": 1, "a": 1}]"#, "[0].a"),
+        (r#"{"a": [[], [{"k": 1}, {"k": 1, "k": 2}]]}"#, "a[1][1].k"),
+        (
+            r#"{"a": {"b": [1]}, "c": [{"d": {"e": 1, "e": 2}}]}"#,
+            "c[0].d.e",
+        ),
     ] {
         assert_eq!(
             parse_without_duplicate_keys(text.as_bytes()),
