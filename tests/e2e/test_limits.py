@@ -78,14 +78,30 @@ def fairness_run(job_service, rc, envoys, wasm):
     rc.always(hanging.path, Reply(hang=True))
     counters = Counters(envoy)
     jobs = [new_id() for _ in range(2000)]
-    statuses, errors = complete_jobs_concurrently(envoy.listener_port, org, jobs, clients=32)
-    assert not errors and all(s == 200 for s in statuses.values()), errors[:5]
     job_set = set(jobs)
-    try:
-        counters.wait_delta("deliveries_succeeded", int(0.99 * len(jobs)), timeout=60)
-    except harness.WaitTimeout as e:
-        raise AssertionError(f"{e}; counters {counters.deltas('deliveries_succeeded', 'deliveries_dropped.queue_full', 'deliveries_dropped.over_share', 'deliveries_attempted', 'events_emitted')}")
-    got = {d.object_id() for d in rc.requests_to(healthy.path) if d.object_id() in job_set}
+
+    def healthy_got():
+        return {d.object_id() for d in rc.requests_to(healthy.path) if d.object_id() in job_set}
+
+    # The completions come in bursts of 50 (32 clients at once), each sent once the healthy endpoint has
+    # the ones before it. The hanging endpoint's deliveries pile up past maxQueued after a few bursts, so from
+    # then on every healthy delivery needs a place the hanging one holds. The healthy endpoint's own backlog
+    # stays far below its share whatever the machine's load: a healthy delivery lost here was crowded out (a
+    # healthy endpoint that falls behind by more than its share loses deliveries to its own backlog, which is
+    # the bound working, and is not what this test is about).
+    burst = 50
+    for start in range(0, len(jobs), burst):
+        statuses, errors = complete_jobs_concurrently(envoy.listener_port, org, jobs[start:start + burst], clients=32)
+        assert not errors and all(s == 200 for s in statuses.values()), errors[:5]
+        sent = start + burst
+        try:
+            harness.wait_until(lambda: len(healthy_got()) >= 0.99 * sent or None, timeout=30,
+                               desc=f"the healthy endpoint's deliveries of the first {sent} completions")
+        except harness.WaitTimeout as e:
+            raise AssertionError(f"{e}; counters {counters.deltas('deliveries_succeeded', 'deliveries_dropped.queue_full', 'deliveries_dropped.over_share', 'deliveries_attempted', 'events_emitted')}")
+    assert counters.delta("deliveries_dropped.queue_full") + counters.delta("deliveries_dropped.over_share") > 0, \
+        "the hanging endpoint's deliveries never filled the outbox: nothing was put to the test"
+    got = healthy_got()
     print(f"\nhealthy webhook beside a hanging one, maxQueued 300: {len(got)} of {len(jobs)} events; "
           f"dropped {counters.deltas('deliveries_dropped.queue_full', 'deliveries_dropped.over_share')}")
     assert len(got) >= 0.99 * len(jobs)
