@@ -11,7 +11,12 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
-fn require_proxy_token(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
+/// The proxies' requests (feeds, reports, claims) carry the proxy token; `what` names them in the 401.
+pub(super) fn require_proxy_token(
+    app: &App,
+    headers: &HeaderMap,
+    what: &str,
+) -> Result<(), ApiError> {
     if app.proxy_token.admits(
         headers
             .get(header::AUTHORIZATION)
@@ -19,9 +24,9 @@ fn require_proxy_token(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
     ) {
         Ok(())
     } else {
-        Err(ApiError::Unauthorized(
-            "the registry feed needs the proxies' bearer token".into(),
-        ))
+        Err(ApiError::Unauthorized(format!(
+            "{what} need the proxies' bearer token"
+        )))
     }
 }
 
@@ -39,7 +44,7 @@ pub(super) async fn registry_feed(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    require_proxy_token(&app, &headers)?;
+    require_proxy_token(&app, &headers, "the registry feeds")?;
     let now = now_ms();
     let revision = app.store.revision().await?;
     let cached = app.feed.lock().ok().and_then(|feed| {
@@ -85,7 +90,7 @@ pub(super) async fn registry_changes(
     RawQuery(query): RawQuery,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    require_proxy_token(&app, &headers)?;
+    require_proxy_token(&app, &headers, "the registry feeds")?;
     Ok(app
         .changes
         .answer(&app.store, &app.sealer, query.as_deref())

@@ -11,7 +11,7 @@ use crate::registry::{delivery_ingest, sends};
 use crate::registry::{log, now_ms};
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -27,27 +27,13 @@ const MAX_TIME_MS: i64 = 1 << 53;
 const MAX_LATENCY_MS: i64 = 86_400_000;
 const DEFAULT_CLAIM: i64 = 16;
 
-fn proxy_only(app: &App, headers: &HeaderMap) -> Result<(), ApiError> {
-    if app.proxy_token.admits(
-        headers
-            .get(header::AUTHORIZATION)
-            .map(HeaderValue::as_bytes),
-    ) {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized(
-            "delivery reports and claims need the proxies' bearer token".into(),
-        ))
-    }
-}
-
 /// `POST /v2/registry/reports`: 204 once stored.
 pub async fn store_report(
     State(app): State<Arc<App>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    proxy_only(&app, &headers)?;
+    super::proxy_feeds::require_proxy_token(&app, &headers, "delivery reports and claims")?;
     let report = read_report(&body).map_err(|e| ApiError::Invalid(vec![e]))?;
     delivery_ingest::store_report(&app.store, &report, now_ms(), app.deliveries.lease_ms).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
@@ -59,7 +45,7 @@ pub async fn claim_sends(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    proxy_only(&app, &headers)?;
+    super::proxy_feeds::require_proxy_token(&app, &headers, "delivery reports and claims")?;
     let map = object(&body).map_err(|e| ApiError::Invalid(vec![e]))?;
     let mut fields = Fields::new(&map, "");
     let proxy = fields.proxy_name("proxy");
