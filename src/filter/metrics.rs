@@ -53,6 +53,8 @@ metrics! {
     deliveries_spilled: Counter = "deliveries_spilled",
     deliveries_paged_in: Counter = "deliveries_paged_in",
     deliveries_dropped_over_share: Counter = "deliveries_dropped.over_share",
+    deliveries_dropped_journal_full: Counter = "deliveries_dropped.journal_full",
+    deliveries_dropped_journal_behind: Counter = "deliveries_dropped.journal_behind",
     deliveries_dropped_webhook_gone: Counter = "deliveries_dropped.webhook_gone",
     deliveries_dropped_webhook_removed: Counter = "deliveries_dropped.webhook_removed",
     webhooks_disabled_gone: Counter = "webhooks_disabled_gone",

@@ -47,6 +47,33 @@ pub(super) struct Spill {
 /// One event of a page-in read: the webhooks whose deliveries come back.
 pub type PageInItem = (Rc<str>, Vec<String>);
 
+/// What [`Journal::spill`] did with a delivery: spilled it, or why it could not. The caller drops
+/// what did not spill; the two journal bounds are named in that drop, since the knob that helps
+/// is the journal's, not the outbox's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpillOutcome {
+    /// It waits in etcd only (or did already).
+    Spilled,
+    /// `maxSpilledBytes` is 0: spilling is off, the outbox drops as without a journal.
+    Off,
+    /// No record lists it: the event is not tracked, its record is too large for etcd, or the
+    /// record does not owe this webhook.
+    NotJournaled,
+    /// etcd does not answer, or this owner's lease is not live.
+    JournalUnavailable,
+    /// The spilled records count `maxSpilledBytes` (`max_bytes`) already.
+    JournalFull { max_bytes: usize },
+    /// Payloads waiting in memory for their record's put fill the room they may take
+    /// (`room_bytes`): deliveries spill faster than etcd takes the writes.
+    JournalBehind { room_bytes: usize },
+}
+
+impl SpillOutcome {
+    pub fn spilled(self) -> bool {
+        self == SpillOutcome::Spilled
+    }
+}
+
 impl Journal {
     /// Deliveries waiting in etcd only.
     pub fn spilled(&self) -> usize {
@@ -65,8 +92,7 @@ impl Journal {
 
     /// Leaves the delivery of a tracked event to `webhook_id` in etcd only: its record lists it,
     /// no memory holds it. `front`: it is older than the spilled ones (it was in memory). `pin_room`
-    /// is what may wait in memory for its put (payloads, bytes). False when it cannot: etcd does
-    /// not answer, `maxSpilledBytes` is reached, the event is not journaled.
+    /// is what may wait in memory for its put (payloads, bytes). Otherwise it says why not.
     pub fn spill(
         &mut self,
         event_id: &str,
@@ -75,34 +101,39 @@ impl Journal {
         front: bool,
         pin_room: (usize, usize),
         now_ms: u64,
-    ) -> bool {
+    ) -> SpillOutcome {
         if !self.healthy || !self.lease.live {
-            return false;
+            return SpillOutcome::JournalUnavailable;
         }
         let max_bytes = self.settings.max_spilled_bytes;
+        if max_bytes == 0 {
+            return SpillOutcome::Off;
+        }
         let Some(key) = self.batch.tracked.get_key_value(event_id).map(|(k, _)| k) else {
-            return false;
+            return SpillOutcome::NotJournaled;
         };
         let key = Rc::clone(key);
         let Some(t) = self.batch.tracked.get_mut(event_id) else {
-            return false;
+            return SpillOutcome::NotJournaled;
         };
         if t.too_large || !t.pending.iter().any(|p| p.webhook_id == webhook_id) {
-            return false;
+            return SpillOutcome::NotJournaled;
         }
         if t.spilled.iter().any(|w| w == webhook_id) {
-            return true;
+            return SpillOutcome::Spilled;
         }
         let record_bytes =
             payload.held_bytes() + RECORD_OVERHEAD_BYTES + WEBHOOK_OVERHEAD_BYTES * t.pending.len();
         if t.spilled.is_empty() && self.spill.bytes + record_bytes > max_bytes {
-            return false;
+            return SpillOutcome::JournalFull { max_bytes };
         }
         let durable = t.stored && !t.dirty && !t.in_flight;
         if !durable && t.pinned.is_none() {
             let size = payload.held_bytes();
             if self.spill.pinned >= pin_room.0 || self.spill.pinned_bytes + size > pin_room.1 {
-                return false;
+                return SpillOutcome::JournalBehind {
+                    room_bytes: pin_room.1,
+                };
             }
             t.pinned = Some(Rc::clone(payload));
             self.spill.pinned += 1;
@@ -136,7 +167,7 @@ impl Journal {
                 bytes: self.spill.bytes,
             });
         }
-        true
+        SpillOutcome::Spilled
     }
 
     /// Forgets that `webhook_id`'s delivery of this tracked event is spilled (it came back to

@@ -7,11 +7,40 @@ use super::{lane_name, Hooks, Worker};
 use crate::config::Plan;
 use crate::delivery::{Bound, DeadLetterReason, Delivery, LaneId, Payload, Refused};
 use crate::filter::host::{log, Callout, Host, LogLevel};
+use crate::filter::metrics::Metric;
 use crate::headers;
 use crate::journal::record::{PendingWebhook, Record};
+use crate::journal::spill::SpillOutcome;
 use crate::journal::{self, Journal, Notice, Purpose, Room};
 use crate::url::WebhookUrl;
+use std::fmt;
 use std::rc::Rc;
+
+/// A journal bound that kept a delivery out of etcd when the outbox had no room for it: the
+/// counter its drop goes to, the delivery report's reason, and (as Display) what the log line
+/// says of it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct JournalBound {
+    pub metric: Metric,
+    pub report: &'static str,
+    outcome: SpillOutcome,
+}
+
+impl fmt::Display for JournalBound {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.outcome {
+            SpillOutcome::JournalFull { max_bytes } => write!(
+                f,
+                "the journal holds journal.maxSpilledBytes ({max_bytes} bytes) of spilled deliveries"
+            ),
+            SpillOutcome::JournalBehind { room_bytes } => write!(
+                f,
+                "the journal is behind: spilled deliveries waiting for their etcd write hold delivery.maxQueuedBytes ({room_bytes} bytes)"
+            ),
+            _ => write!(f, "the journal cannot take it"),
+        }
+    }
+}
 
 /// A webhook's URL as the journal's endpoint state names it.
 fn endpoint(url: &WebhookUrl) -> Vec<u8> {
@@ -134,34 +163,61 @@ impl Worker {
         }
     }
 
-    /// The outbox has no room for this delivery: with a journal it waits in etcd only (true),
-    /// counted. False without a journal, while etcd does not answer, past `maxSpilledBytes`, or
-    /// for an event not journaled: the caller drops it as without a journal.
+    /// The outbox has no room for this delivery: with a journal it waits in etcd only, counted.
+    /// Otherwise the outcome says why not (no journal is `NotJournaled`): the caller drops it,
+    /// naming the journal's bound when that is what kept it out ([`Self::journal_bound`]).
     pub(super) fn spill(
         &mut self,
         host: &dyn Host,
         d: &Delivery,
         front: bool,
         now_ms: u64,
-    ) -> bool {
+    ) -> SpillOutcome {
         let LaneId::Webhook(i) = d.lane else {
-            return false;
+            return SpillOutcome::NotJournaled;
         };
         if self.journal.is_none() {
-            return false;
+            return SpillOutcome::NotJournaled;
         }
         let hooks = self.hooks();
         let (Some(j), Some(w)) = (&mut self.journal, hooks.get(i)) else {
-            return false;
+            return SpillOutcome::NotJournaled;
         };
         // Payloads waiting in memory for their put: at most one more outbox's worth of bytes (a
         // burst spills faster than a loaded etcd takes it; what tracks them is in maxSpilledBytes).
         let pin_room = (usize::MAX, self.plan.delivery.outbox.max_queued_bytes);
-        let spilled = j.spill(&d.event_id, &d.payload, &w.id, front, pin_room, now_ms);
-        if spilled {
+        let outcome = j.spill(&d.event_id, &d.payload, &w.id, front, pin_room, now_ms);
+        if outcome.spilled() {
             self.metrics.deliveries_spilled.inc(host);
         }
-        spilled
+        outcome
+    }
+
+    /// The journal bound that kept a delivery the outbox had no room for out of etcd, if one
+    /// did. None when the journal was not the bound (no journal, spilling off, etcd out of reach,
+    /// an event not journaled): that drop is the outbox's, as without a journal.
+    pub(super) fn journal_bound(&self, outcome: SpillOutcome) -> Option<JournalBound> {
+        // Two counters, not one: the knobs differ. Full wants a larger journal.maxSpilledBytes (and
+        // etcd quota); behind means etcd takes the writes slower than the overload spills them,
+        // where a larger maxSpilledBytes does not help.
+        let (metric, report) = match outcome {
+            SpillOutcome::JournalFull { .. } => {
+                (self.metrics.deliveries_dropped_journal_full, "journal_full")
+            }
+            SpillOutcome::JournalBehind { .. } => (
+                self.metrics.deliveries_dropped_journal_behind,
+                "journal_behind",
+            ),
+            SpillOutcome::Spilled
+            | SpillOutcome::Off
+            | SpillOutcome::NotJournaled
+            | SpillOutcome::JournalUnavailable => return None,
+        };
+        Some(JournalBound {
+            metric,
+            report,
+            outcome,
+        })
     }
 
     /// A delivery of a tracked event that the outbox refused (`bound`), or that waits behind
@@ -173,11 +229,12 @@ impl Worker {
         bound: Option<Bound>,
         now_ms: u64,
     ) {
-        if self.spill(host, &d, false, now_ms) {
+        let outcome = self.spill(host, &d, false, now_ms);
+        if outcome.spilled() {
             return;
         }
         match bound {
-            Some(bound) => self.report_refused(host, Refused::QueueFull(d, bound), now_ms),
+            Some(bound) => self.drop_unspilled(host, d, bound, outcome, now_ms),
             None => self.admit(host, d, false, now_ms),
         }
     }
@@ -192,8 +249,9 @@ impl Worker {
                 }
             }
             Err(Refused::QueueFull(d, bound)) => {
-                if !self.spill(host, &d, front, now_ms) {
-                    self.report_refused(host, Refused::QueueFull(d, bound), now_ms);
+                let outcome = self.spill(host, &d, front, now_ms);
+                if !outcome.spilled() {
+                    self.drop_unspilled(host, d, bound, outcome, now_ms);
                 }
             }
             Err(refused) => self.report_refused(host, refused, now_ms),

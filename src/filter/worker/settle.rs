@@ -9,6 +9,7 @@ use crate::delivery::{
     Payload, Refused, Verdict,
 };
 use crate::filter::host::{log, Host, LogLevel};
+use crate::journal::spill::SpillOutcome;
 use std::rc::Rc;
 
 impl Worker {
@@ -239,20 +240,62 @@ impl Worker {
     pub(super) fn drop_evicted(&mut self, host: &dyn Host, d: Delivery, now_ms: u64) {
         // With a journal it waits in etcd instead, first of its webhook's spilled deliveries:
         // not a final outcome, so not reported until it is delivered, fails or is dropped.
-        if self.spill(host, &d, true, now_ms) {
+        let outcome = self.spill(host, &d, true, now_ms);
+        if outcome.spilled() {
             return;
         }
-        self.report_dropped(host, &self.hooks(), &d, "over_share", now_ms);
-        self.metrics.deliveries_dropped_over_share.inc(host);
+        let journal = self.journal_bound(outcome);
+        let (metric, report) = journal.map_or(
+            (self.metrics.deliveries_dropped_over_share, "over_share"),
+            |j| (j.metric, j.report),
+        );
+        self.report_dropped(host, &self.hooks(), &d, report, now_ms);
+        metric.inc(host);
         self.journal_settled(&self.hooks(), &d.event_id, d.lane);
         let name = lane_name(&self.hooks(), d.lane).to_string();
         log(host, LogLevel::Error, || {
-            format!(
+            match journal {
+            Some(j) => format!(
+                "delivery dropped: event={} webhook={name} reason=the outbox is full, this webhook holds more than its fair share and {j}",
+                d.event_id
+            ),
+            None => format!(
                 "delivery dropped: event={} webhook={name} reason=the outbox is full and this webhook holds more than its fair share",
+                d.event_id
+            ),
+        }
+        });
+        // The dead letter's reason stays over_share: it was evicted for its webhook's share.
+        self.dead_letter(host, &d, DeadLetterReason::OverShare, now_ms);
+    }
+
+    /// A delivery the outbox refused for want of room (`bound`) that the journal could not take
+    /// either (`outcome`): dropped, naming the journal's bound when that is what was reached.
+    pub(super) fn drop_unspilled(
+        &mut self,
+        host: &dyn Host,
+        d: Delivery,
+        bound: Bound,
+        outcome: SpillOutcome,
+        now_ms: u64,
+    ) {
+        let Some(journal) = self.journal_bound(outcome) else {
+            return self.report_refused(host, Refused::QueueFull(d, bound), now_ms);
+        };
+        self.report_dropped(host, &self.hooks(), &d, journal.report, now_ms);
+        self.journal_settled(&self.hooks(), &d.event_id, d.lane);
+        journal.metric.inc(host);
+        let name = lane_name(&self.hooks(), d.lane).to_string();
+        let outbox = match bound {
+            Bound::Count => "delivery.maxQueued",
+            Bound::Bytes => "delivery.maxQueuedBytes",
+        };
+        log(host, LogLevel::Error, || {
+            format!(
+                "delivery dropped: event={} webhook={name} reason=the outbox is full ({outbox}) and {journal}",
                 d.event_id
             )
         });
-        self.dead_letter(host, &d, DeadLetterReason::OverShare, now_ms);
     }
 
     /// Logs and counts a delivery the outbox refused. One refused because its webhook answered

@@ -115,11 +115,20 @@ fn without_a_journal_the_outbox_drops_as_before() {
     }
     assert_eq!(host.metric("deliveries_spilled"), 0);
     assert_eq!(host.metric("deliveries_dropped.queue_full"), 1);
+    assert_eq!(host.metric("deliveries_dropped.journal_full"), 0);
+    assert_eq!(host.metric("deliveries_dropped.journal_behind"), 0);
+    let line = format!(
+        "delivery dropped: event={} webhook={HOOK} reason=the outbox is full (delivery.maxQueued)",
+        event(1_700_000_001).id_hex
+    );
+    assert_eq!(host.logged(LogLevel::Error, &line), 1);
+    assert_eq!(host.logged(LogLevel::Error, " and the journal"), 0);
 }
 
-#[test]
-fn a_delivery_evicted_by_its_own_events_fan_out_spills_too() {
-    let host = FakeHost::default();
+/// Two webhooks, `maxQueued` 3: the second delivers each event at once, the first holds one out
+/// and one queued after two events. The third event: the first webhook takes the last place,
+/// then the second (below its share) takes it back, evicting that same event's delivery.
+fn evict_own_fan_out(host: &FakeHost, journal: Value) {
     let mut config = config();
     let mut second = config["webhooks"][0].clone();
     second["id"] = json!("000000000000000000000002");
@@ -130,31 +139,240 @@ fn a_delivery_evicted_by_its_own_events_fan_out_spills_too() {
         .push(second);
     config["delivery"]["maxQueued"] = json!(3);
     config["delivery"]["maxInFlightPerWebhook"] = json!(1);
-    let mut worker = live_worker_with(&host, plan_from(config));
+    for (k, v) in journal.as_object().expect("journal fields") {
+        config["delivery"]["journal"][k] = v.clone();
+    }
+    let mut worker = live_worker_with(host, plan_from(config));
     let emit = |worker: &mut Worker, seconds: u64, now: u64| {
         worker.on_stream_outcome(
-            &host,
+            host,
             crate::stream::StreamOutcome::Event(event(seconds)),
             now,
         );
     };
-    // The second webhook delivers each event at once; the first holds one out and one queued.
     let mut answered = 0;
     for (seconds, now) in [(1_700_000_000, 1_000), (1_700_000_001, 1_010)] {
         emit(&mut worker, seconds, now);
-        for (_, attempt) in worker.pump(&host, now + 1) {
+        for (_, attempt) in worker.pump(host, now + 1) {
             if attempt.lane.name() == "000000000000000000000002" {
-                worker.on_answer(&host, attempt, &ok(b"200"), now + 2);
+                worker.on_answer(host, attempt, &ok(b"200"), now + 2);
                 answered += 1;
             }
         }
     }
     assert_eq!(answered, 2);
     assert_eq!(worker.outbox().queued(), 2);
-    // The third event: the first webhook takes the last place, then the second (below its
-    // share) takes it back, evicting that same event's delivery: it spills, it is not dropped.
     emit(&mut worker, 1_700_000_002, 1_100);
+}
+
+#[test]
+fn a_delivery_evicted_by_its_own_events_fan_out_spills_too() {
+    let host = FakeHost::default();
+    evict_own_fan_out(&host, json!({}));
+    // The evicted delivery spills, it is not dropped.
     assert_eq!(host.metric("deliveries_dropped.over_share"), 0);
     assert_eq!(host.metric("deliveries_dropped.queue_full"), 0);
     assert_eq!(host.metric("deliveries_spilled"), 1);
+}
+
+#[test]
+fn an_evicted_delivery_the_full_journal_cannot_take_names_the_journal_bound() {
+    let host = FakeHost::default();
+    // Less than any record: the journal is full from the start.
+    evict_own_fan_out(&host, json!({"maxSpilledBytes": 1}));
+    assert_eq!(host.metric("deliveries_spilled"), 0);
+    assert_eq!(host.metric("deliveries_dropped.journal_full"), 1);
+    assert_eq!(host.metric("deliveries_dropped.over_share"), 0);
+    let line = format!(
+        "delivery dropped: event={} webhook={HOOK} reason=the outbox is full, this webhook holds more than its fair share and the journal holds journal.maxSpilledBytes (1 bytes) of spilled deliveries",
+        event(1_700_000_002).id_hex
+    );
+    assert_eq!(host.logged(LogLevel::Error, &line), 1, "{line}");
+    // With spilling off, the same eviction is the outbox's drop, as without a journal.
+    let host = FakeHost::default();
+    evict_own_fan_out(&host, json!({"maxSpilledBytes": 0}));
+    assert_eq!(host.metric("deliveries_dropped.over_share"), 1);
+    assert_eq!(host.metric("deliveries_dropped.journal_full"), 0);
+    assert_eq!(
+        host.logged(
+            LogLevel::Error,
+            "reason=the outbox is full and this webhook holds more than its fair share"
+        ),
+        1
+    );
+}
+
+/// The bytes of one event's envelope in the outbox, measured on a worker without a journal.
+fn envelope_bytes() -> usize {
+    let host = FakeHost::default();
+    let mut config = config();
+    config["delivery"]
+        .as_object_mut()
+        .expect("delivery")
+        .remove("journal");
+    let mut worker = Worker::new(
+        &host,
+        plan_from(config),
+        Some(1),
+        "webhook_emitter",
+        "w".into(),
+    );
+    worker.on_stream_outcome(
+        &host,
+        crate::stream::StreamOutcome::Event(event(1_700_000_000)),
+        1_000,
+    );
+    usize::try_from(host.metric("outbox_bytes")).expect("a size")
+}
+
+/// A worker whose outbox holds one delivery, with a journal bounded by `journal` fields, its
+/// registry loaded (empty) so that its drops are reported.
+fn reporting_worker(host: &FakeHost, delivery: Value) -> Worker {
+    let mut config = config();
+    for (k, v) in delivery.as_object().expect("fields") {
+        if k == "journal" {
+            for (jk, jv) in v.as_object().expect("journal fields") {
+                config["delivery"]["journal"][jk] = jv.clone();
+            }
+        } else {
+            config["delivery"][k] = v.clone();
+        }
+    }
+    config["registry"] = json!({"cluster": "registry", "authority": "registry.internal",
+        "tokenEnv": "REGISTRY_TOKEN", "pollMs": 1000, "reportFlushMs": 100});
+    let mut worker = live_worker_with(host, plan_from(config));
+    assert!(worker.registry_poll(host, 2).is_some());
+    let page = json!({"revision": 1, "next": 1, "more": false, "changes": []});
+    worker.on_registry_answer(
+        host,
+        RegistryAnswer::Status {
+            code: 200,
+            body: page.to_string().into_bytes(),
+        },
+        3,
+    );
+    host.take_sent();
+    worker
+}
+
+/// The reasons of the dropped deliveries in the reports sent since the last look.
+fn reported_drops(host: &FakeHost, worker: &mut Worker, now_ms: u64) -> Vec<(String, String)> {
+    let _ = worker.delivery_log_poll(host, now_ms);
+    host.take_sent()
+        .iter()
+        .filter(|c| c.cluster == "registry" && header(c, ":path").ends_with("/reports"))
+        .flat_map(|c| {
+            let body: Value = serde_json::from_slice(&c.body).expect("JSON");
+            body["attempts"].as_array().cloned().unwrap_or_default()
+        })
+        .filter(|a| a["outcome"] == "dropped")
+        .map(|a| {
+            (
+                a["eventId"].as_str().unwrap_or_default().to_string(),
+                a["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn emit(host: &FakeHost, worker: &mut Worker, seconds: &[u64]) {
+    for &s in seconds {
+        worker.on_stream_outcome(host, crate::stream::StreamOutcome::Event(event(s)), 1_000);
+    }
+}
+
+#[test]
+fn past_max_spilled_bytes_a_drop_names_the_journal_bound_not_the_outbox() {
+    let host = FakeHost::default();
+    // Room in etcd for one spilled record (one webhook), not two.
+    let max = envelope_bytes() + 512 + 128;
+    let mut worker = reporting_worker(
+        &host,
+        json!({"maxQueued": 1, "journal": {"maxSpilledBytes": max}}),
+    );
+    emit(
+        &host,
+        &mut worker,
+        &[1_700_000_000, 1_700_000_001, 1_700_000_002],
+    );
+    assert_eq!(host.metric("deliveries_spilled"), 1);
+    assert_eq!(host.metric("deliveries_dropped.journal_full"), 1);
+    assert_eq!(host.metric("deliveries_dropped.journal_behind"), 0);
+    assert_eq!(host.metric("deliveries_dropped.queue_full"), 0);
+    let dropped = event(1_700_000_002).id_hex;
+    let line = format!(
+        "delivery dropped: event={dropped} webhook={HOOK} reason=the outbox is full (delivery.maxQueued) and the journal holds journal.maxSpilledBytes ({max} bytes) of spilled deliveries"
+    );
+    assert_eq!(host.logged(LogLevel::Error, &line), 1, "{line}");
+    assert_eq!(host.logged(LogLevel::Error, "delivery dropped"), 1);
+    assert_eq!(
+        reported_drops(&host, &mut worker, 1_200),
+        vec![(dropped, "journal_full".to_string())]
+    );
+}
+
+#[test]
+fn payloads_waiting_for_their_put_past_the_pin_room_name_the_journal_falling_behind() {
+    let host = FakeHost::default();
+    let size = envelope_bytes();
+    // The outbox holds one envelope; one more may wait in memory for its put, not two.
+    let room = size * 3 / 2;
+    let mut worker = reporting_worker(&host, json!({"maxQueued": 1, "maxQueuedBytes": room}));
+    emit(
+        &host,
+        &mut worker,
+        &[1_700_000_000, 1_700_000_001, 1_700_000_002],
+    );
+    assert_eq!(host.metric("deliveries_spilled"), 1);
+    assert_eq!(host.metric("deliveries_dropped.journal_behind"), 1);
+    assert_eq!(host.metric("deliveries_dropped.journal_full"), 0);
+    assert_eq!(host.metric("deliveries_dropped.queue_full"), 0);
+    let dropped = event(1_700_000_002).id_hex;
+    let line = format!(
+        "delivery dropped: event={dropped} webhook={HOOK} reason=the outbox is full (delivery.maxQueued) and the journal is behind: spilled deliveries waiting for their etcd write hold delivery.maxQueuedBytes ({room} bytes)"
+    );
+    assert_eq!(host.logged(LogLevel::Error, &line), 1, "{line}");
+    assert_eq!(
+        reported_drops(&host, &mut worker, 1_200),
+        vec![(dropped, "journal_behind".to_string())]
+    );
+}
+
+#[test]
+fn with_etcd_out_of_reach_or_spilling_off_a_drop_is_the_outbox_s_as_without_a_journal() {
+    // Spilling off: maxSpilledBytes 0.
+    let host = FakeHost::default();
+    let mut worker = reporting_worker(
+        &host,
+        json!({"maxQueued": 1, "journal": {"maxSpilledBytes": 0}}),
+    );
+    emit(&host, &mut worker, &[1_700_000_000, 1_700_000_001]);
+    assert_eq!(host.metric("deliveries_dropped.queue_full"), 1);
+    assert_eq!(host.metric("deliveries_dropped.journal_full"), 0);
+    let dropped = event(1_700_000_001).id_hex;
+    let line = format!(
+        "delivery dropped: event={dropped} webhook={HOOK} reason=the outbox is full (delivery.maxQueued)"
+    );
+    assert_eq!(host.logged(LogLevel::Error, &line), 1);
+    assert_eq!(host.logged(LogLevel::Error, "journal.maxSpilledBytes"), 0);
+    assert_eq!(
+        reported_drops(&host, &mut worker, 1_200),
+        vec![(dropped, "queue_full".to_string())]
+    );
+    // Before the lease is live, the journal cannot take it either: the outbox's drop.
+    let host = FakeHost::default();
+    let mut config = config();
+    config["delivery"]["maxQueued"] = json!(1);
+    let mut worker = Worker::new(
+        &host,
+        plan_from(config),
+        Some(1),
+        "webhook_emitter",
+        "w1".into(),
+    );
+    emit(&host, &mut worker, &[1_700_000_000, 1_700_000_001]);
+    assert_eq!(host.metric("deliveries_spilled"), 0);
+    assert_eq!(host.metric("deliveries_dropped.queue_full"), 1);
+    assert_eq!(host.metric("deliveries_dropped.journal_full"), 0);
+    assert_eq!(host.metric("deliveries_dropped.journal_behind"), 0);
 }

@@ -2,7 +2,7 @@
 //! first, each webhook in turn, within the room the outbox gives.
 
 use super::*;
-use crate::journal::spill::{RECORD_OVERHEAD_BYTES, WEBHOOK_OVERHEAD_BYTES};
+use crate::journal::spill::{SpillOutcome, RECORD_OVERHEAD_BYTES, WEBHOOK_OVERHEAD_BYTES};
 
 const PIN_ROOM: (usize, usize) = (100, 1 << 20);
 const ANY_ROOM: &dyn Fn(&str, usize) -> usize = &|_, _| usize::MAX;
@@ -62,8 +62,8 @@ fn three_spilled(j: &mut Journal) -> (Vec<Rc<str>>, Values) {
     for s in 0..3 {
         let (id, p) = payload(1_700_000_000 + s);
         j.track(&id, &p, 5, pending(&[HOOK_A, HOOK_B], 5), false);
-        assert!(j.spill(&id, &p, HOOK_A, false, PIN_ROOM, 5));
-        assert!(j.spill(&id, &p, HOOK_B, false, PIN_ROOM, 5));
+        assert!(j.spill(&id, &p, HOOK_A, false, PIN_ROOM, 5).spilled());
+        assert!(j.spill(&id, &p, HOOK_B, false, PIN_ROOM, 5).spilled());
         ids.push(id);
     }
     assert_eq!(j.spilled(), 6);
@@ -156,7 +156,7 @@ fn a_spilled_payload_waits_in_memory_until_its_put_lands_and_comes_back_without_
     let mut j = live();
     let (id, p) = payload(1_700_000_000);
     j.track(&id, &p, 5, pending(&[HOOK_A], 5), false);
-    assert!(j.spill(&id, &p, HOOK_A, false, PIN_ROOM, 5));
+    assert!(j.spill(&id, &p, HOOK_A, false, PIN_ROOM, 5).spilled());
     drop(p);
     // The put has not left yet: the pinned payload comes back at once, no read.
     j.page_in(6, (10, 1 << 20), ANY_ROOM);
@@ -172,7 +172,8 @@ fn a_spilled_payload_waits_in_memory_until_its_put_lands_and_comes_back_without_
 }
 
 #[test]
-fn nothing_spills_past_max_spilled_bytes_or_the_pin_room_or_while_etcd_is_out_of_reach() {
+fn nothing_spills_past_max_spilled_bytes_or_the_pin_room_or_while_etcd_is_out_of_reach_and_it_says_why(
+) {
     let (a, pa) = payload(1_700_000_000);
     let (b, pb) = payload(1_700_000_001);
     let one = pa.held_bytes() + RECORD_OVERHEAD_BYTES + 2 * WEBHOOK_OVERHEAD_BYTES;
@@ -184,8 +185,9 @@ fn nothing_spills_past_max_spilled_bytes_or_the_pin_room_or_while_etcd_is_out_of
         OWNER.into(),
     );
     j.track(&a, &pa, 5, pending(&[HOOK_A, HOOK_B], 5), false);
-    assert!(
-        !j.spill(&a, &pa, HOOK_A, false, PIN_ROOM, 5),
+    assert_eq!(
+        j.spill(&a, &pa, HOOK_A, false, PIN_ROOM, 5),
+        SpillOutcome::JournalUnavailable,
         "no live lease yet"
     );
     let mut j = {
@@ -195,19 +197,58 @@ fn nothing_spills_past_max_spilled_bytes_or_the_pin_room_or_while_etcd_is_out_of
     };
     j.track(&a, &pa, 5, pending(&[HOOK_A, HOOK_B], 5), false);
     j.track(&b, &pb, 5, pending(&[HOOK_A], 5), false);
-    assert!(
-        !j.spill(&a, &pa, HOOK_A, false, (0, 1 << 20), 5),
+    assert_eq!(
+        j.spill(&a, &pa, HOOK_A, false, (0, 1 << 20), 5),
+        SpillOutcome::JournalBehind {
+            room_bytes: 1 << 20
+        },
         "no room to wait for the put"
     );
-    assert!(j.spill(&a, &pa, HOOK_A, false, PIN_ROOM, 5));
+    assert_eq!(
+        j.spill(&a, &pa, HOOK_A, false, PIN_ROOM, 5),
+        SpillOutcome::Spilled
+    );
     // The same record again costs nothing more; another passes maxSpilledBytes.
-    assert!(j.spill(&a, &pa, HOOK_B, false, PIN_ROOM, 5));
-    assert!(!j.spill(&b, &pb, HOOK_A, false, PIN_ROOM, 5));
-    assert!(
-        !j.spill(&b, &pb, "0000", false, PIN_ROOM, 5),
+    assert_eq!(
+        j.spill(&a, &pa, HOOK_B, false, PIN_ROOM, 5),
+        SpillOutcome::Spilled
+    );
+    assert_eq!(
+        j.spill(&b, &pb, HOOK_A, false, PIN_ROOM, 5),
+        SpillOutcome::JournalFull { max_bytes: one }
+    );
+    assert_eq!(
+        j.spill(&b, &pb, "0000", false, PIN_ROOM, 5),
+        SpillOutcome::NotJournaled,
         "a webhook the record does not list"
     );
+    let (c, pc) = payload(1_700_000_002);
+    assert_eq!(
+        j.spill(&c, &pc, HOOK_A, false, PIN_ROOM, 5),
+        SpillOutcome::NotJournaled,
+        "an event not tracked"
+    );
     assert_eq!(j.spilled(), 2);
+    // Once a delivery is settled its record's bytes are free again: b spills.
+    j.settled(&a, HOOK_A);
+    j.settled(&a, HOOK_B);
+    assert_eq!(
+        j.spill(&b, &pb, HOOK_A, false, PIN_ROOM, 5),
+        SpillOutcome::Spilled
+    );
+}
+
+#[test]
+fn with_max_spilled_bytes_zero_spilling_is_off() {
+    let mut j = live();
+    j.settings.max_spilled_bytes = 0;
+    let (a, pa) = payload(1_700_000_000);
+    j.track(&a, &pa, 5, pending(&[HOOK_A], 5), false);
+    assert_eq!(
+        j.spill(&a, &pa, HOOK_A, false, PIN_ROOM, 5),
+        SpillOutcome::Off
+    );
+    assert_eq!(j.spilled(), 0);
 }
 
 #[test]
