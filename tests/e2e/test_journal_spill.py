@@ -5,7 +5,8 @@ its answers, then it answers each delivery slowly (20 ms, at most 2 attempts out
 or slow the machine, most deliveries cannot wait in memory.
 With a journal they wait in etcd only and are paged back in as the outbox frees room: every delivery arrives (by
 distinct webhook-id per webhook, signatures checked by `standardwebhooks`) and none is counted as dropped. The same run
-without a journal drops, and counts every delivery it drops. Spilled records are ordinary records: a proxy killed with
+without a journal drops, and counts every delivery it drops; with a tiny `journal.maxSpilledBytes` the drops name that
+bound (deliveries_dropped.journal_full and their log lines) and every delivery is still accounted for. Spilled records are ordinary records: a proxy killed with
 deliveries spilled leaves them to the next one.
 """
 
@@ -21,7 +22,7 @@ from harness.checks import signature_valid
 from harness.config import PluginConfig, delivery_section, make_hook, new_id
 from harness.etcd import Etcd, journal_section, wait_journal_live
 from harness.faults import Reply
-from harness.observe import Counters, complete_jobs_concurrently
+from harness.observe import Counters, complete_jobs_concurrently, wait_for_log
 from harness.util import wait_until
 
 EVENTS = int(os.environ.get("JOURNAL_SPILL_EVENTS", "2000"))
@@ -31,16 +32,19 @@ HOOKS = 3
 def slow_after(gate: threading.Event) -> Reply:
     """Holds every answer until `gate` is set, then answers 200 after 20 ms."""
     return Reply(status=200, delay=0.02, gate=gate)
-DROPS = ("deliveries_dropped.queue_full", "deliveries_dropped.over_share")
+DROPS = ("deliveries_dropped.queue_full", "deliveries_dropped.over_share", "deliveries_dropped.journal_full",
+         "deliveries_dropped.journal_behind")
 
 
-def overload_config(rc, journal_prefix=None, hooks=HOOKS, lease=2):
+def overload_config(rc, journal_prefix=None, hooks=HOOKS, lease=2, max_spilled_bytes=None):
     org = new_id()
     made = [make_hook(rc.port, org) for _ in range(hooks)]
     section = delivery_section(maxQueued=100, maxInFlightPerWebhook=2, retrySchedule=["500ms"] * 20)
     section["circuitBreaker"] = {"failures": 0}
     if journal_prefix is not None:
         section["journal"] = journal_section(journal_prefix, lease)
+        if max_spilled_bytes is not None:
+            section["journal"]["maxSpilledBytes"] = max_spilled_bytes
     return PluginConfig(hooks=made, delivery=section), org
 
 
@@ -128,6 +132,52 @@ def test_without_a_journal_the_same_overload_drops_and_counts_every_drop(job_ser
     assert moved["deliveries_succeeded"] == arrived, (moved, arrived)
     assert arrived + dropped == EVENTS * HOOKS, (moved, arrived)
     envoy.stop()
+
+
+def test_past_max_spilled_bytes_the_drops_name_the_journal_and_every_delivery_is_accounted_for(job_service, rc,
+                                                                                               envoys, wasm):
+    """The same overload with `journal.maxSpilledBytes` 20,000 (about a dozen records a worker): what the outbox and
+    the journal cannot hold is dropped, counted in deliveries_dropped.journal_full and logged naming that bound, not
+    as an outbox full; every delivery is delivered or counted as dropped."""
+    events, max_spilled = 600, 20_000
+    with Etcd(1, name="etcd-spill-full") as etcd:
+        prefix = f"e2e-{new_id()[:8]}/"
+        config, org = overload_config(rc, prefix, lease=15, max_spilled_bytes=max_spilled)
+        gate = threading.Event()
+        for h in config.hooks:
+            rc.always(h.path, slow_after(gate))
+        envoy = harness.envoy_with_filter(job_service, rc, config, wasm=wasm, name="journal-spill-full",
+                                          extra_clusters=[etcd.envoy_cluster()])
+        envoys.append(envoy)
+        wait_journal_live(envoy)
+        counters = Counters(envoy)
+        burst(envoy, org, events)
+        gate.set()
+
+        def settled():
+            moved = counters.deltas(*DROPS, "deliveries_succeeded", "deliveries_spilled", "deliveries_paged_in")
+            done = (moved["deliveries_succeeded"] + sum(moved[d] for d in DROPS) >= events * HOOKS
+                    and envoy.custom_stats().get("wasmcustom.webhook_emitter.outbox_depth", 0) == 0
+                    and moved["deliveries_spilled"] == moved["deliveries_paged_in"])
+            return moved if done else None
+
+        moved = wait_until(settled, 100, desc="every delivery delivered or dropped", interval=0.5)
+        arrived = sum(len(accepted_ids(rc, h)) for h in config.hooks)
+        print(f"\n{events} events x {HOOKS} webhooks, maxQueued 100, maxSpilledBytes {max_spilled}: "
+              f"{arrived} delivered; {moved}")
+        full = moved["deliveries_dropped.journal_full"]
+        assert full > 0, moved
+        assert moved["deliveries_spilled"] > 0, moved
+        # Every delivery is accounted for: delivered once, or dropped and counted.
+        assert moved["deliveries_succeeded"] == arrived, (moved, arrived)
+        assert arrived + sum(moved[d] for d in DROPS) == events * HOOKS, (moved, arrived)
+        # Each of those drops is logged with its event id, naming the journal's bound.
+        lines = wait_for_log(envoy, r"^delivery dropped: event=[0-9a-f]{24} webhook=[0-9a-f]{24} reason=the outbox is "
+                                    r"full.* and the journal holds journal\.maxSpilledBytes \(20000 bytes\) of spilled "
+                                    r"deliveries", count=full, timeout=30)
+        assert len(lines) == full, (len(lines), moved)
+        wait_until(lambda: etcd.keys(prefix + "records/") == [], 30, desc="no record left in etcd")
+        envoy.stop()
 
 
 def test_spilled_deliveries_of_a_killed_proxy_are_delivered_by_the_next(job_service, rc, envoys, wasm):
