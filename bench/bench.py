@@ -97,7 +97,8 @@ AB_PAIRS = ((0, 1), (0, 5), (2, 4), (2, 6), (3, 4), (2, 7), (9, 10))
 
 STATS = (r"^(http\.ingress\.downstream_rq_(completed|2xx)|cluster\.(webhooks|probe_receiver)\.upstream_rq_"
          r"(active|pending_active|completed|pending_overflow)|wasmcustom\.webhook_emitter\.(outbox_depth|"
-         r"deliveries_(attempted|succeeded|failed|dropped\.queue_full|dropped\.over_share|spilled|paged_in)|"
+         r"deliveries_(attempted|succeeded|failed|dropped\.(queue_full|over_share|journal_full|journal_behind)|spilled|"
+         r"paged_in)|"
          r"events_emitted|registry_updates|reports_(sent|dropped)))$")
 
 
@@ -304,6 +305,9 @@ class Bench:
                 "reports_sent": d("wasmcustom.webhook_emitter.reports_sent"),
                 "reports_dropped": d("wasmcustom.webhook_emitter.reports_dropped"),
                 "dropped_over_share": d("wasmcustom.webhook_emitter.deliveries_dropped.over_share"),
+                # With a journal: outbox full and the journal could not take them (maxSpilledBytes; puts behind).
+                "dropped_journal_full": d("wasmcustom.webhook_emitter.deliveries_dropped.journal_full"),
+                "dropped_journal_behind": d("wasmcustom.webhook_emitter.deliveries_dropped.journal_behind"),
             })
         if c in topology.JOURNALED:
             etcd_requests = sum(etcd1.values()) - sum(etcd0.values())
@@ -339,8 +343,10 @@ class Bench:
         if "deliveries" in r:
             line += f" deliv={r['deliveries']}/{r['deliveries_expected']} drain={r['drain_s']:.2f}s"
         if "etcd_requests_per_event" in r:
+            dropped = sum(r.get(k, 0) for k in ("dropped_queue_full", "dropped_over_share", "dropped_journal_full",
+                                                "dropped_journal_behind"))
             line += (f" etcd/event={r['etcd_requests_per_event'] or 0:.3f} spilled={r['spilled']}"
-                     f" dropped={r['dropped_queue_full'] + r['dropped_over_share']}")
+                     f" dropped={dropped} (journal_full={r.get('dropped_journal_full', 0)})")
         if "e2r_p99_ms" in r:
             line += f" e2r p50/p99={_ms(r['e2r_p50_ms'])}/{_ms(r['e2r_p99_ms'])}ms missing={r['probe_missing']}"
         print(line, flush=True)

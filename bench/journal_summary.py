@@ -4,10 +4,14 @@
   only), the median of the A/B pairs (phase ab-sat-27); each pair's ratio in journal_cpu_vs_memory_pairs;
 - journal_etcd_requests_per_event: requests etcd handled per event at saturation with 1 webhook (configuration 7),
   the median of its saturation rounds (each round's in ..._rounds; the same for 10 webhooks under ..._10_webhooks);
-- overload_dropped_with_journal: deliveries dropped (queue full or over share) over every saturation round of
-  configuration 8 (10 webhooks with the journal, its outbox bounded to BENCH_OVERLOAD_MAX_QUEUED deliveries, 1,000 by
-  default, so that saturation overflows it), with what spilled to etcd meanwhile, and the drain time: from the end
-  of the load until every delivery was sent, the spilled ones included (median and each round's).
+- overload_dropped_with_journal: deliveries dropped (queue full, over share, journal full or journal behind) over
+  every saturation round of configuration 8 (10 webhooks with the journal, its outbox bounded to
+  BENCH_OVERLOAD_MAX_QUEUED deliveries, 1,000 by default, so that saturation overflows it, its journal to
+  BENCH_OVERLOAD_MAX_SPILLED_BYTES, 512 MiB), with what spilled to etcd meanwhile, and the drain time: from the end
+  of the load until every delivery was sent, the spilled ones included (median and each round's);
+  overload_dropped_journal_full (and _rounds): how many of those drops were the journal's maxSpilledBytes
+  (deliveries_dropped.journal_full); overload_dropped_journal_behind: those whose payloads waited for etcd's writes
+  past their room (deliveries_dropped.journal_behind).
 """
 
 from __future__ import annotations
@@ -29,9 +33,15 @@ def summarise(steps: list) -> dict:
         out[f"journal_etcd_requests_per_event{suffix}_rounds"] = per_event
     overload = _steps(steps, "saturation", 8)
     if overload:
-        dropped = [r.get("dropped_queue_full", 0) + r.get("dropped_over_share", 0) for r in overload]
+        dropped = [r.get("dropped_queue_full", 0) + r.get("dropped_over_share", 0) + r.get("dropped_journal_full", 0)
+                   + r.get("dropped_journal_behind", 0) for r in overload]
         out["overload_dropped_with_journal"] = sum(dropped)
         out["overload_dropped_with_journal_rounds"] = dropped
+        # Of those, the ones the journal's bounds kept out of etcd: maxSpilledBytes reached, or puts behind.
+        journal_full = [r.get("dropped_journal_full", 0) for r in overload]
+        out["overload_dropped_journal_full"] = sum(journal_full)
+        out["overload_dropped_journal_full_rounds"] = journal_full
+        out["overload_dropped_journal_behind"] = sum(r.get("dropped_journal_behind", 0) for r in overload)
         out["overload_spilled_rounds"] = [r.get("spilled") for r in overload]
         out["overload_deliveries_rounds"] = [r.get("deliveries") for r in overload]
         out["overload_deliveries_expected_rounds"] = [r.get("deliveries_expected") for r in overload]

@@ -125,6 +125,9 @@ JOURNALED = (7, 8)
 # Configuration 8's outbox bound: small enough that saturation overflows it within a step (the default 10,000 holds
 # a few seconds of it), so that its saturation steps are the overload case.
 OVERLOAD_MAX_QUEUED = int(os.environ.get("BENCH_OVERLOAD_MAX_QUEUED", "") or 1000)
+# Its journal's maxSpilledBytes: what a closed-loop saturation step spills must fit, or the step measures that bound
+# (the default 64 MiB filled in about 3 s at ~7,700 requests/s x 10 webhooks on a fast machine).
+OVERLOAD_MAX_SPILLED_BYTES = int(os.environ.get("BENCH_OVERLOAD_MAX_SPILLED_BYTES", "") or 536870912)
 # Configurations whose load webhook comes from the registry, and whether they report to it (bench.py CONFIGS).
 REGISTRY_REPORTS = {9: False, 10: True}
 REGISTRY_TOKEN_ENV = "BENCH_REGISTRY_TOKEN"
@@ -229,5 +232,6 @@ def filters_for(config: int, wasm: Path, webhooks_by_config: dict, registry=None
         plugin["delivery"]["journal"] = journal_section(f"bench-{new_id()[:8]}/", lease_seconds=15)
         if config == 8:
             plugin["delivery"]["maxQueued"] = OVERLOAD_MAX_QUEUED
+            plugin["delivery"]["journal"]["maxSpilledBytes"] = OVERLOAD_MAX_SPILLED_BYTES
         return [wasm_http_filter(wasm, plugin)]
     raise ValueError(config)
