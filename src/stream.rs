@@ -137,6 +137,11 @@ impl Stream {
     }
 
     /// Whether the response body is wanted.
+    /// A rule matched the request: its response headers are worth reading.
+    pub fn is_candidate(&self) -> bool {
+        matches!(self.state, State::Candidate { .. })
+    }
+
     pub fn is_collecting(&self) -> bool {
         matches!(self.state, State::Collecting { .. })
     }
@@ -371,3 +376,6 @@ pub fn body_outcomes(
 pub fn header_pairs(serialized: &[u8]) -> Pairs<'_> {
     headers::parse_map(serialized).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests;

@@ -100,6 +100,10 @@ impl HttpContext for EmitterStream {
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        // A stream no rule matched does not copy its response headers out of Envoy.
+        if !self.stream.is_candidate() {
+            return Action::Continue;
+        }
         if let Some(plan) = &self.plan {
             let map = abi::header_map(HeaderMap::Response).unwrap_or_default();
             if self.stream.on_response_headers(plan, &header_pairs(&map)) && end_of_stream {
