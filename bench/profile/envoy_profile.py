@@ -14,6 +14,11 @@ the median reported with the range. Variants (each its own Envoy, pinned like th
   event-NAME    an ablated build from bench/profile/ablate.py (--ablation NAME=PATH.wasm)
   lua           the Lua peer, 1 webhook (bench configuration 4)
   bare          one bare asynchronous Lua httpCall per response (bench configuration 6, the floor)
+  wcall-root    the do-nothing proxy-wasm filter sending the bare callout the way webhook-emitter does: a doorbell
+                rung at the response's end, the callout sent from the root context, its :status read
+  wcall-stream  the same callout sent from the stream's context at once (no doorbell)
+  wcall-host    wcall-root plus the host calls webhook-emitter makes per event besides its callout (header maps,
+                body, clock, random bytes, counters): event − wcall-host is the filter's own code
 
 `--pair A:B` (repeatable) runs only those comparisons, with only the variants they name, and skips perf and strace
 unless asked: the quick way to compare two builds (`--ablation new=PATH.wasm --pair event:event-new`).
@@ -108,6 +113,11 @@ def main() -> int:
         filters["lua"] = [topology.lua_filter(hooks["lua"])]
         hooks["bare"] = topology.Webhooks(1, hp, probe_rx.port)
         filters["bare"] = [topology.bare_callout_filter(hooks["bare"])]
+        for v in ("wcall-root", "wcall-stream", "wcall-host"):
+            hooks[v] = topology.Webhooks(1, hp, probe_rx.port)
+            hook = hooks[v].load[0]
+            authority = hook.url.split("//", 1)[1].split("/", 1)[0]
+            filters[v] = [noop_filter(Path(args.noop), f"callout-{v[6:]} webhooks {authority} {hook.path}")]
         filters = {v: f for v, f in filters.items() if v in wanted}
         for v, f in filters.items():
             boot = topology.under_test_bootstrap(v, f, jp, hp, probe_jobs.port, probe_rx.port)
