@@ -388,8 +388,9 @@ fn a_410_seen_by_one_worker_stops_every_worker_of_the_proxy() {
     let (_, attempt) = first.pump(&host, 0).remove(0);
     first.on_answer(&host, attempt, &answer(b"410"), 1);
     assert_eq!(host.metric("webhooks_disabled_gone"), 1);
-    // The second worker learns it on its next event (before fan-out) or tick: its queued delivery is
-    // dropped with a trace, and the new event is refused.
+    // The second worker learns it on its next tick: its queued delivery is dropped with a trace,
+    // and the new event is refused.
+    second.tick(&host, 5);
     complete(
         &host,
         &mut second,
@@ -459,7 +460,9 @@ fn an_open_circuit_holds_every_worker_and_a_close_reopens_them() {
     let (_, attempt) = first.pump(&host, 0).remove(0);
     first.on_answer(&host, attempt, &answer(b"500"), 0);
     assert_eq!(host.metric("circuits_opened"), 1);
-    // The second worker's new event waits behind the open circuit instead of being sent now.
+    // Once the second worker has ticked, its new event waits behind the open circuit instead of
+    // being sent now.
+    second.tick(&host, 10);
     complete(
         &host,
         &mut second,

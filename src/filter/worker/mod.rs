@@ -376,8 +376,8 @@ impl Worker {
     /// Fans an event out to the enabled webhooks of its organisation subscribed to its type,
     /// with one shared copy of its envelope, and wakes the root context to dispatch.
     pub fn emit(&mut self, host: &dyn Host, event: Event, now_ms: u64) {
-        // Another worker may have found an endpoint gone or failing since the last tick.
-        self.sync_endpoints(host, now_ms);
+        // What other workers found about endpoints (gone, failing) is taken on the tick, not here:
+        // reading the shared table copies all of it into the VM, which no event should pay for.
         self.metrics.events_emitted.inc(host);
         let waiting_for_registry = self.waiting_for_registry();
         let event = Waiting {
