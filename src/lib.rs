@@ -15,8 +15,8 @@ pub mod headers;
 pub mod journal;
 pub mod json;
 pub mod path;
-// The webhook registry service: native only, nothing of it in the .wasm.
 pub mod refetch;
+// The webhook registry service: native only, nothing of it in the .wasm.
 #[cfg(not(target_arch = "wasm32"))]
 pub mod registry;
 pub mod registry_sync;

@@ -1,4 +1,5 @@
-//! Time on the wire: RFC 3339 timestamps for envelopes and dead letters, and `Retry-After` values.
+//! Time on the wire: RFC 3339 timestamps for envelopes and dead letters, `Retry-After` values, and
+//! the periods people write in configurations and flags (`30s`, `7d`).
 //! Pure: the current time is always passed in.
 
 use std::time::UNIX_EPOCH;
@@ -64,6 +65,34 @@ pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
     let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
     era * 146_097 + doe - 719_468
+}
+
+/// A period as people write it: a whole number followed by `ms`, `s`, `m`, `h` (and `d` with
+/// `days`), in milliseconds; more than 0 and at most `max_ms`, which `max` names in the error.
+pub fn parse_period_ms(text: &str, days: bool, max_ms: u64, max: &str) -> Result<u64, String> {
+    let units = if days {
+        "ms, s, m, h or d"
+    } else {
+        "ms, s, m or h"
+    };
+    let shape = || format!("{text:?} must be a whole number followed by {units}");
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let scale: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "d" if days => 86_400_000,
+        _ => return Err(shape()),
+    };
+    let value: u64 = number.parse().map_err(|_| shape())?;
+    match value.checked_mul(scale) {
+        Some(ms) if ms > 0 && ms <= max_ms => Ok(ms),
+        _ => Err(format!("{text:?} must be more than 0 and at most {max}")),
+    }
 }
 
 /// A `Retry-After` header value (RFC 9110 §10.2.3) as a delay in milliseconds from `now_ms`:

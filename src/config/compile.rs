@@ -407,28 +407,7 @@ const MAX_RETRY_DELAY_MS: u64 = 86_400_000;
 
 /// `"500ms"`, `"5s"`, `"2m"`, `"1h"`: a whole number and a unit, at most 24 hours.
 pub fn parse_duration_ms(text: &str) -> Result<u64, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let scale = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        _ => {
-            return Err(format!(
-                "{text:?} must be a whole number followed by ms, s, m or h"
-            ))
-        }
-    };
-    let value: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} must be a whole number followed by ms, s, m or h"))?;
-    match value.checked_mul(scale) {
-        Some(ms) if ms > 0 && ms <= MAX_RETRY_DELAY_MS => Ok(ms),
-        _ => Err(format!("{text:?} must be more than 0 and at most 24h")),
-    }
+    crate::time::parse_period_ms(text, false, MAX_RETRY_DELAY_MS, "24h")
 }
 
 // ---- events[] ----

@@ -115,29 +115,35 @@ impl DeliveryArgs {
 
 /// A whole number followed by ms, s, m, h or d; more than 0 and at most 3650 days.
 pub fn parse_period(text: &str) -> Result<i64, String> {
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let scale = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => DAY_MS,
-        _ => {
-            return Err(format!(
-                "{text:?} must be a whole number followed by ms, s, m, h or d"
-            ))
-        }
+    let max_ms = MAX_PERIOD_MS.unsigned_abs();
+    crate::time::parse_period_ms(text, true, max_ms, "3650d")
+        .map(|ms| i64::try_from(ms).unwrap_or(MAX_PERIOD_MS))
+}
+
+/// The queued sends' table: the same columns on both databases, but for how the id is generated.
+macro_rules! delivery_sends_table {
+    ($id:literal) => {
+        concat!(
+            "CREATE TABLE IF NOT EXISTS delivery_sends (
+                id ",
+            $id,
+            ",
+                organisation_id TEXT NOT NULL,
+                webhook_id TEXT NOT NULL,
+                event_id TEXT NOT NULL,
+                event_type TEXT NOT NULL,
+                kind TEXT NOT NULL,
+                body TEXT NOT NULL,
+                body_json_bytes BIGINT NOT NULL,
+                state TEXT NOT NULL,
+                lease_until_ms BIGINT NOT NULL,
+                proxy TEXT,
+                claims BIGINT NOT NULL,
+                created_ms BIGINT NOT NULL,
+                finished_ms BIGINT,
+                outcome TEXT)"
+        )
     };
-    let value: i64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} must be a whole number followed by ms, s, m, h or d"))?;
-    match value.checked_mul(scale) {
-        Some(ms) if ms > 0 && ms <= MAX_PERIOD_MS => Ok(ms),
-        _ => Err(format!("{text:?} must be more than 0 and at most 3650d")),
-    }
 }
 
 fn schema(postgres: bool) -> Vec<&'static str> {
@@ -189,39 +195,9 @@ fn schema(postgres: bool) -> Vec<&'static str> {
         "CREATE INDEX IF NOT EXISTS delivery_attempts_by_delivery ON delivery_attempts (webhook_id, event_id, at_ms)",
         "CREATE INDEX IF NOT EXISTS delivery_attempts_by_age ON delivery_attempts (at_ms)",
         if postgres {
-            "CREATE TABLE IF NOT EXISTS delivery_sends (
-                id BIGSERIAL PRIMARY KEY,
-                organisation_id TEXT NOT NULL,
-                webhook_id TEXT NOT NULL,
-                event_id TEXT NOT NULL,
-                event_type TEXT NOT NULL,
-                kind TEXT NOT NULL,
-                body TEXT NOT NULL,
-                body_json_bytes BIGINT NOT NULL,
-                state TEXT NOT NULL,
-                lease_until_ms BIGINT NOT NULL,
-                proxy TEXT,
-                claims BIGINT NOT NULL,
-                created_ms BIGINT NOT NULL,
-                finished_ms BIGINT,
-                outcome TEXT)"
+            delivery_sends_table!("BIGSERIAL PRIMARY KEY")
         } else {
-            "CREATE TABLE IF NOT EXISTS delivery_sends (
-                id INTEGER PRIMARY KEY AUTOINCREMENT,
-                organisation_id TEXT NOT NULL,
-                webhook_id TEXT NOT NULL,
-                event_id TEXT NOT NULL,
-                event_type TEXT NOT NULL,
-                kind TEXT NOT NULL,
-                body TEXT NOT NULL,
-                body_json_bytes BIGINT NOT NULL,
-                state TEXT NOT NULL,
-                lease_until_ms BIGINT NOT NULL,
-                proxy TEXT,
-                claims BIGINT NOT NULL,
-                created_ms BIGINT NOT NULL,
-                finished_ms BIGINT,
-                outcome TEXT)"
+            delivery_sends_table!("INTEGER PRIMARY KEY AUTOINCREMENT")
         },
         // One open send per delivery: a second resend while one is queued or leased queues nothing.
         "CREATE UNIQUE INDEX IF NOT EXISTS delivery_sends_open ON delivery_sends (webhook_id, event_id) \
