@@ -53,7 +53,10 @@ import loadgen  # noqa: E402
 import topology  # noqa: E402
 from probe import TimedJobService  # noqa: E402
 
-BASE_PAIRS = [("none", "noop"), ("noop", "calls50"), ("none", "nomatch"), ("event", "event-warn"), ("lua", "event")]
+BASE_PAIRS = [("none", "noop"), ("noop", "calls50"), ("none", "nomatch"), ("event", "event-warn"), ("lua", "event"),
+              # The event, step by step from the bare Lua callout: a proxy-wasm callout sent as ours is, the
+              # host calls of an event, then the filter's own code.
+              ("bare", "wcall-root"), ("wcall-root", "wcall-host"), ("wcall-host", "event")]
 PROFILED = ("none", "nomatch", "event", "lua", "bare")
 
 

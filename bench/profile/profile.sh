@@ -7,7 +7,7 @@
 #   4. ablations (bench/profile/ablate.py: copies of src/ without signing, or without metric host calls)
 #      measured against the filter as it is, in the same A/B pairs.
 # Knobs: WASM (default: the release build), PAIRS (6), DURATION (2 s per step), PERF (0 to skip perf).
-# Uses strace when present. About 8 minutes.
+# Uses strace when present. About 7 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 WASM="${WASM:-target/wasm32-wasip1/release/webhook_emitter.wasm}"
