@@ -20,6 +20,8 @@ pub struct FakeHost {
     /// When set, every dispatch is refused with this.
     pub refuse: RefCell<Option<DispatchRefused>>,
     pub shared: RefCell<HashMap<String, (Vec<u8>, u32)>>,
+    /// Reads of shared data, by key.
+    pub shared_reads: RefCell<HashMap<String, u32>>,
     next_token: RefCell<u32>,
     pub wakes: RefCell<u32>,
 }
@@ -105,6 +107,11 @@ impl Host for FakeHost {
         true
     }
     fn shared_get(&self, key: &str) -> Option<(Vec<u8>, u32)> {
+        *self
+            .shared_reads
+            .borrow_mut()
+            .entry(key.to_string())
+            .or_default() += 1;
         self.shared.borrow().get(key).cloned()
     }
     fn shared_set(&self, key: &str, value: &[u8], cas: u32) -> bool {

@@ -388,9 +388,8 @@ fn a_410_seen_by_one_worker_stops_every_worker_of_the_proxy() {
     let (_, attempt) = first.pump(&host, 0).remove(0);
     first.on_answer(&host, attempt, &answer(b"410"), 1);
     assert_eq!(host.metric("webhooks_disabled_gone"), 1);
-    // The second worker learns it on its next tick: its queued delivery is dropped with a trace,
-    // and the new event is refused.
-    second.tick(&host, 5);
+    // The second worker learns it on its next event (before fan-out) or tick: its queued delivery is
+    // dropped with a trace, and the new event is refused.
     complete(
         &host,
         &mut second,
@@ -406,6 +405,51 @@ fn a_410_seen_by_one_worker_stops_every_worker_of_the_proxy() {
     assert_eq!(host.metric("deliveries_dropped.webhook_gone"), 3);
     assert!(second.pump(&host, 100_000).is_empty());
     assert_eq!(second.outbox().queued(), 0);
+}
+
+#[test]
+fn an_event_copies_the_shared_endpoint_table_only_after_it_changed() {
+    let host = FakeHost::default();
+    let cfg = config(vec![webhook(1, ORG), webhook(2, ORG)], json!({}));
+    let mut first = Worker::new(&host, plan(&cfg), None, "p", "w1".into());
+    let mut second = Worker::new(&host, plan(&cfg), None, "p", "w2".into());
+    let table_reads = || {
+        host.shared_reads
+            .borrow()
+            .get("webhook_emitter.p.endpoints")
+            .copied()
+            .unwrap_or(0)
+    };
+    complete(
+        &host,
+        &mut first,
+        ORG.as_bytes(),
+        br#"{"status":"completed"}"#,
+        0,
+    );
+    let sent = first.pump(&host, 0);
+    assert_eq!(sent.len(), 2);
+    let (_, gone) = sent.into_iter().next().unwrap();
+    first.on_answer(&host, gone, &answer(b"410"), 1);
+    let after_410 = table_reads();
+    // The second worker's next event reads the changed table once; the events after it do not.
+    for now in 2..12 {
+        complete(
+            &host,
+            &mut second,
+            ORG.as_bytes(),
+            br#"{"status":"completed"}"#,
+            now,
+        );
+    }
+    assert_eq!(table_reads(), after_410 + 1);
+    assert_eq!(
+        host.shared_reads.borrow()["webhook_emitter.p.endpoints.changed"],
+        11,
+        "one small read per event, the first worker's included"
+    );
+    // Only the healthy webhook gets the second worker's events.
+    assert_eq!(second.pump(&host, 12).len(), 10);
 }
 
 #[test]
@@ -460,9 +504,7 @@ fn an_open_circuit_holds_every_worker_and_a_close_reopens_them() {
     let (_, attempt) = first.pump(&host, 0).remove(0);
     first.on_answer(&host, attempt, &answer(b"500"), 0);
     assert_eq!(host.metric("circuits_opened"), 1);
-    // Once the second worker has ticked, its new event waits behind the open circuit instead of
-    // being sent now.
-    second.tick(&host, 10);
+    // The second worker's new event waits behind the open circuit instead of being sent now.
     complete(
         &host,
         &mut second,

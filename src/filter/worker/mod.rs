@@ -171,11 +171,16 @@ pub struct Worker {
     metrics: Metrics,
     /// This worker's id among the proxy's workers (random per VM), for the shared held table.
     id: String,
-    /// Shared-data keys of this plugin: endpoint states and every worker's holdings.
+    /// Shared-data keys of this plugin: endpoint states, a one-byte key rewritten after every
+    /// change of them (its CAS token says whether the table changed without copying the table),
+    /// and every worker's holdings.
     endpoints_key: String,
+    endpoints_changed_key: String,
     held_key: String,
     /// The CAS token of the endpoint table last applied, so that an unchanged table is not parsed.
     endpoints_seen: u32,
+    /// The CAS token of the change key last seen before an event.
+    endpoints_changed_seen: u32,
     /// What this worker last told the others it holds, and when.
     held_said: (usize, usize, u64),
     /// A shared queue private to this worker: an HTTP context enqueues to wake the root context
@@ -238,8 +243,10 @@ impl Worker {
             metrics: Metrics::define(host),
             id,
             endpoints_key: format!("webhook_emitter.{plugin}.endpoints"),
+            endpoints_changed_key: format!("webhook_emitter.{plugin}.endpoints.changed"),
             held_key: format!("webhook_emitter.{plugin}.held"),
             endpoints_seen: 0,
+            endpoints_changed_seen: 0,
             held_said: (0, 0, 0),
             doorbell,
             doorbell_rung: false,
@@ -376,8 +383,9 @@ impl Worker {
     /// Fans an event out to the enabled webhooks of its organisation subscribed to its type,
     /// with one shared copy of its envelope, and wakes the root context to dispatch.
     pub fn emit(&mut self, host: &dyn Host, event: Event, now_ms: u64) {
-        // What other workers found about endpoints (gone, failing) is taken on the tick, not here:
-        // reading the shared table copies all of it into the VM, which no event should pay for.
+        // Another worker may have found an endpoint gone or failing since the last tick. Only the
+        // change key is read here: the table is copied into the VM only when it changed.
+        self.sync_endpoints_if_changed(host, now_ms);
         self.metrics.events_emitted.inc(host);
         let waiting_for_registry = self.waiting_for_registry();
         let event = Waiting {

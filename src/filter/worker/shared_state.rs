@@ -54,6 +54,7 @@ impl Worker {
             let mut table = EndpointTable::parse(&bytes);
             table.set(key.clone(), state.clone());
             if host.shared_set(&self.endpoints_key, &table.serialize(), cas) {
+                self.tell_endpoints_changed(host);
                 return;
             }
         }
@@ -63,6 +64,25 @@ impl Worker {
                 key.webhook_id
             )
         });
+    }
+
+    /// Rewrites the change key after a change of the endpoint table, so that the other workers'
+    /// next events see it (the tick reads the table itself, should this write fail).
+    fn tell_endpoints_changed(&self, host: &dyn Host) {
+        host.shared_set(&self.endpoints_changed_key, b"1", 0);
+    }
+
+    /// Applies the endpoint table before an event only if its change key moved since the last
+    /// event: one small read per event, however large the table.
+    pub(super) fn sync_endpoints_if_changed(&mut self, host: &dyn Host, now_ms: u64) {
+        let Some((_, changed)) = host.shared_get(&self.endpoints_changed_key) else {
+            return;
+        };
+        if changed == self.endpoints_changed_seen {
+            return;
+        }
+        self.endpoints_changed_seen = changed;
+        self.sync_endpoints(host, now_ms);
     }
 
     /// Applies what other workers found: a webhook gone for them is gone here too (its queued
@@ -195,6 +215,7 @@ impl Worker {
             };
             table.set(key.clone(), Some(state));
             if host.shared_set(&self.endpoints_key, &table.serialize(), cas) {
+                self.tell_endpoints_changed(host);
                 return;
             }
         }
