@@ -259,7 +259,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 "NOT encrypted"
             }
         ));
-        serve_connections(listener, api::router(app)).await;
+        serve_connections(listener, api::router(app.clone())).await;
+        app.write_limiter.log_final_reports();
         log("stopped");
         Ok(())
     })

@@ -81,8 +81,9 @@ pub struct TokenBuckets {
     rate: Rate,
     most: usize,
     buckets: HashMap<String, Bucket>,
-    /// Unreported refusals of buckets pushed out of a full table, reported by the next sweep.
+    /// Unreported refusals of buckets pushed out of a full table, reported by the next sweep; since when.
     forgotten_refused: u64,
+    forgotten_since_ms: u64,
 }
 
 impl TokenBuckets {
@@ -93,6 +94,7 @@ impl TokenBuckets {
             most: most.max(1),
             buckets: HashMap::new(),
             forgotten_refused: 0,
+            forgotten_since_ms: 0,
         }
     }
 
@@ -186,7 +188,29 @@ impl TokenBuckets {
             reports.push(Report {
                 key: String::new(),
                 refused: std::mem::take(&mut self.forgotten_refused),
-                since_ms: now_ms,
+                since_ms: self.forgotten_since_ms,
+            });
+        }
+        reports
+    }
+
+    /// Every refusal not reported yet, due or not (when the registry stops).
+    pub fn final_reports(&mut self) -> Vec<Report> {
+        let mut reports: Vec<Report> = self
+            .buckets
+            .iter_mut()
+            .filter(|(_, bucket)| bucket.refused > 0)
+            .map(|(key, bucket)| Report {
+                key: key.clone(),
+                refused: std::mem::take(&mut bucket.refused),
+                since_ms: bucket.first_refused_ms,
+            })
+            .collect();
+        if self.forgotten_refused > 0 {
+            reports.push(Report {
+                key: String::new(),
+                refused: std::mem::take(&mut self.forgotten_refused),
+                since_ms: self.forgotten_since_ms,
             });
         }
         reports
@@ -210,6 +234,9 @@ impl TokenBuckets {
                 .map(|(_, _, key)| key.clone());
             let Some(key) = fullest else { return };
             if let Some(gone) = self.buckets.remove(&key) {
+                if self.forgotten_refused == 0 && gone.refused > 0 {
+                    self.forgotten_since_ms = gone.first_refused_ms;
+                }
                 self.forgotten_refused = self.forgotten_refused.saturating_add(gone.refused);
             }
         }

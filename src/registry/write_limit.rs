@@ -47,7 +47,8 @@ pub struct WriteLimitArgs {
         long,
         env = "REGISTRY_ORG_WRITE_BURST",
         default_value_t = 50,
-        value_name = "N"
+        value_name = "N",
+        allow_negative_numbers = true
     )]
     pub org_write_burst: u32,
 }
@@ -148,8 +149,9 @@ impl WriteLimiter {
             format!("of organisation {:?}", report.key)
         };
         log(&format!(
-            "rate limited: {} writes {whose} refused (429) since {}: over --org-write-rate {} (--org-write-burst {})",
+            "rate limited: {} write{} {whose} refused (429) since {}: over --org-write-rate {} (--org-write-burst {})",
             report.refused,
+            if report.refused == 1 { "" } else { "s" },
             rfc3339(since),
             rate.per_second,
             rate.burst
@@ -168,6 +170,15 @@ impl WriteLimiter {
             for report in reports {
                 self.log_report(&report, now);
             }
+        }
+    }
+
+    /// Logs the refusals no line has counted yet (when the registry stops).
+    pub fn log_final_reports(&self) {
+        let now = self.elapsed_ms();
+        let reports = self.lock().final_reports();
+        for report in reports {
+            self.log_report(&report, now);
         }
     }
 }

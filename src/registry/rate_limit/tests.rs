@@ -207,6 +207,7 @@ fn refusals_of_buckets_pushed_out_are_still_reported() {
     assert_eq!(reports.len(), 1);
     assert_eq!(reports[0].key, "");
     assert_eq!(reports[0].refused, 2);
+    assert_eq!(reports[0].since_ms, 1);
 }
 
 #[test]
@@ -216,4 +217,23 @@ fn a_clock_that_goes_back_refills_nothing() {
     assert!(!allowed(&mut b, "o", 1000));
     assert!(!allowed(&mut b, "o", 5999));
     assert!(allowed(&mut b, "o", 6000));
+}
+
+#[test]
+fn the_final_reports_hold_every_refusal_not_reported() {
+    let mut b = buckets(1.0, 1);
+    assert!(allowed(&mut b, "o", 0));
+    assert!(b.take("o", 0).report.is_some());
+    for now in 1..5 {
+        assert!(b.take("o", now).report.is_none());
+    }
+    assert_eq!(
+        b.final_reports(),
+        vec![Report {
+            key: "o".into(),
+            refused: 4,
+            since_ms: 1
+        }]
+    );
+    assert!(b.final_reports().is_empty());
 }
