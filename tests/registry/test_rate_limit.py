@@ -2,7 +2,7 @@
 the real binary: the burst, then 429 with Retry-After in the error shape (code `rate_limited`); another
 organisation, reads and the proxies' routes unaffected; writes again once tokens are back; every write route
 limited, none of the callers who may not write costing the organisation anything; 0 turns it off; bad flags
-refused; refusals logged once per organisation per 10 s and never audited row by row."""
+refused; refusals logged once per organisation per 10 s and never audited row by row; the dashboard's message."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import subprocess
 import time
 
 import pytest
+from selenium.webdriver.common.by import By
 
 from harness.registry_service import RegistryService
 from harness.util import wait_until
+from test_dashboard import Steps, browser, visible  # noqa: F401  (browser is a fixture)
 from test_deliveries import WEBHOOK, event, failed_for_good, hooks, new_id, now_ms, report
 
 
@@ -166,3 +168,25 @@ def test_bad_rate_flags_are_refused(tmp_path, flags, env, message):
     done = subprocess.run(reg.args, env=reg.env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("browser", [1280], indirect=True, ids=["desktop"])
+def test_the_dashboard_shows_the_limit_like_any_refusal(browser, make_registry):
+    """In a real browser: a write over the limit on the dashboard says why and when to retry."""
+    reg = make_registry("sqlite", loopback_webhooks=False,
+                        extra_args=["--org-write-rate", "0.01", "--org-write-burst", "1"])
+    webhook, _ = reg.register("org-a", "https://hooks.example.com/webhooks", name="Billing")
+    d, s = browser, Steps(browser, prefix="rate-limited-")
+    d.get(reg.base_url + "/")
+    s.wait(lambda d: visible(d, "sign-in"), "the sign-in form")
+    d.find_element(By.ID, "token").send_keys(reg.token(org="org-a"))
+    d.find_element(By.CSS_SELECTOR, "#sign-in-form button[type=submit]").click()
+    row = f'tr[data-id="{webhook["id"]}"]'
+    s.wait(lambda d: d.find_elements(By.CSS_SELECTOR, row), "the webhook's row")
+    disable = [b for b in d.find_elements(By.CSS_SELECTOR, f"{row} button") if b.text == "Disable"]
+    disable[0].click()
+    s.wait(lambda d: "too many writes" in d.find_element(By.ID, "status").text, "the refusal's message")
+    text = d.find_element(By.ID, "status").text
+    assert re.search(r'too many writes for organisation "org-a": .*retry in \d+ s', text), text
+    assert "Enabled" in d.find_element(By.CSS_SELECTOR, row).text, "nothing changed"
+    s.shot("refused")
