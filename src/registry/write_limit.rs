@@ -18,7 +18,7 @@ use serde_json::json;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-/// Most organisations with a bucket at once (a bucket is about 200 bytes with its id).
+/// Most organisations with a bucket at once (under 1 KB each with the longest id: a few MB at most).
 const MOST_BUCKETS: usize = 10_000;
 /// Highest rate and burst accepted.
 const MOST_RATE: f64 = 1_000_000.0;
