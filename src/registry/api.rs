@@ -35,6 +35,8 @@ pub struct App {
     pub sealer: Sealer,
     pub policy: Policy,
     pub deliveries: super::delivery_log::DeliverySettings,
+    /// Each organisation's writes through this API (off unless set).
+    pub write_limiter: super::write_limit::WriteLimiter,
     /// How long the previous key is still served after a rotation.
     pub rotation_grace_ms: i64,
     feed: Mutex<Option<proxy_feeds::Feed>>,
@@ -58,6 +60,7 @@ impl App {
             sealer,
             policy,
             deliveries: Default::default(),
+            write_limiter: super::write_limit::WriteLimiter::off(),
             rotation_grace_ms,
             feed: Mutex::new(None),
             changes,
@@ -91,6 +94,15 @@ impl App {
 impl super::health::HasStore for App {
     fn store(&self) -> &Store {
         &self.store
+    }
+}
+
+impl super::write_limit::LimitsWrites for App {
+    fn write_limiter(&self) -> &super::write_limit::WriteLimiter {
+        &self.write_limiter
+    }
+    fn may_manage(&self, headers: &HeaderMap, organisation: &str) -> bool {
+        self.authorize(headers, organisation).is_ok()
     }
 }
 
@@ -149,6 +161,11 @@ pub fn router(app: Arc<App>) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             super::health::database_guard::<App>,
+        ))
+        // After the token's check, before the database's.
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            super::write_limit::limit_writes::<App>,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(axum::middleware::from_fn(super::rejections::in_error_shape))

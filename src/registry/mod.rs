@@ -14,6 +14,7 @@ mod feed;
 mod health;
 mod json;
 mod keys;
+mod rate_limit;
 mod refusals;
 mod rejections;
 mod revisions;
@@ -21,6 +22,7 @@ mod seed;
 mod sends;
 mod store;
 mod validate;
+mod write_limit;
 
 use crate::config::parse_duration_ms;
 use clap::{Args, Subcommand};
@@ -74,6 +76,8 @@ pub struct ServeArgs {
     pub event_types: Vec<String>,
     #[command(flatten)]
     pub deliveries: Box<delivery_log::DeliveryArgs>,
+    #[command(flatten)]
+    pub write_limit: write_limit::WriteLimitArgs,
     /// Environment variable holding the main key (base64 of 32 bytes) that encrypts the API keys at rest.
     #[arg(long, env = "REGISTRY_MAIN_KEY_ENV", value_name = "NAME")]
     pub main_key_env: Option<String>,
@@ -194,6 +198,7 @@ fn serve(args: ServeArgs) -> Result<(), String> {
         .map_err(|e| format!("--tombstone-retention: {e}"))?;
     let changes = feed::ChangesFeed::new(args.feed_page_bytes)?;
     let delivery_settings = args.deliveries.settings()?;
+    let write_rate = args.write_limit.rate()?;
     let policy = validate::Policy {
         event_types: args.event_types.clone(),
         allow_insecure_http: args.allow_insecure_http,
@@ -220,7 +225,10 @@ fn serve(args: ServeArgs) -> Result<(), String> {
             changes,
         );
         app.deliveries = delivery_settings.clone();
+        app.write_limiter = write_limit::WriteLimiter::new(write_rate);
         let app = Arc::new(app);
+        let limiter = app.clone();
+        tokio::spawn(async move { limiter.write_limiter.sweep_forever().await });
         let pruner = app.clone();
         tokio::spawn(async move {
             let retention = i64::try_from(tombstone_retention_ms).unwrap_or(i64::MAX);
@@ -251,7 +259,8 @@ fn serve(args: ServeArgs) -> Result<(), String> {
                 "NOT encrypted"
             }
         ));
-        serve_connections(listener, api::router(app)).await;
+        serve_connections(listener, api::router(app.clone())).await;
+        app.write_limiter.log_final_reports();
         log("stopped");
         Ok(())
     })

@@ -40,7 +40,11 @@ pub async fn log_and_audit<A: Refusals>(
     let authorization = request.headers().get(header::AUTHORIZATION).cloned();
     let response = next.run(request).await;
     let status = response.status();
-    if !(status.is_client_error() || status.is_server_error()) {
+    // Writes over the organisation's rate are logged by the limit itself (write_limit.rs), a line per 10 s, and
+    // never audited: each would cost the database the write the limit spared it.
+    if !(status.is_client_error() || status.is_server_error())
+        || status == StatusCode::TOO_MANY_REQUESTS
+    {
         return response;
     }
     // Verified again only for refusals: the handler's own verification is not shared with this layer.

@@ -29,6 +29,9 @@ from .util import scaled, terminate, wait_until
 REPO = Path(__file__).resolve().parents[2]
 BINARY = Path(os.environ.get("WEBHOOK_EMITTER_BIN", REPO / "target" / "debug" / "webhook-emitter"))
 LOOPBACK = "127.0.0.1"
+# For a registry that a test writes to as fast as it can on purpose (hundreds of invalid fields, a hammer): the
+# organisations' write limit (default 10 a second, bursts of 50) turned off.
+WRITES_UNLIMITED = ("--org-write-rate", "0")
 
 
 def b64url(data: bytes) -> str:

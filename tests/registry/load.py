@@ -24,14 +24,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from harness.registry_service import Postgres, RegistryService  # noqa: E402
+from harness.registry_service import WRITES_UNLIMITED, Postgres, RegistryService  # noqa: E402
 
 BODY = {"name": "Load", "url": "https://hooks.example.com/load", "description": "", "status": "enabled",
         "events": ["job.completed"]}
 
 
-# The write scenario makes thousands of webhooks in one organisation: past the default quota.
-WRITES_UNBOUNDED = ["--max-webhooks-per-organisation", "1000000"]
+# The write scenario makes thousands of webhooks in one organisation, as fast as it can: past the default quota
+# and the default write rate.
+WRITES_UNBOUNDED = ["--max-webhooks-per-organisation", "1000000", *WRITES_UNLIMITED]
 
 
 def h2load(url: str, requests: int, clients: int, headers: dict, body: Path = None) -> tuple:
