@@ -253,17 +253,17 @@ impl Worker {
         metric.inc(host);
         self.journal_settled(&self.hooks(), &d.event_id, d.lane);
         let name = lane_name(&self.hooks(), d.lane).to_string();
+        let why = match journal {
+            Some(j) => {
+                format!("the outbox is full, this webhook holds more than its fair share and {j}")
+            }
+            None => "the outbox is full and this webhook holds more than its fair share".into(),
+        };
         log(host, LogLevel::Error, || {
-            match journal {
-            Some(j) => format!(
-                "delivery dropped: event={} webhook={name} reason=the outbox is full, this webhook holds more than its fair share and {j}",
+            format!(
+                "delivery dropped: event={} webhook={name} reason={why}",
                 d.event_id
-            ),
-            None => format!(
-                "delivery dropped: event={} webhook={name} reason=the outbox is full and this webhook holds more than its fair share",
-                d.event_id
-            ),
-        }
+            )
         });
         // The dead letter's reason stays over_share: it was evicted for its webhook's share.
         self.dead_letter(host, &d, DeadLetterReason::OverShare, now_ms);
