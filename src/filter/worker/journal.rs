@@ -437,27 +437,17 @@ impl Worker {
         let mut kept = Vec::with_capacity(pending.len());
         let mut deliveries = Vec::with_capacity(pending.len());
         for p in pending {
-            let lane = hooks.lane_of(&p.webhook_id);
-            let Some(i) = lane else {
-                self.metrics.deliveries_dropped_webhook_removed.inc(host);
-                log(host, LogLevel::Warn, || {
-                    format!(
-                        "delivery dropped: event={event_id} webhook={} reason=claimed from the journal, but this configuration has no such enabled webhook",
-                        p.webhook_id
-                    )
-                });
-                continue;
-            };
-            let mut delivery = Delivery::new(
-                Rc::clone(&event_id),
-                LaneId::Webhook(i),
-                Rc::clone(&payload),
-                created_at_ms,
+            let resumed = self.resume(
+                host,
+                &hooks,
+                (&event_id, &payload, created_at_ms),
+                &p,
+                "claimed from the journal, but this configuration has no such enabled webhook",
             );
-            delivery.attempts = p.attempts;
-            delivery.next_attempt_at_ms = p.next_attempt_at_ms;
-            kept.push(p);
-            deliveries.push(delivery);
+            if let Some(delivery) = resumed {
+                kept.push(p);
+                deliveries.push(delivery);
+            }
         }
         log(host, LogLevel::Info, || {
             format!(
@@ -476,6 +466,37 @@ impl Worker {
         self.report_gauges(host);
     }
 
+    /// A journaled delivery back in memory, at its attempt count and next attempt time; `None`
+    /// (dropped, counted and logged with `why`) when its webhook is no longer enabled here.
+    fn resume(
+        &self,
+        host: &dyn Host,
+        hooks: &Hooks,
+        (event_id, payload, created_at_ms): (&Rc<str>, &Rc<Payload>, u64),
+        p: &PendingWebhook,
+        why: &str,
+    ) -> Option<Delivery> {
+        let Some(i) = hooks.lane_of(&p.webhook_id) else {
+            self.metrics.deliveries_dropped_webhook_removed.inc(host);
+            log(host, LogLevel::Warn, || {
+                format!(
+                    "delivery dropped: event={event_id} webhook={} reason={why}",
+                    p.webhook_id
+                )
+            });
+            return None;
+        };
+        let mut delivery = Delivery::new(
+            Rc::clone(event_id),
+            LaneId::Webhook(i),
+            Rc::clone(payload),
+            created_at_ms,
+        );
+        delivery.attempts = p.attempts;
+        delivery.next_attempt_at_ms = p.next_attempt_at_ms;
+        Some(delivery)
+    }
+
     /// Spilled deliveries of an event come back from the journal: queued at their next attempt
     /// time (what does not fit goes back to etcd, first in line).
     fn page_in(
@@ -489,25 +510,17 @@ impl Worker {
     ) {
         let hooks = self.hooks();
         for p in pending {
-            let Some(i) = hooks.lane_of(&p.webhook_id) else {
+            let resumed = self.resume(
+                host,
+                &hooks,
+                (&event_id, &payload, created_at_ms),
+                &p,
+                "paged in from the journal, but the webhook was removed or disabled by a new configuration",
+            );
+            let Some(delivery) = resumed else {
                 self.journal_settled_id(&event_id, &p.webhook_id);
-                self.metrics.deliveries_dropped_webhook_removed.inc(host);
-                log(host, LogLevel::Warn, || {
-                    format!(
-                        "delivery dropped: event={event_id} webhook={} reason=paged in from the journal, but the webhook was removed or disabled by a new configuration",
-                        p.webhook_id
-                    )
-                });
                 continue;
             };
-            let mut delivery = Delivery::new(
-                Rc::clone(&event_id),
-                LaneId::Webhook(i),
-                Rc::clone(&payload),
-                created_at_ms,
-            );
-            delivery.attempts = p.attempts;
-            delivery.next_attempt_at_ms = p.next_attempt_at_ms;
             self.metrics.deliveries_paged_in.inc(host);
             self.admit(host, delivery, true, now_ms);
         }
