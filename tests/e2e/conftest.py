@@ -4,6 +4,7 @@ stopped, and one session-wide check that no API key made in the session appears 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -45,6 +46,13 @@ def wasm(pytestconfig) -> Path:
     if not path.is_file():
         pytest.fail(f"{path} does not exist: run `make wasm` first (or pass --wasm)")
     return path
+
+
+@pytest.fixture(scope="session")
+def cli_built():
+    """The native binary (the registry service and the CLI), built once for the session's tests that start it."""
+    subprocess.run(["cargo", "build", "--quiet", "--bin", "webhook-emitter"], cwd=harness.REPO, check=True,
+                   timeout=900)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import harness
@@ -17,11 +16,6 @@ from harness.envoy import static_cluster
 LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\]\[(\d+)\]\[\w+\]\[wasm\].*?webhook-emitter: (.*)$")
 # The VMs that pull: one per worker (--concurrency 2) and the main thread's.
 PULLING_VMS = 3
-
-
-def build_cli():
-    subprocess.run(["cargo", "build", "--quiet", "--bin", "webhook-emitter"], cwd=harness.REPO, check=True,
-                   timeout=900)
 
 
 def envoy_pulling(job_service, rc, registry, envoys, wasm, name, poll_ms, **delivery):

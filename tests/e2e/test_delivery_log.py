@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import os
 import signal
-import subprocess
 import time
 
 import harness
@@ -24,12 +23,6 @@ POLL_MS = 300
 FLUSH_MS = 200
 SEND_LEASE_S = 3
 OUTAGE = 20
-
-
-@pytest.fixture(scope="module")
-def cli_built():
-    subprocess.run(["cargo", "build", "--quiet", "--bin", "webhook-emitter"], cwd=harness.REPO, check=True,
-                   timeout=900)
 
 
 @pytest.fixture

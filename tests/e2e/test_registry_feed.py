@@ -20,7 +20,7 @@ from harness.config import new_id
 from harness.observe import Counters, wait_for_log
 from harness.registry_service import WRITES_UNLIMITED, RegistryService, free_port
 
-from registry_feed import PULLING_VMS, applied_by_every_vm, build_cli, complete, envoy_pulling
+from registry_feed import PULLING_VMS, applied_by_every_vm, complete, envoy_pulling
 
 POLL_MS = 500
 BOUND_S = POLL_MS / 1000 + 1
@@ -29,11 +29,6 @@ ANSWER_LIMIT = 65536
 
 def seed_org(i: int) -> str:
     return f"657bf08c2029{i:012x}"
-
-
-@pytest.fixture(scope="module")
-def cli_built():
-    build_cli()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from harness.config import new_id
 from harness.observe import Counters
 from harness.registry_service import Postgres, RegistryService, free_port
 
-from registry_feed import (PULLING_VMS, applied_by_every_vm, build_cli, complete, cpu_seconds, envoy_pulling,
+from registry_feed import (PULLING_VMS, applied_by_every_vm, complete, cpu_seconds, envoy_pulling,
                            rss_kib)
 
 POLL_MS = 1000
@@ -27,11 +27,6 @@ CPU_WINDOW_S = 10
 def seed_org(i: int) -> str:
     """The organisation id `registry seed` gives its organisation number i."""
     return f"657bf08c2029{i:012x}"
-
-
-@pytest.fixture(scope="module")
-def cli_built():
-    build_cli()
 
 
 def settled_rss(envoy) -> int:

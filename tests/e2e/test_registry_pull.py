@@ -6,7 +6,6 @@ down, deliveries go on from the copy in force; events emitted before the first c
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import harness
@@ -19,12 +18,6 @@ from harness.registry_service import RegistryService, free_port
 from registry_feed import applied_by_every_vm
 
 POLL_MS = 500
-
-
-@pytest.fixture(scope="module")
-def cli_built():
-    subprocess.run(["cargo", "build", "--quiet", "--bin", "webhook-emitter"], cwd=harness.REPO, check=True,
-                   timeout=900)
 
 
 @pytest.fixture
