@@ -9,6 +9,7 @@ use crate::delivery::{
     Payload, Refused, Verdict,
 };
 use crate::filter::host::{log, Host, LogLevel};
+use crate::filter::metrics::Metric;
 use crate::journal::spill::SpillOutcome;
 use std::rc::Rc;
 
@@ -244,27 +245,19 @@ impl Worker {
         if outcome.spilled() {
             return;
         }
-        let journal = self.journal_bound(outcome);
-        let (metric, report) = journal.map_or(
-            (self.metrics.deliveries_dropped_over_share, "over_share"),
-            |j| (j.metric, j.report),
-        );
-        self.report_dropped(host, &self.hooks(), &d, report, now_ms);
-        metric.inc(host);
-        self.journal_settled(&self.hooks(), &d.event_id, d.lane);
-        let name = lane_name(&self.hooks(), d.lane).to_string();
-        let why = match journal {
+        let over_share = "the outbox is full and this webhook holds more than its fair share";
+        match self.journal_bound(outcome) {
             Some(j) => {
-                format!("the outbox is full, this webhook holds more than its fair share and {j}")
+                let why = format!(
+                    "the outbox is full, this webhook holds more than its fair share and {j}"
+                );
+                self.drop_counted(host, &d, j.metric, j.report, &why, now_ms);
             }
-            None => "the outbox is full and this webhook holds more than its fair share".into(),
-        };
-        log(host, LogLevel::Error, || {
-            format!(
-                "delivery dropped: event={} webhook={name} reason={why}",
-                d.event_id
-            )
-        });
+            None => {
+                let metric = self.metrics.deliveries_dropped_over_share;
+                self.drop_counted(host, &d, metric, "over_share", over_share, now_ms);
+            }
+        }
         // The dead letter's reason stays over_share: it was evicted for its webhook's share.
         self.dead_letter(host, &d, DeadLetterReason::OverShare, now_ms);
     }
@@ -282,36 +275,18 @@ impl Worker {
         let Some(journal) = self.journal_bound(outcome) else {
             return self.report_refused(host, Refused::QueueFull(d, bound), now_ms);
         };
-        self.report_dropped(host, &self.hooks(), &d, journal.report, now_ms);
-        self.journal_settled(&self.hooks(), &d.event_id, d.lane);
-        journal.metric.inc(host);
-        let name = lane_name(&self.hooks(), d.lane).to_string();
-        let outbox = match bound {
-            Bound::Count => "delivery.maxQueued",
-            Bound::Bytes => "delivery.maxQueuedBytes",
-        };
-        log(host, LogLevel::Error, || {
-            format!(
-                "delivery dropped: event={} webhook={name} reason=the outbox is full ({outbox}) and {journal}",
-                d.event_id
-            )
-        });
+        let why = format!("{} and {journal}", outbox_full(bound));
+        self.drop_counted(host, &d, journal.metric, journal.report, &why, now_ms);
     }
 
     /// Logs and counts a delivery the outbox refused. One refused because its webhook answered
     /// 410 is also dead-lettered, like the deliveries that were queued at the 410.
     pub(super) fn report_refused(&mut self, host: &dyn Host, refused: Refused, now_ms: u64) {
         let (d, metric, why, reason) = match refused {
-            Refused::QueueFull(d, Bound::Count) => (
+            Refused::QueueFull(d, bound) => (
                 d,
                 self.metrics.deliveries_dropped_queue_full,
-                "the outbox is full (delivery.maxQueued)",
-                None,
-            ),
-            Refused::QueueFull(d, Bound::Bytes) => (
-                d,
-                self.metrics.deliveries_dropped_queue_full,
-                "the outbox is full (delivery.maxQueuedBytes)",
+                outbox_full(bound),
                 None,
             ),
             Refused::WebhookGone(d) => (
@@ -322,11 +297,29 @@ impl Worker {
             ),
         };
         let report_reason = reason.map_or("queue_full", DeadLetterReason::as_str);
-        self.report_dropped(host, &self.hooks(), &d, report_reason, now_ms);
         if d.lane == LaneId::DeadLetter {
+            self.report_dropped(host, &self.hooks(), &d, report_reason, now_ms);
             self.dead_letter_lost(host, &d, &format!("reason={why}"));
             return;
         }
+        self.drop_counted(host, &d, metric, report_reason, why, now_ms);
+        if let Some(reason) = reason {
+            self.dead_letter(host, &d, reason, now_ms);
+        }
+    }
+
+    /// The one way a webhook's delivery is dropped for good: reported to the registry, settled in
+    /// the journal, counted in `metric` and logged at error with its event id and `why`.
+    fn drop_counted(
+        &mut self,
+        host: &dyn Host,
+        d: &Delivery,
+        metric: Metric,
+        report_reason: &str,
+        why: &str,
+        now_ms: u64,
+    ) {
+        self.report_dropped(host, &self.hooks(), d, report_reason, now_ms);
         self.journal_settled(&self.hooks(), &d.event_id, d.lane);
         metric.inc(host);
         let name = lane_name(&self.hooks(), d.lane).to_string();
@@ -336,9 +329,6 @@ impl Worker {
                 d.event_id
             )
         });
-        if let Some(reason) = reason {
-            self.dead_letter(host, &d, reason, now_ms);
-        }
     }
 
     /// A dead letter that can't be stored: the last trace of its delivery. `detail` is
@@ -384,5 +374,13 @@ impl Worker {
             }
             Err(refused) => self.report_refused(host, refused, now_ms),
         }
+    }
+}
+
+/// Why the outbox refused a delivery, naming the bound that was reached.
+fn outbox_full(bound: Bound) -> &'static str {
+    match bound {
+        Bound::Count => "the outbox is full (delivery.maxQueued)",
+        Bound::Bytes => "the outbox is full (delivery.maxQueuedBytes)",
     }
 }
