@@ -18,11 +18,13 @@ LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\]\[(\d+)\]\[\
 PULLING_VMS = 3
 
 
-def envoy_pulling(job_service, rc, registry, envoys, wasm, name, poll_ms, **delivery):
+def envoy_pulling(job_service, rc, registry, envoys, wasm, name, poll_ms, registry_settings=None, **delivery):
+    """An Envoy whose filter pulls its webhooks from `registry` (every `poll_ms`), with these `delivery` settings and
+    more `registry` settings of the plugin (e.g. reportFlushMs)."""
     config = PluginConfig(hooks=[], events=[job_completed_rule(organisation=BODY_ORGANISATION)],
                           delivery=delivery_section(**delivery)).to_dict()
     config["registry"] = {"cluster": "registry", "authority": "registry", "tokenEnv": "REGISTRY_TOKEN",
-                          "pollMs": poll_ms}
+                          "pollMs": poll_ms, **(registry_settings or {})}
     envoy = harness.envoy_with_filter(job_service, rc, config, wasm=wasm, name=name,
                                       env_vars={"REGISTRY_TOKEN": registry.proxy_token},
                                       extra_clusters=[static_cluster("registry", registry.port)])

@@ -14,10 +14,10 @@ import time
 import harness
 import pytest
 from harness.checks import signature_valid
-from harness.config import BODY_ORGANISATION, PluginConfig, delivery_section, job_completed_rule, new_id
-from harness.envoy import static_cluster
+from harness.config import new_id
 from harness.observe import Counters, wait_for_log
 from harness.registry_service import RegistryService, free_port
+from registry_feed import complete, envoy_pulling
 
 POLL_MS = 300
 FLUSH_MS = 200
@@ -34,21 +34,8 @@ def registry(cli_built, tmp_path):
 
 def envoy_reporting(job_service, rc, registry, envoys, wasm, name, **delivery):
     settings = {"retrySchedule": ["100ms", "200ms"], "circuitBreaker": {"failures": 0}, **delivery}
-    config = PluginConfig(hooks=[], events=[job_completed_rule(organisation=BODY_ORGANISATION)],
-                          delivery=delivery_section(**settings)).to_dict()
-    config["registry"] = {"cluster": "registry", "authority": "registry", "tokenEnv": "REGISTRY_TOKEN",
-                          "pollMs": POLL_MS, "reportFlushMs": FLUSH_MS}
-    envoy = harness.envoy_with_filter(job_service, rc, config, wasm=wasm, name=name,
-                                      env_vars={"REGISTRY_TOKEN": registry.proxy_token},
-                                      extra_clusters=[static_cluster("registry", registry.port)])
-    envoys.append(envoy)
-    return envoy
-
-
-def complete(envoy, job_service, org) -> str:
-    job_id = job_service.own(new_id(), org)
-    assert envoy.request("POST", f"/jobs/{job_id}/complete", {}, b"{}").status == 200
-    return job_id
+    return envoy_pulling(job_service, rc, registry, envoys, wasm, name, POLL_MS,
+                         registry_settings={"reportFlushMs": FLUSH_MS}, **settings)
 
 
 def webhooks_applied(counters):

@@ -11,11 +11,10 @@ import time
 import harness
 import pytest
 from harness.checks import signature_valid
-from harness.config import BODY_ORGANISATION, PluginConfig, delivery_section, job_completed_rule, new_id
-from harness.envoy import static_cluster
+from harness.config import new_id
 from harness.observe import Counters, wait_for_log
 from harness.registry_service import RegistryService, free_port
-from registry_feed import applied_by_every_vm
+from registry_feed import applied_by_every_vm, complete, envoy_pulling
 
 POLL_MS = 500
 
@@ -27,24 +26,6 @@ def registry(cli_built, tmp_path):
     service.stop()
 
 
-def envoy_pulling(job_service, rc, registry, envoys, wasm, name):
-    config = PluginConfig(hooks=[], events=[job_completed_rule(organisation=BODY_ORGANISATION)],
-                          delivery=delivery_section()).to_dict()
-    config["registry"] = {"cluster": "registry", "authority": "registry", "tokenEnv": "REGISTRY_TOKEN",
-                          "pollMs": POLL_MS}
-    envoy = harness.envoy_with_filter(job_service, rc, config, wasm=wasm, name=name,
-                                      env_vars={"REGISTRY_TOKEN": registry.proxy_token},
-                                      extra_clusters=[static_cluster("registry", registry.port)])
-    envoys.append(envoy)
-    return envoy
-
-
-def complete(envoy, job_service, org) -> str:
-    job_id = job_service.own(new_id(), org)
-    assert envoy.request("POST", f"/jobs/{job_id}/complete", {}, b"{}").status == 200
-    return job_id
-
-
 def applied_everywhere(counters, before: int):
     """Every root context of the proxy (two workers and the main thread) applied one more document."""
     counters.wait_delta("registry_updates", before + 3, timeout=15)
@@ -52,7 +33,7 @@ def applied_everywhere(counters, before: int):
 
 def test_registered_through_the_api_delivered_and_verified_with_the_key_shown_once(
         job_service, rc, registry, envoys, wasm):
-    envoy = envoy_pulling(job_service, rc, registry, envoys, wasm, "registry-pull")
+    envoy = envoy_pulling(job_service, rc, registry, envoys, wasm, "registry-pull", POLL_MS)
     counters = Counters(envoy)
     applied_everywhere(counters, 0)
     org = new_id()
@@ -74,7 +55,7 @@ def test_registered_through_the_api_delivered_and_verified_with_the_key_shown_on
 
 
 def test_disable_stops_deliveries_and_rotation_signs_with_both_keys(job_service, rc, registry, envoys, wasm):
-    envoy = envoy_pulling(job_service, rc, registry, envoys, wasm, "registry-lifecycle")
+    envoy = envoy_pulling(job_service, rc, registry, envoys, wasm, "registry-lifecycle", POLL_MS)
     counters = Counters(envoy)
     org = new_id()
     kept_path, off_path = f"/hooks/{new_id()}", f"/hooks/{new_id()}"
@@ -110,7 +91,7 @@ def test_disable_stops_deliveries_and_rotation_signs_with_both_keys(job_service,
 
 
 def test_with_the_registry_down_deliveries_go_on_from_the_last_good_copy(job_service, rc, registry, envoys, wasm):
-    envoy = envoy_pulling(job_service, rc, registry, envoys, wasm, "registry-down")
+    envoy = envoy_pulling(job_service, rc, registry, envoys, wasm, "registry-down", POLL_MS)
     counters = Counters(envoy)
     org = new_id()
     path = f"/hooks/{new_id()}"
@@ -136,7 +117,7 @@ def test_events_before_the_first_listing_wait_for_it(job_service, rc, registry, 
     path = f"/hooks/{new_id()}"
     registry.register(org, rc.url(path))
     registry.stop()
-    envoy = envoy_pulling(job_service, rc, registry, envoys, wasm, "registry-late")
+    envoy = envoy_pulling(job_service, rc, registry, envoys, wasm, "registry-late", POLL_MS)
     counters = Counters(envoy)
     jobs = [complete(envoy, job_service, org) for _ in range(4)]
     wait_for_log(envoy, r"registry poll failed \(.*\): events for the registry's webhooks wait for its first complete listing")
